@@ -1,0 +1,75 @@
+"""An example third-party gptlab plugin: the ``chunked`` attention backend and ``parallel`` block.
+
+``parallel`` is the block of GPT-J (Wang & Komatsuzaki 2021) and PaLM (Chowdhery et al. 2022):
+attention and MLP read the same normalised input and their outputs are summed into the residual.
+"""
+
+import click
+import torch
+from torch.nn import functional as F
+
+from gptlab import hookimpl
+from gptlab.core.interfaces import AttentionBackend, Block, causal_mask, default_scale
+from gptlab.plugins.models.attention import MultiHeadAttention
+from gptlab.plugins.models.layers import MLP, LayerNorm
+
+
+class ChunkedAttention(AttentionBackend):
+    """Exact attention, computed ``chunk`` query rows at a time (bounded score memory)."""
+
+    name = "chunked"
+    priority = 5  # below the built-ins: ``auto`` only picks it if nothing better fits
+    description = "example plugin: exact attention in chunks of 32 queries"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = frozenset({torch.float32, torch.float64})
+    supports_dropout = False
+    chunk = 32
+
+    def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
+        scale = default_scale(q.size(-1), scale)
+        tq, tk = q.size(-2), k.size(-2)
+        mask = causal_mask(tq, tk, device=q.device) if causal else None
+        outs = []
+        for start in range(0, tq, self.chunk):
+            qc = q[..., start:start + self.chunk, :]  # (B, nh, c, hs)
+            s = (qc @ k.transpose(-2, -1)) * scale  # (B, nh, c, Tk)
+            if mask is not None:
+                s = s.masked_fill(~mask[start:start + self.chunk], float("-inf"))
+            outs.append(F.softmax(s, dim=-1) @ v)
+        return torch.cat(outs, dim=-2)  # (B, nh, Tq, hs)
+
+
+class ParallelBlock(Block):
+    name = "parallel"
+    description = "example plugin: x + attn(ln(x)) + mlp(ln(x))  (GPT-J)"
+
+    def __init__(self, config, attention):
+        super().__init__(config, attention)
+        self.ln = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = MultiHeadAttention(config, attention)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return x + self.attn(h) + self.mlp(h)
+
+
+@hookimpl
+def register_attention_backends():
+    return ChunkedAttention
+
+
+@hookimpl
+def register_blocks():
+    return [ParallelBlock]
+
+
+@click.command("example-hello")
+def hello():
+    """Say hello from the example plugin."""
+    click.echo("hello from gptlab-example-plugin")
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_command(hello)

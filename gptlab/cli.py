@@ -1,0 +1,314 @@
+"""The ``gpt`` command line: train (``run``), ``sample``, and inspect ``plugins``/``backends``.
+
+This is the only layer that prints. Every :class:`~gptlab.core.errors.GptlabError` is shown as
+one ``Error: ...`` line with exit code 1, never as a traceback. Plugins add subcommands through
+the ``register_commands(cli)`` hook; a plugin that fails is reported as a warning and the rest
+of the CLI keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import click
+
+# torch warns on import when NumPy is absent; gptlab never needs NumPy. Filter before importing it.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from gptlab import __version__
+from gptlab.core.errors import GptlabError, PluginError
+from gptlab.core.plugins import Registry, load_registry, register_commands
+
+class GptGroup(click.Group):
+    """A click group that turns gptlab errors into one-line messages."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GptlabError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _registry(ctx: click.Context) -> Registry:
+    root = ctx.find_root()
+    reg = root.meta.get("gptlab.registry")
+    if isinstance(reg, GptlabError):
+        raise reg
+    return reg
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+# --------------------------------------------------------------------------- run
+def _progress_printer(max_iters: int):
+    """Return (on_event, close): a live bar on a terminal, periodic lines otherwise."""
+    state = {"loss": None, "tps": 0.0, "val": None}
+    if sys.stderr.isatty():
+        bar = click.progressbar(length=max_iters, label="training", file=sys.stderr, width=24,
+                                show_pos=True, show_eta=True,
+                                item_show_func=lambda _: _status(state))
+        bar.__enter__()
+
+        def on_event(ev):
+            if ev.kind == "step":
+                state.update(loss=ev.loss, tps=ev.tokens_per_s)
+                bar.update(1, current_item=ev.step)
+            else:
+                state["val"] = ev.val_loss
+
+        return on_event, lambda: bar.__exit__(None, None, None)
+
+    every = max(1, max_iters // 10)
+
+    def on_event(ev):
+        if ev.kind == "step":
+            state.update(loss=ev.loss, tps=ev.tokens_per_s)
+            if ev.step % every == 0 or ev.step == 1:
+                click.echo(f"step {ev.step:>6}/{max_iters}  {_status(state)}  "
+                           f"[{_fmt_time(ev.elapsed)}]", err=True)
+        else:
+            state["val"] = ev.val_loss
+            click.echo(f"step {ev.step:>6}/{max_iters}  eval: train {ev.train_loss:.4f}  "
+                       f"val {ev.val_loss:.4f}", err=True)
+
+    return on_event, lambda: None
+
+
+def _status(state) -> str:
+    if state["loss"] is None:
+        return ""
+    s = f"loss {state['loss']:.3f}  {state['tps']:,.0f} tok/s"
+    return s + (f"  val {state['val']:.3f}" if state["val"] is not None else "")
+
+
+def _download_progress():
+    bars = {}
+
+    def progress(done, total):
+        if "bar" not in bars:
+            bars["bar"] = click.progressbar(length=total or 3_300_000,
+                                            label="downloading War and Peace", file=sys.stderr)
+            bars["bar"].__enter__()
+            bars["done"] = 0
+        bars["bar"].update(done - bars["done"])
+        bars["done"] = done
+
+    def close():
+        if "bar" in bars:
+            bars["bar"].__exit__(None, None, None)
+
+    return progress, close
+
+
+@click.command()
+@click.option("--preset", default="default", show_default=True,
+              help="Named starting point: bigram, tiny or default (see `gpt presets`); the "
+                   "options below override single fields.")
+@click.option("--data", default=None, metavar="PATH|NAME",
+              help="UTF-8 text file to train on, or a named corpus. Default: War and Peace, "
+                   "from $GPTLAB_DATA_DIR or the cache (downloaded on first use).")
+@click.option("--model", default=None, help="Model plugin: bigram or transformer.")
+@click.option("--tokenizer", default=None, help="Tokenizer plugin (default: char).")
+@click.option("--attention", default=None, metavar="NAME",
+              help="Attention backend: auto picks the best one for the device; see "
+                   "`gpt backends`. A named backend that cannot run is an error.")
+@click.option("--block", default=None, help="Transformer block plugin: prenorm or postnorm.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu).")
+@click.option("--seed", type=int, default=None, help="Seed for init, batches and the sample.")
+@click.option("--iters", "max_iters", type=int, default=None, help="Optimiser steps.")
+@click.option("--batch-size", type=int, default=None, help="Sequences per step.")
+@click.option("--block-size", type=int, default=None, help="Context length in tokens.")
+@click.option("--n-layer", type=int, default=None, help="Number of transformer blocks.")
+@click.option("--n-head", type=int, default=None, help="Attention heads per block.")
+@click.option("--n-embd", type=int, default=None, help="Embedding width (multiple of n-head).")
+@click.option("--dropout", type=float, default=None, help="Dropout probability in [0, 1).")
+@click.option("--lr", "learning_rate", type=float, default=None,
+              help="Peak learning rate (warmup, then cosine decay to 10%).")
+@click.option("--eval-interval", type=int, default=None,
+              help="Steps between train/val loss estimates.")
+@click.option("--sample-tokens", type=int, default=None,
+              help="Characters to generate after training (0: no sample).")
+@click.option("--out-dir", default="out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the checkpoint (ckpt.pt).")
+@click.pass_context
+def run(ctx, preset, data, out_dir, **opts):
+    """Train a model on War and Peace (or --data), evaluate it, save it and print a sample."""
+    from gptlab.core.config import resolve_configs
+    from gptlab.core.training import sample_text, train
+    from gptlab.data.corpora import load_text, resolve_corpus
+
+    reg = _registry(ctx)
+    model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
+                  "attention"}
+    model_over = {k: v for k, v in opts.items() if k in model_keys}
+    train_over = {k: v for k, v in opts.items() if k not in model_keys}
+    model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
+    # check names before touching the data, so typos fail fast
+    reg.model(model_cfg.model)
+    reg.tokenizer(train_cfg.tokenizer)
+    if reg.model(model_cfg.model).uses_attention:
+        from gptlab.core.build import attention_request, resolve_device, select_attention
+        reg.block(model_cfg.block)
+        dev = resolve_device(train_cfg.device)
+        select_attention(reg, model_cfg.attention, attention_request(model_cfg, dev))
+
+    progress, close = _download_progress()
+    try:
+        path = resolve_corpus(data, progress=progress)
+    finally:
+        close()
+    text = load_text(path)
+    click.echo(f"data: {path} ({len(text):,} chars)", err=True)
+    on_event, close = _progress_printer(train_cfg.max_iters)
+    try:
+        result = train(reg, model_cfg, train_cfg, text, out_dir=out_dir, on_event=on_event)
+    finally:
+        close()
+    mc = result.model_config
+    attn = f", attention {result.attention}" if result.attention else ""
+    click.echo(f"model: {mc.model} ({result.model.num_parameters() / 1e6:.2f}M parameters"
+               f"{attn}), vocab {mc.vocab_size}")
+    click.echo(f"train loss {result.train_loss:.4f} | val loss {result.val_loss:.4f} | "
+               f"{_fmt_time(result.elapsed)} | {result.tokens_per_s:,.0f} tok/s")
+    click.echo(f"checkpoint: {result.checkpoint}")
+    if train_cfg.sample_tokens:
+        text = sample_text(result.model, result.tokenizer, "", train_cfg.sample_tokens,
+                           seed=train_cfg.seed)
+        click.echo("--- sample ---")
+        click.echo(text)
+
+
+# --------------------------------------------------------------------------- sample
+@click.command()
+@click.argument("checkpoint", default="out", type=click.Path())
+@click.option("--prompt", default="", help="Text to continue (every character must be in "
+                                           "the tokenizer's vocabulary).")
+@click.option("--tokens", "max_new_tokens", type=int, default=500, show_default=True,
+              help="How many tokens to generate.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Softmax temperature; 0 is greedy decoding.")
+@click.option("--top-k", type=int, default=None, help="Sample only among the k likeliest.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--attention", default=None, help="Override the checkpoint's attention backend.")
+@click.pass_context
+def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, attention):
+    """Generate text from a CHECKPOINT (a run folder or a .pt file; default: out)."""
+    from gptlab.core.build import resolve_device
+    from gptlab.core.checkpoint import load_model
+    from gptlab.core.training import sample_text
+
+    reg = _registry(ctx)
+    if max_new_tokens < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--tokens")
+    model, tokenizer, _ = load_model(reg, checkpoint, resolve_device(device), attention=attention)
+    click.echo(sample_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
+                           top_k=top_k, seed=seed))
+
+
+# --------------------------------------------------------------------------- introspection
+@click.command()
+@click.pass_context
+def plugins(ctx):
+    """List installed plugins and what each registers."""
+    reg = _registry(ctx)
+    for info in reg.plugins:
+        click.echo(f"{info.name}  ({info.source})")
+        if not info.registered:
+            click.echo("    (registers nothing)")
+        for kind, names in info.registered.items():
+            click.echo(f"    {kind}: {', '.join(names)}")
+    for problem in reg.problems:
+        click.echo(f"WARNING: {problem}")
+
+
+@click.command()
+@click.option("--device", default="cpu", show_default=True, help="Device type to check for.")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float64", "float16", "bfloat16"]))
+@click.option("--head-dim", type=int, default=32, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--inference", is_flag=True, help="Forward only (no backward needed).")
+@click.pass_context
+def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
+    """List attention backends, best first, with why each can or cannot run."""
+    import torch
+
+    from gptlab.core.build import backend_table
+    from gptlab.core.interfaces import AttentionRequest
+
+    reg = _registry(ctx)
+    dev = device.split(":")[0]
+    request = AttentionRequest(device=dev, dtype=getattr(torch, dtype), head_dim=head_dim,
+                               q_len=seq_len, k_len=seq_len, dropout_p=dropout,
+                               requires_grad=not inference)
+    rows = backend_table(reg, request)
+    auto = next((cls.name for cls, r in rows if not r), None)
+    if dev == "cuda" and not torch.cuda.is_available():
+        click.echo("note: CUDA is not available on this machine (torch "
+                   f"{torch.__version__}, cuda {torch.version.cuda})")
+    for cls, reasons in rows:
+        mark = "yes" if not reasons else "no "
+        pick = "  <- auto" if cls.name == auto else ""
+        click.echo(f"{cls.name:<10} priority {cls.priority:>3}  available: {mark}{pick}")
+        if cls.description:
+            click.echo(f"    {cls.description}")
+        for r in reasons:
+            click.echo(f"    - {r}")
+
+
+@click.command()
+def presets():
+    """List the named presets and their settings."""
+    from gptlab.core.config import PRESETS
+
+    for p in PRESETS.values():
+        click.echo(f"{p.name}: {p.description}")
+        settings = {**p.model, **p.train}
+        click.echo("    " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+
+
+BUILTIN_COMMANDS = [run, sample, plugins, backends, presets]
+
+
+def build_cli(registry: Registry | None = None) -> click.Group:
+    """Build a fresh ``gpt`` group: built-in commands plus plugin commands."""
+
+    @click.group(cls=GptGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="gptlab")
+    @click.option("-v", "--verbose", is_flag=True, help="Log more (INFO level).")
+    @click.pass_context
+    def cli(ctx, verbose):
+        """gptlab: build a GPT from scratch and train it on War and Peace.
+
+        Start with `gpt run --preset tiny`, then `gpt run`.
+        """
+        if verbose:
+            logging.getLogger("gptlab").setLevel(logging.INFO)
+        ctx.meta["gptlab.registry"] = reg
+
+    for cmd in BUILTIN_COMMANDS:
+        cli.add_command(cmd)
+    reg: Registry | GptlabError
+    if registry is not None:
+        reg = registry
+    else:
+        try:
+            reg = load_registry()
+        except PluginError as e:
+            reg = e
+    if isinstance(reg, Registry):
+        register_commands(reg, cli)
+    return cli
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    return build_cli().main(args=argv, prog_name="gpt")

@@ -1,0 +1,1 @@
+"""The framework's core: interfaces, hookspecs, plugin loading, configs, data batching and training."""

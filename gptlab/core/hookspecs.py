@@ -1,0 +1,60 @@
+"""Hook specifications: the whole plugin API of gptlab.
+
+A plugin is any importable module (or object) with functions marked ``@gptlab.hookimpl`` whose
+names match the specs below, advertised in its distribution's ``pyproject.toml``::
+
+    [project.entry-points.gptlab]
+    my_plugin = "my_package.plugin_module"
+
+The built-in tokenizers, models, blocks and attention backends are registered through these same
+hooks and the same entry-point group. Each ``register_*`` hook returns one class or a list of
+classes; every class carries a unique ``name`` (two plugins registering the same name is an error
+naming both). See the README section "Writing a plugin".
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("gptlab")
+
+
+@hookspec
+def register_tokenizers():
+    """Return a :class:`gptlab.core.interfaces.Tokenizer` subclass, or a list of them.
+
+    Selected with ``gpt run --tokenizer NAME``.
+    """
+
+
+@hookspec
+def register_models():
+    """Return a :class:`gptlab.core.interfaces.LanguageModel` subclass, or a list of them.
+
+    Selected with ``gpt run --model NAME``. The model is built as ``cls(config, components)``
+    from a :class:`gptlab.core.config.ModelConfig` and the chosen block class and attention
+    backend.
+    """
+
+
+@hookspec
+def register_blocks():
+    """Return a :class:`gptlab.core.interfaces.Block` subclass (a transformer block), or a list.
+
+    Selected with ``gpt run --block NAME``; the transformer stacks ``n_layer`` of them.
+    """
+
+
+@hookspec
+def register_attention_backends():
+    """Return an :class:`gptlab.core.interfaces.AttentionBackend` subclass, or a list of them.
+
+    Selected with ``gpt run --attention NAME``; ``auto`` picks the highest ``priority`` backend
+    whose ``not_supported_reasons(request)`` is empty.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add click subcommands to the ``gpt`` command group ``cli`` (``cli.add_command(cmd)``).
+
+    Return value is ignored. A plugin whose hook raises is reported as a warning and skipped.
+    """

@@ -1,0 +1,153 @@
+"""Named corpora, their download and integrity check, and loading of any UTF-8 text file.
+
+War and Peace is Project Gutenberg ebook #2600. The download is normalised (byte-order mark
+removed, CRLF -> LF) and its SHA-256 checked against the copy this project was measured on, then
+moved into place atomically. Where files are looked for, in order:
+
+1. ``--data PATH`` (any UTF-8 text file; no checksum);
+2. the folder in ``$GPTLAB_DATA_DIR`` (CI points it at a shared copy);
+3. the cache folder ``$XDG_CACHE_HOME/gptlab`` (``~/.cache/gptlab``), downloading if missing.
+
+Library code never prints: downloads report progress through a ``progress(done, total)``
+callback supplied by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from gptlab.core.errors import DataError
+
+DATA_DIR_ENV = "GPTLAB_DATA_DIR"
+Progress = Callable[[int, int | None], None]
+
+
+@attrs.frozen
+class Corpus:
+    name: str
+    filename: str
+    url: str
+    sha256: str  # of the normalised UTF-8 text
+    description: str = ""
+
+
+WAR_AND_PEACE = Corpus(
+    name="war_and_peace",
+    filename="war_and_peace.txt",
+    url="https://www.gutenberg.org/cache/epub/2600/pg2600.txt",
+    sha256="7443fdc978a9f769928898ea75db4096f755fd6972f4b133ca1fcba072eb0c80",
+    description="Leo Tolstoy, War and Peace (Project Gutenberg #2600), 3,227,518 chars",
+)
+CORPORA = {WAR_AND_PEACE.name: WAR_AND_PEACE}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gptlab"
+
+
+def _normalise(raw: bytes) -> bytes:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    return raw.replace(b"\r\n", b"\n")
+
+
+def download(corpus: Corpus, dest: Path, progress: Progress | None = None,
+             timeout: float = 30.0) -> Path:
+    """Fetch ``corpus.url``, normalise, verify the checksum, and write ``dest`` atomically."""
+    try:
+        with urllib.request.urlopen(corpus.url, timeout=timeout) as resp:
+            total = resp.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            chunks, done = [], 0
+            while chunk := resp.read(1 << 16):
+                chunks.append(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(
+            f"could not download {corpus.name} from {corpus.url} ({reason}); download it "
+            f"yourself and pass --data PATH, or set {DATA_DIR_ENV} to a folder holding "
+            f"{corpus.filename}"
+        ) from None
+    data = _normalise(b"".join(chunks))
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != corpus.sha256:
+        raise DataError(
+            f"downloaded {corpus.name} has sha256 {digest[:12]}..., expected "
+            f"{corpus.sha256[:12]}... (the upstream file changed?); pass --data PATH to train "
+            f"on it anyway"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def resolve_corpus(data: str | os.PathLike | None = None, *, corpus: Corpus = WAR_AND_PEACE,
+                   download_missing: bool = True, progress: Progress | None = None) -> Path:
+    """Return the path of the text to train on (see the module docstring for the search order)."""
+    if data is not None and str(data) not in CORPORA:
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise DataError(f"data file {str(path)!r} does not exist; pass --data with the path "
+                            f"of a UTF-8 text file, or one of: {', '.join(CORPORA)}")
+        return path
+    if data is not None:
+        corpus = CORPORA[str(data)]
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        path = Path(env).expanduser() / corpus.filename
+        if not path.is_file():
+            raise DataError(f"{DATA_DIR_ENV}={env} has no {corpus.filename}; put the file there "
+                            f"or unset {DATA_DIR_ENV} to download it")
+        return path
+    path = cache_dir() / corpus.filename
+    if path.is_file():
+        return path
+    if not download_missing:
+        raise DataError(f"{corpus.name} is not in {path.parent}; run without --no-download, pass "
+                        f"--data PATH, or set {DATA_DIR_ENV}")
+    return download(corpus, path, progress)
+
+
+def load_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file; a clear :class:`DataError` for missing, non-UTF-8 or empty files."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 (invalid byte 0x{raw[e.start]:02x}"
+                        f" at offset {e.start}); convert it, e.g. iconv -t utf-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text:
+        raise DataError(f"data file {str(path)!r} is empty; pass a file with some text")
+    return text
+
+
+def split_ids(n: int, val_fraction: float) -> int:
+    """Index where the val split starts: the first ``1 - val_fraction`` is train (as the seed)."""
+    return int(n * (1.0 - val_fraction))

@@ -1,0 +1,16 @@
+"""Built-in models (``bigram``, ``transformer``) and transformer blocks (``prenorm``, ``postnorm``)."""
+
+from gptlab import hookimpl
+from gptlab.plugins.models.bigram import BigramLanguageModel
+from gptlab.plugins.models.blocks import PostNormBlock, PreNormBlock
+from gptlab.plugins.models.transformer import Transformer
+
+
+@hookimpl
+def register_models():
+    return [BigramLanguageModel, Transformer]
+
+
+@hookimpl
+def register_blocks():
+    return [PreNormBlock, PostNormBlock]

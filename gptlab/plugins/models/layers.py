@@ -1,0 +1,42 @@
+"""Transformer building blocks written out by hand: LayerNorm and the feed-forward MLP.
+
+LayerNorm follows Ba, Kiros & Hinton 2016 ("Layer Normalization"): normalise each position's
+feature vector to zero mean and unit (biased) variance, then scale and shift. The MLP is the
+position-wise feed-forward network of Vaswani et al. 2017, with GELU (Hendrycks & Gimpel 2016)
+as in GPT-2.
+"""
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension."""
+
+    def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)  # (B, T, 1)
+        xc = x - mean
+        var = (xc * xc).mean(dim=-1, keepdim=True)  # biased variance, as in the paper
+        y = xc * torch.rsqrt(var + self.eps) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True  # scaled at init, see Transformer._init_weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))

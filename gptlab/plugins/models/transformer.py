@@ -1,0 +1,59 @@
+"""A GPT-style decoder-only transformer (Radford et al. 2018/2019; Vaswani et al. 2017).
+
+token + position embeddings -> dropout -> n_layer blocks -> final LayerNorm -> linear to logits.
+The block type and the attention backend are components chosen by name. The output head shares
+its weight with the token embedding (Press & Wolf 2017). Initialisation follows GPT-2: normal
+(0, 0.02) weights, zero biases, and residual projections scaled by 1/sqrt(2 * n_layer) so that
+the residual stream's variance does not grow with depth.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from gptlab.core.errors import ConfigError
+from gptlab.core.interfaces import LanguageModel
+from gptlab.plugins.models.layers import LayerNorm
+
+
+class Transformer(LanguageModel):
+    name = "transformer"
+    description = "GPT-2 style decoder: embeddings, n_layer blocks, final LayerNorm, tied head"
+
+    def __init__(self, config, components):
+        super().__init__(config, components)
+        if components.block is None or components.attention is None:
+            raise ConfigError("the transformer needs a block class and an attention backend")
+        self.attention_backend = components.attention
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(components.block(config, components.attention)
+                                    for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_projection", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ConfigError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        return logits, self.loss(logits, targets)

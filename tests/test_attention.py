@@ -1,0 +1,103 @@
+"""Attention backends against a float64 reference, and dispatch (auto / named / errors)."""
+
+import math
+
+import pytest
+import torch
+
+from gptlab.core.build import select_attention
+from gptlab.core.errors import BackendNotSupportedError, UnknownComponentError
+from gptlab.core.interfaces import AttentionBackend, AttentionRequest
+
+
+def reference(q, k, v, causal, scale=None):
+    q, k, v = q.double(), k.double(), v.double()
+    scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
+    s = q @ k.transpose(-2, -1) * scale
+    if causal:
+        tq, tk = q.size(-2), k.size(-2)
+        keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_matches_float64_reference(backend, T, causal):
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 16, requires_grad=True) for _ in range(3))
+    out = backend(q, k, v, causal=causal)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, causal)
+    assert out.shape == (2, 3, T, 16)
+    assert torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a.double(), b, rtol=1e-3, atol=1e-4)
+
+
+def test_backend_custom_scale_and_decode_alignment(backend):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 3, 8)
+    k, v = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    # 3 queries against 10 keys: the causal mask is aligned bottom-right (KV-cache decoding)
+    out = backend(q, k, v, causal=True, scale=0.3)
+    assert torch.allclose(out.double(), reference(q, k, v, True, scale=0.3), atol=1e-5)
+    last = backend(q[:, :, -1:], k, v, causal=True)
+    full = backend(q[:, :, -1:], k, v, causal=False)
+    assert torch.allclose(last, full, atol=1e-6)  # the last query sees every key
+
+
+def test_auto_picks_highest_priority_that_fits(registry):
+    req = AttentionRequest(device="cpu", head_dim=16)
+    fitting = [c for c in registry.attention_backends.values() if not c.not_supported_reasons(req)]
+    best = max(fitting, key=lambda c: c.priority)
+    assert select_attention(registry, "auto", req).name == best.name
+
+
+def test_unknown_backend_lists_available(registry):
+    with pytest.raises(UnknownComponentError) as e:
+        select_attention(registry, "nosuch", AttentionRequest())
+    msg = str(e.value)
+    assert "unknown attention backend 'nosuch'" in msg and "naive" in msg and "sdpa" in msg
+    assert "\n" not in msg
+
+
+class OnlyCuda(AttentionBackend):
+    name = "only_cuda"
+    priority = 1000
+    devices = frozenset({"cuda"})
+    supports_backward = False
+
+    @classmethod
+    def unavailable_reasons(cls, device):
+        return ["library not built"]
+
+
+def test_explicit_unsupported_backend_raises_with_reasons_never_falls_back(registry):
+    registry.attention_backends["only_cuda"] = OnlyCuda
+    try:
+        req = AttentionRequest(device="cpu", dtype=torch.float64, requires_grad=True,
+                               dropout_p=0.1)
+        with pytest.raises(BackendNotSupportedError) as e:
+            select_attention(registry, "only_cuda", req)
+        msg = str(e.value)
+        assert "device 'cpu' not supported" in msg
+        assert "dtype float64 not supported" in msg
+        assert "backward (training) not supported" in msg
+        assert "dropout" in msg
+        # auto skips it despite its priority
+        assert select_attention(registry, "auto", req).name != "only_cuda"
+        # on its own device the environment reason shows
+        cuda_req = AttentionRequest(device="cuda", requires_grad=False)
+        assert OnlyCuda.not_supported_reasons(cuda_req) == ["library not built"]
+    finally:
+        del registry.attention_backends["only_cuda"]
+
+
+def test_more_queries_than_keys_is_refused():
+    from gptlab.plugins.attention.naive import NaiveAttention
+    reasons = NaiveAttention.not_supported_reasons(AttentionRequest(q_len=9, k_len=4))
+    assert any("more queries" in r for r in reasons)

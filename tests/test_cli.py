@@ -1,0 +1,109 @@
+"""The `gpt` CLI through click's CliRunner."""
+
+import pytest
+from click.testing import CliRunner
+
+from gptlab.cli import build_cli
+
+SMALL = ("Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n"
+         * 60)
+
+
+@pytest.fixture
+def cli(registry):
+    return build_cli(registry)
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    p = tmp_path / "small.txt"
+    p.write_text(SMALL)
+    return p
+
+
+def invoke(cli, args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_help_explains_every_option(cli):
+    result = invoke(cli, ["run", "--help"])
+    assert result.exit_code == 0
+    for opt in ["--preset", "--data", "--model", "--tokenizer", "--attention", "--block",
+                "--device", "--seed", "--iters", "--batch-size", "--block-size", "--n-layer",
+                "--n-head", "--n-embd", "--dropout", "--lr", "--out-dir"]:
+        assert opt in result.output
+    for cmd in ["run", "sample", "plugins", "backends", "presets"]:
+        assert invoke(cli, [cmd, "--help"]).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["flash", "nosuch"])
+def test_unknown_attention_is_one_line_listing_backends(cli, small_text, name):
+    result = invoke(cli, ["run", "--attention", name, "--data", str(small_text)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [f"Error: unknown attention backend '{name}'; available: auto, naive, sdpa"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--iters", "0"], "max_iters must be a positive integer"),
+    (["--preset", "huge"], "unknown preset 'huge'; available: bigram, tiny, default"),
+    (["--model", "gpt5"], "unknown model 'gpt5'; available: bigram, transformer"),
+    (["--block", "nope"], "unknown block 'nope'"),
+    (["--device", "cuda"], "device 'cuda' is not available"),
+    (["--data", "/no/such/file.txt"], "data file '/no/such/file.txt' does not exist"),
+])
+def test_bad_options_are_one_line_errors(cli, args, message, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = invoke(cli, ["run", "--preset", "tiny", *args])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert message in result.output
+
+
+def test_run_then_sample(cli, small_text, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(cli, ["run", "--preset", "tiny", "--data", str(small_text), "--iters", "30",
+                          "--block-size", "16", "--eval-interval", "10", "--attention", "naive",
+                          "--sample-tokens", "40", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "ckpt.pt").is_file()
+    assert "val loss" in result.output and "--- sample ---" in result.output
+    assert "attention naive" in result.output
+    assert "eval: train" in result.output  # progress lines (not a terminal here)
+    result = invoke(cli, ["sample", str(out), "--prompt", "Prince", "--tokens", "25",
+                          "--seed", "1"])
+    assert result.exit_code == 0
+    assert result.output.startswith("Prince") and len(result.output.rstrip("\n")) >= 31
+    again = invoke(cli, ["sample", str(out / "ckpt.pt"), "--prompt", "Prince", "--tokens", "25",
+                         "--seed", "1"])
+    assert again.output == result.output
+    bad = invoke(cli, ["sample", str(out), "--prompt", "Zebra"])
+    assert bad.exit_code == 1
+    assert "character 'Z' (U+005A LATIN CAPITAL LETTER Z) at position 0" in bad.output
+
+
+def test_sample_errors(cli, tmp_path):
+    result = invoke(cli, ["sample", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
+    result = invoke(cli, ["sample", str(tmp_path / "trunc.pt")])
+    assert result.exit_code == 1
+    assert "truncated or not a torch file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_plugins_backends_presets(cli):
+    result = invoke(cli, ["plugins"])
+    assert result.exit_code == 0
+    assert "attention backend: naive, sdpa" in result.output
+    assert "model: bigram, transformer" in result.output
+    result = invoke(cli, ["backends"])
+    assert result.exit_code == 0
+    assert "sdpa" in result.output and "<- auto" in result.output
+    result = invoke(cli, ["backends", "--device", "tpu"])
+    assert "device 'tpu' not supported" in result.output
+    assert "<- auto" not in result.output
+    result = invoke(cli, ["presets"])
+    assert "bigram:" in result.output and "tiny:" in result.output and "default:" in result.output

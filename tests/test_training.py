@@ -1,0 +1,81 @@
+"""Real (short) training on War and Peace, checkpoints, and the schedule."""
+
+import pytest
+import torch
+
+from gptlab.core.checkpoint import load_model, save_checkpoint
+from gptlab.core.config import ModelConfig, TrainConfig
+from gptlab.core.errors import CheckpointError
+from gptlab.core.training import get_batch, lr_at, train
+from gptlab.data.corpora import load_text
+
+
+def test_short_training_on_war_and_peace_lowers_val_loss(registry, war_and_peace, tmp_path):
+    text = load_text(war_and_peace)
+    mc = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+    tc = TrainConfig(max_iters=200, batch_size=16, learning_rate=3e-3, warmup_iters=10,
+                     eval_interval=50, eval_iters=5, final_eval_iters=20, seed=0)
+    events = []
+    result = train(registry, mc, tc, text, out_dir=tmp_path, on_event=events.append)
+    first_val = result.history[0]["val_loss"]
+    assert result.model_config.vocab_size == 111
+    assert result.history[0]["step"] == 50
+    assert first_val < 4.0  # from ln(111) = 4.71 at init
+    assert result.val_loss < 2.8
+    assert result.val_loss < first_val - 0.2
+    assert [e.step for e in events if e.kind == "step"] == list(range(1, 201))
+    # checkpoint reloads to the same function
+    model, tok, ckpt = load_model(registry, tmp_path)
+    assert ckpt["metrics"]["val_loss"] == pytest.approx(result.val_loss)
+    idx = torch.tensor([tok.encode("Prince Andrew")])
+    assert torch.allclose(model(idx)[0], result.model(idx)[0])
+
+
+def test_same_seed_same_losses(registry):
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    mc = ModelConfig(block_size=8, n_layer=1, n_head=2, n_embd=8)
+    tc = TrainConfig(max_iters=6, batch_size=4, eval_interval=3, eval_iters=2,
+                     final_eval_iters=2, seed=5)
+    a = train(registry, mc, tc, text)
+    b = train(registry, mc, tc, text)
+    assert a.history == [dict(h, elapsed=h["elapsed"]) for h in a.history]
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    tc = TrainConfig(max_iters=110, learning_rate=1.0, warmup_iters=10, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(0.1)
+    assert lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(10, tc) == pytest.approx(1.0)
+    assert lr_at(60, tc) == pytest.approx(0.55)
+    assert lr_at(110, tc) == pytest.approx(0.1)
+    lrs = [lr_at(s, tc) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_batches_are_shifted_windows():
+    data = torch.arange(100)
+    x, y = get_batch(data, 4, 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 8)
+    assert torch.equal(y, x + 1)
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 7, dtype=torch.long))
+
+
+def test_checkpoint_is_atomic_and_foreign_files_are_refused(registry, tmp_path):
+    from gptlab.core.build import build_model
+    from gptlab.plugins.tokenizers.char import CharTokenizer
+
+    tok = CharTokenizer()
+    tok.train("abc")
+    mc = ModelConfig(model="bigram", vocab_size=3, block_size=4)
+    model = build_model(registry, mc)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model=model, model_config=mc,
+                           train_config=TrainConfig(), tokenizer=tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(registry, path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a gptlab checkpoint"):
+        load_model(registry, path)
