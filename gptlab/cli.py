@@ -134,20 +134,48 @@ def _download_progress():
 @click.option("--sample-tokens", type=int, default=None,
               help="Characters to generate after training (0: no sample).")
 @click.option("--out-dir", default="out", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the checkpoint (ckpt.pt).")
+              help="Run folder: ckpt.pt (latest, resumable), best.pt (lowest val loss), "
+                   "metrics.jsonl.")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="Continue the run saved in this folder bit-exactly (model, optimizer, "
+                   "schedule, RNG, data position); settings come from its checkpoint.")
 @click.pass_context
-def run(ctx, preset, data, out_dir, **opts):
-    """Train a model on War and Peace (or --data), evaluate it, save it and print a sample."""
-    from gptlab.core.config import resolve_configs
+def run(ctx, preset, data, out_dir, resume_dir, **opts):
+    """Train a model on War and Peace (or --data), evaluate it, save it and print a sample.
+
+    Ctrl-C saves a checkpoint after the current step; continue with --resume.
+    """
+    from click.core import ParameterSource
+
+    from gptlab.core.checkpoint import load_checkpoint
+    from gptlab.core.config import ModelConfig, TrainConfig, resolve_configs
     from gptlab.core.training import sample_text, train
     from gptlab.data.corpora import load_text, resolve_corpus
 
     reg = _registry(ctx)
-    model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
-                  "attention"}
-    model_over = {k: v for k, v in opts.items() if k in model_keys}
-    train_over = {k: v for k, v in opts.items() if k not in model_keys}
-    model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
+    resume = None
+    if resume_dir is not None:
+        given = [p.opts[0] for p in ctx.command.params
+                 if p.name not in ("resume_dir", "data", "out_dir")
+                 and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--resume takes every setting from the checkpoint; drop "
+                                   f"{', '.join(given)}")
+        resume = load_checkpoint(resume_dir)
+        model_cfg = ModelConfig.from_dict(resume["model_config"])
+        train_cfg = TrainConfig.from_dict(resume["train_config"])
+        state = resume.get("train_state") or {}
+        data = data or state.get("data_source")
+        if ctx.get_parameter_source("out_dir") != ParameterSource.COMMANDLINE:
+            out_dir = resume_dir
+        click.echo(f"resuming {resume_dir} at step {state.get('step')}/{train_cfg.max_iters}",
+                   err=True)
+    else:
+        model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
+                      "attention"}
+        model_over = {k: v for k, v in opts.items() if k in model_keys}
+        train_over = {k: v for k, v in opts.items() if k not in model_keys}
+        model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
     # check names before touching the data, so typos fail fast
     reg.model(model_cfg.model)
     reg.tokenizer(train_cfg.tokenizer)
@@ -166,7 +194,8 @@ def run(ctx, preset, data, out_dir, **opts):
     click.echo(f"data: {path} ({len(text):,} chars)", err=True)
     on_event, close = _progress_printer(train_cfg.max_iters)
     try:
-        result = train(reg, model_cfg, train_cfg, text, out_dir=out_dir, on_event=on_event)
+        result = train(reg, model_cfg, train_cfg, text, out_dir=out_dir, on_event=on_event,
+                       resume=resume, data_source=str(path))
     finally:
         close()
     mc = result.model_config
@@ -183,21 +212,29 @@ def run(ctx, preset, data, out_dir, **opts):
         click.echo(text)
 
 
-# --------------------------------------------------------------------------- sample
+# --------------------------------------------------------------------------- sample / eval
 @click.command()
 @click.argument("checkpoint", default="out", type=click.Path())
 @click.option("--prompt", default="", help="Text to continue (every character must be in "
                                            "the tokenizer's vocabulary).")
 @click.option("--tokens", "max_new_tokens", type=int, default=500, show_default=True,
-              help="How many tokens to generate.")
+              help="Most tokens to generate.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Softmax temperature; 0 is greedy decoding.")
 @click.option("--top-k", type=int, default=None, help="Sample only among the k likeliest.")
+@click.option("--top-p", type=float, default=None,
+              help="Nucleus sampling: only the likeliest tokens whose mass reaches p.")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
+@click.option("--stop", default=None, help="Stop once the generated text contains this string.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Use the KV cache (one new token per step) where the model supports it.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print text as it is generated.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--attention", default=None, help="Override the checkpoint's attention backend.")
 @click.pass_context
-def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, attention):
+def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop,
+           cache, stream, device, attention):
     """Generate text from a CHECKPOINT (a run folder or a .pt file; default: out)."""
     from gptlab.core.build import resolve_device
     from gptlab.core.checkpoint import load_model
@@ -207,8 +244,59 @@ def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, seed, de
     if max_new_tokens < 0:
         raise click.BadParameter("must be >= 0", param_hint="--tokens")
     model, tokenizer, _ = load_model(reg, checkpoint, resolve_device(device), attention=attention)
-    click.echo(sample_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
-                           top_k=top_k, seed=seed))
+    tokenizer.encode(prompt)  # unknown characters fail before anything is printed
+    if stream:
+        click.echo(prompt, nl=False)
+    text = sample_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, stop=stop, use_cache=cache,
+                       on_text=(lambda t: click.echo(t, nl=False)) if stream else None)
+    click.echo("" if stream else text)
+
+
+@click.command("eval")
+@click.argument("checkpoint", default="out", type=click.Path())
+@click.option("--data", default=None, metavar="PATH|NAME",
+              help="Text to evaluate on (default: the one the checkpoint was trained on).")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def eval_cmd(ctx, checkpoint, data, split, batch_size, device):
+    """Loss, perplexity and bits per character over the WHOLE split (deterministic)."""
+    import math
+
+    from gptlab.core.build import resolve_device
+    from gptlab.core.checkpoint import load_model
+    from gptlab.core.config import TrainConfig
+    from gptlab.core.training import encode_splits, evaluate_split
+    from gptlab.data.corpora import load_text, resolve_corpus
+
+    reg = _registry(ctx)
+    model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device))
+    tc = TrainConfig.from_dict(ckpt["train_config"])
+    source = data or (ckpt.get("train_state") or {}).get("data_source")
+    path = resolve_corpus(source)
+    text = load_text(path)
+    splits = encode_splits(text, tokenizer, tc.val_fraction, model.config.block_size)
+    ids = splits.val if split == "val" else splits.train
+    loss, count = evaluate_split(model, ids, batch_size=batch_size)
+    chars = len(tokenizer.decode(ids[1:].tolist()))  # characters of the predicted tokens
+    bpc = loss * count / math.log(2) / chars
+    click.echo(f"{split} split of {path}: {count:,} predicted tokens")
+    click.echo(f"loss {loss:.4f} | perplexity {math.exp(loss):.3f} | bits/char {bpc:.4f}")
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True,
+                                                                     file_okay=False))
+@click.option("--out", "out_path", default="loss.png", show_default=True,
+              type=click.Path(dir_okay=False), help="PNG file to write.")
+def plot(run_dirs, out_path):
+    """Draw the train/val loss curves of one or more RUN_DIRS into a PNG."""
+    from gptlab.plot import plot_runs
+
+    path = plot_runs(run_dirs, out_path)
+    click.echo(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------- introspection
@@ -274,7 +362,93 @@ def presets():
         click.echo("    " + ", ".join(f"{k}={v}" for k, v in settings.items()))
 
 
-BUILTIN_COMMANDS = [run, sample, plugins, backends, presets]
+@click.group()
+def bench():
+    """Benchmarks (ratios against a baseline measured in the same run)."""
+
+
+@bench.command("attention")
+@click.option("--backends", "names", default=None,
+              help="Comma-separated backends (default: every one that runs on the CPU).")
+@click.option("--seq-lens", default="64,256,1024,2048", show_default=True,
+              help="Comma-separated sequence lengths T.")
+@click.option("--batch", "B", type=int, default=8, show_default=True)
+@click.option("--heads", "H", type=int, default=4, show_default=True)
+@click.option("--head-dim", "D", type=int, default=32, show_default=True)
+@click.option("--reps", type=int, default=None,
+              help="Timed repetitions per point (default 5, 3 for T >= 2048).")
+@click.pass_context
+def bench_attention(ctx, names, seq_lens, B, H, D, reps):
+    """Causal forward+backward time and peak extra memory per backend and T, vs sdpa."""
+    from gptlab import bench as benchmod
+    from gptlab.core.interfaces import AttentionRequest
+
+    reg = _registry(ctx)
+    if names:
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+        for n in chosen:
+            reg.attention_backend(n)
+    else:
+        req = AttentionRequest(device="cpu", head_dim=D)
+        chosen = sorted(n for n, c in reg.attention_backends.items()
+                        if not c.not_supported_reasons(req))
+    chosen = ["sdpa", *(n for n in chosen if n != "sdpa")]  # the baseline first
+    try:
+        lens = [int(t) for t in seq_lens.split(",")]
+    except ValueError:
+        raise click.BadParameter("comma-separated integers", param_hint="--seq-lens") from None
+    click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, float32, "
+               f"{__import__('torch').get_num_threads()} threads")
+    click.echo(f"{'backend':<10}{'T':>6}{'time ms':>11}{'x sdpa':>8}{'peak MiB':>11}{'x sdpa':>8}")
+    pending = []
+
+    def show(point):
+        pending.append(point)
+        if point.backend != chosen[-1]:
+            return
+        base = next((p for p in pending if p.backend == "sdpa"), None)
+        for p in pending:
+            if p.error:
+                click.echo(f"{p.backend:<10}{p.T:>6}  error: {p.error}")
+                continue
+            rt = f"{p.time_ms / base.time_ms:.2f}" if base and base.time_ms else "-"
+            mem = f"{p.peak_extra_mib:.1f}" if p.peak_extra_mib is not None else "n/a"
+            rm = (f"{p.peak_extra_mib / base.peak_extra_mib:.2f}"
+                  if base and base.peak_extra_mib and p.peak_extra_mib is not None else "-")
+            click.echo(f"{p.backend:<10}{p.T:>6}{p.time_ms:>11.2f}{rt:>8}{mem:>11}{rm:>8}")
+        pending.clear()
+
+    benchmod.run(chosen, lens, B=B, H=H, D=D, reps=reps, on_point=show)
+
+
+@bench.command("generate")
+@click.argument("checkpoint", default="out", type=click.Path())
+@click.option("--tokens", type=int, default=500, show_default=True)
+@click.option("--prompt", default="", help="Prompt (default: start from token 0).")
+@click.pass_context
+def bench_generate(ctx, checkpoint, tokens, prompt):
+    """Greedy generation speed with and without the KV cache, and whether outputs match."""
+    import time
+
+    import torch
+
+    from gptlab.core.checkpoint import load_model
+
+    model, tokenizer, _ = load_model(_registry(ctx), checkpoint)
+    ids = tokenizer.encode(prompt) if prompt else [0]
+    idx = torch.tensor([ids], dtype=torch.long)
+    outs, speeds = {}, {}
+    for use_cache in (False, True):
+        t0 = time.perf_counter()
+        outs[use_cache] = model.generate(idx, tokens, temperature=0, use_cache=use_cache)
+        speeds[use_cache] = tokens / (time.perf_counter() - t0)
+    same = torch.equal(outs[False], outs[True])
+    click.echo(f"without cache: {speeds[False]:,.1f} tok/s")
+    click.echo(f"with cache:    {speeds[True]:,.1f} tok/s  ({speeds[True] / speeds[False]:.1f}x)")
+    click.echo(f"greedy outputs identical: {'yes' if same else 'NO'} ({tokens} tokens)")
+
+
+BUILTIN_COMMANDS = [run, sample, eval_cmd, plot, plugins, backends, presets, bench]
 
 
 def build_cli(registry: Registry | None = None) -> click.Group:

@@ -36,12 +36,21 @@ def test_help_explains_every_option(cli):
         assert invoke(cli, [cmd, "--help"]).exit_code == 0
 
 
-@pytest.mark.parametrize("name", ["flash", "nosuch"])
-def test_unknown_attention_is_one_line_listing_backends(cli, small_text, name):
-    result = invoke(cli, ["run", "--attention", name, "--data", str(small_text)])
+def test_unknown_attention_is_one_line_listing_backends(cli, small_text):
+    result = invoke(cli, ["run", "--attention", "nosuch", "--data", str(small_text)])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert lines == [f"Error: unknown attention backend '{name}'; available: auto, naive, sdpa"]
+    assert lines == ["Error: unknown attention backend 'nosuch'; available: auto, flash, fused, "
+                     "naive, sdpa"]
+
+
+def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):
+    result = invoke(cli, ["run", "--attention", "flash", "--dropout", "0.1",
+                          "--data", str(small_text)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: attention backend 'flash' cannot run here: attention dropout (p=0.1) not "
+        "supported"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -107,3 +116,17 @@ def test_plugins_backends_presets(cli):
     assert "<- auto" not in result.output
     result = invoke(cli, ["presets"])
     assert "bigram:" in result.output and "tiny:" in result.output and "default:" in result.output
+
+
+def test_bench_attention_reports_every_backend_against_sdpa(cli):
+    result = invoke(cli, ["bench", "attention", "--backends", "flash,naive", "--seq-lens",
+                          "16,33", "--reps", "1", "--batch", "1", "--heads", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [ln.split() for ln in result.output.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("sdpa", "16"), ("flash", "16"), ("naive", "16"),
+                                            ("sdpa", "33"), ("flash", "33"), ("naive", "33")]
+    for r in rows:
+        assert float(r[2]) > 0  # a measured time
+    assert rows[0][3] == "1.00"
+    bad = invoke(cli, ["bench", "attention", "--backends", "nosuch"])
+    assert bad.exit_code == 1 and "unknown attention backend 'nosuch'" in bad.output

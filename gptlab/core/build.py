@@ -8,14 +8,18 @@ fallback.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gptlab.core.config import ModelConfig
-from gptlab.core.errors import BackendNotSupportedError, DeviceError, UnknownComponentError
+from gptlab.core.errors import (BackendNotSupportedError, DeviceError, GptlabError,
+                                UnknownComponentError)
 from gptlab.core.interfaces import AttentionBackend, AttentionRequest, Components, LanguageModel
 from gptlab.core.plugins import Registry
 
 AUTO = "auto"
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,9 +49,13 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest) -> Att
     """Return an instance of the backend called ``name`` (or the best one for ``auto``)."""
     if name == AUTO:
         rows = backend_table(reg, request)
-        for cls, reasons in rows:
+        for i, (cls, reasons) in enumerate(rows):
             if not reasons:
-                return cls()
+                try:
+                    return cls()
+                except GptlabError as e:  # e.g. its kernels failed to build: auto moves on
+                    log.warning("attention backend %r skipped by auto: %s", cls.name, e)
+                    rows[i] = (cls, [str(e)])
         detail = "; ".join(f"{cls.name}: {', '.join(r)}" for cls, r in rows) or "none registered"
         raise BackendNotSupportedError(f"no attention backend supports this request ({detail})")
     if name not in reg.attention_backends:

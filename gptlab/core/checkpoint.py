@@ -24,7 +24,8 @@ from gptlab.core.plugins import Registry
 
 FORMAT = "gptlab.checkpoint"
 VERSION = 1
-FILENAME = "ckpt.pt"
+FILENAME = "ckpt.pt"  # the latest state of a run: what --resume continues from
+BEST_FILENAME = "best.pt"  # the state with the lowest val loss so far
 
 
 def atomic_torch_save(obj, path: Path) -> Path:
@@ -44,7 +45,9 @@ def atomic_torch_save(obj, path: Path) -> Path:
 
 
 def save_checkpoint(path, *, model, model_config: ModelConfig, train_config: TrainConfig,
-                    tokenizer, metrics: dict | None = None) -> Path:
+                    tokenizer, metrics: dict | None = None, train_state: dict | None = None
+                    ) -> Path:
+    """``train_state`` (optimizer, step, RNG states, ...) makes the checkpoint resumable."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -54,6 +57,7 @@ def save_checkpoint(path, *, model, model_config: ModelConfig, train_config: Tra
         "tokenizer": {"name": tokenizer.name, "state": tokenizer.state_dict()},
         "model": model.state_dict(),
         "metrics": dict(metrics or {}),
+        "train_state": train_state,
     }
     return atomic_torch_save(payload, path)
 

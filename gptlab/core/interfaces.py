@@ -160,10 +160,15 @@ class Components:
 
 
 class Block(nn.Module):
-    """A transformer block: ``(B, T, C) -> (B, T, C)``. Built as ``cls(config, attention)``."""
+    """A transformer block: ``(B, T, C) -> (B, T, C)``. Built as ``cls(config, attention)``.
+
+    Blocks that set ``supports_kv_cache = True`` accept ``forward(x, kv_cache)`` and pass the
+    cache to their attention (see ``MultiHeadAttention``); others make generation recompute.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    supports_kv_cache: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, attention: AttentionBackend):
         super().__init__()
@@ -195,33 +200,79 @@ class LanguageModel(nn.Module):
             return None
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); returns (B, T + new).
+    # ---- generation -------------------------------------------------------------------
+    #: True if the model implements :meth:`new_cache` and :meth:`forward_cached`.
+    supports_kv_cache: ClassVar[bool] = False
 
-        ``temperature=0`` is greedy decoding; ``top_k`` keeps the k most likely tokens.
-        The context is cropped to the last ``block_size`` tokens.
+    def kv_cache_usable(self) -> bool:
+        """Whether generation can use the KV cache (model and its attention backend allow it)."""
+        return self.supports_kv_cache
+
+    def new_cache(self):
+        raise NotImplementedError
+
+    def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, T_new, vocab) for ``idx`` following the tokens already in ``cache``."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 on_token=None) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T); returns (B, T + n).
+
+        ``temperature=0`` is greedy decoding; ``top_k`` keeps the k likeliest tokens, ``top_p``
+        the smallest set whose probability reaches p (nucleus sampling). ``on_token(next_ids)``
+        is called after each step; returning ``False`` stops early.
+
+        Context window: the model sees ``idx[:, start:]``. When that would exceed
+        ``block_size``, ``start`` jumps so that the last ``block_size // 2`` tokens are kept
+        (with the KV cache: the cache is dropped and those tokens recomputed). The same rule is
+        used with and without the cache, so greedy outputs are identical either way.
         """
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
         if idx.dim() != 2 or idx.size(1) < 1:
             raise ConfigError("generate needs a (B, T) prompt with T >= 1 token")
+        block, keep = self.config.block_size, max(1, self.config.block_size // 2)
+        use_cache = use_cache and self.kv_cache_usable()
+        start, cache = 0, None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :]  # (B, vocab)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
+            if idx.size(1) - start > block:
+                start, cache = idx.size(1) - keep, None
+            if not use_cache:
+                logits, _ = self(idx[:, start:])
+            elif cache is None:
+                cache = self.new_cache()
+                logits = self.forward_cached(idx[:, start:], cache)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, num_samples=1, generator=generator)
+                logits = self.forward_cached(idx[:, -1:], cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, nxt), dim=1)
+            if on_token is not None and on_token(nxt) is False:
+                break
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Pick the next token from ``logits`` (B, vocab); returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the likelier tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the first token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

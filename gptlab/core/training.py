@@ -9,19 +9,24 @@ set of batches, so the curve is not noisier than the model. Progress is reported
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import torch
+from torch.nn import functional as F
 
 from gptlab.core.build import build_model, resolve_device
-from gptlab.core.checkpoint import FILENAME, save_checkpoint
+from gptlab.core.checkpoint import BEST_FILENAME, FILENAME, save_checkpoint
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.errors import DataError
+from gptlab.core.errors import CheckpointError, DataError, GptlabError
 from gptlab.core.interfaces import LanguageModel, Tokenizer
 from gptlab.core.plugins import Registry
 from gptlab.data.corpora import split_ids
@@ -123,20 +128,87 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
 
+class TrainingInterrupted(GptlabError):
+    """Ctrl-C during training: the state was checkpointed first (``checkpoint``, ``step``)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        where = (f"checkpoint saved to {checkpoint}; continue with `gpt run --resume "
+                 f"{checkpoint.parent}`" if checkpoint else "nothing saved (no --out-dir)")
+        super().__init__(f"interrupted after step {step}; {where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _SigintFlag:
+    """While active, the first Ctrl-C only sets a flag (checked between steps, so the saved
+    state is consistent); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.set, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of a run (``metrics.jsonl`` in the run folder)."""
+
+    FILENAME = "metrics.jsonl"
+
+    def __init__(self, out_dir: Path | None, resume_step: int | None = None):
+        self.path = None if out_dir is None else Path(out_dir) / self.FILENAME
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():  # drop records past the checkpoint
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def train(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, text: str, *,
           out_dir: str | Path | None = None,
-          on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
-    """Fit a tokenizer on ``text``, build the model, train it, evaluate, and save a checkpoint.
+          on_event: Callable[[TrainEvent], None] | None = None,
+          resume: dict | None = None, data_source: str | None = None,
+          log_interval: int = 10) -> TrainResult:
+    """Fit a tokenizer on ``text``, build the model, train it, evaluate, and save checkpoints.
 
+    With ``out_dir``: ``ckpt.pt`` (latest, resumable) and ``best.pt`` (lowest val loss) are
+    written at every evaluation and at the end, and ``metrics.jsonl`` logs the run. ``resume``
+    is a checkpoint dict (from :func:`~gptlab.core.checkpoint.load_checkpoint`) to continue
+    bit-exactly: model, optimizer, step, RNG states and data position are restored. Ctrl-C
+    saves ``ckpt.pt`` after the current step and raises :class:`TrainingInterrupted`.
     The final losses are estimated on ``final_eval_iters`` fixed batches of each split.
     """
     cfg = train_config
     emit = on_event or (lambda event: None)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    out_dir = None if out_dir is None else Path(out_dir)
 
-    tokenizer = reg.tokenizer(cfg.tokenizer)()
-    tokenizer.train(text)
+    tok_cls = reg.tokenizer(cfg.tokenizer)
+    if resume is not None:
+        tokenizer = tok_cls.from_state(resume["tokenizer"]["state"])
+    else:
+        tokenizer = tok_cls()
+        tokenizer.train(text)
     model_config = attrs.evolve(model_config, vocab_size=tokenizer.vocab_size)
     splits = encode_splits(text, tokenizer, cfg.val_fraction, model_config.block_size)
     model = build_model(reg, model_config, device)
@@ -146,61 +218,96 @@ def train(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, t
     optimizer = make_optimizer(model, cfg)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     T, B = model_config.block_size, cfg.batch_size
+    start_step, history, best_val, elapsed_before = 0, [], math.inf, 0.0
+    if resume is not None:
+        st = resume.get("train_state")
+        if not st:
+            raise CheckpointError("this checkpoint has no training state to resume from")
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        batch_gen.set_state(st["batch_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        start_step, best_val, elapsed_before = st["step"], st["best_val"], st["elapsed"]
+        history = list(resume["metrics"].get("history", []))
+        data_source = data_source or st.get("data_source")
+    metrics_log = MetricsLog(out_dir, start_step if resume is not None else None)
 
-    def evaluate(step, iters):
+    def evaluate(iters):
         kw = dict(iters=iters, batch_size=B, block_size=T, device=device, seed=cfg.seed + 1)
         return (estimate_loss(model, splits.train, **kw), estimate_loss(model, splits.val, **kw))
 
-    history: list[dict] = []
-    model.train()
-    t_start = time.perf_counter()
-    t_window, tokens_window = t_start, 0
-    tokens_per_s = 0.0
-    for step in range(cfg.max_iters):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(splits.train, B, T, batch_gen)
-        _, loss = model(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+    def save(step, elapsed, tr=None, va=None):
+        nonlocal best_val
+        if out_dir is None:
+            return None
+        improved = va is not None and va < best_val
+        best_val = va if improved else best_val
+        state = {"step": step, "optimizer": optimizer.state_dict(),
+                 "batch_rng": batch_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "best_val": best_val, "elapsed": elapsed, "data_source": data_source}
+        metrics = {"train_loss": tr, "val_loss": va, "elapsed": elapsed, "step": step,
+                   "attention": attention, "history": history}
+        kw = dict(model=model, model_config=model_config, train_config=cfg, tokenizer=tokenizer,
+                  metrics=metrics, train_state=state)
+        path = save_checkpoint(out_dir / FILENAME, **kw)
+        if improved:
+            save_checkpoint(out_dir / BEST_FILENAME, **kw)
+        return path
 
-        tokens_window += B * T
-        now = time.perf_counter()
-        if now - t_window > 0.5:
-            tokens_per_s = tokens_window / (now - t_window)
-            t_window, tokens_window = now, 0
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise DataError(f"training diverged at step {step} (loss {loss_value}); lower "
-                            f"--lr or enable --grad-clip")
-        emit(TrainEvent("step", step + 1, cfg.max_iters, loss=loss_value, lr=lr,
-                        tokens_per_s=tokens_per_s, elapsed=now - t_start))
-        last = step + 1 == cfg.max_iters
-        if (step + 1) % cfg.eval_interval == 0 and not last:
-            tr, va = evaluate(step + 1, cfg.eval_iters)
-            history.append({"step": step + 1, "train_loss": tr, "val_loss": va, "lr": lr,
-                            "elapsed": time.perf_counter() - t_start})
-            emit(TrainEvent("eval", step + 1, cfg.max_iters, train_loss=tr, val_loss=va,
-                            elapsed=time.perf_counter() - t_start))
-    train_time = time.perf_counter() - t_start
-    tr, va = evaluate(cfg.max_iters, cfg.final_eval_iters)
+    model.train()
+    t_start = time.perf_counter() - elapsed_before
+    t_window, tokens_window, tokens_per_s = time.perf_counter(), 0, 0.0
+    trained_steps, t_loop = 0, time.perf_counter()
+    with _SigintFlag() as interrupt:
+        for step in range(start_step, cfg.max_iters):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(splits.train, B, T, batch_gen)
+            _, loss = model(x.to(device), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            trained_steps += 1
+
+            tokens_window += B * T
+            now = time.perf_counter()
+            if now - t_window > 0.5:
+                tokens_per_s = tokens_window / (now - t_window)
+                t_window, tokens_window = now, 0
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise DataError(f"training diverged at step {step} (loss {loss_value}); lower "
+                                f"--lr")
+            done = step + 1
+            emit(TrainEvent("step", done, cfg.max_iters, loss=loss_value, lr=lr,
+                            tokens_per_s=tokens_per_s, elapsed=now - t_start))
+            if done % log_interval == 0:
+                metrics_log.write(kind="step", step=done, train_loss=loss_value, lr=lr,
+                                  tokens_per_s=tokens_per_s, elapsed=now - t_start)
+            if done % cfg.eval_interval == 0 and done != cfg.max_iters:
+                tr, va = evaluate(cfg.eval_iters)
+                elapsed = time.perf_counter() - t_start
+                history.append({"step": done, "train_loss": tr, "val_loss": va, "lr": lr,
+                                "elapsed": elapsed})
+                metrics_log.write(kind="eval", **history[-1])
+                save(done, elapsed, tr, va)
+                emit(TrainEvent("eval", done, cfg.max_iters, train_loss=tr, val_loss=va,
+                                elapsed=elapsed))
+            if interrupt.set:
+                raise TrainingInterrupted(done, save(done, time.perf_counter() - t_start))
+    train_time = time.perf_counter() - t_loop
+    tr, va = evaluate(cfg.final_eval_iters)
     elapsed = time.perf_counter() - t_start
     history.append({"step": cfg.max_iters, "train_loss": tr, "val_loss": va,
                     "lr": lr_at(cfg.max_iters - 1, cfg), "elapsed": elapsed})
+    metrics_log.write(kind="eval", **history[-1])
     emit(TrainEvent("eval", cfg.max_iters, cfg.max_iters, train_loss=tr, val_loss=va,
                     elapsed=elapsed))
-    mean_tps = cfg.max_iters * B * T / train_time
-    ckpt = None
-    if out_dir is not None:
-        ckpt = save_checkpoint(
-            Path(out_dir) / FILENAME, model=model, model_config=model_config, train_config=cfg,
-            tokenizer=tokenizer,
-            metrics={"train_loss": tr, "val_loss": va, "elapsed": elapsed,
-                     "tokens_per_s": mean_tps, "attention": attention, "history": history})
+    mean_tps = trained_steps * B * T / train_time if trained_steps else 0.0
+    ckpt = save(cfg.max_iters, elapsed, tr, va)
     model.eval()
     return TrainResult(model=model, tokenizer=tokenizer, model_config=model_config,
                        train_config=cfg, history=history, train_loss=tr, val_loss=va,
@@ -208,15 +315,68 @@ def train(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, t
                        attention=attention)
 
 
+@torch.no_grad()
+def evaluate_split(model: LanguageModel, ids: torch.Tensor, *, batch_size: int = 32,
+                   on_progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+    """Mean cross-entropy over *every* token of ``ids`` (deterministic, no sampling).
+
+    ``ids`` is cut into consecutive windows of ``block_size``; each window predicts its next
+    tokens, so every token but the first is predicted exactly once. Returns (loss, count).
+    """
+    model.eval()
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    n = len(ids) - 1
+    starts = list(range(0, n, T))
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        full = [s for s in chunk if s + T <= n]
+        parts = [torch.stack([ids[s:s + T] for s in full]),
+                 torch.stack([ids[s + 1:s + T + 1] for s in full])] if full else None
+        if parts is not None:
+            logits, _ = model(parts[0].to(device))
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                     parts[1].to(device).reshape(-1), reduction="sum").item()
+            count += parts[1].numel()
+        for s in chunk:
+            if s + T > n:  # the last, shorter window
+                x, y = ids[s:n].unsqueeze(0), ids[s + 1:n + 1].unsqueeze(0)
+                logits, _ = model(x.to(device))
+                total += F.cross_entropy(logits[0], y[0].to(device), reduction="sum").item()
+                count += y.numel()
+        if on_progress:
+            on_progress(min(i + batch_size, len(starts)), len(starts))
+    return total / count, count
+
+
 def sample_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "",
                 max_new_tokens: int = 300, *, temperature: float = 1.0, top_k: int | None = None,
-                seed: int | None = None) -> str:
-    """Generate a continuation of ``prompt`` and return it (prompt included) as text."""
+                top_p: float | None = None, seed: int | None = None, stop: str | None = None,
+                use_cache: bool = True, on_text: Callable[[str], None] | None = None) -> str:
+    """Generate a continuation of ``prompt``; returns prompt + generated text.
+
+    ``stop``: end as soon as the generated text contains this string (it is kept in the
+    output). ``on_text`` receives each newly generated piece of text (for streaming).
+    """
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) if prompt else [0]  # no prompt: start from token 0
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return tokenizer.decode(out[0, 0 if prompt else 1:].tolist())
+    pieces: list[str] = []
+    tail = max(len(stop), 1) * 2 if stop else 0
+
+    def on_token(nxt):
+        piece = tokenizer.decode(nxt[0].tolist())
+        pieces.append(piece)
+        if on_text:
+            on_text(piece)
+        if stop and stop in "".join(pieces[-tail:]):
+            return False
+        return True
+
+    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   generator=gen, use_cache=use_cache, on_token=on_token)
+    return (prompt if prompt else "") + "".join(pieces)

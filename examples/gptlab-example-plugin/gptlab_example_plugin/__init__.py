@@ -41,6 +41,7 @@ class ChunkedAttention(AttentionBackend):
 
 class ParallelBlock(Block):
     name = "parallel"
+    supports_kv_cache = True
     description = "example plugin: x + attn(ln(x)) + mlp(ln(x))  (GPT-J)"
 
     def __init__(self, config, attention):
@@ -49,9 +50,9 @@ class ParallelBlock(Block):
         self.attn = MultiHeadAttention(config, attention)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         h = self.ln(x)
-        return x + self.attn(h) + self.mlp(h)
+        return x + self.attn(h, kv_cache) + self.mlp(h)
 
 
 @hookimpl

@@ -23,7 +23,7 @@ class NaiveAttention(AttentionBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         scale = default_scale(q.size(-1), scale)
         att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
-        if causal:
+        if causal and q.size(-2) > 1:  # one query (decoding) is the last row: sees every key
             mask = causal_mask(q.size(-2), k.size(-2), device=q.device)
             att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)

@@ -22,6 +22,8 @@ class SdpaAttention(AttentionBackend):
 
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         tq, tk = q.size(-2), k.size(-2)
+        if causal and tq == 1:  # one query (decoding) is the last row: it sees every key
+            causal = False
         if causal and tq != tk:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=causal_mask(tq, tk, device=q.device), dropout_p=dropout_p,

@@ -6,9 +6,23 @@ formula is delegated to an :class:`~gptlab.core.interfaces.AttentionBackend` (na
 fused, flash, or a plugin's), so backends can be swapped without touching the model.
 """
 
+import torch
 import torch.nn as nn
 
 from gptlab.core.interfaces import AttentionBackend
+
+
+class LayerKV:
+    """One layer's cached keys and values, (B, nh, T_cached, hs) each."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values; return all keys/values so far."""
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
 
 
 class SingleHeadAttention(nn.Module):
@@ -49,14 +63,15 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, kv_cache: LayerKV | None = None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)  # q, k, v for every head
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if kv_cache is not None:  # decoding: T new queries against every key so far
+            k, v = kv_cache.extend(k, v)  # (B, nh, T_past + T, hs); causal mask bottom-right
         p = self.attn_dropout if self.training else 0.0
         y = self.attention(q, k, v, causal=True, dropout_p=p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate heads: (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate heads: (B, T, C)
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y

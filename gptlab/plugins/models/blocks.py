@@ -12,6 +12,7 @@ from gptlab.plugins.models.layers import MLP, LayerNorm
 
 class PreNormBlock(Block):
     name = "prenorm"
+    supports_kv_cache = True
     description = "x + attn(ln1(x)); x + mlp(ln2(x))  (GPT-2)"
 
     def __init__(self, config, attention):
@@ -21,13 +22,14 @@ class PreNormBlock(Block):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):  # (B, T, C) -> (B, T, C)
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache=None):  # (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class PostNormBlock(Block):
     name = "postnorm"
+    supports_kv_cache = True
     description = "ln1(x + attn(x)); ln2(x + mlp(x))  (original Transformer)"
 
     def __init__(self, config, attention):
@@ -37,6 +39,6 @@ class PostNormBlock(Block):
         self.mlp = MLP(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, x):
-        x = self.ln_1(x + self.attn(x))
+    def forward(self, x, kv_cache=None):
+        x = self.ln_1(x + self.attn(x, kv_cache))
         return self.ln_2(x + self.mlp(x))

@@ -13,11 +13,21 @@ import torch
 import torch.nn as nn
 
 from gptlab.core.errors import ConfigError
-from gptlab.core.interfaces import LanguageModel
+from gptlab.core.interfaces import AttentionRequest, LanguageModel
+from gptlab.plugins.models.attention import LayerKV
 from gptlab.plugins.models.layers import LayerNorm
 
 
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far, for one generation window."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerKV() for _ in range(n_layer)]
+        self.length = 0
+
+
 class Transformer(LanguageModel):
+    supports_kv_cache = True
     name = "transformer"
     description = "GPT-2 style decoder: embeddings, n_layer blocks, final LayerNorm, tied head"
 
@@ -57,3 +67,30 @@ class Transformer(LanguageModel):
             x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         return logits, self.loss(logits, targets)
+
+    # ---- KV-cache decoding ---------------------------------------------------------------
+    def kv_cache_usable(self) -> bool:
+        """Blocks must thread the cache through, and the backend must accept fewer queries
+        than keys (causal mask aligned bottom-right); otherwise generation recomputes."""
+        if not all(getattr(b, "supports_kv_cache", False) for b in self.blocks):
+            return False
+        device = self.wte.weight.device.type
+        req = AttentionRequest(device=device, dtype=self.wte.weight.dtype,
+                               head_dim=self.config.head_dim, q_len=1,
+                               k_len=self.config.block_size, requires_grad=False)
+        return not type(self.attention_backend).not_supported_reasons(req)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer)
+
+    def forward_cached(self, idx, cache: KVCache):
+        T = idx.size(1)
+        if cache.length + T > self.config.block_size:
+            raise ConfigError(f"KV cache would hold {cache.length + T} tokens, more than "
+                              f"block_size {self.config.block_size}")
+        pos = torch.arange(cache.length, cache.length + T, dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C); no dropout when decoding
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, layer_cache)
+        cache.length += T
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)

@@ -1,0 +1,62 @@
+"""Loss curves of one or more runs (their ``metrics.jsonl``) drawn into a PNG.
+
+matplotlib is an optional extra (``pip install 'gptlab[plot]'``); without it a clear error says
+so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gptlab.core.errors import DataError, GptlabError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{run_dir} has no metrics.jsonl; pass a folder written by `gpt run`")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{n} is not valid JSON") from None
+    return records
+
+
+def plot_runs(run_dirs, out_path: str | Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GptlabError("gpt plot needs matplotlib: pip install 'gptlab[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for i, run_dir in enumerate(run_dirs):
+        recs = read_metrics(run_dir)
+        color = f"C{i}"
+        name = Path(run_dir).resolve().name
+        steps = [r for r in recs if r.get("kind") == "step"]
+        evals = [r for r in recs if r.get("kind") == "eval"]
+        if steps:
+            ax.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color=color,
+                    alpha=0.25, lw=1, label=f"{name} train (batch)")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], color=color,
+                    ls="--", marker=".", label=f"{name} train")
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], color=color,
+                    marker="o", label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title("gptlab: loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

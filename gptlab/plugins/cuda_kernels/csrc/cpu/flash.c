@@ -1,0 +1,421 @@
+/* Flash attention on the CPU: forward with the online softmax, and the memory-efficient backward
+ * that recomputes P from q, k and the saved logsumexp (Dao et al. 2022, FlashAttention; Dao 2023,
+ * FlashAttention-2; Milakov & Gimelshein 2018 for the online softmax).
+ *
+ * Layout of the work: a query *group* is R = 4 rows, a key *tile* BC = 64 columns (4 vectors).
+ * Each (batch*head) slice is first copied into per-thread scratch with the head dim padded to a
+ * multiple of 16 and K (and V in backward) transposed tile by tile, so that every inner product
+ * is a broadcast-FMA over 16-lane vectors with no bounds checks; masks handle columns >= tk and
+ * the causal diagonal (aligned bottom-right: query i sees key j <= i + tk - tq). Tiles entirely
+ * above the diagonal are skipped. Scores are kept in base 2: q is pre-multiplied by
+ * scale * log2(e) so that exp becomes exp2; lse is stored in natural log.
+ *
+ * Forward work items are (slice, 64-query chunk), backward items are slices (each slice owns its
+ * dq, dk, dv rows, so no atomics and the result is deterministic). Per-thread scratch is
+ * allocated once per call: O((tq + tk) * d) floats per thread, never tq x tk.
+ */
+#include <stdlib.h>
+
+#include "common.h"
+
+#define R 4
+#define BC 64
+#define NX (BC / VL)
+#define QCHUNK 64
+#define MAX_NV 16 /* head dim <= 256 */
+
+typedef struct {
+    float *o, *lse, *dq, *dk, *dv, *ws;
+    const float *q, *k, *v, *out, *dout, *lse_in;
+    int64_t bh, tq, tk, d, dp, tk_pad, tq_pad, off;
+    float scale;
+    int causal;
+    float **scratch; /* one block per thread */
+    int64_t *cached_slice, *cached_tiles; /* forward: which slice's K^T / V each thread holds */
+} flash_ctx;
+
+static void *alloc_floats(int64_t n) {
+    size_t bytes = (size_t)round_up(n > 0 ? n : 1, 16) * sizeof(float);
+    void *p = aligned_alloc(64, bytes);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+/* Last key column (inclusive) visible to any of rows [row0, row_last]; -1 if none. */
+static int64_t last_visible(const flash_ctx *c, int64_t row_last) {
+    if (!c->causal) return c->tk - 1;
+    int64_t lim = row_last + c->off;
+    return lim >= c->tk ? c->tk - 1 : lim;
+}
+
+/* Copy rows [0, n) of src (row stride d) times mul into dst (row stride dp), zero padded. */
+static void copy_rows(float *dst, const float *src, int64_t n, int64_t d, int64_t dp, float mul) {
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t j = 0; j < d; j++) dst[i * dp + j] = src[i * d + j] * mul;
+        for (int64_t j = d; j < dp; j++) dst[i * dp + j] = 0.f;
+    }
+}
+
+/* kt[t][j][c] = k[t*BC + c][j] for tiles [t0, t1); columns >= tk are 0. */
+static void transpose_tiles(float *kt, const float *k, int64_t t0, int64_t t1, int64_t tk,
+                            int64_t d, int64_t dp) {
+    for (int64_t t = t0; t < t1; t++) {
+        float *dst = kt + t * dp * BC;
+        memset(dst, 0, (size_t)(dp * BC) * sizeof(float));
+        for (int64_t c = 0; c < BC && t * BC + c < tk; c++) {
+            const float *row = k + (t * BC + c) * d;
+            for (int64_t j = 0; j < d; j++) dst[j * BC + c] = row[j];
+        }
+    }
+}
+
+/* s[r][x] = sum_j a[r][j] * bt[j][x*VL ...]: R rows times one BC-wide tile. */
+GL_INLINE void tile_scores(vf s[R][NX], const float *a, int64_t dp, const float *bt, int64_t d) {
+    for (int r = 0; r < R; r++)
+        for (int x = 0; x < NX; x++) s[r][x] = vset1(0.f);
+    for (int64_t j = 0; j < d; j++) {
+        vf b[NX];
+        for (int x = 0; x < NX; x++) b[x] = vload(bt + j * BC + x * VL);
+        for (int r = 0; r < R; r++) {
+            vf ar = vset1(a[r * dp + j]);
+            for (int x = 0; x < NX; x++) s[r][x] += ar * b[x];
+        }
+    }
+}
+
+/* Set s[r][x] to -inf where column col0 + x*VL + lane is past tk or above the diagonal. */
+GL_INLINE void mask_tile(vf s[R][NX], const flash_ctx *c, int64_t row0, int64_t col0) {
+    static const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vf ninf = vset1(-INFINITY);
+    for (int r = 0; r < R; r++) {
+        int64_t lim = c->causal ? row0 + r + c->off : c->tk - 1;
+        if (lim > c->tk - 1) lim = c->tk - 1;
+        for (int x = 0; x < NX; x++) {
+            int64_t base = col0 + x * VL;
+            vi cols = iota + (int32_t)(base - lim); /* keep iff base + lane <= lim */
+            vi keep = cols <= 0;
+            s[r][x] = (vf)((keep & (vi)s[r][x]) | (~keep & (vi)ninf));
+        }
+    }
+}
+
+GL_INLINE int tile_needs_mask(const flash_ctx *c, int64_t row0, int64_t col0) {
+    if (col0 + BC > c->tk) return 1;
+    return c->causal && col0 + BC - 1 > row0 + c->off;
+}
+
+/* ------------------------------------------------------------------------------- forward */
+GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
+    const int64_t nchunk = (c->tq + QCHUNK - 1) / QCHUNK;
+    const int64_t b = item / nchunk, q0 = (item % nchunk) * QCHUNK;
+    const int64_t d = c->d, dp = c->dp, tq = c->tq;
+    const int64_t q1 = q0 + QCHUNK < tq ? q0 + QCHUNK : tq;
+    float *kt = c->scratch[thread], *vp = kt + c->tk_pad * dp, *qs = vp + c->tk_pad * dp;
+    const float *q = c->q + b * tq * d, *k = c->k + b * c->tk * d, *v = c->v + b * c->tk * d;
+    const float s2 = c->scale * LOG2E;
+
+    /* K^T and padded V tiles for this slice, built incrementally as chunks need more keys */
+    const int64_t lastcol = last_visible(c, q1 - 1);
+    const int64_t ntiles = lastcol < 0 ? 0 : lastcol / BC + 1;
+    if (c->cached_slice[thread] != b) { c->cached_slice[thread] = b; c->cached_tiles[thread] = 0; }
+    const int64_t have = c->cached_tiles[thread];
+    if (ntiles > have) {
+        transpose_tiles(kt, k, have, ntiles, c->tk, d, dp);
+        int64_t r0 = have * BC, r1 = ntiles * BC < c->tk ? ntiles * BC : c->tk;
+        copy_rows(vp + r0 * dp, v + r0 * d, r1 - r0, d, dp, 1.f);
+        c->cached_tiles[thread] = ntiles;
+    }
+
+    for (int64_t row0 = q0; row0 < q1; row0 += R) {
+        const int nr = (int)(q1 - row0 < R ? q1 - row0 : R);
+        for (int r = 0; r < R; r++) /* rows past the chunk repeat its last row; not stored */
+            copy_rows(qs + r * dp, q + (row0 + (r < nr ? r : nr - 1)) * d, 1, d, dp, s2);
+        vf acc[R][MAX_NV];
+        float m[R], l[R];
+        for (int r = 0; r < R; r++) {
+            m[r] = -INFINITY;
+            l[r] = 0.f;
+            for (int x = 0; x < NV; x++) acc[r][x] = vset1(0.f);
+        }
+        const int64_t glast = last_visible(c, row0 + nr - 1);
+        const int64_t gtiles = glast < 0 ? 0 : glast / BC + 1;
+        for (int64_t t = 0; t < gtiles; t++) {
+            vf s[R][NX];
+            tile_scores(s, qs, dp, kt + t * dp * BC, d);
+            if (tile_needs_mask(c, row0, t * BC)) mask_tile(s, c, row0, t * BC);
+            float p[R][BC] __attribute__((aligned(64)));
+            for (int r = 0; r < R; r++) {
+                vf mv = s[r][0];
+                for (int x = 1; x < NX; x++) mv = vmax(mv, s[r][x]);
+                float mt = vhmax(mv), mnew = mt > m[r] ? mt : m[r];
+                float shift = mnew == -INFINITY ? 0.f : mnew; /* never -inf - -inf */
+                vf vs = vset1(shift), sum = vset1(0.f);
+                for (int x = 0; x < NX; x++) {
+                    vf e = vexp2(s[r][x] - vs);
+                    vstore(&p[r][x * VL], e);
+                    sum += e;
+                }
+                float alpha = m[r] == -INFINITY ? 0.f : exp2f(m[r] - shift);
+                l[r] = alpha * l[r] + vhsum(sum);
+                m[r] = mnew;
+                vf va = vset1(alpha);
+                for (int x = 0; x < NV; x++) acc[r][x] *= va;
+            }
+            const float *vt = vp + t * BC * dp;
+            const int ncols = (int)(c->tk - t * BC < BC ? c->tk - t * BC : BC);
+            for (int col = 0; col < ncols; col++) {
+                vf vv[MAX_NV];
+                for (int x = 0; x < NV; x++) vv[x] = vload(vt + col * dp + x * VL);
+                for (int r = 0; r < R; r++) {
+                    vf pr = vset1(p[r][col]);
+                    for (int x = 0; x < NV; x++) acc[r][x] += pr * vv[x];
+                }
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            const int64_t row = row0 + r;
+            float *orow = c->o + (b * tq + row) * d;
+            float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            float tmp[MAX_NV * VL] __attribute__((aligned(64)));
+            for (int x = 0; x < NV; x++) vstore(tmp + x * VL, acc[r][x] * vset1(inv));
+            memcpy(orow, tmp, (size_t)d * sizeof(float));
+            c->lse[b * tq + row] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : INFINITY;
+        }
+    }
+    return GPTLAB_OK;
+}
+
+static int fwd_task(void *vctx, int64_t item, int thread) {
+    flash_ctx *c = (flash_ctx *)vctx;
+    switch (c->dp / VL) { /* specialise the register blocking on the padded head dim */
+    case 1: return fwd_item(1, c, item, thread);
+    case 2: return fwd_item(2, c, item, thread);
+    case 3: return fwd_item(3, c, item, thread);
+    case 4: return fwd_item(4, c, item, thread);
+    case 5: return fwd_item(5, c, item, thread);
+    case 6: return fwd_item(6, c, item, thread);
+    case 7: return fwd_item(7, c, item, thread);
+    case 8: return fwd_item(8, c, item, thread);
+    default: return fwd_item((int)(c->dp / VL), c, item, thread);
+    }
+}
+
+/* ------------------------------------------------------------------------------- backward */
+GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
+    const int64_t d = c->d, dp = c->dp, tq = c->tq, tk = c->tk;
+    const int64_t tqp = c->tq_pad, tkp = c->tk_pad;
+    float *qs = c->scratch[thread];       /* tqp x dp: q * scale * log2e */
+    float *dos = qs + tqp * dp;           /* tqp x dp: dout */
+    float *dqs = dos + tqp * dp;          /* tqp x dp: dq accumulator */
+    float *kp = dqs + tqp * dp;           /* tkp x dp: k */
+    float *kt = kp + tkp * dp;            /* tiles of k^T */
+    float *vt = kt + tkp * dp;            /* tiles of v^T */
+    float *dkt = vt + tkp * dp;           /* BC x dp: dk of the current tile */
+    float *dvt = dkt + BC * dp;           /* BC x dp: dv of the current tile */
+    float *dvec = c->ws + b * tq * 2, *l2 = dvec + tq; /* workspace: D and lse in base 2 */
+    const float *q = c->q + b * tq * d, *k = c->k + b * tk * d, *v = c->v + b * tk * d;
+    const float *o = c->out + b * tq * d, *dout = c->dout + b * tq * d;
+    const float *lse = c->lse_in + b * tq;
+    const float s2 = c->scale * LOG2E;
+
+    copy_rows(qs, q, tq, d, dp, s2);
+    copy_rows(dos, dout, tq, d, dp, 1.f);
+    memset(qs + tq * dp, 0, (size_t)((tqp - tq) * dp) * sizeof(float));
+    memset(dos + tq * dp, 0, (size_t)((tqp - tq) * dp) * sizeof(float));
+    memset(dqs, 0, (size_t)(tqp * dp) * sizeof(float));
+    copy_rows(kp, k, tk, d, dp, 1.f);
+    memset(kp + tk * dp, 0, (size_t)((tkp - tk) * dp) * sizeof(float));
+    const int64_t ntiles = tkp / BC;
+    transpose_tiles(kt, k, 0, ntiles, tk, d, dp);
+    transpose_tiles(vt, v, 0, ntiles, tk, d, dp);
+    for (int64_t i = 0; i < tq; i++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < d; j++) acc += dout[i * d + j] * o[i * d + j];
+        dvec[i] = acc;
+        l2[i] = lse[i] * LOG2E;
+    }
+
+    for (int64_t t = 0; t < ntiles; t++) {
+        const int64_t col0 = t * BC;
+        memset(dkt, 0, (size_t)(2 * BC * dp) * sizeof(float));
+        /* first group with a row that sees column col0 */
+        int64_t first = 0;
+        if (c->causal) {
+            int64_t r = col0 - c->off;
+            first = r <= 0 ? 0 : r / R * R;
+        }
+        for (int64_t row0 = first; row0 < tq; row0 += R) {
+            vf s[R][NX], dp_[R][NX];
+            const float *qg = qs + row0 * dp, *dog = dos + row0 * dp;
+            tile_scores(s, qg, dp, kt + t * dp * BC, d);
+            if (tile_needs_mask(c, row0, col0)) mask_tile(s, c, row0, col0);
+            tile_scores(dp_, dog, dp, vt + t * dp * BC, d);
+            float p[R][BC] __attribute__((aligned(64)));
+            float ds[R][BC] __attribute__((aligned(64)));
+            for (int r = 0; r < R; r++) {
+                int64_t row = row0 + r < tq ? row0 + r : tq - 1;
+                vf lv = vset1(row0 + r < tq ? l2[row] : INFINITY); /* padded rows: P = 0 */
+                vf dv = vset1(dvec[row]);
+                for (int x = 0; x < NX; x++) {
+                    vf pv = vexp2(s[r][x] - lv);
+                    vstore(&p[r][x * VL], pv);
+                    vstore(&ds[r][x * VL], pv * (dp_[r][x] - dv));
+                }
+            }
+            /* dV += P^T dO and dK += dS^T Qs: rows of dO / Qs held in registers */
+            vf dor[R][MAX_NV], qr[R][MAX_NV];
+            for (int r = 0; r < R; r++)
+                for (int x = 0; x < NV; x++) {
+                    dor[r][x] = vload(dog + r * dp + x * VL);
+                    qr[r][x] = vload(qg + r * dp + x * VL);
+                }
+            for (int col = 0; col < BC; col++) {
+                for (int x = 0; x < NV; x++) {
+                    vf accv = vload(dvt + col * dp + x * VL);
+                    vf acck = vload(dkt + col * dp + x * VL);
+                    for (int r = 0; r < R; r++) {
+                        accv += vset1(p[r][col]) * dor[r][x];
+                        acck += vset1(ds[r][col]) * qr[r][x];
+                    }
+                    vstore(dvt + col * dp + x * VL, accv);
+                    vstore(dkt + col * dp + x * VL, acck);
+                }
+            }
+            /* dQ += dS K */
+            vf dqa[R][MAX_NV];
+            for (int r = 0; r < R; r++)
+                for (int x = 0; x < NV; x++) dqa[r][x] = vload(dqs + (row0 + r) * dp + x * VL);
+            const float *kg = kp + col0 * dp;
+            for (int col = 0; col < BC; col++) {
+                vf kv[MAX_NV];
+                for (int x = 0; x < NV; x++) kv[x] = vload(kg + col * dp + x * VL);
+                for (int r = 0; r < R; r++) {
+                    vf dsr = vset1(ds[r][col]);
+                    for (int x = 0; x < NV; x++) dqa[r][x] += dsr * kv[x];
+                }
+            }
+            for (int r = 0; r < R; r++)
+                for (int x = 0; x < NV; x++) vstore(dqs + (row0 + r) * dp + x * VL, dqa[r][x]);
+        }
+        /* write this tile's dk (dS^T Qs = dS^T Q * scale * log2e, so times ln2) and dv */
+        for (int64_t col = 0; col < BC && col0 + col < tk; col++) {
+            float *dkrow = c->dk + (b * tk + col0 + col) * d;
+            float *dvrow = c->dv + (b * tk + col0 + col) * d;
+            for (int64_t j = 0; j < d; j++) {
+                dkrow[j] = dkt[col * dp + j] * LN2;
+                dvrow[j] = dvt[col * dp + j];
+            }
+        }
+    }
+    for (int64_t i = 0; i < tq; i++)
+        for (int64_t j = 0; j < d; j++) c->dq[(b * tq + i) * d + j] = dqs[i * dp + j] * c->scale;
+    return GPTLAB_OK;
+}
+
+static int bwd_task(void *vctx, int64_t item, int thread) {
+    flash_ctx *c = (flash_ctx *)vctx;
+    switch (c->dp / VL) {
+    case 1: return bwd_item(1, c, item, thread);
+    case 2: return bwd_item(2, c, item, thread);
+    case 3: return bwd_item(3, c, item, thread);
+    case 4: return bwd_item(4, c, item, thread);
+    case 5: return bwd_item(5, c, item, thread);
+    case 6: return bwd_item(6, c, item, thread);
+    case 7: return bwd_item(7, c, item, thread);
+    case 8: return bwd_item(8, c, item, thread);
+    default: return bwd_item((int)(c->dp / VL), c, item, thread);
+    }
+}
+
+/* ------------------------------------------------------------------------------- entry points */
+static int check_sizes(const char *fn, int64_t bh, int64_t tq, int64_t tk, int64_t d,
+                       float scale) {
+    if (bh < 1 || tq < 1 || tk < 1 || d < 1)
+        return gl_fail(GPTLAB_EINVAL, "%s: sizes must be >= 1 (bh=%lld tq=%lld tk=%lld d=%lld)",
+                       fn, (long long)bh, (long long)tq, (long long)tk, (long long)d);
+    if (d > MAX_NV * VL)
+        return gl_fail(GPTLAB_EINVAL, "%s: head dim %lld > %d", fn, (long long)d, MAX_NV * VL);
+    if (tq > INT32_MAX || tk > INT32_MAX)
+        return gl_fail(GPTLAB_EINVAL, "%s: sequence length too large", fn);
+    if (!(scale > 0.f) || !isfinite(scale))
+        return gl_fail(GPTLAB_EINVAL, "%s: scale must be finite and > 0, got %g", fn, scale);
+    return GPTLAB_OK;
+}
+
+static int alloc_scratch(flash_ctx *c, int threads, int64_t per_thread) {
+    c->scratch = calloc((size_t)threads, sizeof(float *));
+    c->cached_slice = malloc((size_t)threads * sizeof(int64_t));
+    c->cached_tiles = calloc((size_t)threads, sizeof(int64_t));
+    if (!c->scratch || !c->cached_slice || !c->cached_tiles) return GPTLAB_ENOMEM;
+    for (int t = 0; t < threads; t++) {
+        c->cached_slice[t] = -1;
+        if (!(c->scratch[t] = alloc_floats(per_thread))) return GPTLAB_ENOMEM;
+    }
+    return GPTLAB_OK;
+}
+
+static void free_scratch(flash_ctx *c, int threads) {
+    if (c->scratch)
+        for (int t = 0; t < threads; t++) free(c->scratch[t]);
+    free(c->scratch);
+    free(c->cached_slice);
+    free(c->cached_tiles);
+}
+
+static int clamp_threads(int n, int64_t items) {
+    if (n < 1) n = 1;
+    if (n > 256) n = 256;
+    return items < n ? (int)items : n;
+}
+
+int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *k,
+                             const float *v, int64_t bh, int64_t tq, int64_t tk, int64_t d,
+                             float scale, int causal, void *stream, int num_threads) {
+    (void)stream;
+    gl_clear_error();
+    if (!o || !lse || !q || !k || !v) return gl_fail(GPTLAB_EINVAL, "flash_forward: null pointer");
+    int rc = check_sizes("flash_forward", bh, tq, tk, d, scale);
+    if (rc) return rc;
+    flash_ctx c = {0};
+    c.o = o; c.lse = lse; c.q = q; c.k = k; c.v = v;
+    c.bh = bh; c.tq = tq; c.tk = tk; c.d = d; c.dp = round_up(d, VL);
+    c.tk_pad = round_up(tk, BC); c.tq_pad = round_up(tq, R); c.off = tk - tq;
+    c.scale = scale; c.causal = causal;
+    const int64_t items = bh * ((tq + QCHUNK - 1) / QCHUNK);
+    const int threads = clamp_threads(num_threads, items);
+    rc = alloc_scratch(&c, threads, 2 * c.tk_pad * c.dp + R * c.dp);
+    if (rc == GPTLAB_OK) rc = gl_parallel_for(items, threads, fwd_task, &c);
+    else rc = gl_fail(rc, "flash_forward: out of memory for scratch");
+    free_scratch(&c, threads);
+    return rc;
+}
+
+int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk, int64_t d) {
+    (void)tk; (void)d;
+    return 2 * bh * tq * (int64_t)sizeof(float); /* D = rowsum(dO * O) and lse in base 2 */
+}
+
+int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
+                              const float *q, const float *k, const float *v, const float *o,
+                              const float *lse, const float *dout, int64_t bh, int64_t tq,
+                              int64_t tk, int64_t d, float scale, int causal, void *stream,
+                              int num_threads) {
+    (void)stream;
+    gl_clear_error();
+    if (!dq || !dk || !dv || !workspace || !q || !k || !v || !o || !lse || !dout)
+        return gl_fail(GPTLAB_EINVAL, "flash_backward: null pointer");
+    int rc = check_sizes("flash_backward", bh, tq, tk, d, scale);
+    if (rc) return rc;
+    flash_ctx c = {0};
+    c.dq = dq; c.dk = dk; c.dv = dv; c.ws = (float *)workspace;
+    c.q = q; c.k = k; c.v = v; c.out = o; c.lse_in = lse; c.dout = dout;
+    c.bh = bh; c.tq = tq; c.tk = tk; c.d = d; c.dp = round_up(d, VL);
+    c.tk_pad = round_up(tk, BC); c.tq_pad = round_up(tq, R); c.off = tk - tq;
+    c.scale = scale; c.causal = causal;
+    const int threads = clamp_threads(num_threads, bh);
+    rc = alloc_scratch(&c, threads, (3 * c.tq_pad + 3 * c.tk_pad + 2 * BC) * c.dp);
+    if (rc == GPTLAB_OK) rc = gl_parallel_for(bh, threads, bwd_task, &c);
+    else rc = gl_fail(rc, "flash_backward: out of memory for scratch");
+    free_scratch(&c, threads);
+    return rc;
+}

@@ -1,0 +1,73 @@
+"""Load a native kernel library with cffi (ABI mode) and call it with error checking.
+
+The cffi ``cdef`` is read from ``csrc/gptlab_kernels.h`` between its ``cffi-begin`` and
+``cffi-end`` markers, so the C header is the single definition of the ABI. Every flavour (CPU,
+CUDA, emulated CUDA) is loaded by the same :class:`NativeLibrary`; a non-zero return code becomes
+a :class:`KernelError` carrying ``gptlab_last_error()``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import cffi
+import torch
+
+from gptlab.core.errors import GptlabError
+
+HEADER = Path(__file__).resolve().parent / "csrc" / "gptlab_kernels.h"
+ABI_VERSION = int(re.search(r"#define GPTLAB_ABI_VERSION (\d+)", HEADER.read_text()).group(1))
+
+
+class KernelError(GptlabError):
+    """A native kernel returned an error code."""
+
+
+def cdef_source() -> str:
+    text = HEADER.read_text()
+    start, end = text.index("/* cffi-begin */"), text.index("/* cffi-end */")
+    return text[start + len("/* cffi-begin */"):end]
+
+
+class NativeLibrary:
+    """One loaded flavour of the kernel library."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(cdef_source())
+        try:
+            self.lib = self.ffi.dlopen(str(self.path))
+        except OSError as e:
+            raise KernelError(f"cannot load {self.path}: {e}") from None
+        version = self.lib.gptlab_abi_version()
+        if version != ABI_VERSION:
+            raise KernelError(f"{self.path} has ABI version {version}, expected {ABI_VERSION}; "
+                              f"rebuild with `gpt kernels build --force`")
+        self.flavour = self.ffi.string(self.lib.gptlab_flavour()).decode()
+
+    def ptr(self, t: torch.Tensor | None, ctype: str = "float *"):
+        return self.ffi.NULL if t is None else self.ffi.cast(ctype, t.data_ptr())
+
+    def call(self, name: str, *args) -> int:
+        rc = getattr(self.lib, name)(*args)
+        if rc != 0:
+            msg = self.ffi.string(self.lib.gptlab_last_error()).decode(errors="replace")
+            raise KernelError(f"{name} failed (code {rc}): {msg}")
+        return rc
+
+
+_loaded: dict[str, NativeLibrary] = {}
+_lock = threading.Lock()
+
+
+def load(flavour: str = "cpu") -> NativeLibrary:
+    """Build (if needed) and load a flavour once per process."""
+    with _lock:
+        if flavour not in _loaded:
+            from gptlab.plugins.cuda_kernels import build
+
+            _loaded[flavour] = NativeLibrary(build.build(flavour))
+        return _loaded[flavour]
