@@ -185,19 +185,23 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
     return GPTLAB_OK;
 }
 
-static int fwd_task(void *vctx, int64_t item, int thread) {
-    flash_ctx *c = (flash_ctx *)vctx;
-    switch (c->dp / VL) { /* specialise the register blocking on the padded head dim */
-    case 1: return fwd_item(1, c, item, thread);
-    case 2: return fwd_item(2, c, item, thread);
-    case 3: return fwd_item(3, c, item, thread);
-    case 4: return fwd_item(4, c, item, thread);
-    case 5: return fwd_item(5, c, item, thread);
-    case 6: return fwd_item(6, c, item, thread);
-    case 7: return fwd_item(7, c, item, thread);
-    case 8: return fwd_item(8, c, item, thread);
-    default: return fwd_item((int)(c->dp / VL), c, item, thread);
+/* Call fn with the padded head dim in vectors as a compile-time constant where it is small, so
+ * that the always-inline kernels are specialised (register blocking, unrolled loops). */
+#define DISPATCH_NV(fn, c, item, thread)                                                      \
+    switch ((c)->dp / VL) {                                                                    \
+    case 1: return fn(1, c, item, thread);                                                     \
+    case 2: return fn(2, c, item, thread);                                                     \
+    case 3: return fn(3, c, item, thread);                                                     \
+    case 4: return fn(4, c, item, thread);                                                     \
+    case 5: return fn(5, c, item, thread);                                                     \
+    case 6: return fn(6, c, item, thread);                                                     \
+    case 7: return fn(7, c, item, thread);                                                     \
+    case 8: return fn(8, c, item, thread);                                                     \
+    default: return fn((int)((c)->dp / VL), c, item, thread);                                  \
     }
+
+static int fwd_task(void *vctx, int64_t item, int thread) {
+    DISPATCH_NV(fwd_item, (flash_ctx *)vctx, item, thread);
 }
 
 /* ------------------------------------------------------------------------------- backward */
@@ -313,18 +317,7 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
 }
 
 static int bwd_task(void *vctx, int64_t item, int thread) {
-    flash_ctx *c = (flash_ctx *)vctx;
-    switch (c->dp / VL) {
-    case 1: return bwd_item(1, c, item, thread);
-    case 2: return bwd_item(2, c, item, thread);
-    case 3: return bwd_item(3, c, item, thread);
-    case 4: return bwd_item(4, c, item, thread);
-    case 5: return bwd_item(5, c, item, thread);
-    case 6: return bwd_item(6, c, item, thread);
-    case 7: return bwd_item(7, c, item, thread);
-    case 8: return bwd_item(8, c, item, thread);
-    default: return bwd_item((int)(c->dp / VL), c, item, thread);
-    }
+    DISPATCH_NV(bwd_item, (flash_ctx *)vctx, item, thread);
 }
 
 /* ------------------------------------------------------------------------------- entry points */
