@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 
 from gptlab.core.errors import DataError, GptlabError
+from gptlab.core.training import MetricsLog
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / MetricsLog.FILENAME
     if not path.is_file():
-        raise DataError(f"{run_dir} has no metrics.jsonl; pass a folder written by `gpt run`")
+        raise DataError(f"{run_dir} has no {MetricsLog.FILENAME}; pass a folder written by "
+                        f"`gpt run`")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():

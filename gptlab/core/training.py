@@ -326,28 +326,27 @@ def evaluate_split(model: LanguageModel, ids: torch.Tensor, *, batch_size: int =
     model.eval()
     T = model.config.block_size
     device = next(model.parameters()).device
-    n = len(ids) - 1
+    n = len(ids) - 1  # tokens that have a next token
     starts = list(range(0, n, T))
-    total, count = 0.0, 0
+    total = 0.0
+
+    def add(xs: torch.Tensor, ys: torch.Tensor) -> float:
+        logits, _ = model(xs.to(device))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), ys.to(device).reshape(-1),
+                               reduction="sum").item()
+
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         full = [s for s in chunk if s + T <= n]
-        parts = [torch.stack([ids[s:s + T] for s in full]),
-                 torch.stack([ids[s + 1:s + T + 1] for s in full])] if full else None
-        if parts is not None:
-            logits, _ = model(parts[0].to(device))
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                     parts[1].to(device).reshape(-1), reduction="sum").item()
-            count += parts[1].numel()
-        for s in chunk:
-            if s + T > n:  # the last, shorter window
-                x, y = ids[s:n].unsqueeze(0), ids[s + 1:n + 1].unsqueeze(0)
-                logits, _ = model(x.to(device))
-                total += F.cross_entropy(logits[0], y[0].to(device), reduction="sum").item()
-                count += y.numel()
+        if full:
+            total += add(torch.stack([ids[s:s + T] for s in full]),
+                         torch.stack([ids[s + 1:s + T + 1] for s in full]))
+        if len(full) < len(chunk):  # only the very last window can be shorter
+            s = chunk[-1]
+            total += add(ids[s:n].unsqueeze(0), ids[s + 1:n + 1].unsqueeze(0))
         if on_progress:
             on_progress(min(i + batch_size, len(starts)), len(starts))
-    return total / count, count
+    return total / n, n
 
 
 def sample_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "",

@@ -83,6 +83,20 @@ GL_INLINE void tile_scores(vf s[R][NX], const float *a, int64_t dp, const float 
     }
 }
 
+/* acc[r][:] += sum_{col < ncols} a[r][col] * b[col][:]: R rows times a tile of rows of b (row
+ * stride dp), with acc held in registers (NV vectors per row). */
+GL_INLINE void tile_accumulate(const int NV, vf acc[R][MAX_NV], const float a[R][BC],
+                               const float *b, int64_t dp, int ncols) {
+    for (int col = 0; col < ncols; col++) {
+        vf bv[MAX_NV];
+        for (int x = 0; x < NV; x++) bv[x] = vload(b + col * dp + x * VL);
+        for (int r = 0; r < R; r++) {
+            vf ar = vset1(a[r][col]);
+            for (int x = 0; x < NV; x++) acc[r][x] += ar * bv[x];
+        }
+    }
+}
+
 /* Set s[r][x] to -inf where column col0 + x*VL + lane is past tk or above the diagonal. */
 GL_INLINE void mask_tile(vf s[R][NX], const flash_ctx *c, int64_t row0, int64_t col0) {
     static const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -161,16 +175,8 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
                 vf va = vset1(alpha);
                 for (int x = 0; x < NV; x++) acc[r][x] *= va;
             }
-            const float *vt = vp + t * BC * dp;
             const int ncols = (int)(c->tk - t * BC < BC ? c->tk - t * BC : BC);
-            for (int col = 0; col < ncols; col++) {
-                vf vv[MAX_NV];
-                for (int x = 0; x < NV; x++) vv[x] = vload(vt + col * dp + x * VL);
-                for (int r = 0; r < R; r++) {
-                    vf pr = vset1(p[r][col]);
-                    for (int x = 0; x < NV; x++) acc[r][x] += pr * vv[x];
-                }
-            }
+            tile_accumulate(NV, acc, p, vp + t * BC * dp, dp, ncols);  /* acc += P V */
         }
         for (int r = 0; r < nr; r++) {
             const int64_t row = row0 + r;
@@ -289,15 +295,7 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
             vf dqa[R][MAX_NV];
             for (int r = 0; r < R; r++)
                 for (int x = 0; x < NV; x++) dqa[r][x] = vload(dqs + (row0 + r) * dp + x * VL);
-            const float *kg = kp + col0 * dp;
-            for (int col = 0; col < BC; col++) {
-                vf kv[MAX_NV];
-                for (int x = 0; x < NV; x++) kv[x] = vload(kg + col * dp + x * VL);
-                for (int r = 0; r < R; r++) {
-                    vf dsr = vset1(ds[r][col]);
-                    for (int x = 0; x < NV; x++) dqa[r][x] += dsr * kv[x];
-                }
-            }
+            tile_accumulate(NV, dqa, ds, kp + col0 * dp, dp, BC);
             for (int r = 0; r < R; r++)
                 for (int x = 0; x < NV; x++) vstore(dqs + (row0 + r) * dp + x * VL, dqa[r][x]);
         }

@@ -89,6 +89,11 @@ static int check(const void *out, const void *a, const void *b, int64_t bh, int6
     return GPTLAB_OK;
 }
 
+static int run_rows(softmax_ctx *c, gl_task_fn rows_fn, int num_threads) {
+    return gl_parallel_for((c->rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, num_threads, rows_fn,
+                           c);
+}
+
 int gptlab_softmax_forward_f32(float *y, const float *x, int64_t bh, int64_t tq, int64_t tk,
                                float scale, int causal, void *stream, int num_threads) {
     (void)stream;
@@ -96,8 +101,7 @@ int gptlab_softmax_forward_f32(float *y, const float *x, int64_t bh, int64_t tq,
     int rc = check(y, x, x, bh, tq, tk, scale, "softmax_forward");
     if (rc) return rc;
     softmax_ctx c = {y, x, NULL, tq, tk, bh * tq, scale, causal};
-    return gl_parallel_for((c.rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, num_threads,
-                           softmax_fwd_rows, &c);
+    return run_rows(&c, softmax_fwd_rows, num_threads);
 }
 
 int gptlab_softmax_backward_f32(float *dx, const float *y, const float *dy, int64_t bh,
@@ -108,6 +112,5 @@ int gptlab_softmax_backward_f32(float *dx, const float *y, const float *dy, int6
     int rc = check(dx, y, dy, bh, tq, tk, scale, "softmax_backward");
     if (rc) return rc;
     softmax_ctx c = {dx, y, dy, tq, tk, bh * tq, scale, causal};
-    return gl_parallel_for((c.rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, num_threads,
-                           softmax_bwd_rows, &c);
+    return run_rows(&c, softmax_bwd_rows, num_threads);
 }
