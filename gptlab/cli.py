@@ -179,11 +179,18 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
     # check names before touching the data, so typos fail fast
     reg.model(model_cfg.model)
     reg.tokenizer(train_cfg.tokenizer)
-    if reg.model(model_cfg.model).uses_attention:
-        from gptlab.core.build import attention_request, resolve_device, select_attention
+    from gptlab.core.build import (AUTO, attention_request, device_type, resolve_device,
+                                   select_attention)
+    attention = reg.model(model_cfg.model).uses_attention
+    if attention:
         reg.block(model_cfg.block)
-        dev = resolve_device(train_cfg.device)
-        select_attention(reg, model_cfg.attention, attention_request(model_cfg, dev))
+    if attention and model_cfg.attention != AUTO:
+        # a backend named for an unusable device says why in its own terms
+        select_attention(reg, model_cfg.attention,
+                         attention_request(model_cfg, device_type(train_cfg.device)))
+    dev = resolve_device(train_cfg.device)
+    if attention and model_cfg.attention == AUTO:
+        select_attention(reg, AUTO, attention_request(model_cfg, dev))
 
     progress, close = _download_progress()
     try:
@@ -329,7 +336,7 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
     import torch
 
     from gptlab.core.build import backend_table
-    from gptlab.core.interfaces import AttentionRequest
+    from gptlab.core.interfaces import AttentionRequest, device_unavailable_reason
 
     reg = _registry(ctx)
     dev = device.split(":")[0]
@@ -338,9 +345,9 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
                                requires_grad=not inference)
     rows = backend_table(reg, request)
     auto = next((cls.name for cls, r in rows if not r), None)
-    if dev == "cuda" and not torch.cuda.is_available():
-        click.echo("note: CUDA is not available on this machine (torch "
-                   f"{torch.__version__}, cuda {torch.version.cuda})")
+    missing = device_unavailable_reason(dev)
+    if missing:
+        click.echo(f"note: {dev} is not available on this machine: {missing}")
     for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
         pick = "  <- auto" if cls.name == auto else ""

@@ -10,7 +10,7 @@ Each case compares a backend's output and its q/k/v gradients (float32) with a f
 reference (explicit softmax attention) on awkward shapes: T in {1, 2, 7, 64, 65, 97, 255}, head
 dims in {8, 16, 32, 64, 80}, causal and not, batch*heads in {1, 6}; plus large logits (q scaled
 x20), fewer queries than keys (bottom-right causal mask) where the backend declares support, and
-repeat-for-equality determinism where it declares ``deterministic``. Errors are measured
+repeat-for-equality determinism where it declares it (``is_deterministic(device)``). Errors are measured
 element-wise relative to the reference, with the reference's RMS as a floor for tiny entries:
 ``max |x - ref| / (|ref| + rms(ref))`` (gradients use the largest of the three gradient RMS
 values as the floor, since dq and dk are exactly zero at T = 1); a degenerate (all-zero)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import attrs
 import torch
@@ -128,7 +129,7 @@ def check_case(backend: AttentionBackend, case: Case, device="cpu", seed: int = 
     floor = max(_rms(r) for r in ref_grads)
     grad_err = max(relative_error(g, r, floor) for g, r in zip(grads, ref_grads))
     det = None
-    if type(backend).deterministic:
+    if type(backend).is_deterministic(torch.device(device).type):
         leaves2 = [t.clone().requires_grad_() for t in (q, k, v)]
         out2 = backend(*leaves2, causal=case.causal)
         grads2 = torch.autograd.grad(out2, leaves2, dout)
@@ -137,15 +138,23 @@ def check_case(backend: AttentionBackend, case: Case, device="cpu", seed: int = 
 
 
 def run_conformance(backend: AttentionBackend, *, device: str = "cpu",
-                    cases: list[Case] | None = None) -> list[CaseResult]:
-    """Run every case; raise AssertionError listing the failures, else return the results."""
+                    cases: list[Case] | None = None,
+                    on_result: Callable[[CaseResult], object] | None = None
+                    ) -> list[CaseResult]:
+    """Run every case; raise AssertionError listing the failures, else return the results.
+
+    ``on_result`` is called after each case (for progress display)."""
     req = AttentionRequest(device=torch.device(device).type, dtype=torch.float32,
                            head_dim=32, q_len=64, k_len=64)
     reasons = type(backend).not_supported_reasons(req)
     if reasons:
         raise AssertionError(f"backend {backend.name!r} cannot run on {device}: "
                              f"{'; '.join(reasons)}")
-    results = [check_case(backend, c, device) for c in (cases or default_cases(backend))]
+    results = []
+    for case in cases or default_cases(backend):
+        results.append(check_case(backend, case, device))
+        if on_result is not None:
+            on_result(results[-1])
     bad = [r for r in results if not r.ok]
     if bad:
         lines = [f"{r.case}: out err {r.out_error:.2e} (tol {OUT_TOL:g}), grad err "

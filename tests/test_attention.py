@@ -7,7 +7,7 @@ import torch
 
 from gptlab.core.build import select_attention
 from gptlab.core.errors import BackendNotSupportedError, UnknownComponentError
-from gptlab.core.interfaces import AttentionBackend, AttentionRequest
+from gptlab.core.interfaces import AttentionBackend, AttentionRequest, device_unavailable_reason
 
 
 def reference(q, k, v, causal, scale=None):
@@ -90,9 +90,11 @@ def test_explicit_unsupported_backend_raises_with_reasons_never_falls_back(regis
         assert "dropout" in msg
         # auto skips it despite its priority
         assert select_attention(registry, "auto", req).name != "only_cuda"
-        # on its own device the environment reason shows
+        # on its own device the environment reasons show: torch's, then the backend's
         cuda_req = AttentionRequest(device="cuda", requires_grad=False)
-        assert OnlyCuda.not_supported_reasons(cuda_req) == ["library not built"]
+        torch_reason = [] if torch.cuda.is_available() else [
+            device_unavailable_reason("cuda")]
+        assert OnlyCuda.not_supported_reasons(cuda_req) == [*torch_reason, "library not built"]
     finally:
         del registry.attention_backends["only_cuda"]
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import attrs
 import pytest
 import torch
 
@@ -117,9 +118,10 @@ def test_no_compiler_is_a_reason_and_auto_moves_on(registry, monkeypatch):
 
     monkeypatch.setenv("CC", "/nonexistent/cc")
     req = AttentionRequest(device="cpu", head_dim=32)
-    assert any("C compiler not found" in r for r in FlashAttention.not_supported_reasons(req))
+    assert any("compiler for the cpu kernels not found ('/nonexistent/cc'; install gcc or set CC)"
+               in r for r in FlashAttention.not_supported_reasons(req))
     assert select_attention(registry, "auto", req).name == "sdpa"
-    with pytest.raises(BackendNotSupportedError, match="C compiler not found"):
+    with pytest.raises(BackendNotSupportedError, match="compiler for the cpu kernels not found"):
         select_attention(registry, "flash", req)
 
 
@@ -160,8 +162,7 @@ def test_concurrent_builds_agree(tmp_path):
 
 def test_compile_error_is_one_line_with_log(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_KERNEL_CACHE", str(tmp_path))
-    bad = build.Flavour(name="cpu", compiler_env="CC", default_compiler="cc",
-                        sources=("cpu/runtime.c",), flags=(*build.CPU.flags, "-include", "no_such_header.h"))
+    bad = attrs.evolve(build.CPU, flags=(*build.CPU.flags, "-include", "no_such_header.h"))
     with pytest.raises(build.KernelBuildError, match="building the cpu kernels failed.*build.log"):
         build.build(bad)
 
@@ -188,3 +189,25 @@ def test_flash_works_under_torch_compile():
     q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
     f(q, k, v).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """Users compile the kernels from the installed package: pyproject's package-data must cover
+    every file under csrc/ (a non-editable wheel had none before this was declared)."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
+
+    root = Path(__file__).resolve().parents[1]
+    package = root / "gptlab" / "plugins" / "cuda_kernels"
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["gptlab.plugins.cuda_kernels"]
+    files = [f.relative_to(package) for f in (package / "csrc").rglob("*") if f.is_file()]
+    assert files and all(any(f.match(p) for p in patterns) for f in files), files
+
+
+def test_flash_lse_is_an_auxiliary_output_without_gradient():
+    """The backward has no d(lse) term, so lse must not pretend to be differentiable."""
+    q = torch.randn(1, 2, 8, 8, requires_grad=True)
+    o, lse = ops.flash_attn(q, q, q, 0.3, True)
+    assert o.requires_grad and not lse.requires_grad

@@ -15,7 +15,8 @@ import torch
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import (BackendNotSupportedError, DeviceError, GptlabError,
                                 UnknownComponentError)
-from gptlab.core.interfaces import AttentionBackend, AttentionRequest, Components, LanguageModel
+from gptlab.core.interfaces import (AttentionBackend, AttentionRequest, Components, LanguageModel,
+                                    device_unavailable_reason)
 from gptlab.core.plugins import Registry
 
 AUTO = "auto"
@@ -30,13 +31,20 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
         raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None
-               else "no CUDA GPU is visible")
-        raise DeviceError(f"device 'cuda' is not available: {why}; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("device 'mps' is not available here; use --device cpu")
+    why = device_unavailable_reason(dev.type)
+    if why:
+        raise DeviceError(f"device {dev.type!r} is not available: {why}; use --device cpu")
     return dev
+
+
+def device_type(name: str) -> str:
+    """The device type a ``--device`` value names (``auto`` resolved), without checking it."""
+    if name == AUTO:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
 
 
 def backend_table(reg: Registry, request: AttentionRequest) -> list[tuple[type, list[str]]]:
@@ -72,9 +80,10 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest) -> Att
     return cls()
 
 
-def attention_request(config: ModelConfig, device: torch.device, *,
+def attention_request(config: ModelConfig, device: torch.device | str, *,
                       requires_grad: bool = True) -> AttentionRequest:
-    return AttentionRequest(device=device.type, dtype=torch.float32, head_dim=config.head_dim,
+    device = device if isinstance(device, str) else device.type
+    return AttentionRequest(device=device, dtype=torch.float32, head_dim=config.head_dim,
                             q_len=config.block_size, k_len=config.block_size, causal=True,
                             dropout_p=config.dropout, requires_grad=requires_grad)
 
@@ -93,5 +102,6 @@ def build_model(reg: Registry, config: ModelConfig, device: torch.device | str =
     return model_cls(config, components).to(device)
 
 
-__all__ = ["AUTO", "backend_table", "build_model", "resolve_device", "select_attention",
+__all__ = ["AUTO", "backend_table", "build_model", "device_type", "resolve_device",
+           "select_attention",
            "attention_request", "UnknownComponentError"]

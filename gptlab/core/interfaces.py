@@ -69,6 +69,17 @@ class AttentionRequest:
     requires_grad: bool = True
 
 
+def device_unavailable_reason(device_type: str) -> str | None:
+    """Why torch cannot use devices of this type here (None if it can)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} has no CUDA support (a CPU-only build)"
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU"
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        return "the mps device is not available here"
+    return None
+
+
 class AttentionBackend:
     """Computes ``softmax(scale * q @ k^T [+ causal mask]) @ v`` on ``(B, n_head, T, head_dim)``.
 
@@ -93,6 +104,11 @@ class AttentionBackend:
     supports_non_causal: ClassVar[bool] = True
     supports_q_shorter_than_k: ClassVar[bool] = True  # bottom-right causal alignment
     deterministic: ClassVar[bool] = True
+
+    @classmethod
+    def is_deterministic(cls, device: str) -> bool:
+        """Whether repeated calls on ``device`` give bit-identical results."""
+        return cls.deterministic
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
@@ -127,6 +143,9 @@ class AttentionBackend:
             r.append(f"causal attention with more queries ({request.q_len}) than keys "
                      f"({request.k_len}) is undefined")
         if request.device in cls.devices:
+            missing = device_unavailable_reason(request.device)
+            if missing:
+                r.append(missing)
             r.extend(cls.unavailable_reasons(request.device))
         return r
 

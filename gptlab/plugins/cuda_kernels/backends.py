@@ -1,39 +1,88 @@
-"""The ``fused`` and ``flash`` attention backends over the native CPU kernels.
+"""The ``fused`` and ``flash`` attention backends over the native kernels (CPU and CUDA).
 
 ``fused``: torch matmuls around one fused scale + causal mask + softmax kernel (and its backward
 ``dx = scale * p * (dp - rowsum(p * dp))``); it still stores the (T, T) probabilities.
 ``flash``: FlashAttention (Dao et al. 2022; Dao 2023) forward with the online softmax and the
 memory-efficient backward that recomputes P from Q, K and the saved logsumexp: extra memory is
-O(T), never O(T^2). The library is compiled on first use (see :mod:`.build`).
+O(T), never O(T^2).
+
+Both run CPU tensors on the C kernels and CUDA tensors on the nvcc-built ``.cu`` kernels; each
+library is compiled on first use (see :mod:`.build`). :class:`EmulatedFused` and
+:class:`EmulatedFlash` run the ``.cu`` kernels on CPU tensors through the CUDA emulator; they
+are not registered for training (the emulator is ~100x slower than the C kernels) but verify the
+CUDA code in the test suite and in ``gpt kernels check --flavour cuda-emu``.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import ClassVar
+
 import torch
 
+from gptlab.core.errors import GptlabError
 from gptlab.core.interfaces import AttentionBackend, default_scale
-from gptlab.plugins.cuda_kernels import build
+from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.loader import KernelError, load
 
+#: The CUDA kernels keep ceil(head_dim / 32) <= 4 values per lane in registers.
+CUDA_MAX_HEAD_DIM = 128
 
-class NativeCpuBackend(AttentionBackend):
-    devices = frozenset({"cpu"})
+
+@functools.cache
+def cuda_unavailable_reasons() -> tuple[str, ...]:
+    """Why the CUDA kernels cannot run here (empty when they can).
+
+    Builds the nvcc library if needed (cudart is linked statically, so it loads without a
+    driver) and asks its runtime for GPUs; cached for the process.
+    """
+    missing = build.missing_compiler_reason(build.CUDA)
+    if missing:
+        return (missing,)
+    try:
+        lib = load("cuda")
+    except GptlabError as e:
+        return (str(e),)
+    count, why = lib.cuda_device_count()
+    if why:
+        return (f"the CUDA kernels (nvcc, sm_80/sm_90) find no usable GPU: {why}",)
+    if count == 0:
+        return ("the CUDA kernels (nvcc, sm_80/sm_90) find no GPU",)
+    return ()
+
+
+class NativeBackend(AttentionBackend):
+    devices = frozenset({"cpu", "cuda"})
     dtypes = frozenset({torch.float32})
     min_head_dim = 1
-    max_head_dim = 256
+    max_head_dim = 256  # the C kernels; CUDA_MAX_HEAD_DIM on cuda
     supports_backward = True
     supports_dropout = False
     supports_q_shorter_than_k = True
     deterministic = True
+    kernels: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
-        if device == "cpu" and build.find_compiler(build.CPU) is None:
-            return [f"C compiler not found ({build.CPU.compiler()!r}; install gcc or set CC)"]
+        if cls.kernels != ops.NATIVE:
+            return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
+        if device == "cpu":
+            return [r for r in [build.missing_compiler_reason(build.CPU)] if r]
+        if device == "cuda":
+            return list(cuda_unavailable_reasons())
         return []
 
+    @classmethod
+    def not_supported_reasons(cls, request):
+        r = super().not_supported_reasons(request)
+        if request.device == "cuda" and request.head_dim > CUDA_MAX_HEAD_DIM:
+            r.append(f"head_dim {request.head_dim} > {CUDA_MAX_HEAD_DIM} not supported by the "
+                     f"CUDA kernels")
+        return r
+
     def __init__(self):
-        load("cpu")  # compile on first use; a failure is a one-line KernelBuildError
+        # compile on first use (a failure is a one-line KernelBuildError, and auto moves on)
+        load("cpu" if self.kernels == ops.NATIVE else self.kernels)
 
     def _check_dropout(self, dropout_p):
         if dropout_p:
@@ -41,26 +90,53 @@ class NativeCpuBackend(AttentionBackend):
                               f"(got p={dropout_p}); use --dropout 0 or --attention naive")
 
 
-class FusedAttention(NativeCpuBackend):
+class FusedAttention(NativeBackend):
     name = "fused"
     priority = 20
-    description = "torch matmuls around a fused scale+mask+softmax C kernel (stores T x T)"
+    description = "torch matmuls around a fused scale+mask+softmax kernel (stores T x T)"
 
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
         att = q @ k.transpose(-2, -1)  # (B, nh, Tq, Tk), unscaled: the kernel scales
-        p = torch.ops.gptlab.fused_softmax(att, scale, causal)
+        p = torch.ops.gptlab.fused_softmax(att, scale, causal, self.kernels)
         return p @ v  # (B, nh, Tq, hs)
 
 
-class FlashAttention(NativeCpuBackend):
+class FlashAttention(NativeBackend):
     name = "flash"
     priority = 60  # above sdpa: 2x faster on the CPU at T >= 256 (`gpt bench attention`)
-    description = "FlashAttention-2 in C: tiled online softmax, recomputing backward, O(T) memory"
+    description = "FlashAttention-2 kernels (C, CUDA): tiled online softmax, O(T) memory"
+
+    @classmethod
+    def is_deterministic(cls, device: str) -> bool:
+        return device == "cpu"  # on a GPU, dQ is summed with atomics in varying order
 
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        o, _ = torch.ops.gptlab.flash_attn(q, k, v, scale, causal)
+        o, _ = torch.ops.gptlab.flash_attn(q, k, v, scale, causal, self.kernels)
         return o
+
+
+class Emulated:
+    """Mixin: the CUDA kernels run on CPU tensors by the emulator; never picked by auto."""
+
+    priority = -100
+    devices = frozenset({"cpu"})
+    max_head_dim = CUDA_MAX_HEAD_DIM
+    kernels = build.CUDA_EMU.name
+
+
+class EmulatedFused(Emulated, FusedAttention):
+    name = "fused-emu"
+    description = "the CUDA fused softmax (softmax.cu) run on the CPU by the CUDA emulator"
+
+
+class EmulatedFlash(Emulated, FlashAttention):
+    name = "flash-emu"
+    description = "the CUDA flash attention (attention.cu) run on the CPU by the CUDA emulator"
+
+    @classmethod
+    def is_deterministic(cls, device: str) -> bool:
+        return False  # as on the GPU it stands for (the emulator itself repeats exactly)

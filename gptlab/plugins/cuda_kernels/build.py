@@ -1,13 +1,23 @@
 """Build the native kernel libraries on first use, into a content-addressed cache.
 
-Each *flavour* (``cpu`` now; ``cuda`` and ``cuda-emu`` share this machinery) is compiled into
-``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the sources, the flags,
-the compiler's version, torch's version, the ABI version and (for ``-march=native``) the CPU's
-flags. A build holds an ``fcntl`` lock on ``<cache>/<flavour>-<key>.lock`` (the kernel releases
-it if the holder dies), compiles into a temporary file and renames it into place, so concurrent
-or killed builds never hang or leave a broken library. The cache folder is
-``$GPTLAB_KERNEL_CACHE`` or ``~/.cache/gptlab/kernels``. The compiler is ``$CC`` (default
-``cc``). Flags never include ``-Ofast``/``-ffast-math``: masking relies on -inf.
+Three *flavours* share this machinery:
+
+- ``cpu``: the C kernels in ``csrc/cpu/``, by ``$CC`` (default ``cc``);
+- ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), for sm_80 and
+  sm_90 (plus compute_90 PTX that newer GPUs compile on load), with cudart linked statically so
+  the library loads on a machine without a driver;
+- ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against
+  ``csrc/emu/cuda_emu.h``: the CUDA kernels run on the CPU, for verification without a GPU.
+
+Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
+sources and headers, the flags, the compiler's version, torch's version, the ABI version and (for
+``-march=native``) the CPU's flags; the compiler's output is kept beside it in ``build.log``
+(for ``cuda``, ptxas' register / spill / shared-memory report: :func:`resource_report`). A build
+holds an ``fcntl`` lock on ``<cache>/<flavour>-<key>.lock`` (the kernel releases it if the holder
+dies), compiles into a temporary file and renames it into place, so concurrent or killed builds
+never hang or leave a broken library. The cache folder is ``$GPTLAB_KERNEL_CACHE`` or
+``~/.cache/gptlab/kernels``. Flags never include ``-Ofast`` / ``-ffast-math`` /
+``--use_fast_math``: masking relies on -inf.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -44,9 +55,11 @@ class Flavour:
     name: str
     compiler_env: str  # environment variable naming the compiler
     default_compiler: str
-    sources: tuple[str, ...]  # relative to csrc/
+    sources: tuple[str, ...]  # relative to csrc/ (or absolute)
+    headers: tuple[str, ...]  # glob patterns relative to csrc/, hashed into the key
     flags: tuple[str, ...]
     native_cpu: bool = False  # flags depend on the build machine's CPU
+    install_hint: str = ""
 
     def compiler(self) -> str:
         return os.environ.get(self.compiler_env) or self.default_compiler
@@ -54,12 +67,31 @@ class Flavour:
 
 CPU = Flavour(
     name="cpu", compiler_env="CC", default_compiler="cc",
-    sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c"),
+    sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c"), headers=("cpu/*.h",),
     flags=("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fopenmp-simd",
            "-fno-math-errno", "-pthread", "-Wall", "-Wextra", "-Werror"),
-    native_cpu=True,
+    native_cpu=True, install_hint="install gcc or set CC",
 )
-FLAVOURS = {f.name: f for f in (CPU,)}
+CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/attention.cu")
+CUDA_HEADERS = ("cuda/*.cuh", "emu/*.h")
+#: SASS for Ampere (sm_80) and Hopper (sm_90), and PTX that later GPUs compile when loading.
+CUDA_ARCH_FLAGS = ("-gencode", "arch=compute_80,code=sm_80",
+                   "-gencode", "arch=compute_90,code=[sm_90,compute_90]")
+CUDA = Flavour(
+    name="cuda", compiler_env="NVCC", default_compiler="nvcc",
+    sources=CUDA_SOURCES, headers=CUDA_HEADERS,
+    flags=("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra", "--cudart",
+           "static", *CUDA_ARCH_FLAGS, "-Xptxas", "-v", "-Werror", "all-warnings"),
+    install_hint="install the CUDA toolkit or set NVCC",
+)
+CUDA_EMU = Flavour(
+    name="cuda-emu", compiler_env="CXX", default_compiler="c++",
+    sources=(*CUDA_SOURCES, "emu/cuda_emu.cpp"), headers=CUDA_HEADERS,
+    flags=("-x", "c++", "-std=c++20", "-O2", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-pthread",
+           "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"),
+    install_hint="install g++ or set CXX",
+)
+FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU)}
 
 
 def cache_root() -> Path:
@@ -98,9 +130,9 @@ def build_key(flavour: Flavour) -> str:
 
     h = hashlib.sha256()
     files = sorted({HEADER, *(CSRC / s for s in flavour.sources),
-                    *CSRC.glob(f"{Path(flavour.sources[0]).parent}/*.h")})
+                    *(f for pattern in flavour.headers for f in CSRC.glob(pattern))})
     for f in files:
-        h.update(str(f.relative_to(CSRC)).encode())
+        h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(" ".join(flavour.flags).encode())
     h.update(_compiler_version(flavour).encode())
@@ -135,12 +167,31 @@ def _lock(path: Path, timeout: float):
             time.sleep(0.05)
 
 
+def get_flavour(flavour: Flavour | str) -> Flavour:
+    if isinstance(flavour, Flavour):
+        return flavour
+    try:
+        return FLAVOURS[flavour]
+    except KeyError:
+        raise KernelBuildError(f"unknown kernel flavour {flavour!r}; known: "
+                               f"{', '.join(FLAVOURS)}") from None
+
+
+def missing_compiler_reason(flavour: Flavour | str) -> str | None:
+    """One line saying the flavour's compiler is missing, or None if it is installed."""
+    flavour = get_flavour(flavour)
+    if find_compiler(flavour) is not None:
+        return None
+    return (f"compiler for the {flavour.name} kernels not found ({flavour.compiler()!r}; "
+            f"{flavour.install_hint})")
+
+
 def build(flavour: Flavour | str = CPU, *, force: bool = False) -> Path:
     """Return the path of the flavour's library, compiling it if it is not cached."""
-    flavour = FLAVOURS[flavour] if isinstance(flavour, str) else flavour
-    if find_compiler(flavour) is None:
-        raise KernelBuildError(f"{flavour.compiler()!r} compiler not found; install it or set "
-                               f"{flavour.compiler_env}")
+    flavour = get_flavour(flavour)
+    missing = missing_compiler_reason(flavour)
+    if missing:
+        raise KernelBuildError(missing)
     key = build_key(flavour)
     lib = library_path(flavour, key)
     if lib.is_file() and not force:
@@ -155,14 +206,14 @@ def build(flavour: Flavour | str = CPU, *, force: bool = False) -> Path:
                *(str(CSRC / s) for s in flavour.sources), "-lm"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOCK_TIMEOUT_S)
+            output = proc.stdout + proc.stderr
+            _write_atomic(lib.parent / "build.log", shlex.join(cmd) + "\n" + output)
             if proc.returncode != 0:
-                (lib.parent / "build.log").write_text(" ".join(cmd) + "\n" + proc.stderr)
-                first = next((ln for ln in proc.stderr.splitlines() if "error" in ln),
-                             proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+                first = next((ln for ln in output.splitlines() if "error" in ln),
+                             output.strip().splitlines()[-1] if output.strip() else "")
                 raise KernelBuildError(f"building the {flavour.name} kernels failed: "
                                        f"{first.strip()[:200]} (full log: "
                                        f"{lib.parent / 'build.log'})")
-            (lib.parent / "build.log").write_text(" ".join(cmd) + "\n" + proc.stderr)
             os.replace(tmp, lib)
         finally:
             tmp.unlink(missing_ok=True)
@@ -170,3 +221,63 @@ def build(flavour: Flavour | str = CPU, *, force: bool = False) -> Path:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ ptxas resource report
+@attrs.frozen
+class KernelResources:
+    """ptxas' report for one kernel on one architecture."""
+
+    kernel: str
+    arch: str
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack_frame: int  # bytes
+    static_smem: int  # bytes (dynamic shared memory is sized at launch)
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> short readable name (``flash_forward_kernel<4>``); mangled if no c++filt."""
+    out = dict(zip(names, names))
+    filt = shutil.which("c++filt")
+    if filt and names:
+        proc = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True)
+        if proc.returncode == 0 and len(proc.stdout.splitlines()) == len(names):
+            for mangled, full in zip(names, proc.stdout.splitlines()):
+                full = full.replace("(anonymous namespace)::", "").removeprefix("void ")
+                out[mangled] = full.split("(")[0]
+    return out
+
+
+def parse_ptxas(log: str) -> list[KernelResources]:
+    """Parse nvcc's ``-Xptxas -v`` output into one record per (kernel, architecture)."""
+    rows, entry, frame = [], None, None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            entry, frame = (m.group(1), m.group(2)), None
+        elif (m := _FRAME.search(line)) and entry:
+            frame = tuple(int(g) for g in m.groups())
+        elif (m := _USED.search(line)) and entry and frame:
+            rows.append((*entry, int(m.group(1)), frame[1], frame[2], frame[0],
+                         int(m.group(2) or 0)))
+            entry = frame = None
+    names = _demangle(sorted({r[0] for r in rows}))
+    return [KernelResources(names[r[0]], *r[1:]) for r in rows]
+
+
+def resource_report(library: Path) -> list[KernelResources]:
+    """ptxas' per-kernel report kept in the ``build.log`` beside a ``cuda`` library."""
+    log = library.parent / "build.log"
+    return parse_ptxas(log.read_text()) if log.is_file() else []

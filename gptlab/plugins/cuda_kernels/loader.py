@@ -51,11 +51,19 @@ class NativeLibrary:
     def ptr(self, t: torch.Tensor | None, ctype: str = "float *"):
         return self.ffi.NULL if t is None else self.ffi.cast(ctype, t.data_ptr())
 
+    def last_error(self) -> str:
+        return self.ffi.string(self.lib.gptlab_last_error()).decode(errors="replace")
+
+    def cuda_device_count(self) -> tuple[int, str | None]:
+        """(GPUs this library can launch on, why none if the runtime failed)."""
+        count = self.ffi.new("int *")
+        rc = self.lib.gptlab_cuda_device_count(count)
+        return count[0], (self.last_error() if rc else None)
+
     def call(self, name: str, *args) -> int:
         rc = getattr(self.lib, name)(*args)
         if rc != 0:
-            msg = self.ffi.string(self.lib.gptlab_last_error()).decode(errors="replace")
-            raise KernelError(f"{name} failed (code {rc}): {msg}")
+            raise KernelError(f"{name} failed (code {rc}): {self.last_error()}")
         return rc
 
 
@@ -63,11 +71,12 @@ _loaded: dict[str, NativeLibrary] = {}
 _lock = threading.Lock()
 
 
-def load(flavour: str = "cpu") -> NativeLibrary:
-    """Build (if needed) and load a flavour once per process."""
-    with _lock:
-        if flavour not in _loaded:
-            from gptlab.plugins.cuda_kernels import build
+def load(flavour="cpu") -> NativeLibrary:
+    """Build (if needed) and load a flavour (a name or a ``build.Flavour``) once per process."""
+    from gptlab.plugins.cuda_kernels import build
 
-            _loaded[flavour] = NativeLibrary(build.build(flavour))
-        return _loaded[flavour]
+    flavour = build.get_flavour(flavour)
+    with _lock:
+        if flavour.name not in _loaded:
+            _loaded[flavour.name] = NativeLibrary(build.build(flavour))
+        return _loaded[flavour.name]

@@ -1,5 +1,5 @@
 /* gptlab native kernels: the one C ABI shared by the CPU library (C, cpu/) and the CUDA library
- * (.cu, built by nvcc or by g++ against emu/cuda_emu.h).
+ * (.cu files in cuda/, built by nvcc for GPUs, or by g++ against emu/cuda_emu.h for the CPU emulator).
  *
  * Conventions (llm.c style): outputs first, then inputs, then sizes; plain pointers and ints;
  * every entry point returns an int error code (GPTLAB_OK == 0) and never exits; the message of
@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define GPTLAB_ABI_VERSION 1
+#define GPTLAB_ABI_VERSION 2
 
 /* error codes */
 #define GPTLAB_OK 0
@@ -32,7 +32,12 @@ extern "C" {
 /* cffi-begin */
 int gptlab_abi_version(void);
 const char *gptlab_last_error(void);
-const char *gptlab_flavour(void);
+const char *gptlab_flavour(void); /* "cpu", "cuda" or "cuda-emu" */
+
+/* CUDA GPUs this library can launch on: for the nvcc build, the GPUs of compute capability 8.0
+ * or more (an error code, with gptlab_last_error() saying why, when there is no driver, no GPU or
+ * only older GPUs); always 0 for the CPU and emulated builds, whose kernels take host memory. */
+int gptlab_cuda_device_count(int *count);
 
 /* y = softmax(scale * x + causal mask) over the last dim of (bh, tq, tk); masked y are 0. */
 int gptlab_softmax_forward_f32(float *y, const float *x, int64_t bh, int64_t tq, int64_t tk,

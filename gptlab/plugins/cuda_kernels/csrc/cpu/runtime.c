@@ -12,6 +12,12 @@ int gptlab_abi_version(void) { return GPTLAB_ABI_VERSION; }
 const char *gptlab_last_error(void) { return last_error; }
 const char *gptlab_flavour(void) { return "cpu"; }
 
+int gptlab_cuda_device_count(int *count) {
+    if (!count) return gl_fail(GPTLAB_EINVAL, "cuda_device_count: null pointer");
+    *count = 0;
+    return GPTLAB_OK;
+}
+
 void gl_clear_error(void) { last_error[0] = 0; }
 
 int gl_fail(int code, const char *fmt, ...) {

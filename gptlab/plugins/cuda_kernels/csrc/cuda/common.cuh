@@ -1,0 +1,82 @@
+/* Shared helpers of the CUDA kernels: warp reductions, error reporting, launch checks.
+ *
+ * Compiled by nvcc for real GPUs, or by g++ against ../emu/cuda_emu.h for the CPU emulator; only
+ * the host-side glue (device binding) differs between the two, behind __CUDACC__.
+ */
+#ifndef GPTLAB_CUDA_COMMON_CUH
+#define GPTLAB_CUDA_COMMON_CUH
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../emu/cuda_emu.h"
+#include "../gptlab_kernels.h"
+
+namespace gl {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+constexpr int WARP = 32;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+/* Butterfly reductions: every lane ends with the result. All 32 lanes must call them. */
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2)
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2)
+        v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+__host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Record the message for gptlab_last_error() and return code (runtime.cu). */
+int fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* At each entry point: clear the last message and any error still pending in the runtime. */
+void clear_error();
+
+/* After a launch: a launch error becomes GPTLAB_EDEVICE with the runtime's message. */
+int check_launch(const char *fn);
+
+/* Makes the device that holds a tensor current for the launches of one entry point and restores
+ * the caller's device when it goes out of scope (torch's current device must not change under
+ * it); refuses host pointers. A no-op in the emulator, whose kernels take host memory. */
+class DeviceGuard {
+public:
+    DeviceGuard() = default;
+    DeviceGuard(const DeviceGuard &) = delete;
+    DeviceGuard &operator=(const DeviceGuard &) = delete;
+    ~DeviceGuard();
+    int bind(const void *ptr, const char *fn);
+
+private:
+    int previous_ = -1;
+};
+
+/* K (and V) rows in shared memory are padded to an odd stride: 32 lanes reading 32 different
+ * rows at the same column then hit 32 different banks. */
+__host__ __device__ __forceinline__ int odd_stride(int d) { return d | 1; }
+
+/* Head dims per lane: the kernels keep ceil(d / 32) values per lane in registers. */
+template <class F>
+void with_dims_per_lane(int64_t d, F &&f) {
+    if (d <= 32) f(std::integral_constant<int, 1>{});
+    else if (d <= 64) f(std::integral_constant<int, 2>{});
+    else f(std::integral_constant<int, 4>{});
+}
+constexpr int MAX_HEAD_DIM = 4 * WARP;
+
+} /* namespace gl */
+
+#endif /* GPTLAB_CUDA_COMMON_CUH */

@@ -1,0 +1,155 @@
+/* CUDA portability layer for the kernels in csrc/cuda/: the real thing under nvcc, an emulator
+ * on the CPU under a host C++ compiler (g++ -x c++ -std=c++20).
+ *
+ * Under nvcc (__CUDACC__) this header only includes <cuda_runtime.h> and defines two macros:
+ *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
+ *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
+ *   GL_DYNAMIC_SMEM(type, name)
+ *       -> extern __shared__ storage; type *name = (the block's dynamic shared memory)
+ *
+ * Under a host compiler it *is* the subset of CUDA the kernels use, run on the calling CPU
+ * thread, so the same .cu source can be tested without a GPU (implementation: cuda_emu.cpp):
+ * - Each block's threads are cooperative fibers (own stacks; switched with _setjmp/_longjmp, so
+ *   build with -U_FORTIFY_SOURCE). A fiber runs until it reaches __syncthreads, __syncwarp or a
+ *   warp shuffle, then the next one runs; blocks run one after another.
+ * - Barriers are checked: a __syncthreads that some threads of the block never reach (they
+ *   exited, or wait elsewhere), __syncthreads at different lines, or a warp operation whose mask
+ *   names an exited lane is a launch error (cudaErrorLaunchFailure, with a message naming the
+ *   lines and thread ranges), never a hang.
+ * - Schedules, from $GPTLAB_EMU_SCHEDULE at each launch: "inorder" (default: warps in index
+ *   order, lanes in order) or "random" / "random:SEED" (blocks, and the warps in every round, in
+ *   a seeded random order), so that a missing barrier changes the results.
+ * - Dynamic shared memory is filled with NaN before each block, so reading an element nobody
+ *   wrote shows up as NaN. Static __shared__ variables are plain statics (one copy reused by each
+ *   block in turn, not poisoned): the kernels keep their tiles in dynamic shared memory.
+ * - Launch limits as on the hardware: <= 1024 threads per block, block.z <= 64, grid.y and
+ *   grid.z <= 65535, <= 48 KiB of dynamic shared memory.
+ * - Launches are serialised by a process-wide mutex; atomics are plain read-modify-writes.
+ */
+#ifndef GPTLAB_CUDA_EMU_H
+#define GPTLAB_CUDA_EMU_H
+
+#ifdef __CUDACC__
+
+#include <cuda_runtime.h>
+
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define GL_DYNAMIC_SMEM(type, name)                  \
+    extern __shared__ float4 gl_dynamic_smem_[];     \
+    type *name = reinterpret_cast<type *>(gl_dynamic_smem_)
+
+#else /* the emulator */
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+typedef struct CUstream_st *cudaStream_t;
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorLaunchFailure = 719,
+};
+
+namespace gl_emu {
+
+extern uint3 block_idx;
+extern dim3 block_dim, grid_dim;
+extern const uint3 *thread_idx; /* the running fiber's threadIdx */
+
+void syncthreads(const char *file, int line);
+void syncwarp(const char *file, int line, unsigned mask = 0xffffffffu);
+/* Every lane named in mask deposits bits, waits for the others, and gets src_lane's bits. */
+uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int src_lane);
+int lane_id();
+void *dynamic_smem();
+void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+            void (*body)(void *), void *ctx);
+
+template <class F>
+void launch_fn(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+               F &&f) {
+    using Fn = std::remove_reference_t<F>;
+    launch(name, grid, block, smem_bytes, stream, [](void *ctx) { (*static_cast<Fn *>(ctx))(); },
+           static_cast<void *>(&f));
+}
+
+template <class T>
+T shfl_from(const char *file, int line, unsigned mask, T v, int src) {
+    static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof v);
+    bits = exchange(file, line, mask, bits, src);
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+template <class T>
+T shfl_xor_sync(const char *file, int line, unsigned mask, T v, int lane_mask, int width = 32) {
+    int me = lane_id(), src = me ^ lane_mask;
+    if ((src & ~(width - 1)) != (me & ~(width - 1))) src = me; /* outside the segment */
+    return shfl_from(file, line, mask, v, src);
+}
+template <class T>
+T shfl_sync(const char *file, int line, unsigned mask, T v, int src_lane, int width = 32) {
+    int me = lane_id();
+    return shfl_from(file, line, mask, v, (me & ~(width - 1)) + (src_lane & (width - 1)));
+}
+template <class T>
+T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta, int width = 32) {
+    int me = lane_id();
+    int src = (me & (width - 1)) + (int)delta < width ? me + (int)delta : me;
+    return shfl_from(file, line, mask, v, src);
+}
+
+} /* namespace gl_emu */
+
+#define threadIdx (*gl_emu::thread_idx)
+#define blockIdx (gl_emu::block_idx)
+#define blockDim (gl_emu::block_dim)
+#define gridDim (gl_emu::grid_dim)
+#define warpSize 32
+
+#define __syncthreads() gl_emu::syncthreads(__FILE__, __LINE__)
+#define __syncwarp(...) gl_emu::syncwarp(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_xor_sync(...) gl_emu::shfl_xor_sync(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_sync(...) gl_emu::shfl_sync(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) gl_emu::shfl_down_sync(__FILE__, __LINE__, __VA_ARGS__)
+
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...)                              \
+    gl_emu::launch_fn(#kernel, (grid), (block), (smem), static_cast<cudaStream_t>(stream), \
+                      [&] { kernel(__VA_ARGS__); })
+#define GL_DYNAMIC_SMEM(type, name) type *name = static_cast<type *>(gl_emu::dynamic_smem())
+
+/* Atomics: launches run on one OS thread, so a read-modify-write is atomic. */
+inline float atomicAdd(float *p, float v) { float old = *p; *p = old + v; return old; }
+inline int atomicAdd(int *p, int v) { int old = *p; *p = old + v; return old; }
+
+/* The runtime API subset the launchers use. */
+cudaError_t cudaGetLastError(void);
+cudaError_t cudaPeekAtLastError(void);
+const char *cudaGetErrorString(cudaError_t error);
+cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t stream = nullptr);
+
+#endif /* __CUDACC__ */
+
+#endif /* GPTLAB_CUDA_EMU_H */

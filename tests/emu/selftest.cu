@@ -1,0 +1,102 @@
+/* Kernels that exercise the CUDA emulator itself (csrc/emu/cuda_emu.h): barrier deadlocks,
+ * shared-memory poisoning, warp shuffles, schedule-dependent races and launch limits. Built by
+ * tests/test_cuda_kernels.py with g++ against the emulator, and called through cffi:
+ *
+ *     int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);
+ *
+ * runs one scenario, writes up to n floats to out and the launch's error message to msg, and
+ * returns the cudaError_t of the launch (0 = success).
+ */
+#include <cstdio>
+#include <cstring>
+
+#include "emu/cuda_emu.h"
+
+namespace {
+
+/* 32 threads; the upper half returns before the barrier the lower half waits at */
+__global__ void partial_barrier(float *out) {
+    if (threadIdx.x >= 16) return;
+    __syncthreads();
+    out[threadIdx.x] = 1.f;
+}
+
+/* even warps wait at one __syncthreads, odd warps at another */
+__global__ void divergent_barriers(float *out) {
+    if (threadIdx.x / 32 % 2 == 0) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1.f;
+}
+
+/* reads dynamic shared memory nobody wrote */
+__global__ void read_unwritten(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    out[threadIdx.x] = smem[threadIdx.x];
+}
+
+/* warp_sum of lane ids by xor butterfly, broadcast of lane 5, and shift-down by 1 */
+__global__ void shuffles(float *out) {
+    int lane = threadIdx.x % 32;
+    float v = float(lane);
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    out[3 * threadIdx.x] = v;
+    out[3 * threadIdx.x + 1] = __shfl_sync(0xffffffffu, float(lane), 5);
+    out[3 * threadIdx.x + 2] = __shfl_down_sync(0xffffffffu, float(lane), 1);
+}
+
+/* a shuffle whose mask names lanes that already exited */
+__global__ void shuffle_after_exit(float *out) {
+    if (threadIdx.x >= 16) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+/* each thread publishes a value and reads the next warp's: without the second barrier the result
+ * depends on which warps ran first */
+template <bool BARRIER>
+__global__ void neighbour(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    const int t = threadIdx.x, n = blockDim.x;
+    smem[t] = 0.f;
+    __syncthreads();
+    smem[t] = float(t + 1);
+    if (BARRIER) __syncthreads();
+    out[blockIdx.x * n + t] = smem[(t + 32) % n];
+}
+
+__global__ void nothing(float *) {}
+
+} /* namespace */
+
+extern "C" int selftest(const char *scenario, float *out, int n, char *msg, int msg_len) {
+    (void)n;
+    const size_t smem = 4096;
+    cudaGetLastError();
+    if (!strcmp(scenario, "partial_barrier"))
+        GL_LAUNCH(partial_barrier, dim3(1), dim3(32), 0, nullptr, out);
+    else if (!strcmp(scenario, "divergent_barriers"))
+        GL_LAUNCH(divergent_barriers, dim3(1), dim3(64), 0, nullptr, out);
+    else if (!strcmp(scenario, "read_unwritten"))
+        GL_LAUNCH(read_unwritten, dim3(1), dim3(32), smem, nullptr, out);
+    else if (!strcmp(scenario, "shuffles"))
+        GL_LAUNCH(shuffles, dim3(1), dim3(64), 0, nullptr, out);
+    else if (!strcmp(scenario, "shuffle_after_exit"))
+        GL_LAUNCH(shuffle_after_exit, dim3(1), dim3(32), 0, nullptr, out);
+    else if (!strcmp(scenario, "race"))
+        GL_LAUNCH(neighbour<false>, dim3(8), dim3(128), smem, nullptr, out);
+    else if (!strcmp(scenario, "no_race"))
+        GL_LAUNCH(neighbour<true>, dim3(8), dim3(128), smem, nullptr, out);
+    else if (!strcmp(scenario, "too_many_threads"))
+        GL_LAUNCH(nothing, dim3(1), dim3(2048), 0, nullptr, out);
+    else if (!strcmp(scenario, "too_much_smem"))
+        GL_LAUNCH(nothing, dim3(1), dim3(32), 64 * 1024, nullptr, out);
+    else {
+        snprintf(msg, msg_len, "unknown scenario %s", scenario);
+        return -1;
+    }
+    cudaError_t e = cudaGetLastError();
+    snprintf(msg, msg_len, "%s", e == cudaSuccess ? "" : cudaGetErrorString(e));
+    return int(e);
+}
