@@ -181,13 +181,20 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
     reg.tokenizer(train_cfg.tokenizer)
     from gptlab.core.build import (AUTO, attention_request, device_type, resolve_device,
                                    select_attention)
+    from gptlab.core.errors import BackendNotSupportedError
+    from gptlab.core.interfaces import device_unavailable_reason
     attention = reg.model(model_cfg.model).uses_attention
     if attention:
         reg.block(model_cfg.block)
     if attention and model_cfg.attention != AUTO:
         # a backend named for an unusable device says why in its own terms
-        select_attention(reg, model_cfg.attention,
-                         attention_request(model_cfg, device_type(train_cfg.device)))
+        dev_type = device_type(train_cfg.device)
+        try:
+            select_attention(reg, model_cfg.attention, attention_request(model_cfg, dev_type))
+        except BackendNotSupportedError as e:
+            if device_unavailable_reason(dev_type):
+                raise BackendNotSupportedError(f"{e}; use --device cpu") from None
+            raise
     dev = resolve_device(train_cfg.device)
     if attention and model_cfg.attention == AUTO:
         select_attention(reg, AUTO, attention_request(model_cfg, dev))

@@ -60,6 +60,7 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest) -> Att
         for i, (cls, reasons) in enumerate(rows):
             if not reasons:
                 try:
+                    cls.prepare(request)
                     return cls()
                 except GptlabError as e:  # e.g. its kernels failed to build: auto moves on
                     log.warning("attention backend %r skipped by auto: %s", cls.name, e)
@@ -77,6 +78,7 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest) -> Att
         raise BackendNotSupportedError(
             f"attention backend {name!r} cannot run here: {'; '.join(reasons)}"
         )
+    cls.prepare(request)
     return cls()
 
 

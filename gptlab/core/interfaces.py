@@ -116,6 +116,11 @@ class AttentionBackend:
         return []
 
     @classmethod
+    def prepare(cls, request: AttentionRequest) -> None:
+        """Called by dispatch before construction, for a request it supports: build or load what
+        the request's device needs. A GptlabError here makes ``auto`` move on."""
+
+    @classmethod
     def not_supported_reasons(cls, request: AttentionRequest) -> list[str]:
         """Readable reasons why ``request`` cannot be served; empty means supported."""
         r = []

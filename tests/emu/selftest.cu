@@ -1,6 +1,6 @@
 /* Kernels that exercise the CUDA emulator itself (csrc/emu/cuda_emu.h): barrier deadlocks,
- * shared-memory poisoning, warp shuffles, schedule-dependent races and launch limits. Built by
- * tests/test_cuda_kernels.py with g++ against the emulator, and called through cffi:
+ * shared-memory poisoning and bounds, warp shuffles, schedule-dependent races, launch limits.
+ * Built by tests/test_cuda_kernels.py with g++ against the emulator, and called through cffi:
  *
  *     int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);
  *
@@ -66,6 +66,24 @@ __global__ void neighbour(float *out) {
     out[blockIdx.x * n + t] = smem[(t + 32) % n];
 }
 
+/* only block 0 writes shared memory: block 1 must not see block 0's values */
+__global__ void smem_per_block(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    const int t = threadIdx.x;
+    if (blockIdx.x == 0) smem[t] = float(t);
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = smem[t];
+}
+
+/* writes past the 128 bytes of shared memory its launch asks for */
+__global__ void smem_overrun(float *) {
+    GL_DYNAMIC_SMEM(float, smem);
+    smem[threadIdx.x + 32] = 0.f;
+}
+
+/* a warp operation over half a warp: legal CUDA, outside what the emulator supports */
+__global__ void half_warp_sync(float *) { __syncwarp(0x0000ffffu); }
+
 __global__ void nothing(float *) {}
 
 } /* namespace */
@@ -88,6 +106,14 @@ extern "C" int selftest(const char *scenario, float *out, int n, char *msg, int 
         GL_LAUNCH(neighbour<false>, dim3(8), dim3(128), smem, nullptr, out);
     else if (!strcmp(scenario, "no_race"))
         GL_LAUNCH(neighbour<true>, dim3(8), dim3(128), smem, nullptr, out);
+    else if (!strcmp(scenario, "smem_per_block"))
+        GL_LAUNCH(smem_per_block, dim3(2), dim3(32), smem, nullptr, out);
+    else if (!strcmp(scenario, "smem_overrun"))
+        GL_LAUNCH(smem_overrun, dim3(1), dim3(32), 128, nullptr, out);
+    else if (!strcmp(scenario, "half_warp_sync"))
+        GL_LAUNCH(half_warp_sync, dim3(1), dim3(32), 0, nullptr, out);
+    else if (!strcmp(scenario, "nothing"))
+        GL_LAUNCH(nothing, dim3(1), dim3(32), 0, nullptr, out);
     else if (!strcmp(scenario, "too_many_threads"))
         GL_LAUNCH(nothing, dim3(1), dim3(2048), 0, nullptr, out);
     else if (!strcmp(scenario, "too_much_smem"))

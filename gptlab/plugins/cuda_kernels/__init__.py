@@ -114,14 +114,15 @@ def check_cmd(flavour, schedules):
 
     import torch
 
-    from gptlab.core.errors import BackendNotSupportedError
+    from gptlab.core.errors import BackendNotSupportedError, GptlabError
     from gptlab.core.interfaces import AttentionRequest
     from gptlab.plugins.cuda_kernels import backends, emulator
     from gptlab.testing import GRAD_TOL, OUT_TOL, default_cases, run_conformance
 
     if flavour == "cuda-emu":
         classes = [backends.EmulatedFused, backends.EmulatedFlash]
-        runs = [emulator.schedule(s) for s in (schedules or emulator.DEFAULT_SCHEDULES)]
+        specs = [emulator.check_schedule(s) for s in schedules or emulator.DEFAULT_SCHEDULES]
+        runs = [emulator.schedule(s) for s in specs]
     else:
         if schedules:
             raise click.UsageError("--schedule applies to --flavour cuda-emu only")
@@ -147,7 +148,7 @@ def check_cmd(flavour, schedules):
                     try:
                         run_conformance(backend, device=device, cases=cases,
                                         on_result=lambda r: (results.append(r), bar.update(1)))
-                    except AssertionError as e:
+                    except (AssertionError, GptlabError) as e:  # wrong results, or a launch error
                         failures += 1
                         click.echo(f"{label}: FAILED\n{e}")
                         continue

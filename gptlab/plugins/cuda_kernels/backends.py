@@ -23,24 +23,37 @@ import torch
 from gptlab.core.errors import GptlabError
 from gptlab.core.interfaces import AttentionBackend, default_scale
 from gptlab.plugins.cuda_kernels import build, ops
-from gptlab.plugins.cuda_kernels.loader import KernelError, load
+from gptlab.plugins.cuda_kernels.loader import KernelError, NativeLibrary, load
 
 #: The CUDA kernels keep ceil(head_dim / 32) <= 4 values per lane in registers.
 CUDA_MAX_HEAD_DIM = 128
 
 
-@functools.cache
 def cuda_unavailable_reasons() -> tuple[str, ...]:
     """Why the CUDA kernels cannot run here (empty when they can).
 
-    Builds the nvcc library if needed (cudart is linked statically, so it loads without a
-    driver) and asks its runtime for GPUs; cached for the process.
+    Asks the nvcc library's runtime for GPUs (cudart is linked statically, so the library loads
+    without a driver). Where torch itself can use CUDA the library is built for that if needed;
+    where torch cannot (torch's reason is reported anyway), only an already built library is
+    asked, so explaining costs no nvcc build. Cached per compiler and cache folder.
     """
+    return _cuda_reasons(build.CUDA.compiler(), str(build.cache_root()),
+                         torch.cuda.is_available())
+
+
+@functools.cache
+def _cuda_reasons(compiler: str, cache: str, torch_has_cuda: bool) -> tuple[str, ...]:
     missing = build.missing_compiler_reason(build.CUDA)
     if missing:
         return (missing,)
     try:
-        lib = load("cuda")
+        if torch_has_cuda:
+            lib = load("cuda")
+        else:
+            path = build.cached_library(build.CUDA)
+            if path is None:
+                return ()
+            lib = NativeLibrary(path)
     except GptlabError as e:
         return (str(e),)
     count, why = lib.cuda_device_count()
@@ -80,9 +93,11 @@ class NativeBackend(AttentionBackend):
                      f"CUDA kernels")
         return r
 
-    def __init__(self):
-        # compile on first use (a failure is a one-line KernelBuildError, and auto moves on)
-        load("cpu" if self.kernels == ops.NATIVE else self.kernels)
+    @classmethod
+    def prepare(cls, request):
+        # compile the library the request's device needs now: a failure is a one-line
+        # KernelBuildError, and auto moves on to the next backend
+        load(ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels)
 
     def _check_dropout(self, dropout_p):
         if dropout_p:

@@ -58,6 +58,7 @@ class Flavour:
     sources: tuple[str, ...]  # relative to csrc/ (or absolute)
     headers: tuple[str, ...]  # glob patterns relative to csrc/, hashed into the key
     flags: tuple[str, ...]
+    device: str = "cpu"  # the torch device type of the tensors its kernels take
     native_cpu: bool = False  # flags depend on the build machine's CPU
     install_hint: str = ""
 
@@ -82,7 +83,7 @@ CUDA = Flavour(
     sources=CUDA_SOURCES, headers=CUDA_HEADERS,
     flags=("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra", "--cudart",
            "static", *CUDA_ARCH_FLAGS, "-Xptxas", "-v", "-Werror", "all-warnings"),
-    install_hint="install the CUDA toolkit or set NVCC",
+    device="cuda", install_hint="install the CUDA toolkit or set NVCC",
 )
 CUDA_EMU = Flavour(
     name="cuda-emu", compiler_env="CXX", default_compiler="c++",
@@ -184,6 +185,15 @@ def missing_compiler_reason(flavour: Flavour | str) -> str | None:
         return None
     return (f"compiler for the {flavour.name} kernels not found ({flavour.compiler()!r}; "
             f"{flavour.install_hint})")
+
+
+def cached_library(flavour: Flavour | str) -> Path | None:
+    """The flavour's library if it is already built (never compiles), else None."""
+    flavour = get_flavour(flavour)
+    if find_compiler(flavour) is None:
+        return None
+    lib = library_path(flavour, build_key(flavour))
+    return lib if lib.is_file() else None
 
 
 def build(flavour: Flavour | str = CPU, *, force: bool = False) -> Path:

@@ -67,7 +67,7 @@ class NativeLibrary:
         return rc
 
 
-_loaded: dict[str, NativeLibrary] = {}
+_loaded: dict = {}  # Flavour -> NativeLibrary
 _lock = threading.Lock()
 
 
@@ -77,6 +77,6 @@ def load(flavour="cpu") -> NativeLibrary:
 
     flavour = build.get_flavour(flavour)
     with _lock:
-        if flavour.name not in _loaded:
-            _loaded[flavour.name] = NativeLibrary(build.build(flavour))
-        return _loaded[flavour.name]
+        if flavour not in _loaded:
+            _loaded[flavour] = NativeLibrary(build.build(flavour))
+        return _loaded[flavour]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from gptlab.plugins.cuda_kernels.build import get_flavour
 from gptlab.plugins.cuda_kernels.loader import KernelError, NativeLibrary, load
 
 NATIVE = "native"
@@ -25,6 +26,13 @@ def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
 
 
+def native_flavour(device_type: str) -> str:
+    """The kernel flavour that serves tensors of this device type with ``kernels="native"``."""
+    if device_type not in ("cpu", "cuda"):
+        raise KernelError(f"no native kernels for {device_type} tensors (cpu and cuda only)")
+    return device_type
+
+
 def _library(kernels: str, name: str, *tensors: torch.Tensor) -> tuple[NativeLibrary, object]:
     """Check the tensors; return the library to call and the stream argument."""
     device = tensors[0].device
@@ -33,18 +41,14 @@ def _library(kernels: str, name: str, *tensors: torch.Tensor) -> tuple[NativeLib
             raise KernelError(f"{name}: tensors on different devices ({device} and {t.device})")
         if t.dtype != torch.float32:
             raise KernelError(f"{name}: float32 required, got {t.dtype}")
-    if kernels != NATIVE:  # an emulated flavour: host memory
-        if device.type != "cpu":
-            raise KernelError(f"{name}: the {kernels} kernels take CPU tensors, got {device}")
-        lib = load(kernels)
-        return lib, lib.ffi.NULL
-    if device.type == "cpu":
-        lib = load("cpu")
-        return lib, lib.ffi.NULL
-    if device.type == "cuda":
-        lib = load("cuda")
+    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
+    if flavour.device != device.type:
+        raise KernelError(f"{name}: the {flavour.name} kernels take {flavour.device} tensors, "
+                          f"got {device}")
+    lib = load(flavour)
+    if flavour.device == "cuda":
         return lib, lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
-    raise KernelError(f"{name}: no native kernels for {device.type} tensors (cpu and cuda only)")
+    return lib, lib.ffi.NULL
 
 
 # ------------------------------------------------------------------------ fused softmax

@@ -55,8 +55,10 @@ softmax_backward_kernel(float *dx, const float *__restrict__ y, const float *dy,
     for (int c = lane; c < tk; c += gl::WARP) dxr[c] = scale * yr[c] * (dyr[c] - dot);
 }
 
-int check(const void *out, const void *a, const void *b, int64_t bh, int64_t tq, int64_t tk,
-          float scale, const char *fn) {
+/* Validate the arguments of an entry point and bind the device that holds `out`. */
+int prologue(gl::DeviceGuard &device, const void *out, const void *a, const void *b, int64_t bh,
+             int64_t tq, int64_t tk, float scale, const char *fn) {
+    gl::clear_error();
     if (!out || !a || !b) return gl::fail(GPTLAB_EINVAL, "%s: null pointer", fn);
     if (bh < 1 || tq < 1 || tk < 1)
         return gl::fail(GPTLAB_EINVAL, "%s: sizes must be >= 1 (bh=%lld tq=%lld tk=%lld)", fn,
@@ -67,7 +69,7 @@ int check(const void *out, const void *a, const void *b, int64_t bh, int64_t tq,
         return gl::fail(GPTLAB_EINVAL, "%s: too many rows for one launch", fn);
     if (!(scale > 0.f) || !std::isfinite(scale))
         return gl::fail(GPTLAB_EINVAL, "%s: scale must be finite and > 0, got %g", fn, scale);
-    return GPTLAB_OK;
+    return device.bind(out, fn);
 }
 
 } /* namespace */
@@ -76,10 +78,8 @@ extern "C" int gptlab_softmax_forward_f32(float *y, const float *x, int64_t bh, 
                                           int64_t tk, float scale, int causal, void *stream,
                                           int num_threads) {
     (void)num_threads;
-    gl::clear_error();
-    if (int rc = check(y, x, x, bh, tq, tk, scale, "softmax_forward")) return rc;
     gl::DeviceGuard device;
-    if (int rc = device.bind(y, "softmax_forward")) return rc;
+    if (int rc = prologue(device, y, x, x, bh, tq, tk, scale, "softmax_forward")) return rc;
     const int64_t rows = bh * tq;
     dim3 grid(unsigned(gl::ceil_div(rows, ROWS_PER_BLOCK))), block(gl::WARP, ROWS_PER_BLOCK);
     GL_LAUNCH(softmax_forward_kernel, grid, block, 0, stream, y, x, rows, int(tq), int(tk),
@@ -92,10 +92,8 @@ extern "C" int gptlab_softmax_backward_f32(float *dx, const float *y, const floa
                                            int causal, void *stream, int num_threads) {
     (void)num_threads;
     (void)causal; /* masked entries have y = 0, hence dx = 0 */
-    gl::clear_error();
-    if (int rc = check(dx, y, dy, bh, tq, tk, scale, "softmax_backward")) return rc;
     gl::DeviceGuard device;
-    if (int rc = device.bind(dx, "softmax_backward")) return rc;
+    if (int rc = prologue(device, dx, y, dy, bh, tq, tk, scale, "softmax_backward")) return rc;
     const int64_t rows = bh * tq;
     dim3 grid(unsigned(gl::ceil_div(rows, ROWS_PER_BLOCK))), block(gl::WARP, ROWS_PER_BLOCK);
     GL_LAUNCH(softmax_backward_kernel, grid, block, 0, stream, dx, y, dy, rows, int(tk), scale);

@@ -57,7 +57,6 @@ struct Fiber {
     State state = State::Done;
     const char *file = "";
     int line = 0;
-    unsigned mask = 0;
     uint64_t exchanges = 0; /* warp exchanges taken part in this block */
 };
 
@@ -127,10 +126,18 @@ void park() {
     if (_setjmp(cur->resume) == 0) _longjmp(scheduler, 1);
 }
 
-[[noreturn]] void fail(std::string msg) {
+/* Fail the launch from inside a fiber. Nothing with a destructor may live in the frames that
+ * the _longjmp skips, so the message is formatted straight into the launch's error. */
+[[noreturn]] void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+[[noreturn]] void fail(const char *fmt, ...) {
     if (!L->failed) {
+        char buf[512];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
         L->failed = true;
-        L->error = std::move(msg);
+        L->error = buf;
     }
     cur->state = State::Done;
     _longjmp(scheduler, 1); /* the launch is abandoned; fibers are reset by the next one */
@@ -150,7 +157,10 @@ bool reset(Fiber *f) {
         void *p = mmap(nullptr, STACK_BYTES + page, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) return false;
-        mprotect(p, page, PROT_NONE); /* guard page: an overflow faults instead of corrupting */
+        if (mprotect(p, page, PROT_NONE) != 0) { /* guard page: an overflow faults */
+            munmap(p, STACK_BYTES + page);
+            return false;
+        }
         f->stack = static_cast<char *>(p) + page;
     }
     if (getcontext(&f->start) != 0) return false;
@@ -168,17 +178,19 @@ void run(Fiber *f) {
     if (_setjmp(scheduler) == 0) {
         if (f->fresh) {
             f->fresh = false;
-            setcontext(&f->start);
+            setcontext(&f->start); /* returns only on failure */
+            L->failed = true;
+            L->error = "cannot start a fiber (setcontext failed)";
+            return;
         }
         _longjmp(f->resume, 1);
     }
 }
 
-void wait(State s, const char *file, int line, unsigned mask) {
+void wait(State s, const char *file, int line) {
     cur->state = s;
     cur->file = file;
     cur->line = line;
-    cur->mask = mask;
     park();
 }
 
@@ -210,50 +222,56 @@ std::string describe(const std::vector<Fiber *> &fibers) {
 }
 
 /* ---------------------------------------------------------------- one block */
+/* Release every warp whose lanes all wait at a warp barrier (every warp operation names the
+ * whole warp: see full_mask). A lane that exited while others wait is an error. */
 bool release_warps(const std::vector<Fiber *> &fibers) {
     bool released = false;
     for (int w = 0; w < L->warps; w++) {
         int first = w * WARP, n = std::min(WARP, L->threads - first);
-        const Fiber *waiter = nullptr;
-        for (int l = 0; l < n; l++)
-            if (fibers[first + l]->state == State::AtWarpBarrier) waiter = fibers[first + l];
-        if (!waiter) continue;
-        unsigned mask = waiter->mask;
+        const Fiber *waiter = nullptr, *exited = nullptr;
         bool all = true;
-        for (int l = 0; l < WARP; l++) {
-            if (!(mask >> l & 1u)) continue;
-            if (l >= n) {
-                L->failed = true;
-                L->error = format("warp barrier (%s:%d) names lane %d, which warp %d does not "
-                                  "have", base(waiter->file), waiter->line, l, w);
-                return false;
-            }
+        for (int l = 0; l < n; l++) {
             const Fiber *f = fibers[first + l];
-            if (f->state == State::Done) {
-                L->failed = true;
-                L->error = format("warp barrier (%s:%d) waits for lane %d of warp %d, which "
-                                  "exited", base(waiter->file), waiter->line, l, w);
-                return false;
-            }
-            if (f->state == State::AtWarpBarrier && f->mask != mask) {
-                L->failed = true;
-                L->error = format("lanes of warp %d wait at warp barriers with different masks "
-                                  "(%s:%d and %s:%d)", w, base(waiter->file), waiter->line,
-                                  base(f->file), f->line);
-                return false;
-            }
-            if (f->state != State::AtWarpBarrier) all = false;
+            if (f->state == State::AtWarpBarrier) waiter = f;
+            else all = false;
+            if (f->state == State::Done && !exited) exited = f;
         }
-        if (!all) continue;
-        for (int l = 0; l < n; l++)
-            if (mask >> l & 1u) fibers[first + l]->state = State::Ready;
+        if (!waiter) continue;
+        if (exited) {
+            L->failed = true;
+            L->error = format("warp barrier (%s:%d) waits for lane %d of warp %d, which exited",
+                              base(waiter->file), waiter->line, exited->lane, w);
+            return false;
+        }
+        if (!all) continue; /* some lanes still wait at a block barrier: see run_block */
+        for (int l = 0; l < n; l++) fibers[first + l]->state = State::Ready;
         released = true;
     }
     return released;
 }
 
-bool run_block(const std::vector<Fiber *> &fibers) {
-    std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
+/* Dynamic shared memory past the launch's smem_bytes keeps this pattern; a kernel that wrote
+ * there asked for too little (on a GPU it would corrupt another block's memory or fault). */
+constexpr uint32_t CANARY = 0x7fc0dead; /* a quiet NaN, so reading it also shows */
+
+bool canary_intact(size_t smem_bytes) {
+    for (size_t i = (smem_bytes + 3) / 4; i < smem.size(); i++) {
+        uint32_t bits;
+        std::memcpy(&bits, &smem[i], 4);
+        if (bits != CANARY) {
+            L->failed = true;
+            L->error = format("wrote float %zu of dynamic shared memory, past the %zu bytes the "
+                              "launch asked for", i, smem_bytes);
+            return false;
+        }
+    }
+    return true;
+}
+
+bool run_block(const std::vector<Fiber *> &fibers, size_t smem_bytes) {
+    float canary;
+    std::memcpy(&canary, &CANARY, 4);
+    std::fill(smem.begin(), smem.end(), canary);
     for (auto &s : xbuf) s = {0, NO_GEN};
     for (Fiber *f : fibers) {
         f->state = State::Ready;
@@ -279,7 +297,7 @@ bool run_block(const std::vector<Fiber *> &fibers) {
             done += f->state == State::Done;
             at_block += f->state == State::AtBlockBarrier;
         }
-        if (done == L->threads) return true;
+        if (done == L->threads) return canary_intact(smem_bytes);
         const Fiber *first = nullptr;
         bool same_site = true;
         for (const Fiber *f : fibers) {
@@ -321,31 +339,37 @@ int lane_id() { return cur->lane; }
 
 void *dynamic_smem() { return smem.data(); }
 
-void syncthreads(const char *file, int line) { wait(State::AtBlockBarrier, file, line, 0); }
+void syncthreads(const char *file, int line) { wait(State::AtBlockBarrier, file, line); }
+
+/* The emulator supports warp operations over the whole warp only (every lane the block has in
+ * that warp), which is all the kernels use; anything else is reported, not guessed at. */
+static void full_mask(const char *what, const char *file, int line, unsigned mask) {
+    int n = std::min(WARP, L->threads - cur->warp * WARP);
+    unsigned full = n == WARP ? 0xffffffffu : (1u << n) - 1u;
+    if (mask != full)
+        fail("%s (%s:%d) with mask 0x%08x: the emulator supports only the full-warp mask 0x%08x",
+             what, base(file), line, mask, full);
+}
 
 void syncwarp(const char *file, int line, unsigned mask) {
-    if (!(mask >> cur->lane & 1u))
-        fail(format("__syncwarp (%s:%d) called by lane %d, which its mask 0x%08x leaves out",
-                    base(file), line, cur->lane, mask));
-    wait(State::AtWarpBarrier, file, line, mask);
+    full_mask("__syncwarp", file, line, mask);
+    wait(State::AtWarpBarrier, file, line);
 }
 
 uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int src_lane) {
     Fiber *f = cur;
-    if (!(mask >> f->lane & 1u))
-        fail(format("warp shuffle (%s:%d) called by lane %d, which its mask 0x%08x leaves out",
-                    base(file), line, f->lane, mask));
+    full_mask("warp shuffle", file, line, mask);
     uint64_t gen = f->exchanges++;
     Slot *slots = &xbuf[(static_cast<size_t>(f->warp) * 2 + (gen & 1)) * WARP];
     slots[f->lane] = {bits, gen};
-    wait(State::AtWarpBarrier, file, line, mask);
+    wait(State::AtWarpBarrier, file, line);
     /* Double-buffered by parity: a lane that runs ahead writes the other half, and cannot get
      * two exchanges ahead because the next barrier needs every lane. */
     if (src_lane < 0 || src_lane >= WARP || !(mask >> src_lane & 1u)) return bits;
     const Slot &s = slots[src_lane];
     if (s.gen != gen)
-        fail(format("warp shuffle (%s:%d): lane %d reads lane %d, which did not take part",
-                    base(file), line, f->lane, src_lane));
+        fail("warp shuffle (%s:%d): lane %d reads lane %d, which did not take part", base(file),
+             line, f->lane, src_lane);
     return s.bits;
 }
 
@@ -412,7 +436,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
         uint64_t b = launch.random ? order[i] : i;
         block_idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
                      unsigned(b / (uint64_t(grid.x) * grid.y))};
-        if (!run_block(fibers)) {
+        if (!run_block(fibers, smem_bytes)) {
             set_error(cudaErrorLaunchFailure,
                       format("kernel %s, block (%u, %u, %u): %s", name, block_idx.x, block_idx.y,
                              block_idx.z, launch.error.c_str()));
@@ -433,8 +457,6 @@ cudaError_t cudaGetLastError(void) {
     return e;
 }
 
-cudaError_t cudaPeekAtLastError(void) { return gl_emu::last_error; }
-
 const char *cudaGetErrorString(cudaError_t error) {
     if (error == gl_emu::message_code && !gl_emu::message.empty())
         return gl_emu::message.c_str(); /* the detailed message of the last failure */
@@ -446,9 +468,4 @@ const char *cudaGetErrorString(cudaError_t error) {
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     }
     return "unknown error";
-}
-
-cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t) {
-    std::memset(ptr, value, bytes);
-    return cudaSuccess;
 }

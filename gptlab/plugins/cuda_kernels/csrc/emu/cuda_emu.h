@@ -13,14 +13,16 @@
  *   build with -U_FORTIFY_SOURCE). A fiber runs until it reaches __syncthreads, __syncwarp or a
  *   warp shuffle, then the next one runs; blocks run one after another.
  * - Barriers are checked: a __syncthreads that some threads of the block never reach (they
- *   exited, or wait elsewhere), __syncthreads at different lines, or a warp operation whose mask
- *   names an exited lane is a launch error (cudaErrorLaunchFailure, with a message naming the
- *   lines and thread ranges), never a hang.
+ *   exited, or wait elsewhere), __syncthreads at different lines, or a warp operation that a
+ *   lane of the warp exited before is a launch error (cudaErrorLaunchFailure, with a message
+ *   naming the lines and thread ranges) instead of a hang. Warp operations (__syncwarp, the
+ *   shuffles) must name the whole warp: other masks are reported as unsupported.
  * - Schedules, from $GPTLAB_EMU_SCHEDULE at each launch: "inorder" (default: warps in index
  *   order, lanes in order) or "random" / "random:SEED" (blocks, and the warps in every round, in
  *   a seeded random order), so that a missing barrier changes the results.
  * - Dynamic shared memory is filled with NaN before each block, so reading an element nobody
- *   wrote shows up as NaN. Static __shared__ variables are plain statics (one copy reused by each
+ *   wrote shows up as NaN; writing past the launch's smem_bytes is a launch error (checked after
+ *   each block). Static __shared__ variables are plain statics (one copy reused by each
  *   block in turn, not poisoned): the kernels keep their tiles in dynamic shared memory.
  * - Launch limits as on the hardware: <= 1024 threads per block, block.z <= 64, grid.y and
  *   grid.z <= 65535, <= 48 KiB of dynamic shared memory.
@@ -146,9 +148,7 @@ inline int atomicAdd(int *p, int v) { int old = *p; *p = old + v; return old; }
 
 /* The runtime API subset the launchers use. */
 cudaError_t cudaGetLastError(void);
-cudaError_t cudaPeekAtLastError(void);
 const char *cudaGetErrorString(cudaError_t error);
-cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t stream = nullptr);
 
 #endif /* __CUDACC__ */
 
