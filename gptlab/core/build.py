@@ -23,14 +23,18 @@ AUTO = "auto"
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; unavailable devices raise DeviceError."""
+def _parse_device(name: str) -> torch.device:
     if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
+        return torch.device(name)
     except (RuntimeError, ValueError):
         raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; unavailable devices raise DeviceError."""
+    dev = _parse_device(name)
     why = device_unavailable_reason(dev.type)
     if why:
         raise DeviceError(f"device {dev.type!r} is not available: {why}; use --device cpu")
@@ -39,12 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 def device_type(name: str) -> str:
     """The device type a ``--device`` value names (``auto`` resolved), without checking it."""
-    if name == AUTO:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.device(name).type
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    return _parse_device(name).type
 
 
 def backend_table(reg: Registry, request: AttentionRequest) -> list[tuple[type, list[str]]]:

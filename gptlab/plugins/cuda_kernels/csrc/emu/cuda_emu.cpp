@@ -53,7 +53,7 @@ struct Fiber {
     bool fresh = true;  /* enter through `start`, not `resume` */
     char *stack = nullptr;
     uint3 idx{};
-    int linear = 0, lane = 0, warp = 0;
+    int lane = 0, warp = 0;
     State state = State::Done;
     const char *file = "";
     int line = 0;
@@ -66,7 +66,6 @@ struct Slot {
 };
 
 struct Launch {
-    const char *name = "";
     void (*body)(void *) = nullptr;
     void *ctx = nullptr;
     int threads = 0, warps = 0;
@@ -392,7 +391,6 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
         return;
     }
     Launch launch;
-    launch.name = name;
     launch.body = body;
     launch.ctx = ctx;
     launch.threads = int(threads);
@@ -415,7 +413,6 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
                       format("kernel %s: cannot allocate fiber stacks", name));
             return;
         }
-        f->linear = i;
         f->lane = i % WARP;
         f->warp = i / WARP;
         f->idx = {unsigned(i) % block.x, unsigned(i) / block.x % block.y,
