@@ -1,19 +1,60 @@
 """gptlab: build a GPT-style language model from scratch, part by swappable part.
 
-Plugins implement the hooks in :mod:`gptlab.core.hookspecs`, marked with :data:`hookimpl`::
+The public API for plugin authors is this package, :mod:`gptlab.nn` (building blocks) and
+:mod:`gptlab.functional` (gptlab's attention as a drop-in for
+``F.scaled_dot_product_attention``); nothing else needs importing. A plugin implements the hooks of :mod:`gptlab.core.hookspecs`::
 
-    from gptlab import hookimpl
+    from gptlab import AttentionBackend, hookimpl
+
+    class MyAttention(AttentionBackend):
+        name = "mine"
+        def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None): ...
 
     @hookimpl
     def register_attention_backends():
-        return MyBackend
+        return MyAttention
+
+Names other than ``hookimpl`` are imported on first use, so ``import gptlab`` (and torch-free
+modules such as :mod:`gptlab.plot`) do not import torch.
 """
+
+import importlib
 
 import pluggy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Marker for plugin hook implementations (``@hookimpl def register_models(): ...``).
 hookimpl = pluggy.HookimplMarker("gptlab")
 
-__all__ = ["hookimpl", "__version__"]
+_LAZY = {
+    "AttentionBackend": "gptlab.core.attention",
+    "AttentionRequest": "gptlab.core.attention",
+    "Block": "gptlab.core.interfaces",
+    "Components": "gptlab.core.interfaces",
+    "LanguageModel": "gptlab.core.interfaces",
+    "Tokenizer": "gptlab.core.interfaces",
+    "ModelConfig": "gptlab.core.config",
+    "TrainConfig": "gptlab.core.config",
+    "GptlabError": "gptlab.core.errors",
+    "load_registry": "gptlab.core.plugins",
+}
+
+__all__ = ["hookimpl", "__version__", *_LAZY]
+
+
+_SUBMODULES = ("nn", "functional")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"gptlab.{name}")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gptlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

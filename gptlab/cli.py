@@ -21,6 +21,7 @@ from gptlab import __version__
 from gptlab.core.errors import GptlabError, PluginError
 from gptlab.core.plugins import Registry, load_registry, register_commands
 
+
 class GptGroup(click.Group):
     """A click group that turns gptlab errors into one-line messages."""
 
@@ -147,9 +148,11 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
     """
     from click.core import ParameterSource
 
+    from gptlab.core.build import plan_run
     from gptlab.core.checkpoint import load_checkpoint
-    from gptlab.core.config import ModelConfig, TrainConfig, resolve_configs
-    from gptlab.core.training import sample_text, train
+    from gptlab.core.config import resolve_configs
+    from gptlab.core.generation import sample_text
+    from gptlab.core.trainer import Trainer
     from gptlab.data.corpora import load_text, resolve_corpus
 
     reg = _registry(ctx)
@@ -162,42 +165,21 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
             raise click.UsageError(f"--resume takes every setting from the checkpoint; drop "
                                    f"{', '.join(given)}")
         resume = load_checkpoint(resume_dir)
-        model_cfg = ModelConfig.from_dict(resume["model_config"])
-        train_cfg = TrainConfig.from_dict(resume["train_config"])
-        state = resume.get("train_state") or {}
-        data = data or state.get("data_source")
+        model_cfg, train_cfg = resume.model_config, resume.train_config
+        state = resume.train_state
+        data = data or (state.data_source if state else None)
         if ctx.get_parameter_source("out_dir") != ParameterSource.COMMANDLINE:
             out_dir = resume_dir
-        click.echo(f"resuming {resume_dir} at step {state.get('step')}/{train_cfg.max_iters}",
-                   err=True)
+        step = state.step if state else None
+        click.echo(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}", err=True)
     else:
         model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
                       "attention"}
         model_over = {k: v for k, v in opts.items() if k in model_keys}
         train_over = {k: v for k, v in opts.items() if k not in model_keys}
         model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
-    # check names before touching the data, so typos fail fast
-    reg.model(model_cfg.model)
-    reg.tokenizer(train_cfg.tokenizer)
-    from gptlab.core.build import (AUTO, attention_request, device_type, resolve_device,
-                                   select_attention)
-    from gptlab.core.errors import BackendNotSupportedError
-    from gptlab.core.interfaces import device_unavailable_reason
-    attention = reg.model(model_cfg.model).uses_attention
-    if attention:
-        reg.block(model_cfg.block)
-    if attention and model_cfg.attention != AUTO:
-        # a backend named for an unusable device says why in its own terms
-        dev_type = device_type(train_cfg.device)
-        try:
-            select_attention(reg, model_cfg.attention, attention_request(model_cfg, dev_type))
-        except BackendNotSupportedError as e:
-            if device_unavailable_reason(dev_type):
-                raise BackendNotSupportedError(f"{e}; use --device cpu") from None
-            raise
-    dev = resolve_device(train_cfg.device)
-    if attention and model_cfg.attention == AUTO:
-        select_attention(reg, AUTO, attention_request(model_cfg, dev))
+    # the one pre-flight: names, device, attention (before touching the data: typos fail fast)
+    plan = plan_run(reg, model_cfg, train_cfg)
 
     progress, close = _download_progress()
     try:
@@ -208,8 +190,9 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
     click.echo(f"data: {path} ({len(text):,} chars)", err=True)
     on_event, close = _progress_printer(train_cfg.max_iters)
     try:
-        result = train(reg, model_cfg, train_cfg, text, out_dir=out_dir, on_event=on_event,
-                       resume=resume, data_source=str(path))
+        trainer = Trainer(reg, model_cfg, train_cfg, text, out_dir=out_dir, on_event=on_event,
+                          resume=resume, data_source=str(path), plan=plan)
+        result = trainer.fit()
     finally:
         close()
     mc = result.model_config
@@ -250,9 +233,9 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
 def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop,
            cache, stream, device, attention):
     """Generate text from a CHECKPOINT (a run folder or a .pt file; default: out)."""
-    from gptlab.core.build import resolve_device
     from gptlab.core.checkpoint import load_model
-    from gptlab.core.training import sample_text
+    from gptlab.core.devices import resolve_device
+    from gptlab.core.generation import sample_text
 
     reg = _registry(ctx)
     if max_new_tokens < 0:
@@ -279,16 +262,16 @@ def eval_cmd(ctx, checkpoint, data, split, batch_size, device):
     """Loss, perplexity and bits per character over the WHOLE split (deterministic)."""
     import math
 
-    from gptlab.core.build import resolve_device
     from gptlab.core.checkpoint import load_model
-    from gptlab.core.config import TrainConfig
-    from gptlab.core.training import encode_splits, evaluate_split
+    from gptlab.core.devices import resolve_device
+    from gptlab.core.evaluation import evaluate_split
+    from gptlab.data.batches import encode_splits
     from gptlab.data.corpora import load_text, resolve_corpus
 
     reg = _registry(ctx)
     model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device))
-    tc = TrainConfig.from_dict(ckpt["train_config"])
-    source = data or (ckpt.get("train_state") or {}).get("data_source")
+    tc = ckpt.train_config
+    source = data or (ckpt.train_state.data_source if ckpt.train_state else None)
     path = resolve_corpus(source)
     text = load_text(path)
     splits = encode_splits(text, tokenizer, tc.val_fraction, model.config.block_size)
@@ -342,11 +325,12 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
     """List attention backends, best first, with why each can or cannot run."""
     import torch
 
-    from gptlab.core.build import backend_table
-    from gptlab.core.interfaces import AttentionRequest, device_unavailable_reason
+    from gptlab.core.attention import AttentionRequest
+    from gptlab.core.devices import device_type, device_unavailable_reason
+    from gptlab.core.dispatch import backend_table
 
     reg = _registry(ctx)
-    dev = device.split(":")[0]
+    dev = device_type(device)
     request = AttentionRequest(device=dev, dtype=getattr(torch, dtype), head_dim=head_dim,
                                q_len=seq_len, k_len=seq_len, dropout_p=dropout,
                                requires_grad=not inference)
@@ -391,28 +375,36 @@ def bench():
 @click.option("--head-dim", "D", type=int, default=32, show_default=True)
 @click.option("--reps", type=int, default=None,
               help="Timed repetitions per point (default 5, 3 for T >= 2048).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, or cuda / cuda:N (times bracketed by synchronize, memory from "
+                   "torch.cuda.max_memory_allocated).")
 @click.pass_context
-def bench_attention(ctx, names, seq_lens, B, H, D, reps):
+def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
     """Causal forward+backward time and peak extra memory per backend and T, vs sdpa."""
     from gptlab import bench as benchmod
-    from gptlab.core.interfaces import AttentionRequest
+    from gptlab.core.attention import AttentionRequest
+    from gptlab.core.devices import resolve_device
+    from gptlab.core.dispatch import backend_table
 
     reg = _registry(ctx)
+    dev = resolve_device(device)
     if names:
         chosen = [n.strip() for n in names.split(",") if n.strip()]
         for n in chosen:
             reg.attention_backend(n)
     else:
-        req = AttentionRequest(device="cpu", head_dim=D)
-        chosen = sorted(n for n, c in reg.attention_backends.items()
-                        if not c.not_supported_reasons(req))
+        req = AttentionRequest(device=dev.type, head_dim=D)
+        chosen = sorted(cls.name for cls, reasons in backend_table(reg, req) if not reasons)
     chosen = ["sdpa", *(n for n in chosen if n != "sdpa")]  # the baseline first
     try:
         lens = [int(t) for t in seq_lens.split(",")]
     except ValueError:
         raise click.BadParameter("comma-separated integers", param_hint="--seq-lens") from None
-    click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, float32, "
-               f"{__import__('torch').get_num_threads()} threads")
+    import torch
+
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, float32, {dev}, {where}")
     click.echo(f"{'backend':<10}{'T':>6}{'time ms':>11}{'x sdpa':>8}{'peak MiB':>11}{'x sdpa':>8}")
     pending = []
 
@@ -432,7 +424,7 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps):
             click.echo(f"{p.backend:<10}{p.T:>6}{p.time_ms:>11.2f}{rt:>8}{mem:>11}{rm:>8}")
         pending.clear()
 
-    benchmod.run(chosen, lens, B=B, H=H, D=D, reps=reps, on_point=show)
+    benchmod.run(chosen, lens, B=B, H=H, D=D, reps=reps, device=str(dev), on_point=show)
 
 
 @bench.command("generate")

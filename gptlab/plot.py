@@ -6,26 +6,10 @@ so.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from gptlab.core.errors import DataError, GptlabError
-from gptlab.core.training import MetricsLog
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / MetricsLog.FILENAME
-    if not path.is_file():
-        raise DataError(f"{run_dir} has no {MetricsLog.FILENAME}; pass a folder written by "
-                        f"`gpt run`")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{n} is not valid JSON") from None
-    return records
+from gptlab.core.errors import GptlabError
+from gptlab.core.runs import read_metrics
 
 
 def plot_runs(run_dirs, out_path: str | Path) -> Path:

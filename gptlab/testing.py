@@ -9,7 +9,8 @@ Run it from your own tests::
 Each case compares a backend's output and its q/k/v gradients (float32) with a float64
 reference (explicit softmax attention) on awkward shapes: T in {1, 2, 7, 64, 65, 97, 255}, head
 dims in {8, 16, 32, 64, 80}, causal and not, batch*heads in {1, 6}; plus large logits (q scaled
-x20), fewer queries than keys (bottom-right causal mask) where the backend declares support, and
+x20), fewer and more queries than keys (bottom-right causal mask; rows that see no key give 0)
+where the backend declares support, and
 repeat-for-equality determinism where it declares it (``is_deterministic(device)``). Errors are measured
 element-wise relative to the reference, with the reference's RMS as a floor for tiny entries:
 ``max |x - ref| / (|ref| + rms(ref))`` (gradients use the largest of the three gradient RMS
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
-from gptlab.core.interfaces import AttentionBackend, AttentionRequest
+from gptlab.core.attention import AttentionBackend, AttentionRequest
 
 SEQ_LENS = (1, 2, 7, 64, 65, 97, 255)
 HEAD_DIMS = (8, 16, 32, 64, 80)
@@ -65,15 +66,18 @@ class CaseResult:
 
 
 def reference_attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
-    """Float64 softmax attention with a bottom-right aligned causal mask."""
+    """Float64 softmax attention with a bottom-right aligned causal mask (rows that see no key,
+    the first ``tq - tk`` when there are more queries than keys, give 0)."""
     q, k, v = q.double(), k.double(), v.double()
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     s = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        tq, tk = q.size(-2), k.size(-2)
-        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+    if not causal:
+        return torch.softmax(s, dim=-1) @ v
+    tq, tk = q.size(-2), k.size(-2)
+    keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    blind = ~keep.any(dim=-1, keepdim=True)  # rows that see no key (tq > tk): output 0
+    p = torch.softmax(s.masked_fill(~(keep | blind), float("-inf")), dim=-1)
+    return p.masked_fill(blind, 0.0) @ v
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -104,7 +108,8 @@ def default_cases(backend: type[AttentionBackend] | AttentionBackend, *,
               Case(1, 2, 64, 64, hs, False, q_scale=20.0)]
     if cls.supports_q_shorter_than_k:
         cases += [Case(2, 3, 1, 65, hs, True), Case(1, 2, 7, 97, hs, True),
-                  Case(1, 2, 7, 97, hs, False)]
+                  Case(1, 2, 7, 97, hs, False),
+                  Case(1, 2, 9, 4, hs, True), Case(1, 2, 9, 4, hs, False)]  # more q than k
     return cases
 
 

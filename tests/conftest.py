@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.core.interfaces import AttentionRequest
+from gptlab.core.attention import AttentionRequest
 from gptlab.core.plugins import load_registry
 from gptlab.data.corpora import resolve_corpus
 

@@ -5,9 +5,14 @@ import math
 import pytest
 import torch
 
-from gptlab.core.build import select_attention
-from gptlab.core.errors import BackendNotSupportedError, UnknownComponentError
-from gptlab.core.interfaces import AttentionBackend, AttentionRequest, device_unavailable_reason
+from gptlab.core.attention import AttentionBackend, AttentionRequest
+from gptlab.core.devices import device_unavailable_reason
+from gptlab.core.dispatch import backend_table, select_attention
+from gptlab.core.errors import (
+    BackendNotSupportedError,
+    ConfigError,
+    UnknownComponentError,
+)
 
 
 def reference(q, k, v, causal, scale=None):
@@ -99,7 +104,76 @@ def test_explicit_unsupported_backend_raises_with_reasons_never_falls_back(regis
         del registry.attention_backends["only_cuda"]
 
 
-def test_more_queries_than_keys_is_refused():
-    from gptlab.plugins.attention.naive import NaiveAttention
-    reasons = NaiveAttention.not_supported_reasons(AttentionRequest(q_len=9, k_len=4))
-    assert any("more queries" in r for r in reasons)
+def test_more_queries_than_keys_follows_flash_attention(backend):
+    """Causal with tq > tk: the mask is aligned bottom-right, the first tq - tk rows see no key
+    and give 0 (never NaN), in values and gradients, for every backend."""
+    assert not type(backend).not_supported_reasons(AttentionRequest(q_len=9, k_len=4,
+                                                                    head_dim=8))
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 9, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 4, 8, requires_grad=True), torch.randn(1, 2, 4, 8)
+    out = backend(q, k, v, causal=True)
+    assert torch.equal(out[:, :, :5], torch.zeros(1, 2, 5, 8))
+    assert torch.allclose(out.double(), reference(q, k, v, True).nan_to_num(0), atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :, :5], torch.zeros(1, 2, 5, 8))
+    assert torch.isfinite(k.grad).all()
+
+
+def test_calling_a_backend_directly_runs_the_dispatch_checks(registry):
+    flash_like = registry.attention_backend("sdpa")()
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ConfigError, match=r"attention shapes do not agree: q \(1, 2, 5, 8\), "
+                                          r"k \(1, 3, 5, 8\)"):
+        flash_like(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8))
+    with pytest.raises(ConfigError, match="4-D"):
+        flash_like(q[0], q[0], q[0])
+    with pytest.raises(ConfigError, match="different dtypes"):
+        flash_like(q, q.double(), q)
+
+    class Float64Only(AttentionBackend):
+        name = "f64"
+        dtypes = frozenset({torch.float64})
+
+        def forward(self, q, k, v, **kw):
+            raise AssertionError("never reached: the checks run first")
+
+    with pytest.raises(BackendNotSupportedError) as e:
+        Float64Only()(q, q, q)
+    lines = str(e.value).splitlines()
+    assert lines[0] == ("attention backend 'f64' cannot run this request; pick another with "
+                        "--attention (see `gpt backends`)")
+    assert lines[1] == ("  request: device cpu, float32, head_dim 8, q_len 5, k_len 5, causal, "
+                        "forward only")
+    assert lines[2] == "  f64: dtype float32 not supported (supports: float64)"
+
+
+def test_auto_with_nothing_fitting_shows_the_request_and_every_backend(registry):
+    req = AttentionRequest(device="cpu", dtype=torch.int32, head_dim=8)
+    with pytest.raises(BackendNotSupportedError) as e:
+        select_attention(registry, "auto", req)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("no attention backend can run this request;")
+    assert lines[1] == ("  request: device cpu, int32, head_dim 8, q_len 128, k_len 128, causal, "
+                        "with backward")
+    names = [ln.split(":")[0].strip() for ln in lines[2:]]
+    assert sorted(names) == sorted(registry.attention_backends)
+    assert all("dtype int32 not supported" in ln for ln in lines[2:])
+
+
+def test_a_backend_whose_reasons_raise_is_listed_not_fatal(registry):
+    class Buggy(AttentionBackend):
+        name = "buggy"
+        priority = 999
+
+        @classmethod
+        def not_supported_reasons(cls, request):
+            raise ZeroDivisionError("oops")
+
+    registry.attention_backends["buggy"] = Buggy
+    try:
+        rows = dict((c.name, r) for c, r in backend_table(registry, AttentionRequest()))
+        assert rows["buggy"] == ["not_supported_reasons() raised ZeroDivisionError: oops"]
+        assert select_attention(registry, "auto", AttentionRequest(head_dim=16)).name != "buggy"
+    finally:
+        del registry.attention_backends["buggy"]

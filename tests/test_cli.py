@@ -49,8 +49,11 @@ def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):
                           "--data", str(small_text)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: attention backend 'flash' cannot run here: attention dropout (p=0.1) not "
-        "supported"]
+        "Error: attention backend 'flash' cannot run this request; pick another with "
+        "--attention (see `gpt backends`)",
+        "  request: device cpu, float32, head_dim 32, q_len 128, k_len 128, causal, with "
+        "backward, dropout 0.1",
+        "  flash: attention dropout (p=0.1) not supported"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -111,9 +114,12 @@ def test_plugins_backends_presets(cli):
     result = invoke(cli, ["backends"])
     assert result.exit_code == 0
     assert "sdpa" in result.output and "<- auto" in result.output
-    result = invoke(cli, ["backends", "--device", "tpu"])
-    assert "device 'tpu' not supported" in result.output
+    result = invoke(cli, ["backends", "--device", "meta"])
+    assert "device 'meta' not supported" in result.output
     assert "<- auto" not in result.output
+    result = invoke(cli, ["backends", "--device", "tpu"])
+    assert result.exit_code == 1
+    assert result.output == "Error: unknown device 'tpu'; use cpu, cuda, cuda:N or auto\n"
     result = invoke(cli, ["presets"])
     assert "bigram:" in result.output and "tiny:" in result.output and "default:" in result.output
 
@@ -130,3 +136,11 @@ def test_bench_attention_reports_every_backend_against_sdpa(cli):
     assert rows[0][3] == "1.00"
     bad = invoke(cli, ["bench", "attention", "--backends", "nosuch"])
     assert bad.exit_code == 1 and "unknown attention backend 'nosuch'" in bad.output
+
+
+def test_bench_attention_on_an_unavailable_device_is_one_line(cli, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = invoke(cli, ["bench", "attention", "--device", "cuda"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: device 'cuda' is not available: ")
+    assert result.output.endswith("; use --device cpu\n") and result.output.count("\n") == 1

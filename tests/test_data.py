@@ -5,8 +5,8 @@ import hashlib
 import pytest
 
 from gptlab.core.errors import DataError
-from gptlab.core.training import encode_splits
 from gptlab.data import corpora
+from gptlab.data.batches import encode_splits
 from gptlab.data.corpora import Corpus, load_text, resolve_corpus, split_ids
 from gptlab.plugins.tokenizers.char import CharTokenizer
 

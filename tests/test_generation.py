@@ -6,8 +6,7 @@ import torch
 from gptlab.core.build import build_model
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
-from gptlab.core.interfaces import sample_next
-from gptlab.core.training import sample_text
+from gptlab.core.generation import sample_next, sample_text
 from gptlab.plugins.tokenizers.char import CharTokenizer
 
 

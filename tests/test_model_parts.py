@@ -8,9 +8,8 @@ import torch
 from gptlab.core.build import build_model
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
+from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, SingleHeadAttention
 from gptlab.plugins.attention.naive import NaiveAttention
-from gptlab.plugins.models.attention import MultiHeadAttention, SingleHeadAttention
-from gptlab.plugins.models.layers import MLP, LayerNorm
 
 CFG = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=4, n_embd=32)
 

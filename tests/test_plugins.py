@@ -68,6 +68,17 @@ def test_example_plugin_found_through_its_entry_point(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "hello from gptlab-example-plugin" in result.output
     result = CliRunner().invoke(build_cli(reg), ["plugins"])
     assert "example" in result.output and "attention backend: chunked" in result.output
+    # and `gpt run` trains with its block and its backend (its loss falls)
+    data = tmp_path / "text.txt"
+    data.write_text("Prince Andrew looked at Pierre. The old prince was silent. " * 60)
+    result = CliRunner().invoke(build_cli(reg), [
+        "run", "--preset", "tiny", "--data", str(data), "--iters", "60", "--block-size", "16",
+        "--block", "parallel", "--attention", "chunked", "--eval-interval", "30",
+        "--sample-tokens", "0", "--out-dir", str(tmp_path / "run")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "attention chunked" in result.output
+    vals = [float(ln.split("val ")[1]) for ln in result.output.splitlines() if "eval: " in ln]
+    assert vals[-1] < vals[0] < 3.5
 
 
 def test_broken_plugin_is_a_warning_and_the_cli_keeps_working(tmp_path, monkeypatch, caplog):

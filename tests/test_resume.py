@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from gptlab.cli import build_cli
 from gptlab.core.checkpoint import load_checkpoint, load_model
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.training import TrainingInterrupted, evaluate_split, train
+from gptlab.core.evaluation import evaluate_split
+from gptlab.core.trainer import TrainingInterrupted, train
 
 TEXT = ("Prince Vasili always spoke languidly, like an actor repeating a stale part. "
         "Anna Pavlovna Scherer on the contrary, despite her forty years, overflowed with "
@@ -45,7 +46,7 @@ def test_resume_is_bit_exact_and_ctrl_c_saves_first(registry, tmp_path):
     with pytest.raises(TrainingInterrupted, match="interrupted after step 12") as e:
         train(registry, MC, TC, TEXT, out_dir=tmp_path / "part", on_event=ctrl_c_at_12)
     assert e.value.checkpoint == tmp_path / "part" / "ckpt.pt"
-    assert load_checkpoint(tmp_path / "part")["train_state"]["step"] == 12
+    assert load_checkpoint(tmp_path / "part").train_state.step == 12
 
     rest_events = []
     resumed = train(registry, MC, TC, TEXT, out_dir=tmp_path / "part",
@@ -71,21 +72,21 @@ def test_resume_is_bit_exact_and_ctrl_c_saves_first(registry, tmp_path):
 def test_best_and_latest(registry, tmp_path):
     res = train(registry, MC, TC, TEXT, out_dir=tmp_path)
     latest, best = load_checkpoint(tmp_path / "ckpt.pt"), load_checkpoint(tmp_path / "best.pt")
-    assert latest["train_state"]["step"] == 30
+    assert latest.train_state.step == 30
     vals = [h["val_loss"] for h in res.history]
-    assert best["metrics"]["val_loss"] == min(vals)
-    assert latest["train_state"]["best_val"] == min(vals)
+    assert best.metrics["val_loss"] == min(vals)
+    assert latest.train_state.best_val == min(vals)
 
 
 def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(registry, tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
-        from gptlab.core.checkpoint import atomic_torch_save
+        from gptlab.core.files import atomic_write
         big = torch.randn(4_000_000)
         for i in range(1000):
             print("saving", i, flush=True)
-            atomic_torch_save({{"format": "gptlab.checkpoint", "version": 1, "i": i,
-                               "w": big}}, {str(tmp_path / "ckpt.pt")!r})
+            atomic_write({str(tmp_path / "ckpt.pt")!r},
+                         lambda f: torch.save({{"i": i, "w": big}}, f))
     """)
     for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -1,108 +1,89 @@
-"""Turning names into objects: device resolution, attention dispatch and model construction.
+"""From names to objects: the pre-flight check of a run, and model construction.
 
-Dispatch follows xformers ``fmha``: ``auto`` takes the highest-priority backend whose
-``not_supported_reasons(request)`` is empty; a backend named explicitly either fits or raises
-:class:`~gptlab.core.errors.BackendNotSupportedError` listing its reasons, never a silent
-fallback.
+:func:`plan_run` is the one pre-flight: it checks every name (model, tokenizer, block,
+attention backend), the device and the attention choice, and returns a :class:`RunPlan` holding
+what the run will use, the prepared attention backend included, so that dispatch and a
+backend's ``prepare()`` run once per run. :func:`build_model` builds a model from a config and
+either a plan's backend or a fresh dispatch.
 """
 
 from __future__ import annotations
 
-import logging
-
+import attrs
 import torch
 
-from gptlab.core.config import ModelConfig
-from gptlab.core.errors import (BackendNotSupportedError, DeviceError, GptlabError,
-                                UnknownComponentError)
-from gptlab.core.interfaces import (AttentionBackend, AttentionRequest, Components, LanguageModel,
-                                    device_unavailable_reason)
+from gptlab.core.attention import AttentionBackend
+from gptlab.core.config import ModelConfig, TrainConfig
+from gptlab.core.devices import (
+    AUTO,
+    device_type,
+    device_unavailable_reason,
+    resolve_device,
+)
+from gptlab.core.dispatch import attention_request, select_attention
+from gptlab.core.interfaces import Components, LanguageModel
 from gptlab.core.plugins import Registry
 
-AUTO = "auto"
-log = logging.getLogger(__name__)
+
+@attrs.frozen
+class RunPlan:
+    """What a run will use, checked before any data is read or any weight allocated."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    device: torch.device
+    model_cls: type
+    tokenizer_cls: type
+    block_cls: type | None  # None for models without attention (bigram)
+    attention: AttentionBackend | None  # prepared; None for models without attention
+
+    @property
+    def attention_name(self) -> str | None:
+        return None if self.attention is None else self.attention.name
 
 
-def _parse_device(name: str) -> torch.device:
-    if name == AUTO:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
+             requires_grad: bool = True) -> RunPlan:
+    """Check names, device and attention choice once; return the :class:`RunPlan`.
 
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; unavailable devices raise DeviceError."""
-    dev = _parse_device(name)
-    why = device_unavailable_reason(dev.type)
-    if why:
-        raise DeviceError(f"device {dev.type!r} is not available: {why}; use --device cpu")
-    return dev
-
-
-def device_type(name: str) -> str:
-    """The device type a ``--device`` value names (``auto`` resolved), without checking it."""
-    return _parse_device(name).type
-
-
-def backend_table(reg: Registry, request: AttentionRequest) -> list[tuple[type, list[str]]]:
-    """Every registered backend with its reasons for ``request``, highest priority first."""
-    rows = [(cls, cls.not_supported_reasons(request)) for cls in reg.attention_backends.values()]
-    return sorted(rows, key=lambda r: (-r[0].priority, r[0].name))
-
-
-def select_attention(reg: Registry, name: str, request: AttentionRequest) -> AttentionBackend:
-    """Return an instance of the backend called ``name`` (or the best one for ``auto``)."""
-    if name == AUTO:
-        rows = backend_table(reg, request)
-        for i, (cls, reasons) in enumerate(rows):
-            if not reasons:
-                try:
-                    cls.prepare(request)
-                    return cls()
-                except GptlabError as e:  # e.g. its kernels failed to build: auto moves on
-                    log.warning("attention backend %r skipped by auto: %s", cls.name, e)
-                    rows[i] = (cls, [str(e)])
-        detail = "; ".join(f"{cls.name}: {', '.join(r)}" for cls, r in rows) or "none registered"
-        raise BackendNotSupportedError(f"no attention backend supports this request ({detail})")
-    if name not in reg.attention_backends:
-        raise UnknownComponentError(
-            f"unknown attention backend {name!r}; available: "
-            f"{', '.join([AUTO, *sorted(reg.attention_backends)])}"
-        )
-    cls = reg.attention_backends[name]
-    reasons = cls.not_supported_reasons(request)
-    if reasons:
-        raise BackendNotSupportedError(
-            f"attention backend {name!r} cannot run here: {'; '.join(reasons)}"
-        )
-    cls.prepare(request)
-    return cls()
-
-
-def attention_request(config: ModelConfig, device: torch.device | str, *,
-                      requires_grad: bool = True) -> AttentionRequest:
-    device = device if isinstance(device, str) else device.type
-    return AttentionRequest(device=device, dtype=torch.float32, head_dim=config.head_dim,
-                            q_len=config.block_size, k_len=config.block_size, causal=True,
-                            dropout_p=config.dropout, requires_grad=requires_grad)
+    A backend named for a device that is not available here is reported in the backend's own
+    terms (its reasons, then "use --device cpu"); ``auto`` picks among what runs here.
+    """
+    model_cls = reg.model(model_config.model)
+    tokenizer_cls = reg.tokenizer(train_config.tokenizer)
+    uses_attention = model_cls.uses_attention
+    block_cls = reg.block(model_config.block) if uses_attention else None
+    attention = None
+    if uses_attention and model_config.attention != AUTO:
+        dev_type = device_type(train_config.device)
+        fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
+        attention = select_attention(reg, model_config.attention,
+                                     attention_request(model_config, dev_type,
+                                                       requires_grad=requires_grad), fix=fix)
+    device = resolve_device(train_config.device)
+    if uses_attention and attention is None:
+        attention = select_attention(reg, AUTO, attention_request(model_config, device,
+                                                                   requires_grad=requires_grad))
+    return RunPlan(model_config=model_config, train_config=train_config, device=device,
+                   model_cls=model_cls, tokenizer_cls=tokenizer_cls, block_cls=block_cls,
+                   attention=attention)
 
 
 def build_model(reg: Registry, config: ModelConfig, device: torch.device | str = "cpu", *,
+                attention: AttentionBackend | None = None,
                 requires_grad: bool = True) -> LanguageModel:
-    """Build ``config.model`` with its block and attention backend, on ``device``."""
+    """Build ``config.model`` with its block and attention backend, on ``device``.
+
+    ``attention``: an already selected backend (a :class:`RunPlan`'s); otherwise
+    ``config.attention`` is dispatched for ``device``.
+    """
     device = torch.device(device)
     model_cls = reg.model(config.model)
     components = Components()
     if model_cls.uses_attention:
-        block = reg.block(config.block)
-        request = attention_request(config, device, requires_grad=requires_grad)
-        components = Components(block=block, attention=select_attention(reg, config.attention,
-                                                                        request))
+        if attention is None:
+            attention = select_attention(reg, config.attention,
+                                         attention_request(config, device,
+                                                           requires_grad=requires_grad))
+        components = Components(block=reg.block(config.block), attention=attention)
     return model_cls(config, components).to(device)
-
-
-__all__ = ["AUTO", "backend_table", "build_model", "device_type", "resolve_device",
-           "select_attention",
-           "attention_request", "UnknownComponentError"]

@@ -1,109 +1,165 @@
-"""Checkpoints: weights + configs + tokenizer state in one file, written atomically.
+"""The checkpoint format: the one place that defines what a checkpoint file holds.
 
-The payload holds only tensors and plain Python values, so it loads with
-``torch.load(weights_only=True)`` (no pickled code runs). Writes go to a temporary file in the
-same folder, are fsync'ed, then renamed over the target: a crash mid-save leaves the previous
-checkpoint intact.
+A checkpoint is one file holding a :class:`Checkpoint`: weights, both configs, the tokenizer's
+state, and for a resumable run the optimizer state and a :class:`TrainState` (step, RNG states,
+data position, best val loss, data source, eval history). The payload holds only tensors and
+plain Python values, so it loads with ``torch.load(weights_only=True)`` (no pickled code runs).
+It carries a format name and version; a file of another format version is a clear
+:class:`~gptlab.core.errors.CheckpointError`. Writes are atomic
+(:func:`gptlab.core.files.atomic_write`): a crash mid-save leaves the previous checkpoint intact.
+
+Format version 2 (gptlab 0.2)::
+
+    {"format": "gptlab.checkpoint", "version": 2, "gptlab_version": "0.2.0",
+     "model_config": {...}, "train_config": {...},
+     "tokenizer": {"name": "char", "state": {...}},
+     "model": state_dict, "optimizer": state_dict | None,
+     "train_state": TrainState.to_dict() | None,
+     "metrics": {"step", "train_loss", "val_loss", "elapsed", "attention"}}
 """
 
 from __future__ import annotations
 
-import os
+import math
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
+import attrs
 import torch
 
 from gptlab import __version__
 from gptlab.core.build import build_model
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.errors import CheckpointError
-from gptlab.core.plugins import Registry
+from gptlab.core.files import atomic_write
+from gptlab.core.runs import CHECKPOINT
 
 FORMAT = "gptlab.checkpoint"
-VERSION = 1
-FILENAME = "ckpt.pt"  # the latest state of a run: what --resume continues from
-BEST_FILENAME = "best.pt"  # the state with the lowest val loss so far
+VERSION = 2
 
 
-def atomic_torch_save(obj, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+@attrs.define
+class TrainState:
+    """Where a run stands, besides its weights and optimizer: enough to continue bit-exactly."""
+
+    step: int = 0  # optimiser steps done
+    best_val: float = math.inf  # lowest val loss estimated so far (what best.pt holds)
+    elapsed: float = 0.0  # seconds of training so far, across resumes
+    batch_rng: torch.Tensor | None = None  # the data position: state of the batch sampler
+    torch_rng: torch.Tensor | None = None  # torch's global RNG (dropout)
+    data_source: str | None = None  # path of the text trained on
+    history: list[dict] = attrs.Factory(list)  # one record per evaluation
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self, recurse=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        names = attrs.fields_dict(cls)
+        missing = sorted(set(names) - set(d))
+        if missing:
+            raise CheckpointError(f"the checkpoint's training state lacks {', '.join(missing)}")
+        return cls(**{k: d[k] for k in names})
 
 
-def save_checkpoint(path, *, model, model_config: ModelConfig, train_config: TrainConfig,
-                    tokenizer, metrics: dict | None = None, train_state: dict | None = None
-                    ) -> Path:
-    """``train_state`` (optimizer, step, RNG states, ...) makes the checkpoint resumable."""
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "gptlab_version": __version__,
-        "model_config": model_config.to_dict(),
-        "train_config": train_config.to_dict(),
-        "tokenizer": {"name": tokenizer.name, "state": tokenizer.state_dict()},
-        "model": model.state_dict(),
-        "metrics": dict(metrics or {}),
-        "train_state": train_state,
-    }
-    return atomic_torch_save(payload, path)
+@attrs.define
+class Checkpoint:
+    """What a checkpoint file holds (``path``: where it was loaded from, not saved)."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    tokenizer_name: str
+    tokenizer_state: dict
+    model: dict  # the model's state_dict
+    optimizer: dict | None = None  # None: not resumable (e.g. exported weights)
+    train_state: TrainState | None = None
+    metrics: dict = attrs.Factory(dict)
+    path: Path | None = None
+
+    def to_payload(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "gptlab_version": __version__,
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.train_config.to_dict(),
+            "tokenizer": {"name": self.tokenizer_name, "state": self.tokenizer_state},
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "train_state": None if self.train_state is None else self.train_state.to_dict(),
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_payload(cls, payload, path: Path | None = None) -> Checkpoint:
+        where = repr(str(path)) if path is not None else "checkpoint"
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a gptlab checkpoint")
+        version = payload.get("version")
+        if version != VERSION:
+            age = "an older" if isinstance(version, int) and version < VERSION else "a newer"
+            raise CheckpointError(
+                f"checkpoint {where} has format version {version} (written by {age} gptlab, "
+                f"{payload.get('gptlab_version', 'unknown')}); this gptlab {__version__} reads "
+                f"version {VERSION}: use the gptlab that wrote it, or train again")
+        try:
+            tok = payload["tokenizer"]
+            state = payload["train_state"]
+            return cls(model_config=ModelConfig.from_dict(payload["model_config"]),
+                       train_config=TrainConfig.from_dict(payload["train_config"]),
+                       tokenizer_name=tok["name"], tokenizer_state=tok["state"],
+                       model=payload["model"], optimizer=payload["optimizer"],
+                       train_state=None if state is None else TrainState.from_dict(state),
+                       metrics=dict(payload["metrics"]), path=path)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {where} is incomplete (missing {e}); it was not "
+                                  f"written by gptlab {__version__}") from None
 
 
 def checkpoint_path(path) -> Path:
     """Accept a run folder (holding ``ckpt.pt``) or a checkpoint file."""
     path = Path(path)
-    return path / FILENAME if path.is_dir() else path
+    return path / CHECKPOINT if path.is_dir() else path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def save_checkpoint(path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically; returns the path."""
+    payload = checkpoint.to_payload()
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, map_location="cpu") -> Checkpoint:
+    """Read a checkpoint file (or a run folder's ``ckpt.pt``); errors name the file."""
     path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; train one with `gpt run`")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
             ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch file "
                               f"({first[:120]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a gptlab checkpoint")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version "
-                              f"{ckpt.get('version')}, this gptlab reads {VERSION}")
-    return ckpt
+    return Checkpoint.from_payload(payload, path)
 
 
-def load_model(reg: Registry, path, device="cpu", *, attention: str | None = None):
+def load_model(reg, path, device="cpu", *, attention: str | None = None):
     """Rebuild ``(model, tokenizer, checkpoint)`` from a checkpoint, in eval mode on ``device``.
 
     ``attention`` overrides the backend the checkpoint was trained with (weights do not depend
     on it).
     """
     ckpt = load_checkpoint(path)
-    mc = ModelConfig.from_dict(ckpt["model_config"])
+    mc = ckpt.model_config
     if attention is not None:
-        mc = ModelConfig.from_dict({**mc.to_dict(), "attention": attention})
-    tok_cls = reg.tokenizer(ckpt["tokenizer"]["name"])
-    tokenizer = tok_cls.from_state(ckpt["tokenizer"]["state"])
+        mc = attrs.evolve(mc, attention=attention)
+    tokenizer = reg.tokenizer(ckpt.tokenizer_name).from_state(ckpt.tokenizer_state)
     model = build_model(reg, mc, device, requires_grad=False)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.model)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(checkpoint_path(path))!r} does not match its "
-                              f"model config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} does not match its model config: "
+                              f"{str(e).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer, ckpt

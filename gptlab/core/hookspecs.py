@@ -19,7 +19,7 @@ hookspec = pluggy.HookspecMarker("gptlab")
 
 @hookspec
 def register_tokenizers():
-    """Return a :class:`gptlab.core.interfaces.Tokenizer` subclass, or a list of them.
+    """Return a :class:`gptlab.Tokenizer` subclass, or a list of them.
 
     Selected with ``gpt run --tokenizer NAME``.
     """
@@ -27,7 +27,7 @@ def register_tokenizers():
 
 @hookspec
 def register_models():
-    """Return a :class:`gptlab.core.interfaces.LanguageModel` subclass, or a list of them.
+    """Return a :class:`gptlab.LanguageModel` subclass, or a list of them.
 
     Selected with ``gpt run --model NAME``. The model is built as ``cls(config, components)``
     from a :class:`gptlab.core.config.ModelConfig` and the chosen block class and attention
@@ -37,7 +37,7 @@ def register_models():
 
 @hookspec
 def register_blocks():
-    """Return a :class:`gptlab.core.interfaces.Block` subclass (a transformer block), or a list.
+    """Return a :class:`gptlab.Block` subclass (a transformer block), or a list.
 
     Selected with ``gpt run --block NAME``; the transformer stacks ``n_layer`` of them.
     """
@@ -45,7 +45,7 @@ def register_blocks():
 
 @hookspec
 def register_attention_backends():
-    """Return an :class:`gptlab.core.interfaces.AttentionBackend` subclass, or a list of them.
+    """Return an :class:`gptlab.AttentionBackend` subclass, or a list of them.
 
     Selected with ``gpt run --attention NAME``; ``auto`` picks the highest ``priority`` backend
     whose ``not_supported_reasons(request)`` is empty.

@@ -18,8 +18,9 @@ import attrs
 import pluggy
 
 from gptlab.core import hookspecs
+from gptlab.core.attention import AttentionBackend
 from gptlab.core.errors import PluginError, UnknownComponentError
-from gptlab.core.interfaces import AttentionBackend, Block, LanguageModel, Tokenizer
+from gptlab.core.interfaces import Block, LanguageModel, Tokenizer
 
 log = logging.getLogger(__name__)
 

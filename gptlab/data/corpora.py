@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,8 +24,9 @@ from pathlib import Path
 import attrs
 
 from gptlab.core.errors import DataError
+from gptlab.core.files import atomic_write
+from gptlab.core.paths import DATA_DIR_ENV, cache_dir, data_dir
 
-DATA_DIR_ENV = "GPTLAB_DATA_DIR"
 Progress = Callable[[int, int | None], None]
 
 
@@ -47,11 +47,6 @@ WAR_AND_PEACE = Corpus(
     description="Leo Tolstoy, War and Peace (Project Gutenberg #2600), 3,227,518 chars",
 )
 CORPORA = {WAR_AND_PEACE.name: WAR_AND_PEACE}
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gptlab"
 
 
 def _normalise(raw: bytes) -> bytes:
@@ -88,18 +83,7 @@ def download(corpus: Corpus, dest: Path, progress: Progress | None = None,
             f"{corpus.sha256[:12]}... (the upstream file changed?); pass --data PATH to train "
             f"on it anyway"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return atomic_write(dest, data)
 
 
 def resolve_corpus(data: str | os.PathLike | None = None, *, corpus: Corpus = WAR_AND_PEACE,
@@ -113,12 +97,12 @@ def resolve_corpus(data: str | os.PathLike | None = None, *, corpus: Corpus = WA
         return path
     if data is not None:
         corpus = CORPORA[str(data)]
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        path = Path(env).expanduser() / corpus.filename
+    folder = data_dir()
+    if folder is not None:
+        path = folder / corpus.filename
         if not path.is_file():
-            raise DataError(f"{DATA_DIR_ENV}={env} has no {corpus.filename}; put the file there "
-                            f"or unset {DATA_DIR_ENV} to download it")
+            raise DataError(f"{DATA_DIR_ENV}={folder} has no {corpus.filename}; put the file "
+                            f"there or unset {DATA_DIR_ENV} to download it")
         return path
     path = cache_dir() / corpus.filename
     if path.is_file():

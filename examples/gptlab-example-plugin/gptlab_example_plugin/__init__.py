@@ -2,16 +2,15 @@
 
 ``parallel`` is the block of GPT-J (Wang & Komatsuzaki 2021) and PaLM (Chowdhery et al. 2022):
 attention and MLP read the same normalised input and their outputs are summed into the residual.
+Written against gptlab's public API only: ``gptlab`` and ``gptlab.nn``.
 """
 
 import click
 import torch
 from torch.nn import functional as F
 
-from gptlab import hookimpl
-from gptlab.core.interfaces import AttentionBackend, Block, causal_mask, default_scale
-from gptlab.plugins.models.attention import MultiHeadAttention
-from gptlab.plugins.models.layers import MLP, LayerNorm
+from gptlab import AttentionBackend, Block, hookimpl
+from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, causal_mask, default_scale
 
 
 class ChunkedAttention(AttentionBackend):
@@ -33,9 +32,13 @@ class ChunkedAttention(AttentionBackend):
         for start in range(0, tq, self.chunk):
             qc = q[..., start:start + self.chunk, :]  # (B, nh, c, hs)
             s = (qc @ k.transpose(-2, -1)) * scale  # (B, nh, c, Tk)
-            if mask is not None:
-                s = s.masked_fill(~mask[start:start + self.chunk], float("-inf"))
-            outs.append(F.softmax(s, dim=-1) @ v)
+            if mask is None:
+                outs.append(F.softmax(s, dim=-1) @ v)
+                continue
+            keep = mask[start:start + self.chunk]  # (c, Tk)
+            blind = ~keep.any(dim=-1, keepdim=True)  # rows that see no key (tq > tk): give 0
+            p = F.softmax(s.masked_fill(~(keep | blind), float("-inf")), dim=-1)
+            outs.append(p.masked_fill(blind, 0.0) @ v)
         return torch.cat(outs, dim=-2)  # (B, nh, Tq, hs)
 
 

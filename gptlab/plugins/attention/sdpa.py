@@ -8,7 +8,8 @@ bottom-right mask is passed instead.
 import torch
 from torch.nn import functional as F
 
-from gptlab.core.interfaces import AttentionBackend, causal_mask
+from gptlab import AttentionBackend
+from gptlab.nn import causal_mask
 
 
 class SdpaAttention(AttentionBackend):

@@ -2,16 +2,18 @@
 
 Registers the ``fused`` (fused scale + mask + softmax) and ``flash`` (FlashAttention: Dao et al.
 2022; Dao 2023) attention backends, and the ``gpt kernels`` command group. Layout:
-``csrc/gptlab_kernels.h`` (the one C ABI, also the cffi cdef), ``csrc/cpu/`` (C kernels),
-``csrc/cuda/`` (CUDA kernels), ``csrc/emu/`` (the CUDA emulator that runs the ``.cu`` files on
-the CPU), ``build.py`` (cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu``
-flavours), ``loader.py`` (cffi), ``ops.py`` (torch custom ops with autograd), ``backends.py``
-(the attention backends), ``emulator.py`` (the emulator's schedules).
+
+- ``csrc/gptlab_kernels.h``: the one C ABI (also the cffi cdef), read by ``abi.py``;
+- ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``); ``csrc/cuda/``: their CUDA twins
+  (``softmax.cu``, ``flash.cu``); ``csrc/emu/``: the CUDA emulator that runs the ``.cu`` files
+  on the CPU (schedules chosen from ``emulator.py``);
+- ``build.py``: cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu`` flavours;
+  ``loader.py``: cffi; ``ops.py``: torch custom ops with autograd; ``backends.py``: the
+  attention backends; ``commands.py``: ``gpt kernels build / info / check``.
+
+Each kernel source file names, in its header comment, the reference it is checked against, the
+command that checks it and the one that benchmarks it.
 """
-
-import time
-
-import click
 
 from gptlab import hookimpl
 
@@ -24,145 +26,8 @@ def register_attention_backends():
     return [FusedAttention, FlashAttention]
 
 
-@click.group("kernels")
-def kernels():
-    """Build, inspect and verify the native kernel libraries."""
-
-
-def _resources_summary(report) -> str:
-    if not report:
-        return "no ptxas report"
-    archs = sorted({r.arch for r in report})
-    spilled = sum(r.spill_stores + r.spill_loads for r in report)
-    return (f"{len({r.kernel for r in report})} kernels x {len(archs)} archs "
-            f"({', '.join(archs)}): max {max(r.registers for r in report)} registers, "
-            f"{spilled} bytes spilled")
-
-
-@kernels.command("build")
-@click.option("--force", is_flag=True, help="Rebuild even if a cached library exists.")
-@click.option("--flavour", "names", multiple=True, metavar="NAME",
-              help="Build only this flavour (cpu, cuda, cuda-emu); repeatable. Default: all.")
-def build_cmd(force, names):
-    """Compile the kernel libraries now (otherwise each is built on first use).
-
-    cpu: the C kernels (by $CC). cuda: the .cu kernels by nvcc ($NVCC) for sm_80 and sm_90.
-    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU. A flavour
-    whose compiler is missing is skipped with the reason.
-    """
-    from gptlab.core.errors import GptlabError
-    from gptlab.plugins.cuda_kernels import build, loader
-
-    failed = []
-    for name in names or build.FLAVOURS:
-        flavour = build.get_flavour(name)
-        missing = build.missing_compiler_reason(flavour)
-        if missing:
-            click.echo(f"{name}: skipped: {missing}")
-            continue
-        start = time.perf_counter()
-        try:
-            path = build.build(flavour, force=force)
-            lib = loader.NativeLibrary(path)
-        except GptlabError as e:
-            click.echo(f"{name}: FAILED: {e}")
-            failed.append(name)
-            continue
-        click.echo(f"{name}: {path} (ABI {loader.ABI_VERSION}, flavour {lib.flavour}, "
-                   f"{time.perf_counter() - start:.1f}s)")
-        if flavour is build.CUDA:
-            click.echo(f"    ptxas: {_resources_summary(build.resource_report(path))}")
-            count, why = lib.cuda_device_count()
-            click.echo(f"    GPUs: {count}" + (f" ({why})" if why else ""))
-    if failed:
-        raise click.ClickException(f"could not build: {', '.join(failed)}")
-
-
-@kernels.command("info")
-def info_cmd():
-    """Show the cache, the compilers found, and nvcc's per-kernel registers and spills."""
-    from gptlab.plugins.cuda_kernels import build
-
-    click.echo(f"cache: {build.cache_root()}")
-    for name, flavour in build.FLAVOURS.items():
-        cc = build.find_compiler(flavour)
-        click.echo(f"{name}: compiler {flavour.compiler()!r} -> {cc or 'not found'}")
-    if build.find_compiler(build.CUDA):
-        report = build.resource_report(build.build(build.CUDA))
-        click.echo(f"cuda kernels ({_resources_summary(report)}):")
-        click.echo(f"    {'kernel':<34}{'arch':<7}{'regs':>5}{'spill st/ld':>13}{'smem':>6}")
-        for r in sorted(report, key=lambda r: (r.kernel, r.arch)):
-            click.echo(f"    {r.kernel:<34}{r.arch:<7}{r.registers:>5}"
-                       f"{f'{r.spill_stores}/{r.spill_loads}':>13}{r.static_smem:>6}")
-
-
-@kernels.command("check")
-@click.option("--flavour", type=click.Choice(["cpu", "cuda", "cuda-emu"]), default="cuda-emu",
-              show_default=True,
-              help="cpu: the C kernels; cuda: the nvcc kernels on the GPU (CUDA tensors); "
-                   "cuda-emu: the .cu kernels on the CPU under the emulator.")
-@click.option("--schedule", "schedules", multiple=True, metavar="SPEC",
-              help="cuda-emu only: inorder, random or random:SEED; repeatable. "
-                   "Default: inorder and random:1.")
-def check_cmd(flavour, schedules):
-    """Run the conformance suite (gptlab.testing) on the fused and flash kernels.
-
-    Outputs and q/k/v gradients against a float64 reference on odd shapes (T up to 255, head
-    dims 8-80, causal or not, fewer queries than keys), tolerances 1e-4 / 1e-3.
-    """
-    import contextlib
-
-    import torch
-
-    from gptlab.core.errors import BackendNotSupportedError, GptlabError
-    from gptlab.core.interfaces import AttentionRequest
-    from gptlab.plugins.cuda_kernels import backends, emulator
-    from gptlab.testing import GRAD_TOL, OUT_TOL, default_cases, run_conformance
-
-    if flavour == "cuda-emu":
-        classes = [backends.EmulatedFused, backends.EmulatedFlash]
-        specs = [emulator.check_schedule(s) for s in schedules or emulator.DEFAULT_SCHEDULES]
-        runs = [emulator.schedule(s) for s in specs]
-    else:
-        if schedules:
-            raise click.UsageError("--schedule applies to --flavour cuda-emu only")
-        classes = [backends.FusedAttention, backends.FlashAttention]
-        runs = [contextlib.nullcontext(None)]
-    device = "cuda" if flavour == "cuda" else "cpu"
-    request = AttentionRequest(device=device, head_dim=32)
-    for cls in classes:
-        reasons = cls.not_supported_reasons(request)
-        if reasons:
-            raise BackendNotSupportedError(f"{cls.name} cannot run on {device}: "
-                                           f"{'; '.join(reasons)}")
-    failures = 0
-    for run in runs:
-        with run as spec:
-            for cls in classes:
-                backend, cases = cls(), default_cases(cls)
-                label = f"{cls.name}" + (f" [{spec}]" if spec else "") + f" on {device}"
-                start = time.perf_counter()
-                results = []
-                with click.progressbar(length=len(cases), label=label, file=click.get_text_stream(
-                        "stderr")) as bar:
-                    try:
-                        run_conformance(backend, device=device, cases=cases,
-                                        on_result=lambda r: (results.append(r), bar.update(1)))
-                    except (AssertionError, GptlabError) as e:  # wrong results, or a launch error
-                        failures += 1
-                        click.echo(f"{label}: FAILED\n{e}")
-                        continue
-                worst_out = max(r.out_error for r in results)
-                worst_grad = max(r.grad_error for r in results)
-                click.echo(f"{label}: {len(results)}/{len(cases)} cases pass, worst out err "
-                           f"{worst_out:.1e} (tol {OUT_TOL:g}), grad err {worst_grad:.1e} "
-                           f"(tol {GRAD_TOL:g}), {time.perf_counter() - start:.1f}s")
-    if device == "cuda":
-        torch.cuda.synchronize()
-    if failures:
-        raise click.ClickException(f"{failures} conformance run(s) failed")
-
-
 @hookimpl
 def register_commands(cli):
+    from gptlab.plugins.cuda_kernels.commands import kernels
+
     cli.add_command(kernels)

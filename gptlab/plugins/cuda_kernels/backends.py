@@ -20,8 +20,9 @@ from typing import ClassVar
 
 import torch
 
+from gptlab import AttentionBackend
 from gptlab.core.errors import GptlabError
-from gptlab.core.interfaces import AttentionBackend, default_scale
+from gptlab.nn import default_scale
 from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.loader import KernelError, NativeLibrary, load
 
@@ -150,7 +151,7 @@ class EmulatedFused(Emulated, FusedAttention):
 
 class EmulatedFlash(Emulated, FlashAttention):
     name = "flash-emu"
-    description = "the CUDA flash attention (attention.cu) run on the CPU by the CUDA emulator"
+    description = "the CUDA flash attention (flash.cu) run on the CPU by the CUDA emulator"
 
     @classmethod
     def is_deterministic(cls, device: str) -> bool:

@@ -31,18 +31,16 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import attrs
 
 from gptlab.core.errors import GptlabError
-from gptlab.data.corpora import cache_dir
+from gptlab.core.files import atomic_path, atomic_write
+from gptlab.core.paths import kernel_cache_dir
+from gptlab.plugins.cuda_kernels.abi import ABI_VERSION, CSRC, HEADER
 
-CSRC = Path(__file__).resolve().parent / "csrc"
-HEADER = CSRC / "gptlab_kernels.h"
-CACHE_ENV = "GPTLAB_KERNEL_CACHE"
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -70,10 +68,11 @@ CPU = Flavour(
     name="cpu", compiler_env="CC", default_compiler="cc",
     sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c"), headers=("cpu/*.h",),
     flags=("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fopenmp-simd",
-           "-fno-math-errno", "-pthread", "-Wall", "-Wextra", "-Werror"),
+           "-fno-math-errno", "-pthread", "-Wall", "-Wextra", "-Werror",
+           "-Wno-psabi"),  # 64-byte vectors on a CPU without AVX-512: inlined, no ABI crossed
     native_cpu=True, install_hint="install gcc or set CC",
 )
-CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/attention.cu")
+CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu")
 CUDA_HEADERS = ("cuda/*.cuh", "emu/*.h")
 #: SASS for Ampere (sm_80) and Hopper (sm_90), and PTX that later GPUs compile when loading.
 CUDA_ARCH_FLAGS = ("-gencode", "arch=compute_80,code=sm_80",
@@ -96,8 +95,7 @@ FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU)}
 
 
 def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else cache_dir() / "kernels"
+    return kernel_cache_dir()
 
 
 def find_compiler(flavour: Flavour) -> str | None:
@@ -127,8 +125,6 @@ def _cpu_flags() -> str:
 def build_key(flavour: Flavour) -> str:
     import torch
 
-    from gptlab.plugins.cuda_kernels import loader
-
     h = hashlib.sha256()
     files = sorted({HEADER, *(CSRC / s for s in flavour.sources),
                     *(f for pattern in flavour.headers for f in CSRC.glob(pattern))})
@@ -138,7 +134,7 @@ def build_key(flavour: Flavour) -> str:
     h.update(" ".join(flavour.flags).encode())
     h.update(_compiler_version(flavour).encode())
     h.update(torch.__version__.encode())
-    h.update(str(loader.ABI_VERSION).encode())
+    h.update(str(ABI_VERSION).encode())
     h.update(platform.machine().encode())
     if flavour.native_cpu:
         h.update(_cpu_flags().encode())
@@ -211,32 +207,23 @@ def build(flavour: Flavour | str = CPU, *, force: bool = False) -> Path:
         if lib.is_file() and not force:  # built by another process while we waited
             return lib
         lib.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkstemp(dir=lib.parent, prefix=lib.name + ".", suffix=".tmp")[1])
-        cmd = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC), "-o", str(tmp),
-               *(str(CSRC / s) for s in flavour.sources), "-lm"]
-        try:
+        cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC)]
+        sources = [str(CSRC / s) for s in flavour.sources]
+        with atomic_path(lib) as tmp:  # renamed into place only if the compiler succeeds
+            cmd = [*cmd_prefix, "-o", str(tmp), *sources, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOCK_TIMEOUT_S)
             output = proc.stdout + proc.stderr
-            _write_atomic(lib.parent / "build.log", shlex.join(cmd) + "\n" + output)
+            atomic_write(lib.parent / "build.log", shlex.join(cmd) + "\n" + output)
             if proc.returncode != 0:
                 first = next((ln for ln in output.splitlines() if "error" in ln),
                              output.strip().splitlines()[-1] if output.strip() else "")
                 raise KernelBuildError(f"building the {flavour.name} kernels failed: "
                                        f"{first.strip()[:200]} (full log: "
                                        f"{lib.parent / 'build.log'})")
-            os.replace(tmp, lib)
-        finally:
-            tmp.unlink(missing_ok=True)
         return lib
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ ptxas resource report

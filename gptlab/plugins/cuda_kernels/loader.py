@@ -1,14 +1,13 @@
 """Load a native kernel library with cffi (ABI mode) and call it with error checking.
 
-The cffi ``cdef`` is read from ``csrc/gptlab_kernels.h`` between its ``cffi-begin`` and
-``cffi-end`` markers, so the C header is the single definition of the ABI. Every flavour (CPU,
-CUDA, emulated CUDA) is loaded by the same :class:`NativeLibrary`; a non-zero return code becomes
-a :class:`KernelError` carrying ``gptlab_last_error()``.
+The cffi ``cdef`` and the ABI version come from :mod:`.abi` (the C header is the single
+definition of the ABI). Every flavour (CPU, CUDA, emulated CUDA) is loaded by the same
+:class:`NativeLibrary`; a non-zero return code becomes a :class:`KernelError` carrying
+``gptlab_last_error()``.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
@@ -16,19 +15,12 @@ import cffi
 import torch
 
 from gptlab.core.errors import GptlabError
-
-HEADER = Path(__file__).resolve().parent / "csrc" / "gptlab_kernels.h"
-ABI_VERSION = int(re.search(r"#define GPTLAB_ABI_VERSION (\d+)", HEADER.read_text()).group(1))
+from gptlab.plugins.cuda_kernels import build
+from gptlab.plugins.cuda_kernels.abi import ABI_VERSION, cdef_source
 
 
 class KernelError(GptlabError):
     """A native kernel returned an error code."""
-
-
-def cdef_source() -> str:
-    text = HEADER.read_text()
-    start, end = text.index("/* cffi-begin */"), text.index("/* cffi-end */")
-    return text[start + len("/* cffi-begin */"):end]
 
 
 class NativeLibrary:
@@ -73,8 +65,6 @@ _lock = threading.Lock()
 
 def load(flavour="cpu") -> NativeLibrary:
     """Build (if needed) and load a flavour (a name or a ``build.Flavour``) once per process."""
-    from gptlab.plugins.cuda_kernels import build
-
     flavour = build.get_flavour(flavour)
     with _lock:
         if flavour not in _loaded:

@@ -1,8 +1,9 @@
-"""Built-in models (``bigram``, ``transformer``) and transformer blocks (``prenorm``, ``postnorm``)."""
+"""Built-in models (``bigram``, ``transformer``) and transformer blocks (``prenorm``,
+``postnorm``), registered through the ``gptlab`` entry points like any third party's."""
 
 from gptlab import hookimpl
+from gptlab.nn import PostNormBlock, PreNormBlock
 from gptlab.plugins.models.bigram import BigramLanguageModel
-from gptlab.plugins.models.blocks import PostNormBlock, PreNormBlock
 from gptlab.plugins.models.transformer import Transformer
 
 

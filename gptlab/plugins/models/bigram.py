@@ -7,7 +7,7 @@ possible val loss on War and Peace is the conditional entropy of the val bigrams
 
 import torch.nn as nn
 
-from gptlab.core.interfaces import LanguageModel
+from gptlab import LanguageModel
 
 
 class BigramLanguageModel(LanguageModel):

@@ -2,20 +2,16 @@
 
 token + position embeddings -> dropout -> n_layer blocks -> final LayerNorm -> linear to logits.
 The block type and the attention backend are components chosen by name. The output head shares
-its weight with the token embedding (Press & Wolf 2017). Initialisation follows GPT-2: normal
-(0, 0.02) weights, zero biases, and residual projections scaled by 1/sqrt(2 * n_layer) so that
-the residual stream's variance does not grow with depth.
+its weight with the token embedding (Press & Wolf 2017). Initialisation is GPT-2's
+(:func:`gptlab.nn.init_gpt2`).
 """
-
-import math
 
 import torch
 import torch.nn as nn
 
+from gptlab import AttentionRequest, LanguageModel
 from gptlab.core.errors import ConfigError
-from gptlab.core.interfaces import AttentionRequest, LanguageModel
-from gptlab.plugins.models.attention import LayerKV
-from gptlab.plugins.models.layers import LayerNorm
+from gptlab.nn import LayerKV, LayerNorm, init_gpt2
 
 
 class KVCache:
@@ -44,18 +40,7 @@ class Transformer(LanguageModel):
         self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        std = 0.02
-        if isinstance(module, nn.Linear):
-            if getattr(module, "residual_projection", False):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+        init_gpt2(self, config.n_layer)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape

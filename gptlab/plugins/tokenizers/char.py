@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from gptlab import hookimpl
+from gptlab import Tokenizer, hookimpl
 from gptlab.core.errors import TokenizerError
-from gptlab.core.interfaces import Tokenizer
 
 
 def _describe(ch: str) -> str:

@@ -13,6 +13,11 @@
  * Forward work items are (slice, 64-query chunk), backward items are slices (each slice owns its
  * dq, dk, dv rows, so no atomics and the result is deterministic). Per-thread scratch is
  * allocated once per call: O((tq + tk) * d) floats per thread, never tq x tk.
+ *
+ * Reference: gptlab.testing.reference_attention (float64 softmax attention, same mask).
+ * Check:     gpt kernels check --flavour cpu       (pytest tests/kernels/test_conformance.py)
+ * Benchmark: gpt bench attention --backends flash  (vs sdpa, same run)
+ * CUDA twin: ../cuda/flash.cu
  */
 #include <stdlib.h>
 

@@ -1,6 +1,13 @@
 /* Fused scale + causal mask + softmax over the rows of a (bh, tq, tk) score tensor, and its
  * backward dx = scale * y * (dy - rowsum(y * dy)). One pass per row over memory that stays in
- * cache; no mask tensor and no second (tq, tk) temporary. */
+ * cache; no mask tensor and no second (tq, tk) temporary.
+ *
+ * Reference: torch.softmax in float64 (tests/kernels/test_cpu_kernels.py), and through the
+ *            `fused` backend gptlab.testing.reference_attention.
+ * Check:     gpt kernels check --flavour cpu       (pytest tests/kernels/test_conformance.py)
+ * Benchmark: gpt bench attention --backends fused  (vs sdpa, same run)
+ * CUDA twin: ../cuda/softmax.cu
+ */
 #include "common.h"
 
 typedef struct {

@@ -5,6 +5,13 @@
  * once per pass. Forward: y = exp2(x·scale·log2 e − m) / Σ, masked entries 0 (a row with no
  * visible key is all 0, never NaN). Backward: dx = scale · y ⊙ (dy − Σ y ⊙ dy); dx may alias dy
  * (each lane reads an element before writing it, and the sum is complete before any write).
+ *
+ * Reference: torch.softmax in float64; through the `fused` backend
+ *            gptlab.testing.reference_attention.
+ * Check:     gpt kernels check --flavour cuda-emu  (the emulator, on the CPU; pytest
+ *            tests/kernels/test_cuda_emulated.py), gpt kernels check --flavour cuda (on a GPU)
+ * Benchmark: gpt bench attention --device cuda --backends fused  (on a GPU, vs sdpa)
+ * CPU twin:  ../cpu/softmax.c
  */
 #include "common.cuh"
 

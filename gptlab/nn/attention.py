@@ -2,14 +2,16 @@
 
 Scaled dot-product attention (Vaswani et al. 2017, section 3.2): each position emits a query,
 a key and a value; ``softmax(Q K^T / sqrt(head_dim) + causal mask) V``. The arithmetic of that
-formula is delegated to an :class:`~gptlab.core.interfaces.AttentionBackend` (naive, sdpa,
+formula is delegated to an :class:`~gptlab.core.attention.AttentionBackend` (naive, sdpa,
 fused, flash, or a plugin's), so backends can be swapped without touching the model.
 """
+
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from gptlab.core.interfaces import AttentionBackend
+from gptlab.core.attention import AttentionBackend
 
 
 class LayerKV:
@@ -17,6 +19,11 @@ class LayerKV:
 
     def __init__(self):
         self.k = self.v = None
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far: the position of the next token in this cache's window."""
+        return 0 if self.k is None else self.k.size(2)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys/values; return all keys/values so far."""
@@ -51,6 +58,14 @@ class MultiHeadAttention(nn.Module):
     The per-head query/key/value projections are stored as one ``Linear(C, 3C)`` so that all
     heads run in one batched backend call on ``(B, n_head, T, head_size)`` tensors; the result
     equals running :class:`SingleHeadAttention` per head and concatenating (tested).
+
+    **The position seam.** Between the q/k/v split and the backend call, ``qk_positions`` (a
+    module, ``None`` by default) may transform the new queries and keys given their absolute
+    positions: ``q, k = qk_positions(q, k, pos)`` with q and k ``(B, nh, T, hs)`` and ``pos``
+    ``(T,)`` int64. With the KV cache, ``pos`` continues after the tokens already cached, and
+    the keys are cached after the transform, so a rotary embedding (Su et al. 2021) written as
+    such a module works with and without the cache. Install one with
+    :func:`set_qk_positions`; the attention module itself stays as it is.
     """
 
     def __init__(self, config, attention: AttentionBackend):
@@ -58,16 +73,20 @@ class MultiHeadAttention(nn.Module):
         self.n_head, self.n_embd = config.n_head, config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_projection = True  # scaled at init, see Transformer._init_weights
         self.attention = attention
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_positions: nn.Module | None = None
 
     def forward(self, x, kv_cache: LayerKV | None = None):
         B, T, C = x.shape
         hs = C // self.n_head
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)  # q, k, v for every head
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if self.qk_positions is not None:  # the position seam
+            start = 0 if kv_cache is None else kv_cache.length
+            pos = torch.arange(start, start + T, dtype=torch.long, device=x.device)  # (T,)
+            q, k = self.qk_positions(q, k, pos)
         if kv_cache is not None:  # decoding: T new queries against every key so far
             k, v = kv_cache.extend(k, v)  # (B, nh, T_past + T, hs); causal mask bottom-right
         p = self.attn_dropout if self.training else 0.0
@@ -75,3 +94,14 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # concatenate heads: (B, T, C)
         y = self.c_proj(y)
         return self.resid_dropout(y) if self.training else y
+
+
+def set_qk_positions(model: nn.Module, module: nn.Module | None) -> int:
+    """Install ``module`` at the position seam of every :class:`MultiHeadAttention` in
+    ``model`` (``None`` removes it); returns how many attention modules it was installed in."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.qk_positions = module
+            count += 1
+    return count

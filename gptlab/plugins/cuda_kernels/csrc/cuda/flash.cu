@@ -20,6 +20,12 @@
  * Workspace (caller-allocated): bh·tq·d floats of dQ accumulator, then bh·tq floats of D.
  * Grids are one-dimensional (block = batch·head · tiles + tile), so batch·head is not capped by
  * the 65535 limit of grid.y; consecutive blocks share a head's K and V in L2.
+ *
+ * Reference: gptlab.testing.reference_attention (float64 softmax attention, same mask).
+ * Check:     gpt kernels check --flavour cuda-emu  (the emulator, on the CPU; pytest
+ *            tests/kernels/test_cuda_emulated.py), gpt kernels check --flavour cuda (on a GPU)
+ * Benchmark: gpt bench attention --device cuda --backends flash  (on a GPU, vs sdpa)
+ * CPU twin:  ../cpu/flash.c
  */
 #include <algorithm>
 

@@ -6,8 +6,8 @@
 """
 
 from gptlab.core.interfaces import Block
-from gptlab.plugins.models.attention import MultiHeadAttention
-from gptlab.plugins.models.layers import MLP, LayerNorm
+from gptlab.nn.attention import MultiHeadAttention
+from gptlab.nn.layers import MLP, LayerNorm
 
 
 class PreNormBlock(Block):

@@ -32,13 +32,15 @@ class LayerNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout."""
+    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout.
+
+    ``c_proj`` writes into the residual stream, so GPT-2's init scales it (:mod:`gptlab.nn.init`).
+    """
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_projection = True  # scaled at init, see Transformer._init_weights
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):

@@ -1,0 +1,42 @@
+"""From text to training batches: encode and split the text, draw random windows.
+
+As nanoGPT: the first ``1 - val_fraction`` of the encoded text is train, the rest val; a batch
+is ``B`` random windows of ``T + 1`` tokens, ``x`` the first ``T`` and ``y`` the last ``T``.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from gptlab.core.errors import DataError
+from gptlab.data.corpora import split_ids
+
+
+@attrs.define
+class Splits:
+    train: torch.Tensor  # (N_train,) int64
+    val: torch.Tensor  # (N_val,) int64
+
+
+def encode_splits(text: str, tokenizer, val_fraction: float, block_size: int) -> Splits:
+    """Encode ``text`` and split it: first ``1 - val_fraction`` train, the rest val."""
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    n = split_ids(len(ids), val_fraction)
+    splits = Splits(train=ids[:n], val=ids[n:])
+    for name, part in (("train", splits.train), ("val", splits.val)):
+        if len(part) < block_size + 1:
+            raise DataError(
+                f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}; use a longer text or a smaller --block-size"
+            )
+    return splits
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: ``x`` is (B, T), ``y`` is ``x`` shifted by one token."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets = torch.arange(block_size + 1)
+    chunk = data[ix[:, None] + offsets]  # (B, T + 1)
+    return chunk[:, :-1], chunk[:, 1:]

@@ -1,0 +1,74 @@
+"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under two
+schedules, odd head dims, a planted missing barrier that must fail, typed errors."""
+
+import attrs
+import pytest
+import torch
+
+from gptlab.core.attention import AttentionRequest
+from gptlab.plugins.cuda_kernels import backends, build, emulator
+from gptlab.testing import Case, default_cases, run_conformance
+
+SCHEDULES = ("inorder", "random:1")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],
+                         ids=lambda c: c.name)
+def test_conformance_on_emulated_cuda_kernels(cls, schedule):
+    """Forward and backward of the .cu kernels, every default case (T <= 255), per schedule."""
+    cases = default_cases(cls)
+    assert len(cases) >= 140 and max(c.tk for c in cases) <= 256
+    with emulator.schedule(schedule):
+        results = run_conformance(cls(), cases=cases)  # raises, listing every failed case
+    assert len(results) == len(cases)
+
+
+@pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],
+                         ids=lambda c: c.name)
+def test_emulated_cuda_kernels_at_odd_and_edge_head_dims(cls):
+    """Odd head dims (the shared-memory stride is then d itself), and d = 128, whose backward
+    uses 43.4 KB of shared memory: under the 48 KB launch limit the emulator enforces."""
+    cases = [Case(1, 2, 33, 33, hs, causal) for hs in (1, 7, 33, 127, 128)
+             for causal in (True, False)]
+    with emulator.schedule("random:3"):
+        run_conformance(cls(), cases=cases)
+
+
+@pytest.fixture
+def planted_flash(monkeypatch):
+    """flash-emu built with GL_PLANT_MISSING_SYNC: no barrier between staging K/V and using it."""
+    flavour = attrs.evolve(build.CUDA_EMU, name="cuda-emu-planted",
+                           flags=(*build.CUDA_EMU.flags, "-DGL_PLANT_MISSING_SYNC"))
+    monkeypatch.setitem(build.FLAVOURS, flavour.name, flavour)
+
+    class Planted(backends.EmulatedFlash):
+        name = "flash-emu-planted"
+        kernels = flavour.name
+
+    return Planted()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_planted_missing_syncthreads_fails_the_suite(planted_flash, schedule):
+    cases = [Case(1, 1, 7, 7, 8, True), Case(2, 3, 65, 65, 32, True),
+             Case(1, 2, 97, 97, 80, False)]
+    with emulator.schedule(schedule), pytest.raises(AssertionError, match="3/3 cases failed"):
+        run_conformance(planted_flash, cases=cases)
+
+
+def test_emulated_kernels_give_typed_errors():
+    from gptlab.plugins.cuda_kernels import ops
+    from gptlab.plugins.cuda_kernels.loader import KernelError
+
+    q = torch.randn(1, 1, 4, 130)
+    with pytest.raises(KernelError, match=r"gptlab_flash_forward_f32 failed \(code 1\): "
+                                          r"flash_forward: head dim 130 > 128"):
+        ops.flash_attn(q, q, q, 1.0, True, "cuda-emu")
+    with pytest.raises(KernelError, match="float32 required"):
+        ops.fused_softmax(torch.randn(2, 3, dtype=torch.float64), 1.0, False, "cuda-emu")
+    assert backends.EmulatedFlash.not_supported_reasons(
+        AttentionRequest(device="cpu", head_dim=130)) == ["head_dim 130 outside [1, 128]"]
+    assert "head_dim 200 > 128 not supported by the CUDA kernels" in " ".join(
+        backends.FlashAttention.not_supported_reasons(AttentionRequest(device="cuda",
+                                                                       head_dim=200)))
