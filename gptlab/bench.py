@@ -32,10 +32,10 @@ class BenchPoint:
     H: int
     T: int
     D: int
-    device: str = "cpu"
     time_ms: float | None = None  # median forward+backward
     peak_extra_mib: float | None = None
     error: str | None = None
+    device: str = "cpu"
 
 
 def _status_kib(field: str) -> int:
@@ -103,7 +103,8 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
         step(q, k, v, dout)
         sync()
         times.append(time.perf_counter() - t0)
-    return BenchPoint(backend, B, H, T, D, dev.type, statistics.median(times) * 1e3, peak)
+    return BenchPoint(backend, B, H, T, D, statistics.median(times) * 1e3, peak,
+                      device=dev.type)
 
 
 def run(backends, seq_lens=SEQ_LENS, *, B=8, H=4, D=32, reps=None, device="cpu",
@@ -119,7 +120,7 @@ def run(backends, seq_lens=SEQ_LENS, *, B=8, H=4, D=32, reps=None, device="cpu",
                 point = BenchPoint(**json.loads(proc.stdout.strip().splitlines()[-1]))
             else:
                 err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                point = BenchPoint(name, B, H, T, D, device, error=err[:200])
+                point = BenchPoint(name, B, H, T, D, error=err[:200], device=device)
             points.append(point)
             if on_point:
                 on_point(point)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -29,7 +30,9 @@ class GptGroup(click.Group):
         try:
             return super().invoke(ctx)
         except GptlabError as e:
-            raise click.ClickException(str(e)) from None
+            exc = click.ClickException(str(e))
+            exc.exit_code = getattr(e, "exit_code", 1)  # e.g. 130 after Ctrl-C
+            raise exc from None
 
 
 def _registry(ctx: click.Context) -> Registry:
@@ -139,19 +142,26 @@ def _download_progress():
                    "metrics.jsonl.")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
               help="Continue the run saved in this folder bit-exactly (model, optimizer, "
-                   "schedule, RNG, data position); settings come from its checkpoint.")
+                   "schedule, RNG, data position); settings come from its checkpoint, except "
+                   "--lr, which may change (e.g. lower, after a divergence).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out-dir (its ckpt.pt, best.pt and "
+                   "metrics.jsonl are deleted). Without it such a folder is refused.")
 @click.pass_context
-def run(ctx, preset, data, out_dir, resume_dir, **opts):
+def run(ctx, preset, data, out_dir, resume_dir, overwrite, **opts):
     """Train a model on War and Peace (or --data), evaluate it, save it and print a sample.
 
-    Ctrl-C saves a checkpoint after the current step; continue with --resume.
+    Ctrl-C or SIGTERM saves a checkpoint first (after the current step, or at once during an
+    evaluation); continue with --resume. A run folder that already holds a run is refused
+    unless --resume or --overwrite.
     """
     from click.core import ParameterSource
 
     from gptlab.core.build import plan_run
     from gptlab.core.checkpoint import load_checkpoint
-    from gptlab.core.config import resolve_configs
+    from gptlab.core.config import TrainConfig, resolve_configs
     from gptlab.core.generation import sample_text
+    from gptlab.core.runs import RunFolder
     from gptlab.core.trainer import Trainer
     from gptlab.data.corpora import load_text, resolve_corpus
 
@@ -159,11 +169,11 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
     resume = None
     if resume_dir is not None:
         given = [p.opts[0] for p in ctx.command.params
-                 if p.name not in ("resume_dir", "data", "out_dir")
+                 if p.name not in ("resume_dir", "data", "out_dir", "learning_rate", "overwrite")
                  and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"--resume takes every setting from the checkpoint; drop "
-                                   f"{', '.join(given)}")
+            raise click.UsageError(f"--resume takes every setting but --lr from the checkpoint; "
+                                   f"drop {', '.join(given)}")
         resume = load_checkpoint(resume_dir)
         model_cfg, train_cfg = resume.model_config, resume.train_config
         state = resume.train_state
@@ -171,26 +181,36 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
         if ctx.get_parameter_source("out_dir") != ParameterSource.COMMANDLINE:
             out_dir = resume_dir
         step = state.step if state else None
-        click.echo(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}", err=True)
+        lr = opts["learning_rate"]
+        note = ""
+        if lr is not None:
+            note = f" with --lr {lr:g} (was {train_cfg.learning_rate:g})"
+            train_cfg = TrainConfig(**{**train_cfg.to_dict(), "learning_rate": lr})
+        click.echo(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}{note}", err=True)
     else:
         model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
                       "attention"}
         model_over = {k: v for k, v in opts.items() if k in model_keys}
         train_over = {k: v for k, v in opts.items() if k not in model_keys}
         model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
-    # the one pre-flight: names, device, attention (before touching the data: typos fail fast)
+    # the one pre-flight: names, device, attention, the run folder (before touching the data)
     plan = plan_run(reg, model_cfg, train_cfg)
+    same = resume_dir is not None and Path(resume_dir).resolve() == Path(out_dir).resolve()
+    folder = RunFolder(out_dir, resume=same, overwrite=overwrite)
 
     progress, close = _download_progress()
     try:
         path = resolve_corpus(data, progress=progress)
+        text = load_text(path)
+    except BaseException:
+        folder.close()
+        raise
     finally:
         close()
-    text = load_text(path)
     click.echo(f"data: {path} ({len(text):,} chars)", err=True)
     on_event, close = _progress_printer(train_cfg.max_iters)
     try:
-        trainer = Trainer(reg, model_cfg, train_cfg, text, out_dir=out_dir, on_event=on_event,
+        trainer = Trainer(reg, model_cfg, train_cfg, text, out_dir=folder, on_event=on_event,
                           resume=resume, data_source=str(path), plan=plan)
         result = trainer.fit()
     finally:
@@ -214,8 +234,8 @@ def run(ctx, preset, data, out_dir, resume_dir, **opts):
 @click.argument("checkpoint", default="out", type=click.Path())
 @click.option("--prompt", default="", help="Text to continue (every character must be in "
                                            "the tokenizer's vocabulary).")
-@click.option("--tokens", "max_new_tokens", type=int, default=500, show_default=True,
-              help="Most tokens to generate.")
+@click.option("--tokens", "max_new_tokens", type=click.IntRange(min=0), default=500,
+              show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Softmax temperature; 0 is greedy decoding.")
 @click.option("--top-k", type=int, default=None, help="Sample only among the k likeliest.")
@@ -235,11 +255,10 @@ def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
     """Generate text from a CHECKPOINT (a run folder or a .pt file; default: out)."""
     from gptlab.core.checkpoint import load_model
     from gptlab.core.devices import resolve_device
-    from gptlab.core.generation import sample_text
+    from gptlab.core.generation import check_sampling, sample_text
 
     reg = _registry(ctx)
-    if max_new_tokens < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--tokens")
+    check_sampling(temperature, top_k, top_p, seed)  # before anything is loaded or printed
     model, tokenizer, _ = load_model(reg, checkpoint, resolve_device(device), attention=attention)
     tokenizer.encode(prompt)  # unknown characters fail before anything is printed
     if stream:
@@ -254,9 +273,11 @@ def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
 @click.argument("checkpoint", default="out", type=click.Path())
 @click.option("--data", default=None, metavar="PATH|NAME",
               help="Text to evaluate on (default: the one the checkpoint was trained on).")
-@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
+              help="Which split of the text to evaluate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Windows of block_size tokens per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.pass_context
 def eval_cmd(ctx, checkpoint, data, split, batch_size, device):
     """Loss, perplexity and bits per character over the WHOLE split (deterministic)."""
@@ -316,9 +337,12 @@ def plugins(ctx):
 @click.option("--device", default="cpu", show_default=True, help="Device type to check for.")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float64", "float16", "bfloat16"]))
-@click.option("--head-dim", type=int, default=32, show_default=True)
-@click.option("--seq-len", type=int, default=128, show_default=True)
-@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--head-dim", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Head dimension of the request.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Query and key length of the request.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Attention dropout probability of the request.")
 @click.option("--inference", is_flag=True, help="Forward only (no backward needed).")
 @click.pass_context
 def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
@@ -370,10 +394,13 @@ def bench():
               help="Comma-separated backends (default: every one that runs on the CPU).")
 @click.option("--seq-lens", default="64,256,1024,2048", show_default=True,
               help="Comma-separated sequence lengths T.")
-@click.option("--batch", "B", type=int, default=8, show_default=True)
-@click.option("--heads", "H", type=int, default=4, show_default=True)
-@click.option("--head-dim", "D", type=int, default=32, show_default=True)
-@click.option("--reps", type=int, default=None,
+@click.option("--batch", "B", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batch size B.")
+@click.option("--heads", "H", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Heads H.")
+@click.option("--head-dim", "D", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Head dimension D.")
+@click.option("--reps", type=click.IntRange(min=1), default=None,
               help="Timed repetitions per point (default 5, 3 for T >= 2048).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N (times bracketed by synchronize, memory from "
@@ -399,7 +426,9 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
     try:
         lens = [int(t) for t in seq_lens.split(",")]
     except ValueError:
-        raise click.BadParameter("comma-separated integers", param_hint="--seq-lens") from None
+        lens = []
+    if not lens or min(lens) < 1:
+        raise click.BadParameter("comma-separated integers >= 1", param_hint="--seq-lens")
     import torch
 
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
@@ -429,7 +458,8 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
 
 @bench.command("generate")
 @click.argument("checkpoint", default="out", type=click.Path())
-@click.option("--tokens", type=int, default=500, show_default=True)
+@click.option("--tokens", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Tokens to generate, with and without the cache.")
 @click.option("--prompt", default="", help="Prompt (default: start from token 0).")
 @click.pass_context
 def bench_generate(ctx, checkpoint, tokens, prompt):
@@ -472,6 +502,9 @@ def build_cli(registry: Registry | None = None) -> click.Group:
         if verbose:
             logging.getLogger("gptlab").setLevel(logging.INFO)
         ctx.meta["gptlab.registry"] = reg
+        if isinstance(reg, Registry) and ctx.invoked_subcommand != "plugins":  # that lists them
+            for problem in reg.problems:
+                click.echo(f"WARNING: {problem}", err=True)
 
     for cmd in BUILTIN_COMMANDS:
         cli.add_command(cmd)

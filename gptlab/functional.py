@@ -19,20 +19,25 @@ that see no key give 0), where torch aligns it top-left.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from gptlab.core.attention import AttentionBackend, AttentionRequest
+from gptlab.core.devices import AUTO
 from gptlab.core.errors import ConfigError
 
-AUTO = "auto"
+log = logging.getLogger(__name__)
 
 
 @functools.cache
 def _registry():
     from gptlab.core.plugins import load_registry
 
-    return load_registry()
+    reg = load_registry()
+    for problem in reg.problems:  # a broken plugin is said once, not silently dropped
+        log.warning(problem)
+    return reg
 
 
 @functools.lru_cache(maxsize=1024)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptlab.core.errors import GptlabError
+from gptlab.core.files import atomic_write
 from gptlab.core.runs import read_metrics
 
 
@@ -41,8 +42,7 @@ def plot_runs(run_dirs, out_path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out)
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return out

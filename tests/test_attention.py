@@ -8,11 +8,7 @@ import torch
 from gptlab.core.attention import AttentionBackend, AttentionRequest
 from gptlab.core.devices import device_unavailable_reason
 from gptlab.core.dispatch import backend_table, select_attention
-from gptlab.core.errors import (
-    BackendNotSupportedError,
-    ConfigError,
-    UnknownComponentError,
-)
+from gptlab.core.errors import BackendNotSupportedError, ConfigError, UnknownComponentError
 
 
 def reference(q, k, v, causal, scale=None):

@@ -57,9 +57,10 @@ def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
-    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
-    (["--iters", "0"], "max_iters must be a positive integer"),
+    (["--n-embd", "30", "--n-head", "4"], "n_embd (--n-embd) 30 must be divisible by n_head "
+                                          "(--n-head) 4"),
+    (["--dropout", "1.5"], "dropout (--dropout) must be in [0, 1)"),
+    (["--iters", "0"], "max_iters (--iters) must be a positive integer"),
     (["--preset", "huge"], "unknown preset 'huge'; available: bigram, tiny, default"),
     (["--model", "gpt5"], "unknown model 'gpt5'; available: bigram, transformer"),
     (["--block", "nope"], "unknown block 'nope'"),

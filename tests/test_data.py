@@ -58,9 +58,14 @@ def test_offline_without_a_copy_says_how_to_point_at_a_file(tmp_path, monkeypatc
 
 def test_data_dir_env_and_explicit_paths(tmp_path, monkeypatch):
     (tmp_path / "war_and_peace.txt").write_text(TEXT)
+    mine = Corpus("war_and_peace", "war_and_peace.txt", "http://x",
+                  sha256=hashlib.sha256(TEXT.encode()).hexdigest())
+    monkeypatch.setitem(corpora.CORPORA, "war_and_peace", mine)
     monkeypatch.setenv("GPTLAB_DATA_DIR", str(tmp_path))
-    assert resolve_corpus() == tmp_path / "war_and_peace.txt"
+    assert resolve_corpus(corpus=mine) == tmp_path / "war_and_peace.txt"
     assert resolve_corpus("war_and_peace") == tmp_path / "war_and_peace.txt"
+    with pytest.raises(DataError, match="is not war_and_peace: its sha256 is "):
+        resolve_corpus()  # the real War and Peace's hash: this file is not it
     monkeypatch.setenv("GPTLAB_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="has no war_and_peace.txt"):
         resolve_corpus()

@@ -13,7 +13,7 @@ from gptlab.data.corpora import load_text
 
 def test_short_training_on_war_and_peace_lowers_val_loss(registry, war_and_peace, tmp_path):
     text = load_text(war_and_peace)
-    mc = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+    mc = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, attention="sdpa")
     tc = TrainConfig(max_iters=200, batch_size=16, learning_rate=3e-3, warmup_iters=10,
                      eval_interval=50, eval_iters=5, final_eval_iters=20, seed=0)
     events = []
@@ -22,7 +22,7 @@ def test_short_training_on_war_and_peace_lowers_val_loss(registry, war_and_peace
     assert result.model_config.vocab_size == 111
     assert result.history[0]["step"] == 50
     assert first_val < 4.0  # from ln(111) = 4.71 at init
-    assert result.val_loss < 2.9  # 200 small steps: well below ln(111) = 4.71, above 2.475
+    assert result.val_loss < 2.8
     assert result.val_loss < first_val - 0.2
     assert [e.step for e in events if e.kind == "step"] == list(range(1, 201))
     # checkpoint reloads to the same function

@@ -16,7 +16,6 @@ queries than keys the first ``q_len - k_len`` rows see no key and their output i
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import ClassVar
 
@@ -162,20 +161,39 @@ class AttentionBackend:
         The checks are skipped while ``torch.compile`` traces (they ran when the model was built,
         and Python-level checks would break the graph)."""
         if not torch.compiler.is_compiling():
-            request = AttentionRequest.from_tensors(q, k, v, causal=causal, dropout_p=dropout_p)
-            if not _supports(type(self), request):
-                raise BackendNotSupportedError(
-                    not_supported_message(self.name, request,
-                                          type(self).not_supported_reasons(request)))
+            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                or v.requires_grad)
+            key = (type(self), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
+                   k.device, v.device, causal, dropout_p, grad)
+            if key not in _PASSED:  # a call like one that passed before is not checked again
+                request = AttentionRequest.from_tensors(q, k, v, causal=causal,
+                                                        dropout_p=dropout_p)
+                reasons = backend_reasons(type(self), request)
+                if reasons:
+                    raise BackendNotSupportedError(not_supported_message(self.name, request,
+                                                                         reasons))
+                if len(_PASSED) >= _PASSED_MAX:
+                    _PASSED.clear()
+                _PASSED.add(key)
         return self.forward(q, k, v, causal=causal, dropout_p=dropout_p, scale=scale)
 
     def __repr__(self):
         return f"<attention backend {self.name!r}>"
 
 
-@functools.lru_cache(maxsize=4096)
-def _supports(cls: type[AttentionBackend], request: AttentionRequest) -> bool:
-    return not cls.not_supported_reasons(request)
+def backend_reasons(cls: type[AttentionBackend], request: AttentionRequest) -> list[str]:
+    """``cls.not_supported_reasons(request)``; if that raises (a plugin's bug), the error is the
+    one reason, so a broken backend is reported and passed over instead of taking dispatch down."""
+    try:
+        return list(cls.not_supported_reasons(request))
+    except Exception as e:
+        return [f"not_supported_reasons() raised {type(e).__name__}: {e}"]
+
+
+#: Calls (backend class and the facts of q, k, v) that passed the checks: a training step or a
+#: decoded token repeats the same few, so the checks cost one set lookup after the first.
+_PASSED: set[tuple] = set()
+_PASSED_MAX = 4096
 
 
 def not_supported_message(name: str, request: AttentionRequest, reasons: list[str], *,

@@ -14,12 +14,7 @@ import torch
 
 from gptlab.core.attention import AttentionBackend
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.devices import (
-    AUTO,
-    device_type,
-    device_unavailable_reason,
-    resolve_device,
-)
+from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
 from gptlab.core.dispatch import attention_request, select_attention
 from gptlab.core.interfaces import Components, LanguageModel
 from gptlab.core.plugins import Registry

@@ -31,7 +31,7 @@ import torch
 from gptlab import __version__
 from gptlab.core.build import build_model
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.errors import CheckpointError
+from gptlab.core.errors import CheckpointError, ConfigError, first_line
 from gptlab.core.files import atomic_write
 from gptlab.core.runs import CHECKPOINT
 
@@ -46,9 +46,11 @@ class TrainState:
     step: int = 0  # optimiser steps done
     best_val: float = math.inf  # lowest val loss estimated so far (what best.pt holds)
     elapsed: float = 0.0  # seconds of training so far, across resumes
+    # RNG states, filled when a checkpoint is made (the live ones are the generators'):
     batch_rng: torch.Tensor | None = None  # the data position: state of the batch sampler
     torch_rng: torch.Tensor | None = None  # torch's global RNG (dropout)
     data_source: str | None = None  # path of the text trained on
+    data_sha256: str | None = None  # of that text (as load_text returns it): checked on resume
     history: list[dict] = attrs.Factory(list)  # one record per evaluation
 
     def to_dict(self) -> dict:
@@ -98,16 +100,18 @@ class Checkpoint:
             raise CheckpointError(f"{where} is not a gptlab checkpoint")
         version = payload.get("version")
         if version != VERSION:
-            age = "an older" if isinstance(version, int) and version < VERSION else "a newer"
+            age = ("an unknown" if not isinstance(version, int)
+                   else "an older" if version < VERSION else "a newer")
             raise CheckpointError(
                 f"checkpoint {where} has format version {version} (written by {age} gptlab, "
                 f"{payload.get('gptlab_version', 'unknown')}); this gptlab {__version__} reads "
                 f"version {VERSION}: use the gptlab that wrote it, or train again")
         try:
+            model_config = ModelConfig.from_dict(payload["model_config"])
+            train_config = TrainConfig.from_dict(payload["train_config"])
             tok = payload["tokenizer"]
             state = payload["train_state"]
-            return cls(model_config=ModelConfig.from_dict(payload["model_config"]),
-                       train_config=TrainConfig.from_dict(payload["train_config"]),
+            return cls(model_config=model_config, train_config=train_config,
                        tokenizer_name=tok["name"], tokenizer_state=tok["state"],
                        model=payload["model"], optimizer=payload["optimizer"],
                        train_state=None if state is None else TrainState.from_dict(state),
@@ -115,6 +119,8 @@ class Checkpoint:
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {where} is incomplete (missing {e}); it was not "
                                   f"written by gptlab {__version__}") from None
+        except ConfigError as e:
+            raise CheckpointError(f"checkpoint {where} holds an invalid config: {e}") from None
 
 
 def checkpoint_path(path) -> Path:
@@ -124,9 +130,17 @@ def checkpoint_path(path) -> Path:
 
 
 def save_checkpoint(path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically; returns the path."""
+    """Write ``checkpoint`` to ``path`` atomically; returns the path. A write the file system
+    refuses (disk full, ...) is a CheckpointError; the file at ``path`` is then unchanged."""
     payload = checkpoint.to_payload()
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    path = Path(path)
+    try:
+        return atomic_write(path, lambda f: torch.save(payload, f))
+    except OSError as e:
+        kept = "the previous one is intact" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror} ({kept}); free "
+                              f"some space, then continue with `gpt run --resume "
+                              f"{path.parent}`") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> Checkpoint:
@@ -138,9 +152,9 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
             ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = first_line(str(e), 100) or type(e).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch file "
-                              f"({first[:120]})") from None
+                              f"({why})") from None
     return Checkpoint.from_payload(payload, path)
 
 
@@ -160,6 +174,17 @@ def load_model(reg, path, device="cpu", *, attention: str | None = None):
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} does not match its model config: "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{first_line(str(e))}") from None
+    bad = non_finite_parameters(model)
+    if bad:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds non-finite weights (NaN or "
+                              f"inf in {bad[0]}): it was saved after training diverged; use an "
+                              f"earlier checkpoint or train again with a lower --lr")
     model.eval()
     return model, tokenizer, ckpt
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf (empty: every weight is finite)."""
+    with torch.no_grad():
+        return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]

@@ -7,56 +7,84 @@ message instead of failing later inside torch.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 from gptlab.core.errors import ConfigError
 
 
+def _label(attribute) -> str:
+    """How errors name a field: ``max_iters (--iters)`` where the CLI has a flag for it."""
+    flag = attribute.metadata.get("flag")
+    return f"{attribute.name} ({flag})" if flag else attribute.name
+
+
 def _positive(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{_label(attribute)} must be a positive integer, got {value!r}")
 
 
 def _non_negative(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+        raise ConfigError(f"{_label(attribute)} must be an integer >= 0, got {value!r}")
+
+
+def _seed(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{_label(attribute)} must be an integer in [0, 2**63 - 1], "
+                          f"got {value!r}")
 
 
 def _fraction(instance, attribute, value):
     if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{attribute.name} must be in [0, 1), got {value!r}")
+        raise ConfigError(f"{_label(attribute)} must be in [0, 1), got {value!r}")
 
 
 def _positive_float(instance, attribute, value):
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ConfigError(f"{_label(attribute)} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative_float(instance, attribute, value):
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{_label(attribute)} must be a finite number >= 0, got {value!r}")
 
 
 def _name(instance, attribute, value):
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{attribute.name} must be a non-empty name, got {value!r}")
+        raise ConfigError(f"{_label(attribute)} must be a non-empty name, got {value!r}")
+
+
+#: Seeds are drawn into torch generators as 64-bit integers (gptlab also uses seed + 1).
+MAX_SEED = 2**63 - 1
+
+
+def _field(default, validator, flag: str | None = None):
+    return attrs.field(default=default, validator=validator,
+                       metadata={"flag": flag} if flag else {})
 
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """What to build. ``vocab_size`` is set from the tokenizer before the model is built."""
 
-    model: str = attrs.field(default="transformer", validator=_name)
-    vocab_size: int = attrs.field(default=0, validator=_non_negative)
-    block_size: int = attrs.field(default=128, validator=_positive)  # context length T
-    n_layer: int = attrs.field(default=4, validator=_positive)
-    n_head: int = attrs.field(default=4, validator=_positive)
-    n_embd: int = attrs.field(default=128, validator=_positive)
-    dropout: float = attrs.field(default=0.0, validator=_fraction)
+    model: str = _field("transformer", _name, "--model")
+    vocab_size: int = _field(0, _non_negative)
+    block_size: int = _field(128, _positive, "--block-size")  # context length T
+    n_layer: int = _field(4, _positive, "--n-layer")
+    n_head: int = _field(4, _positive, "--n-head")
+    n_embd: int = _field(128, _positive, "--n-embd")
+    dropout: float = _field(0.0, _fraction, "--dropout")
     bias: bool = True
-    block: str = attrs.field(default="prenorm", validator=_name)
-    attention: str = attrs.field(default="auto", validator=_name)
+    block: str = _field("prenorm", _name, "--block")
+    attention: str = _field("auto", _name, "--attention")
 
     def __attrs_post_init__(self):
         if self.n_embd % self.n_head:
             raise ConfigError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"pick n_embd a multiple of n_head"
+                f"n_embd (--n-embd) {self.n_embd} must be divisible by n_head (--n-head) "
+                f"{self.n_head}; pick n_embd a multiple of n_head"
             )
 
     @property
@@ -75,23 +103,23 @@ class ModelConfig:
 class TrainConfig:
     """How to train: optimisation, schedule, evaluation and sampling settings."""
 
-    tokenizer: str = attrs.field(default="char", validator=_name)
-    device: str = attrs.field(default="cpu", validator=_name)
-    seed: int = attrs.field(default=1337, validator=_non_negative)
-    max_iters: int = attrs.field(default=1000, validator=_positive)
-    batch_size: int = attrs.field(default=32, validator=_positive)
-    learning_rate: float = attrs.field(default=1e-3, validator=_positive_float)
-    min_lr_ratio: float = attrs.field(default=0.1, validator=_fraction)  # cosine floor, x lr
-    warmup_iters: int = attrs.field(default=50, validator=_non_negative)
-    weight_decay: float = attrs.field(default=0.1, validator=_fraction)
-    beta1: float = attrs.field(default=0.9, validator=_fraction)
-    beta2: float = attrs.field(default=0.99, validator=_fraction)
-    grad_clip: float = attrs.field(default=1.0)  # 0 disables clipping
-    eval_interval: int = attrs.field(default=250, validator=_positive)
-    eval_iters: int = attrs.field(default=20, validator=_positive)  # batches per estimate
-    final_eval_iters: int = attrs.field(default=200, validator=_positive)
-    val_fraction: float = attrs.field(default=0.1, validator=_fraction)
-    sample_tokens: int = attrs.field(default=300, validator=_non_negative)
+    tokenizer: str = _field("char", _name, "--tokenizer")
+    device: str = _field("cpu", _name, "--device")
+    seed: int = _field(1337, _seed, "--seed")
+    max_iters: int = _field(1000, _positive, "--iters")
+    batch_size: int = _field(32, _positive, "--batch-size")
+    learning_rate: float = _field(1e-3, _positive_float, "--lr")
+    min_lr_ratio: float = _field(0.1, _fraction)  # cosine floor, x lr
+    warmup_iters: int = _field(50, _non_negative)
+    weight_decay: float = _field(0.1, _fraction)
+    beta1: float = _field(0.9, _fraction)
+    beta2: float = _field(0.99, _fraction)
+    grad_clip: float = _field(1.0, _non_negative_float)  # 0 disables clipping
+    eval_interval: int = _field(250, _positive, "--eval-interval")
+    eval_iters: int = _field(20, _positive)  # batches per estimate
+    final_eval_iters: int = _field(200, _positive)
+    val_fraction: float = _field(0.1, _fraction)
+    sample_tokens: int = _field(300, _non_negative, "--sample-tokens")
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)

@@ -9,8 +9,14 @@ from gptlab.core.errors import DeviceError
 AUTO = "auto"
 
 
+#: The device types gptlab trains and samples on.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def device_unavailable_reason(device_type: str) -> str | None:
-    """Why torch cannot use devices of this type here (None if it can)."""
+    """Why gptlab cannot use devices of this type here (None if it can)."""
+    if device_type not in DEVICE_TYPES:
+        return f"gptlab runs on {', '.join(DEVICE_TYPES)}, not {device_type}"
     if device_type == "cuda" and not torch.cuda.is_available():
         if torch.version.cuda is None:
             return f"torch {torch.__version__} has no CUDA support (a CPU-only build)"

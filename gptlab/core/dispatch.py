@@ -3,7 +3,9 @@
 Follows xformers ``fmha``: ``auto`` takes the highest-priority backend whose
 ``not_supported_reasons(request)`` is empty (and whose ``prepare(request)`` succeeds); a backend
 named explicitly either fits or raises :class:`~gptlab.core.errors.BackendNotSupportedError`,
-never a silent fallback. Both errors show the request and one line of reasons per backend.
+never a silent fallback. Both errors show the request and one line of reasons per backend. A
+backend whose ``not_supported_reasons`` or ``prepare`` raises (a plugin's bug) has that error as
+its reason: ``auto`` moves on, a named one is refused with it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,12 @@ import torch
 from gptlab.core.attention import (
     AttentionBackend,
     AttentionRequest,
+    backend_reasons,
     not_supported_message,
 )
 from gptlab.core.config import ModelConfig
 from gptlab.core.devices import AUTO
-from gptlab.core.errors import (
-    BackendNotSupportedError,
-    GptlabError,
-    UnknownComponentError,
-)
+from gptlab.core.errors import BackendNotSupportedError, GptlabError, UnknownComponentError
 from gptlab.core.plugins import Registry
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,13 @@ def backend_table(reg: Registry, request: AttentionRequest) -> list[tuple[type, 
 
     A backend whose ``not_supported_reasons`` raises is listed with that as its reason (a
     broken plugin must not take dispatch down)."""
-    rows = []
-    for cls in reg.attention_backends.values():
-        try:
-            reasons = list(cls.not_supported_reasons(request))
-        except Exception as e:  # a plugin's bug: report it, move on
-            reasons = [f"not_supported_reasons() raised {type(e).__name__}: {e}"]
-        rows.append((cls, reasons))
+    rows = [(cls, backend_reasons(cls, request)) for cls in reg.attention_backends.values()]
     return sorted(rows, key=lambda r: (-r[0].priority, r[0].name))
+
+
+def _prepare_failure(e: Exception) -> str:
+    """Why ``prepare`` failed: a gptlab error's own message, else the plugin's bug as such."""
+    return str(e) if isinstance(e, GptlabError) else f"prepare() raised {type(e).__name__}: {e}"
 
 
 def select_attention(reg: Registry, name: str, request: AttentionRequest, *,
@@ -55,10 +53,12 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest, *,
             if not reasons:
                 try:
                     cls.prepare(request)
+                except Exception as e:  # its kernels failed to build, a plugin's bug: move on
+                    reason = _prepare_failure(e)
+                    log.warning("attention backend %r skipped by auto: %s", cls.name, reason)
+                    rows[i] = (cls, [reason])
+                else:
                     return cls()
-                except GptlabError as e:  # e.g. its kernels failed to build: auto moves on
-                    log.warning("attention backend %r skipped by auto: %s", cls.name, e)
-                    rows[i] = (cls, [str(e)])
         lines = [f"  {cls.name}: {'; '.join(r)}" for cls, r in rows] or ["  (none registered)"]
         raise BackendNotSupportedError(
             "no attention backend can run this request; change the request (device, dropout, "
@@ -69,12 +69,18 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest, *,
             f"unknown attention backend {name!r}; available: "
             f"{', '.join([AUTO, *sorted(reg.attention_backends)])}")
     cls = reg.attention_backends[name]
-    reasons = cls.not_supported_reasons(request)
-    if reasons:
-        kw = {} if fix is None else {"fix": fix}
-        raise BackendNotSupportedError(not_supported_message(name, request, reasons, **kw))
-    cls.prepare(request)
-    return cls()
+    reasons = backend_reasons(cls, request)
+    if not reasons:
+        try:
+            cls.prepare(request)
+        except GptlabError:
+            raise  # its own message (e.g. how to build its kernels)
+        except Exception as e:
+            reasons = [_prepare_failure(e)]
+        else:
+            return cls()
+    kw = {} if fix is None else {"fix": fix}
+    raise BackendNotSupportedError(not_supported_message(name, request, reasons, **kw))
 
 
 def attention_request(config: ModelConfig, device: torch.device | str, *,

@@ -39,3 +39,25 @@ class CheckpointError(GptlabError):
 
 class DeviceError(GptlabError):
     """The requested device is not available."""
+
+
+class RunFolderError(GptlabError):
+    """A run folder already holds a run, is in use by another run, or cannot be written."""
+
+
+class TrainingDiverged(GptlabError):
+    """The loss or the weights stopped being finite; nothing non-finite was saved."""
+
+
+class OutOfMemory(GptlabError):
+    """A run needs more memory than the machine has."""
+
+
+def first_line(text: str, limit: int = 160) -> str:
+    """The first non-empty line of ``text``, cut at a word boundary to at most ``limit``
+    characters (with "..."), for quoting another library's message in a one-line error."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 3].rsplit(" ", 1)[0].rstrip(",;:")
+    return cut + "..."

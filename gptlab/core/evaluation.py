@@ -15,15 +15,24 @@ from torch.nn import functional as F
 from gptlab.data.batches import get_batch
 
 
+class EvaluationStopped(Exception):
+    """``should_stop()`` answered True between two batches (Ctrl-C or SIGTERM)."""
+
+
 @torch.no_grad()
 def estimate_loss(model, data: torch.Tensor, *, iters: int, batch_size: int, block_size: int,
-                  seed: int, device: torch.device) -> float:
-    """Mean loss over ``iters`` batches drawn with a fixed ``seed`` (the same batches each time)."""
+                  seed: int, device: torch.device,
+                  should_stop: Callable[[], bool] | None = None) -> float:
+    """Mean loss over ``iters`` batches drawn with a fixed ``seed`` (the same batches each time).
+
+    ``should_stop`` is asked before each batch; True raises :class:`EvaluationStopped`."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(iters):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
         x, y = get_batch(data, batch_size, block_size, gen)
         _, loss = model(x.to(device), y.to(device))
         total += loss.item()

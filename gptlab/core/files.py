@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)  # read once (setting it is the only way), then put back
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -29,6 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp makes 0600: give the file the mode a plain open() would (or the old file's)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,14 +43,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def atomic_write(path: str | os.PathLike,
                  data: bytes | str | Callable[[BinaryIO], object]) -> Path:
-    """Write ``data`` (bytes, UTF-8 text, or a function writing to a binary file) atomically."""
+    """Write ``data`` (bytes, UTF-8 text, or a function writing to a binary file) atomically.
+
+    A write the file system refuses (disk full, file too large, read-only) raises that
+    ``OSError`` with its errno, even when the writing function (``torch.save`` does) turns it
+    into an error of its own."""
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        if callable(data):
-            data(f)
-        else:
+        if not callable(data):
             f.write(data.encode() if isinstance(data, str) else data)
+            return path
+        writer = _RecordingWriter(f)
+        try:
+            data(writer)
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
     return path
+
+
+class _RecordingWriter:
+    """A binary file that remembers the first OSError its writes raised."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def _fsync_dir(folder: Path) -> None:

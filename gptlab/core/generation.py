@@ -8,18 +8,23 @@ Neural Text Degeneration").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
 
+from gptlab.core.config import MAX_SEED
 from gptlab.core.errors import ConfigError
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int | None = None) -> None:
     """Validate sampling options (before anything is generated or printed)."""
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {seed}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -71,7 +76,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """Pick the next token from ``logits`` (B, vocab); returns (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # shift the max to 0 first: a tiny temperature then sends the rest to -inf, never to NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -93,6 +99,7 @@ def sample_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 300, *
     ``stop``: end as soon as the generated text contains this string (it is kept in the
     output). ``on_text`` receives each newly generated piece of text (for streaming).
     """
+    check_sampling(temperature, top_k, top_p, seed)
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) if prompt else [0]  # no prompt: start from token 0
     idx = torch.tensor([ids], dtype=torch.long, device=device)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gptlab._compat import moved
 from gptlab.core.attention import AttentionBackend
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
@@ -127,3 +128,10 @@ class LanguageModel(nn.Module):
         :func:`gptlab.core.generation.generate`."""
         return _generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator,
                         use_cache, on_token)
+
+
+# gptlab 0.1 kept the attention interface and sampling here
+__getattr__ = moved(__name__, {
+    "AttentionRequest": "gptlab.core.attention",
+    "causal_mask": "gptlab.core.attention", "default_scale": "gptlab.core.attention",
+    "device_unavailable_reason": "gptlab.core.devices", "sample_next": "gptlab.core.generation"})

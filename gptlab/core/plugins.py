@@ -1,17 +1,19 @@
 """Plugin loading and the component registry.
 
 :func:`load_registry` builds a fresh pluggy ``PluginManager`` (nothing happens at import time),
-loads every ``gptlab`` entry point one by one (a plugin that fails to import becomes a warning
-naming it, and everything else keeps working), calls each plugin's ``register_*`` hooks
-separately (so a hook that raises is blamed on its own plugin) and indexes the returned classes
-by name. Two plugins registering the same name is a :class:`~gptlab.core.errors.PluginError`
-naming both.
+loads every ``gptlab`` entry point one by one, gptlab's own (distribution ``gptlab``) first,
+calls each plugin's ``register_*`` hooks separately and indexes the returned classes by name;
+:func:`register_commands` adds the plugins' subcommands. A plugin that fails to import or whose
+hook raises (``SystemExit`` included; Ctrl-C is not caught), a bad return value, an entry point
+whose name is taken (a built-in always keeps its name) and a command whose name is taken (the
+original is kept) each become one line in ``Registry.problems`` naming the plugin, and
+everything else keeps working. Nothing is logged here: the CLI shows the problems. Two plugins
+registering the same component name is a :class:`~gptlab.core.errors.PluginError` naming both.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 from collections.abc import Iterable
 
 import attrs
@@ -22,9 +24,8 @@ from gptlab.core.attention import AttentionBackend
 from gptlab.core.errors import PluginError, UnknownComponentError
 from gptlab.core.interfaces import Block, LanguageModel, Tokenizer
 
-log = logging.getLogger(__name__)
-
 ENTRY_POINT_GROUP = "gptlab"
+BUILTIN_DIST = "gptlab"  # the distribution whose entry points are gptlab's own plugins
 
 #: hook name -> (registry kind, required base class, human label)
 KINDS = {
@@ -55,7 +56,13 @@ class Registry:
     blocks: dict[str, type] = attrs.Factory(dict)
     attention_backends: dict[str, type] = attrs.Factory(dict)
     owners: dict[tuple[str, str], str] = attrs.Factory(dict)  # (kind, name) -> plugin
-    problems: list[str] = attrs.Factory(list)  # warnings: broken plugins
+    problems: list[str] = attrs.Factory(list)  # one line per broken or refused plugin part
+
+    def add_problem(self, problem: str) -> None:
+        """Record ``problem`` once (each CLI built from this registry meets its command
+        problems again)."""
+        if problem not in self.problems:
+            self.problems.append(problem)
 
     def get(self, kind: str, name: str) -> type:
         table = getattr(self, kind)
@@ -85,22 +92,35 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name == BUILTIN_DIST
+
+
 def _load_entry_points(pm: pluggy.PluginManager, problems: list[str]) -> dict[str, str]:
-    sources = {}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist else ""
-        if pm.has_plugin(ep.name):
-            problems.append(f"plugin {ep.name!r} from {ep.value}{dist} skipped: another plugin "
-                            f"is already registered under that name")
+    """Register every entry point, gptlab's own first: a later one whose name is taken is
+    skipped (so a third party can never replace a built-in). Returns name -> source."""
+    sources, holders = {}, {}
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(eps, key=lambda ep: not _is_builtin(ep)):
+        where = f"{ep.value} ({ep.dist.name} {ep.dist.version})" if ep.dist else ep.value
+        if ep.name in holders:
+            problems.append(f"plugin {ep.name!r} ({where}) skipped: the name is already taken "
+                            f"by {holders[ep.name]}")
             continue
+        holders[ep.name] = "gptlab's own plugin" if _is_builtin(ep) else where
         try:
             plugin = ep.load()
-        except Exception as e:  # any error inside a third-party import must not kill the CLI
-            problems.append(f"plugin {ep.name!r} ({ep.value}{dist}) failed to import: "
-                            f"{type(e).__name__}: {e}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit too: a plugin's import must not end gptlab
+            problems.append(f"plugin {ep.name!r} ({where}) failed to import: {_describe(e)}")
             continue
         pm.register(plugin, name=ep.name)
-        sources[ep.name] = f"entry point {ep.value}{dist}"
+        sources[ep.name] = f"entry point {where}"
     return sources
 
 
@@ -137,9 +157,10 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = (), *,
             plugin = impl.plugin_name
             try:
                 classes = _as_list(impl.function())
-            except Exception as e:
-                reg.problems.append(f"plugin {plugin!r}: {hook_name}() raised "
-                                    f"{type(e).__name__}: {e}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # SystemExit too
+                reg.problems.append(f"plugin {plugin!r}: {hook_name}() raised {_describe(e)}")
                 continue
             for cls in classes:
                 if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -160,23 +181,30 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = (), *,
                 table[cname] = cls
                 reg.owners[(kind, cname)] = plugin
                 infos[plugin].registered.setdefault(label, []).append(cname)
-    for problem in reg.problems:
-        log.warning(problem)
     return reg
 
 
 def register_commands(reg: Registry, cli) -> None:
-    """Let every plugin add subcommands to ``cli``; a failing plugin becomes a problem entry."""
+    """Let every plugin add subcommands to ``cli``. A hook that raises, or a command whose name
+    is taken (gptlab's own or an earlier plugin's), becomes a problem entry; the original stays."""
+    owners = dict.fromkeys(cli.commands, "gptlab's own")
+    infos = {info.name: info for info in reg.plugins}
     for impl in reg.pm.hook.register_commands.get_hookimpls():
-        before = set(cli.commands)
+        plugin = impl.plugin_name
+        before = dict(cli.commands)
         try:
             impl.function(*[cli for _ in impl.argnames])
-        except Exception as e:
-            msg = f"plugin {impl.plugin_name!r}: register_commands() raised {type(e).__name__}: {e}"
-            reg.problems.append(msg)
-            log.warning(msg)
-            continue
-        added = sorted(set(cli.commands) - before)
-        for info in reg.plugins:
-            if info.name == impl.plugin_name and added:
-                info.registered.setdefault("command", []).extend(added)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit too
+            reg.add_problem(f"plugin {plugin!r}: register_commands() raised {_describe(e)}")
+        for name, cmd in before.items():
+            if cli.commands.get(name) is not cmd:  # replaced (or removed): put the original back
+                reg.add_problem(f"plugin {plugin!r}: command {name!r} is already "
+                                f"{owners[name]}; ignored")
+                cli.commands[name] = cmd
+        added = [name for name in cli.commands if name not in before]
+        owners.update(dict.fromkeys(added, f"registered by plugin {plugin!r}"))
+        if added and plugin in infos:
+            names = infos[plugin].registered.setdefault("command", [])
+            names.extend(name for name in added if name not in names)

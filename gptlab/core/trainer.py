@@ -15,6 +15,7 @@ and :meth:`Trainer.fit` (the whole run) use them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -27,14 +28,18 @@ import attrs
 import torch
 
 from gptlab.core.build import RunPlan, build_model, plan_run
-from gptlab.core.checkpoint import Checkpoint, TrainState, save_checkpoint
+from gptlab.core.checkpoint import (Checkpoint, TrainState, non_finite_parameters,
+                                    save_checkpoint)
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.errors import CheckpointError, DataError, GptlabError
-from gptlab.core.evaluation import estimate_loss
-from gptlab.core.interfaces import LanguageModel, Tokenizer
+from gptlab.core.errors import (CheckpointError, ConfigError, DataError, GptlabError,
+                                OutOfMemory, TrainingDiverged, first_line)
+from gptlab.core.evaluation import EvaluationStopped, estimate_loss
+from gptlab.core.interfaces import Components, LanguageModel, Tokenizer
+from gptlab.core.memory import GIB, available_bytes, count_parameters, training_bytes
 from gptlab.core.plugins import Registry
-from gptlab.core.runs import BEST, CHECKPOINT, MetricsLog
+from gptlab.core.runs import BEST, CHECKPOINT, MetricsLog, RunFolder
 from gptlab.data.batches import encode_splits, get_batch
+from gptlab.data.corpora import text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -90,67 +95,110 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 class TrainingInterrupted(GptlabError):
-    """Ctrl-C during training: the state was checkpointed first (``checkpoint``, ``step``)."""
+    """Ctrl-C or SIGTERM during training: the state was checkpointed first (``checkpoint``,
+    ``step``). ``exit_code`` is the shell's convention for the signal (130, 143)."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
+    def __init__(self, step: int, checkpoint: Path | None, *, signum: int = signal.SIGINT,
+                 during: str | None = None):
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        when = f"during {during} " if during else ""
         where = (f"checkpoint saved to {checkpoint}; continue with `gpt run --resume "
                  f"{checkpoint.parent}`" if checkpoint else "nothing saved (no --out-dir)")
-        super().__init__(f"interrupted after step {step}; {where}")
-        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"{what} {when}after step {step}; {where}")
+        self.step, self.checkpoint, self.exit_code = step, checkpoint, 128 + int(signum)
 
 
-class _SigintFlag:
-    """While active, the first Ctrl-C only sets a flag (checked between steps, so the saved
-    state is consistent); a second Ctrl-C interrupts at once."""
+class _StopFlag:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets a flag, checked between
+    steps and between evaluation batches, so the saved state is consistent; a second one acts at
+    once (as if gptlab had not caught the first)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.set, self._old = False, None
+        self.signum, self._old = None, {}
+
+    @property
+    def set(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.set = True
-        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+        self.signum = signum
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
 class Trainer:
     """Fit a tokenizer on ``text``, build the model, train it, evaluate it, save checkpoints.
 
     With ``out_dir``: ``ckpt.pt`` (latest, resumable) and ``best.pt`` (lowest val loss) are
-    written at every evaluation and at the end, and ``metrics.jsonl`` logs the run. ``resume``
+    written at every evaluation and at the end, and ``metrics.jsonl`` logs the run; the folder
+    is held (:class:`~gptlab.core.runs.RunFolder`) from construction to the end of :meth:`fit`
+    (or :meth:`close`): a folder holding another run is refused unless ``overwrite`` (pass a
+    :class:`~gptlab.core.runs.RunFolder` to hold it earlier, as ``gpt run`` does). ``resume``
     is a :class:`~gptlab.core.checkpoint.Checkpoint` to continue bit-exactly: model, optimizer,
-    step, RNG states and data position are restored. ``plan`` is the pre-flight's
-    :class:`~gptlab.core.build.RunPlan` (made here if not given).
+    step, RNG states and data position are restored (the text must be the one it was trained
+    on). ``plan`` is the pre-flight's :class:`~gptlab.core.build.RunPlan` (made here if not
+    given). Nothing non-finite is ever saved: a NaN or inf loss or weight raises
+    :class:`~gptlab.core.errors.TrainingDiverged` first.
     """
 
     def __init__(self, reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
-                 text: str, *, out_dir: str | Path | None = None,
+                 text: str, *, out_dir: str | Path | RunFolder | None = None,
                  on_event: Callable[[TrainEvent], None] | None = None,
                  resume: Checkpoint | None = None, data_source: str | None = None,
-                 log_interval: int = 10, plan: RunPlan | None = None):
+                 log_interval: int = 10, plan: RunPlan | None = None, overwrite: bool = False):
         self.cfg = cfg = train_config
         self.emit = on_event or (lambda event: None)
-        self.out_dir = None if out_dir is None else Path(out_dir)
         self.log_interval = log_interval
         self.plan = plan or plan_run(reg, model_config, train_config)
+        if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
+            raise ConfigError("the RunPlan was made for other configs; make it with "
+                              "plan_run(reg, model_config, train_config)")
         self.device = self.plan.device
-        torch.manual_seed(cfg.seed)
-        self._build(reg, model_config, text, resume, data_source)
-        if resume is not None:
-            self._restore(resume, data_source)
-        self.metrics_log = MetricsLog(self.out_dir,
-                                      self.state.step if resume is not None else None)
+        if out_dir is None or isinstance(out_dir, RunFolder):
+            self.folder = out_dir
+        else:
+            here = (resume is not None and resume.path is not None
+                    and resume.path.parent.resolve() == Path(out_dir).resolve())
+            self.folder = RunFolder(out_dir, resume=here, overwrite=overwrite)
+        self.out_dir = None if self.folder is None else self.folder.path
+        try:
+            torch.manual_seed(cfg.seed)
+            self._build(reg, model_config, text, data_source, resume)
+            if resume is not None:
+                self._restore(resume, data_source)
+            self._saved_step = self.state.step if resume is not None else None
+            self.metrics_log = MetricsLog(self.out_dir,
+                                          self.state.step if resume is not None else None)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (done by :meth:`fit` when it returns or raises)."""
+        if self.folder is not None:
+            self.folder.close()
 
     # ---- build / restore ---------------------------------------------------------------
-    def _build(self, reg, model_config, text, resume, data_source):
+    def _build(self, reg, model_config, text, data_source, resume):
         cfg = self.cfg
+        sha = text_sha256(text)
+        st = None if resume is None else resume.train_state
+        if st is not None and st.data_sha256 is not None and st.data_sha256 != sha:
+            raise DataError(
+                f"{data_source or 'this text'} is not the text this run was trained on (sha256 "
+                f"{sha[:12]}..., the run's {st.data_sha256[:12]}... from {st.data_source}); "
+                f"resume with that text, or start a new run")
         if resume is not None:
             self.tokenizer = self.plan.tokenizer_cls.from_state(resume.tokenizer_state)
         else:
@@ -159,13 +207,32 @@ class Trainer:
         self.model_config = attrs.evolve(model_config, vocab_size=self.tokenizer.vocab_size)
         self.splits = encode_splits(text, self.tokenizer, cfg.val_fraction,
                                     self.model_config.block_size)
-        self.model = build_model(reg, self.model_config, self.device,
-                                 attention=self.plan.attention)
+        self._check_memory(reg)
+        with _out_of_memory("building the model"):
+            self.model = build_model(reg, self.model_config, self.device,
+                                     attention=self.plan.attention)
+            self.optimizer = make_optimizer(self.model, cfg)
         log.info("model %s: %.2fM parameters, attention %s", self.model_config.model,
                  self.model.num_parameters() / 1e6, self.plan.attention_name)
-        self.optimizer = make_optimizer(self.model, cfg)
         self.batch_gen = torch.Generator().manual_seed(cfg.seed)
-        self.state = TrainState(data_source=data_source)
+        self.state = TrainState(data_source=data_source, data_sha256=sha)
+
+    def _check_memory(self, reg) -> None:
+        """A one-line error before allocating a run that cannot fit (see gptlab.core.memory)."""
+        mc, plan = self.model_config, self.plan
+        n = count_parameters(lambda: plan.model_cls(mc, Components(block=plan.block_cls,
+                                                                   attention=plan.attention)))
+        have = available_bytes(self.device)
+        if n is None or have is None:
+            return
+        state, acts = training_bytes(n, mc, self.cfg)
+        if state + acts > have:
+            raise OutOfMemory(
+                f"this run needs about {(state + acts) / GIB:.1f} GiB ({n / 1e6:,.1f}M parameters "
+                f"with gradients and AdamW state: {state / GIB:.1f} GiB; activations of "
+                f"{self.cfg.batch_size} x {mc.block_size} tokens: {acts / GIB:.1f} GiB) but "
+                f"{self.device.type} has {have / GIB:.1f} GiB available; lower --batch-size, "
+                f"--block-size, --n-embd or --n-layer")
 
     def _restore(self, ckpt: Checkpoint, data_source: str | None):
         st = ckpt.train_state
@@ -175,7 +242,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.batch_gen.set_state(st.batch_rng)
         torch.set_rng_state(st.torch_rng)
-        self.state = attrs.evolve(st, history=list(st.history),
+        self.state = attrs.evolve(st, history=list(st.history), batch_rng=None, torch_rng=None,
                                   data_source=data_source or st.data_source)
 
     # ---- one step ----------------------------------------------------------------------
@@ -199,23 +266,35 @@ class Trainer:
         lr = self.lr(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.forward_backward(*self.next_batch())
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        with _out_of_memory(f"training step {self.state.step + 1}"):
+            loss = self.forward_backward(*self.next_batch())
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
         self.state.step += 1
         value = loss.item()
         if not math.isfinite(value):
-            raise DataError(f"training diverged at step {self.state.step - 1} (loss {value}); "
-                            f"lower --lr")
+            raise self._diverged(f"the training loss is {value}")
         return value
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        lr = self.lr(max(0, self.state.step - 1))
+        if self.out_dir is not None and self._saved_step is not None:
+            fix = (f"{self.out_dir / CHECKPOINT} holds step {self._saved_step}: continue it with "
+                   f"a lower learning rate, e.g. `gpt run --resume {self.out_dir} --lr "
+                   f"{self.cfg.learning_rate / 10:g}`")
+        else:
+            fix = f"train again with a lower --lr (this run used {self.cfg.learning_rate:g})"
+        return TrainingDiverged(f"training diverged at step {self.state.step} (lr {lr:.3g}): "
+                                f"{what}; nothing non-finite was saved; {fix}")
+
     # ---- evaluation and checkpoints ----------------------------------------------------
-    def evaluate(self, iters: int) -> tuple[float, float]:
+    def evaluate(self, iters: int, *, should_stop: Callable[[], bool] | None = None
+                 ) -> tuple[float, float]:
         """(train, val) loss estimates on ``iters`` fixed batches of each split."""
         kw = dict(iters=iters, batch_size=self.cfg.batch_size,
                   block_size=self.model_config.block_size, device=self.device,
-                  seed=self.cfg.seed + 1)
+                  seed=self.cfg.seed + 1, should_stop=should_stop)
         return (estimate_loss(self.model, self.splits.train, **kw),
                 estimate_loss(self.model, self.splits.val, **kw))
 
@@ -235,54 +314,66 @@ class Trainer:
 
     def save(self, train_loss: float | None = None, val_loss: float | None = None
              ) -> Path | None:
-        """Write ``ckpt.pt``, and ``best.pt`` when ``val_loss`` improves; None without out_dir."""
+        """Write ``ckpt.pt``, and ``best.pt`` when ``val_loss`` improves; None without out_dir.
+
+        Refuses (TrainingDiverged) to write non-finite losses or weights."""
         if self.out_dir is None:
             return None
+        bad = non_finite_parameters(self.model)
+        if bad:
+            raise self._diverged(f"the weights hold NaN or inf ({bad[0]})")
         improved = val_loss is not None and val_loss < self.state.best_val
         if improved:
             self.state.best_val = val_loss
         ckpt = self.checkpoint(train_loss, val_loss)
         path = save_checkpoint(self.out_dir / CHECKPOINT, ckpt)
+        self._saved_step = self.state.step
         if improved:
             save_checkpoint(self.out_dir / BEST, ckpt)
         return path
 
     # ---- the whole run -----------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train to ``max_iters`` (from wherever the state is), evaluate, save; Ctrl-C saves
-        ``ckpt.pt`` after the current step and raises :class:`TrainingInterrupted`. The final
-        losses are estimated on ``final_eval_iters`` fixed batches of each split."""
+        """Train to ``max_iters`` (from wherever the state is), evaluate, save; the run folder is
+        released at the end. Ctrl-C or SIGTERM (at any point: a step or an evaluation) saves
+        ``ckpt.pt`` first and raises :class:`TrainingInterrupted`. The final losses are
+        estimated on ``final_eval_iters`` fixed batches of each split."""
+        try:
+            with _StopFlag() as stop:
+                return self._fit(stop)
+        finally:
+            self.close()
+
+    def _fit(self, stop: _StopFlag) -> TrainResult:
         cfg, st = self.cfg, self.state
         B, T = cfg.batch_size, self.model_config.block_size
         self.model.train()
         t_start = time.perf_counter() - st.elapsed
         t_window, tokens_window, tokens_per_s = time.perf_counter(), 0, 0.0
         trained_steps, t_loop = 0, time.perf_counter()
-        with _SigintFlag() as interrupt:
-            while st.step < cfg.max_iters:
-                lr = self.lr(st.step)
-                loss = self.step()
-                trained_steps += 1
-                done = st.step
-                tokens_window += B * T
-                now = time.perf_counter()
-                if now - t_window > 0.5:
-                    tokens_per_s = tokens_window / (now - t_window)
-                    t_window, tokens_window = now, 0
-                st.elapsed = now - t_start
-                self.emit(TrainEvent("step", done, cfg.max_iters, loss=loss, lr=lr,
-                                     tokens_per_s=tokens_per_s, elapsed=st.elapsed))
-                if done % self.log_interval == 0:
-                    self.metrics_log.write(kind="step", step=done, train_loss=loss, lr=lr,
-                                           tokens_per_s=tokens_per_s, elapsed=st.elapsed)
-                if done % cfg.eval_interval == 0 and done != cfg.max_iters:
-                    self._eval_and_save(cfg.eval_iters, lr, t_start)
-                if interrupt.set:
-                    st.elapsed = time.perf_counter() - t_start
-                    raise TrainingInterrupted(done, self.save())
+        while st.step < cfg.max_iters:
+            lr = self.lr(st.step)
+            loss = self.step()
+            trained_steps += 1
+            done = st.step
+            tokens_window += B * T
+            now = time.perf_counter()
+            if now - t_window > 0.5:
+                tokens_per_s = tokens_window / (now - t_window)
+                t_window, tokens_window = now, 0
+            st.elapsed = now - t_start
+            self.emit(TrainEvent("step", done, cfg.max_iters, loss=loss, lr=lr,
+                                 tokens_per_s=tokens_per_s, elapsed=st.elapsed))
+            if done % self.log_interval == 0:
+                self.metrics_log.write(kind="step", step=done, train_loss=loss, lr=lr,
+                                       tokens_per_s=tokens_per_s, elapsed=st.elapsed)
+            if done % cfg.eval_interval == 0 and done != cfg.max_iters:
+                self._eval_and_save(cfg.eval_iters, lr, t_start, stop, "an evaluation")
+            if stop.set:
+                self._interrupted(stop, t_start)
         train_time = time.perf_counter() - t_loop
         tr, va, path = self._eval_and_save(cfg.final_eval_iters, self.lr(cfg.max_iters - 1),
-                                           t_start)
+                                           t_start, stop, "the final evaluation")
         mean_tps = trained_steps * B * T / train_time if trained_steps else 0.0
         self.model.eval()
         return TrainResult(model=self.model, tokenizer=self.tokenizer,
@@ -291,10 +382,21 @@ class Trainer:
                            tokens_per_s=mean_tps, checkpoint=path,
                            attention=self.plan.attention_name)
 
-    def _eval_and_save(self, iters: int, lr: float, t_start: float
-                       ) -> tuple[float, float, Path | None]:
+    def _interrupted(self, stop: _StopFlag, t_start: float, during: str | None = None):
+        self.state.elapsed = time.perf_counter() - t_start
+        raise TrainingInterrupted(self.state.step, self.save(), signum=stop.signum,
+                                  during=during)
+
+    def _eval_and_save(self, iters: int, lr: float, t_start: float, stop: _StopFlag,
+                       label: str) -> tuple[float, float, Path | None]:
         st = self.state
-        tr, va = self.evaluate(iters)
+        try:
+            tr, va = self.evaluate(iters, should_stop=lambda: stop.set)
+        except EvaluationStopped:
+            self.model.train()
+            self._interrupted(stop, t_start, during=label)
+        if not (math.isfinite(tr) and math.isfinite(va)):
+            raise self._diverged(f"the {label.split()[-1]} gave train loss {tr}, val loss {va}")
         st.elapsed = time.perf_counter() - t_start
         st.history.append({"step": st.step, "train_loss": tr, "val_loss": va, "lr": lr,
                            "elapsed": st.elapsed})
@@ -303,6 +405,20 @@ class Trainer:
         self.emit(TrainEvent("eval", st.step, self.cfg.max_iters, train_loss=tr, val_loss=va,
                              elapsed=st.elapsed))
         return tr, va, path
+
+
+@contextlib.contextmanager
+def _out_of_memory(doing: str):
+    """Turn an allocation failure (torch's CPU allocator, or CUDA) into a one-line error."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
+        text = str(e)
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text
+                or "not enough memory" in text):
+            raise
+        raise OutOfMemory(f"out of memory while {doing} ({first_line(text, 100)}); lower "
+                          f"--batch-size, --block-size or --n-embd") from None
 
 
 def train(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, text: str,

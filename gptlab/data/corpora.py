@@ -2,11 +2,17 @@
 
 War and Peace is Project Gutenberg ebook #2600. The download is normalised (byte-order mark
 removed, CRLF -> LF) and its SHA-256 checked against the copy this project was measured on, then
-moved into place atomically. Where files are looked for, in order:
+moved into place atomically; a copy found later (in the cache or ``$GPTLAB_DATA_DIR``) is
+hashed again each time it is used, so a damaged copy or another file of that name is an error,
+never trained on silently. Where files are looked for, in order:
 
 1. ``--data PATH`` (any UTF-8 text file; no checksum);
 2. the folder in ``$GPTLAB_DATA_DIR`` (CI points it at a shared copy);
 3. the cache folder ``$XDG_CACHE_HOME/gptlab`` (``~/.cache/gptlab``), downloading if missing.
+
+Every text is read the same way (:func:`load_text`): UTF-8, a leading byte-order mark dropped,
+Windows line ends (CRLF) turned into ``\n``, so a file saved on Windows trains like the
+download (and has no ``\r`` token).
 
 Library code never prints: downloads report progress through a ``progress(done, total)``
 callback supplied by the caller.
@@ -91,6 +97,9 @@ def resolve_corpus(data: str | os.PathLike | None = None, *, corpus: Corpus = WA
     """Return the path of the text to train on (see the module docstring for the search order)."""
     if data is not None and str(data) not in CORPORA:
         path = Path(data).expanduser()
+        if path.is_dir():
+            raise DataError(f"data path {str(path)!r} is a folder; pass --data with the path of "
+                            f"a UTF-8 text file")
         if not path.is_file():
             raise DataError(f"data file {str(path)!r} does not exist; pass --data with the path "
                             f"of a UTF-8 text file, or one of: {', '.join(CORPORA)}")
@@ -103,18 +112,38 @@ def resolve_corpus(data: str | os.PathLike | None = None, *, corpus: Corpus = WA
         if not path.is_file():
             raise DataError(f"{DATA_DIR_ENV}={folder} has no {corpus.filename}; put the file "
                             f"there or unset {DATA_DIR_ENV} to download it")
-        return path
+        return verify(corpus, path, fix=f"replace it with the text of {corpus.url}")
     path = cache_dir() / corpus.filename
     if path.is_file():
-        return path
+        return verify(corpus, path, fix="delete it to download it again")
     if not download_missing:
         raise DataError(f"{corpus.name} is not in {path.parent}; run without --no-download, pass "
                         f"--data PATH, or set {DATA_DIR_ENV}")
     return download(corpus, path, progress)
 
 
+def verify(corpus: Corpus, path: Path, *, fix: str) -> Path:
+    """``path`` if its normalised content has ``corpus.sha256``, else a DataError saying ``fix``
+    (or how to train on the file anyway)."""
+    try:
+        digest = hashlib.sha256(_normalise(path.read_bytes())).hexdigest()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if digest != corpus.sha256:
+        raise DataError(f"{path} is not {corpus.name}: its sha256 is {digest[:12]}..., expected "
+                        f"{corpus.sha256[:12]}... (damaged, or another file of that name); "
+                        f"{fix}, or pass it with --data PATH to train on it anyway")
+    return path
+
+
+def text_sha256(text: str) -> str:
+    """The SHA-256 of a text as :func:`load_text` returns it (what a checkpoint records)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def load_text(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text file; a clear :class:`DataError` for missing, non-UTF-8 or empty files."""
+    """Read a UTF-8 text file (BOM dropped, CRLF -> LF); a clear :class:`DataError` for missing,
+    non-UTF-8 or empty files."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -127,6 +156,7 @@ def load_text(path: str | os.PathLike) -> str:
                         f" at offset {e.start}); convert it, e.g. iconv -t utf-8") from None
     if text.startswith("\ufeff"):
         text = text[1:]
+    text = text.replace("\r\n", "\n")  # Windows line ends, as the download is normalised
     if not text:
         raise DataError(f"data file {str(path)!r} is empty; pass a file with some text")
     return text

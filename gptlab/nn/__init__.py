@@ -23,12 +23,7 @@ Everything a plugin needs to assemble its own block or model (none ever imports
 """
 
 from gptlab.core.attention import causal_mask, default_scale
-from gptlab.nn.attention import (
-           LayerKV,
-           MultiHeadAttention,
-           SingleHeadAttention,
-           set_qk_positions,
-)
+from gptlab.nn.attention import LayerKV, MultiHeadAttention, SingleHeadAttention, set_qk_positions
 from gptlab.nn.blocks import PostNormBlock, PreNormBlock
 from gptlab.nn.init import init_gpt2
 from gptlab.nn.layers import MLP, LayerNorm

@@ -59,7 +59,8 @@ def test_build_is_cached_keyed_and_a_dead_lock_holder_does_not_block(tmp_path, m
     assert loader.NativeLibrary(path).lib.gptlab_abi_version() == loader.ABI_VERSION
     mtime = path.stat().st_mtime_ns
     assert build.build(build.CPU) == path and path.stat().st_mtime_ns == mtime  # cached
-    assert not list(path.parent.glob("*.tmp"))
+    assert not list(path.parent.glob("*.tmp")) and build.library_problem(path) is None
+    assert lock.read_text() == f"{os.getpid()}\n"  # the last build's pid, for waiters to name
 
 
 def test_concurrent_builds_agree(tmp_path):
@@ -147,4 +148,5 @@ def test_without_nvcc_cuda_is_a_reason_not_a_crash(registry, monkeypatch):
     assert reasons == ["compiler for the cuda kernels not found ('/nonexistent/nvcc'; "
                        "install the CUDA toolkit or set NVCC)"]
     res = CliRunner().invoke(build_cli(registry), ["kernels", "build", "--flavour", "cuda"])
-    assert res.exit_code == 0 and "cuda: skipped: compiler for the cuda kernels" in res.output
+    assert res.exit_code == 1  # asked for by name: not building it is an error
+    assert res.output == f"Error: cannot build --flavour cuda: {reasons[0]}\n"

@@ -26,8 +26,11 @@ class SdpaAttention(AttentionBackend):
         if causal and tq == 1:  # one query (decoding) is the last row: it sees every key
             causal = False
         if causal and tq != tk:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=causal_mask(tq, tk, device=q.device), dropout_p=dropout_p,
-                scale=scale)
+            mask = causal_mask(tq, tk, device=q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               scale=scale)
+            if tq > tk:  # rows that see no key give 0 (not every torch version ensures it)
+                y = y.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+            return y
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
                                               scale=scale)

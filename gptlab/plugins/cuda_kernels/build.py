@@ -12,12 +12,20 @@ Three *flavours* share this machinery:
 Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
 sources and headers, the flags, the compiler's version, torch's version, the ABI version and (for
 ``-march=native``) the CPU's flags; the compiler's output is kept beside it in ``build.log``
-(for ``cuda``, ptxas' register / spill / shared-memory report: :func:`resource_report`). A build
-holds an ``fcntl`` lock on ``<cache>/<flavour>-<key>.lock`` (the kernel releases it if the holder
-dies), compiles into a temporary file and renames it into place, so concurrent or killed builds
-never hang or leave a broken library. The cache folder is ``$GPTLAB_KERNEL_CACHE`` or
-``~/.cache/gptlab/kernels``. Flags never include ``-Ofast`` / ``-ffast-math`` /
-``--use_fast_math``: masking relies on -inf.
+(for ``cuda``, ptxas' register / spill / shared-memory report: :func:`resource_report`). The cache
+folder is ``$GPTLAB_KERNEL_CACHE`` or ``~/.cache/gptlab/kernels``. Flags never include
+``-Ofast`` / ``-ffast-math`` / ``--use_fast_math``: masking relies on -inf.
+
+A library is never loaded unverified (dlopen of a truncated file dies with SIGBUS): the build
+records its size and sha256 in ``library.json`` beside it, and :func:`build` (which every load goes
+through) and :func:`cached_library` check them first. A library that is truncated, replaced, or
+has no record (built by an older gptlab) is rebuilt; :func:`build` returns only a library that
+matches its record. A build holds an ``fcntl`` lock on ``<cache>/<flavour>-<key>.lock`` (released
+by the kernel if the holder dies) that holds the holder's pid; a waiting build logs one warning
+naming it and gives up after :data:`LOCK_TIMEOUT_S`. Under the lock it removes the ``.tmp`` files
+a killed build left, compiles into a temporary file, fsyncs it and renames it into place, then
+writes the record. Any ``OSError`` from the cache (a file where a folder must be, a lock that is a
+folder, a read-only disk) is a one-line :class:`KernelBuildError`, so ``auto`` moves on.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import platform
 import re
@@ -36,12 +46,20 @@ from pathlib import Path
 
 import attrs
 
-from gptlab.core.errors import GptlabError
-from gptlab.core.files import atomic_path, atomic_write
-from gptlab.core.paths import kernel_cache_dir
+from gptlab.core.errors import GptlabError, first_line
+from gptlab.core.files import TMP_SUFFIX, atomic_path, atomic_write
+from gptlab.core.paths import KERNEL_CACHE_ENV, kernel_cache_dir
 from gptlab.plugins.cuda_kernels.abi import ABI_VERSION, CSRC, HEADER
 
+log = logging.getLogger(__name__)
+
+#: How long a build waits for another process's build of the same library, and how long one
+#: compile may take (nvcc takes minutes); module constants so that tests can shorten them.
 LOCK_TIMEOUT_S = 600.0
+COMPILE_TIMEOUT_S = 600.0
+#: Beside each library: ``{"size": bytes, "sha256": hex}``, written by the build.
+RECORD = "library.json"
+NOT_BUILT = "not built yet"
 
 
 class KernelBuildError(GptlabError):
@@ -145,23 +163,77 @@ def library_path(flavour: Flavour, key: str) -> Path:
     return cache_root() / f"{flavour.name}-{key}" / f"libgptlab_{flavour.name.replace('-', '_')}.so"
 
 
-def _lock(path: Path, timeout: float):
+def _lock(path: Path, flavour: Flavour) -> int:
+    """Take the build lock and write our pid into it; while another process holds it, warn once
+    (naming its pid) and give up after :data:`LOCK_TIMEOUT_S`. Closing the fd releases it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise
+
+    def holder() -> str:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return (f"another build of the {flavour.name} kernels (pid "
+                f"{pid if pid.isdigit() else 'unknown'}, lock {path})")
+
+    deadline, warned = time.monotonic() + LOCK_TIMEOUT_S, False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            if not warned:
+                log.warning("waiting for %s", holder())
+                warned = True
             if time.monotonic() > deadline:
-                os.close(fd)
-                raise KernelBuildError(f"timed out after {timeout:.0f}s waiting for the build "
-                                       f"lock {path}; another build is stuck (kill it)") from None
+                raise KernelBuildError(
+                    f"timed out after {LOCK_TIMEOUT_S:g}s waiting for {holder()}; if that "
+                    f"process is stuck, end it, or set {KERNEL_CACHE_ENV} to another folder")
             time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _cache_error(e: OSError) -> KernelBuildError:
+    """An OSError from the cache folder, as one line naming the path and the fix."""
+    path = e.filename2 or e.filename or cache_root()
+    # every mkdir here passes exist_ok: EEXIST means a file stands where a folder must be
+    why = os.strerror(errno.ENOTDIR) if e.errno == errno.EEXIST else (e.strerror or str(e))
+    return KernelBuildError(f"cannot use the kernel cache {path}: {first_line(why, 80)}; set "
+                            f"{KERNEL_CACHE_ENV} to a writable folder")
+
+
+def _digest(path: Path) -> dict:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def library_problem(lib: Path) -> str | None:
+    """Why the library must not be loaded: :data:`NOT_BUILT`, or how it differs from the size
+    and sha256 its build recorded; None when it matches."""
+    record_path = lib.with_name(RECORD)
+    try:
+        if not lib.is_file():
+            return NOT_BUILT
+        if not record_path.is_file():
+            return "it has no size/sha256 record (built by an older gptlab)"
+        record, actual = json.loads(record_path.read_text()), _digest(lib)
+    except (OSError, ValueError) as e:
+        return f"it or its record cannot be read ({first_line(e, 120)})"
+    if record == actual:
+        return None
+    recorded = record.get("size") if isinstance(record, dict) else None
+    if recorded != actual["size"]:
+        return f"it is {actual['size']} bytes, its record says {recorded} (truncated or replaced)"
+    return "its sha256 differs from its record (corrupted or replaced)"
 
 
 def get_flavour(flavour: Flavour | str) -> Flavour:
@@ -184,46 +256,80 @@ def missing_compiler_reason(flavour: Flavour | str) -> str | None:
 
 
 def cached_library(flavour: Flavour | str) -> Path | None:
-    """The flavour's library if it is already built (never compiles), else None."""
+    """The flavour's library if it is built and verified (never compiles), else None."""
     flavour = get_flavour(flavour)
     if find_compiler(flavour) is None:
         return None
     lib = library_path(flavour, build_key(flavour))
-    return lib if lib.is_file() else None
+    return lib if library_problem(lib) is None else None
 
 
 def build(flavour: Flavour | str = CPU, *, force: bool = False) -> Path:
-    """Return the path of the flavour's library, compiling it if it is not cached."""
+    """Return the path of the flavour's verified library, compiling it if needed."""
+    return build_library(flavour, force=force)[0]
+
+
+def build_library(flavour: Flavour | str = CPU, *, force: bool = False) -> tuple[Path, str | None]:
+    """(the verified library, why a cached one was rebuilt or None): compiles it if it is not
+    built, or fails verification, or ``force``. Never returns a library that fails verification."""
     flavour = get_flavour(flavour)
     missing = missing_compiler_reason(flavour)
     if missing:
         raise KernelBuildError(missing)
-    key = build_key(flavour)
-    lib = library_path(flavour, key)
-    if lib.is_file() and not force:
-        return lib
-    fd = _lock(lib.parent.with_suffix(".lock"), LOCK_TIMEOUT_S)
+    lib = library_path(flavour, build_key(flavour))
     try:
-        if lib.is_file() and not force:  # built by another process while we waited
-            return lib
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC)]
-        sources = [str(CSRC / s) for s in flavour.sources]
-        with atomic_path(lib) as tmp:  # renamed into place only if the compiler succeeds
-            cmd = [*cmd_prefix, "-o", str(tmp), *sources, "-lm"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOCK_TIMEOUT_S)
-            output = proc.stdout + proc.stderr
-            atomic_write(lib.parent / "build.log", shlex.join(cmd) + "\n" + output)
-            if proc.returncode != 0:
-                first = next((ln for ln in output.splitlines() if "error" in ln),
-                             output.strip().splitlines()[-1] if output.strip() else "")
-                raise KernelBuildError(f"building the {flavour.name} kernels failed: "
-                                       f"{first.strip()[:200]} (full log: "
-                                       f"{lib.parent / 'build.log'})")
-        return lib
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        if not force and library_problem(lib) is None:
+            return lib, None
+        fd = _lock(lib.parent.with_suffix(".lock"), flavour)
+        try:
+            problem = library_problem(lib)  # another process may have built it while we waited
+            if problem is None and not force:
+                return lib, None
+            damage = None if problem in (None, NOT_BUILT) else problem
+            if damage:
+                log.warning("rebuilding the %s kernels: the cached %s failed verification: %s",
+                            flavour.name, lib, damage)
+            _compile(flavour, lib)
+            if failed := library_problem(lib):
+                raise KernelBuildError(f"the {flavour.name} kernels just built at {lib} fail "
+                                       f"verification ({failed}); set {KERNEL_CACHE_ENV} to a "
+                                       f"folder on another disk")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _cache_error(e) from None
+    return lib, damage
+
+
+def _compile(flavour: Flavour, lib: Path) -> None:
+    """Compile into a temporary file renamed over ``lib``, then record its size and sha256.
+    Called under the build lock, so the ``.tmp`` files in its folder are a killed build's."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    for stale in lib.parent.glob(f"*{TMP_SUFFIX}"):
+        stale.unlink()
+    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC)]
+    sources = [str(CSRC / s) for s in flavour.sources]
+    with atomic_path(lib) as tmp:  # renamed into place only if the compiler succeeds
+        cmd = [*cmd_prefix, "-o", str(tmp), *sources, "-lm"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise KernelBuildError(f"building the {flavour.name} kernels took over "
+                                   f"{COMPILE_TIMEOUT_S:g}s and was stopped; retry when the "
+                                   f"machine is less busy") from None
+        except OSError as e:  # the compiler itself, not the cache
+            raise KernelBuildError(f"cannot run {flavour.compiler()!r}: {e.strerror}; "
+                                   f"{flavour.install_hint}") from None
+        output = proc.stdout + proc.stderr
+        atomic_write(lib.parent / "build.log", shlex.join(cmd) + "\n" + output)
+        if proc.returncode != 0:
+            first = next((ln for ln in output.splitlines() if "error" in ln),
+                         output.strip().splitlines()[-1] if output.strip() else "")
+            raise KernelBuildError(f"building the {flavour.name} kernels failed: "
+                                   f"{first_line(first, 200)} (full log: "
+                                   f"{lib.parent / 'build.log'})")
+        record = _digest(tmp)
+    atomic_write(lib.with_name(RECORD), json.dumps(record))
 
 
 # ------------------------------------------------------------------ ptxas resource report

@@ -32,28 +32,37 @@ def build_cmd(force, names):
     """Compile the kernel libraries now (otherwise each is built on first use).
 
     cpu: the C kernels (by $CC). cuda: the .cu kernels by nvcc ($NVCC) for sm_80 and sm_90.
-    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU. A flavour
-    whose compiler is missing is skipped with the reason.
+    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU. Without
+    --flavour, a flavour whose compiler is missing is skipped with the reason; a flavour named
+    with --flavour that cannot be built is an error. A cached library that fails verification
+    (truncated, replaced, or built by an older gptlab) is rebuilt, and said so.
     """
     from gptlab.core.errors import GptlabError
     from gptlab.plugins.cuda_kernels import build, loader
     from gptlab.plugins.cuda_kernels.abi import ABI_VERSION
 
+    flavours = [build.get_flavour(name) for name in names or build.FLAVOURS]
+    if names:  # asked for by name: a missing compiler is an error, before building any
+        for flavour in flavours:
+            if missing := build.missing_compiler_reason(flavour):
+                raise build.KernelBuildError(f"cannot build --flavour {flavour.name}: {missing}")
     failed = []
-    for name in names or build.FLAVOURS:
-        flavour = build.get_flavour(name)
+    for flavour in flavours:
+        name = flavour.name
         missing = build.missing_compiler_reason(flavour)
         if missing:
             click.echo(f"{name}: skipped: {missing}")
             continue
         start = time.perf_counter()
         try:
-            path = build.build(flavour, force=force)
+            path, damage = build.build_library(flavour, force=force)
             lib = loader.NativeLibrary(path)
         except GptlabError as e:
             click.echo(f"{name}: FAILED: {e}")
             failed.append(name)
             continue
+        if damage:
+            click.echo(f"{name}: rebuilt: the cached library failed verification: {damage}")
         click.echo(f"{name}: {path} (ABI {ABI_VERSION}, flavour {lib.flavour}, "
                    f"{time.perf_counter() - start:.1f}s)")
         if flavour is build.CUDA:
@@ -94,7 +103,7 @@ def check_cmd(flavour, schedules):
     """Run the conformance suite (gptlab.testing) on the fused and flash kernels.
 
     Outputs and q/k/v gradients against a float64 reference on odd shapes (T up to 255, head
-    dims 8-80, causal or not, fewer queries than keys), tolerances 1e-4 / 1e-3.
+    dims 8-80, causal or not, fewer and more queries than keys), tolerances 1e-4 / 1e-3.
     """
     import contextlib
 

@@ -2,8 +2,10 @@
 
 The cffi ``cdef`` and the ABI version come from :mod:`.abi` (the C header is the single
 definition of the ABI). Every flavour (CPU, CUDA, emulated CUDA) is loaded by the same
-:class:`NativeLibrary`; a non-zero return code becomes a :class:`KernelError` carrying
-``gptlab_last_error()``.
+:class:`NativeLibrary`, from a path that :func:`.build.build` or :func:`.build.cached_library`
+verified (size and sha256) just before; a library that lacks a function of the ABI or has another
+ABI version is a :class:`KernelError`, and so is a non-zero return code (carrying
+``gptlab_last_error()``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ class NativeLibrary:
             self.lib = self.ffi.dlopen(str(self.path))
         except OSError as e:
             raise KernelError(f"cannot load {self.path}: {e}") from None
+        for name in dir(self.lib):  # resolve every function of the cdef now, not at first call
+            try:
+                getattr(self.lib, name)
+            except AttributeError:
+                raise KernelError(f"{self.path} lacks {name}(): it is not a gptlab kernel "
+                                  f"library; rebuild it with `gpt kernels build --force`") from None
         version = self.lib.gptlab_abi_version()
         if version != ABI_VERSION:
             raise KernelError(f"{self.path} has ABI version {version}, expected {ABI_VERSION}; "

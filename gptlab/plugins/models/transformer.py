@@ -63,7 +63,10 @@ class Transformer(LanguageModel):
         req = AttentionRequest(device=device, dtype=self.wte.weight.dtype,
                                head_dim=self.config.head_dim, q_len=1,
                                k_len=self.config.block_size, requires_grad=False)
-        return not type(self.attention_backend).not_supported_reasons(req)
+        try:
+            return not type(self.attention_backend).not_supported_reasons(req)
+        except Exception:  # a broken backend plugin: generate without the cache
+            return False
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)

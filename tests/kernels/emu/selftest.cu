@@ -1,6 +1,6 @@
 /* Kernels that exercise the CUDA emulator itself (csrc/emu/cuda_emu.h): barrier deadlocks,
  * shared-memory poisoning and bounds, warp shuffles, schedule-dependent races, launch limits.
- * Built by tests/test_cuda_kernels.py with g++ against the emulator, and called through cffi:
+ * Built by tests/kernels/test_emulator.py with g++ against the emulator, and called through cffi:
  *
  *     int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);
  *

@@ -107,7 +107,7 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
         __syncthreads(); /* q_s is complete; nobody still reads the previous K, V tile */
         stage(k_s, ks, k, k0, KEYS, tk, d);
         stage(v_s, d, v, k0, KEYS, tk, d);
-#ifndef GL_PLANT_MISSING_SYNC /* tests/test_cuda_kernels.py plants this bug on purpose */
+#ifndef GL_PLANT_MISSING_SYNC /* tests/kernels/test_cuda_emulated.py plants this bug on purpose */
         __syncthreads(); /* the K, V tile is complete before anyone reads it */
 #endif
 #pragma unroll

@@ -195,7 +195,7 @@ void wait(State s, const char *file, int line) {
 
 /* ---------------------------------------------------------------- diagnostics */
 std::string describe(const std::vector<Fiber *> &fibers) {
-    /* "threads 0-63 wait at __syncthreads (attention.cu:120); threads 64-127 exited" */
+    /* "threads 0-63 wait at __syncthreads (flash.cu:120); threads 64-127 exited" */
     auto what = [](const Fiber *f) -> std::string {
         switch (f->state) {
         case State::Done: return "exited";
