@@ -144,6 +144,13 @@ def _download_progress():
               help="Continue the run saved in this folder bit-exactly (model, optimizer, "
                    "schedule, RNG, data position); settings come from its checkpoint, except "
                    "--lr, which may change (e.g. lower, after a divergence).")
+@click.option("--grad-accum", type=int, default=None,
+              help="Micro-batches of --batch-size per optimiser step (gradient accumulation).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Precision of the forward passes (torch.autocast); weights, gradients and "
+                   "optimizer state stay float32. float16 (with a GradScaler) is for GPUs.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile the model (the first steps compile it).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run already in --out-dir (its ckpt.pt, best.pt and "
                    "metrics.jsonl are deleted). Without it such a folder is refused.")
@@ -153,17 +160,47 @@ def run(ctx, preset, data, out_dir, resume_dir, overwrite, **opts):
 
     Ctrl-C or SIGTERM saves a checkpoint first (after the current step, or at once during an
     evaluation); continue with --resume. A run folder that already holds a run is refused
-    unless --resume or --overwrite.
+    unless --resume or --overwrite. Under torchrun (`torchrun --nproc-per-node=N -m gptlab run
+    ...`) the N processes train one model with DistributedDataParallel; rank 0 writes and
+    prints.
     """
+    from gptlab.core import distributed
+    from gptlab.core.errors import GptlabError
+    from gptlab.core.trainer import TrainingInterrupted
+
+    try:
+        _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts)
+    except TrainingInterrupted as e:
+        if not distributed.current().is_main:  # rank 0 says it; the others exit the same way
+            ctx.exit(e.exit_code)
+        raise
+    except GptlabError as e:
+        world = distributed.current()
+        if not world.is_main:
+            raise type(e)(f"[rank {world.rank}] {e}") from None
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
     from click.core import ParameterSource
 
+    from gptlab.core import distributed
     from gptlab.core.build import plan_run
+    from gptlab.core.devices import device_type
     from gptlab.core.checkpoint import load_checkpoint
     from gptlab.core.config import TrainConfig, resolve_configs
     from gptlab.core.generation import sample_text
     from gptlab.core.runs import RunFolder
     from gptlab.core.trainer import Trainer
     from gptlab.data.corpora import load_text, resolve_corpus
+
+    world = distributed.current()  # under torchrun: joined once the device is known
+
+    def say(*args, **kwargs):  # only rank 0 prints
+        if world.is_main:
+            click.echo(*args, **kwargs)
 
     reg = _registry(ctx)
     resume = None
@@ -186,35 +223,49 @@ def run(ctx, preset, data, out_dir, resume_dir, overwrite, **opts):
         if lr is not None:
             note = f" with --lr {lr:g} (was {train_cfg.learning_rate:g})"
             train_cfg = TrainConfig(**{**train_cfg.to_dict(), "learning_rate": lr})
-        click.echo(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}{note}", err=True)
+        say(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}{note}", err=True)
     else:
         model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
                       "attention"}
         model_over = {k: v for k, v in opts.items() if k in model_keys}
         train_over = {k: v for k, v in opts.items() if k not in model_keys}
         model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
+    world = distributed.init(device_type(train_cfg.device))
     # the one pre-flight: names, device, attention, the run folder (before touching the data)
     plan = plan_run(reg, model_cfg, train_cfg)
-    same = resume_dir is not None and Path(resume_dir).resolve() == Path(out_dir).resolve()
-    folder = RunFolder(out_dir, resume=same, overwrite=overwrite)
+    folder = None
+    if world.is_main:
+        same = resume_dir is not None and Path(resume_dir).resolve() == Path(out_dir).resolve()
+        folder = RunFolder(out_dir, resume=same, overwrite=overwrite)
 
-    progress, close = _download_progress()
+    progress, close = _download_progress() if world.is_main else (None, lambda: None)
     try:
         path = resolve_corpus(data, progress=progress)
         text = load_text(path)
     except BaseException:
-        folder.close()
+        if folder is not None:
+            folder.close()
         raise
     finally:
         close()
-    click.echo(f"data: {path} ({len(text):,} chars)", err=True)
-    on_event, close = _progress_printer(train_cfg.max_iters)
+    say(f"data: {path} ({len(text):,} chars)", err=True)
+    on_event, close = _progress_printer(train_cfg.max_iters) if world.is_main else (None,
+                                                                                  lambda: None)
     try:
         trainer = Trainer(reg, model_cfg, train_cfg, text, out_dir=folder, on_event=on_event,
                           resume=resume, data_source=str(path), plan=plan)
+        for note in trainer.notes:
+            say(f"note: {note}", err=True)
+        tc, T = trainer.cfg, model_cfg.block_size
+        say(f"batch: {tc.batch_size} sequences x {tc.grad_accum} micro-batches x {world.size} "
+            f"process{'es' if world.size > 1 else ''} = {tc.batch_size * trainer.micro_batches} "
+            f"sequences of {T} tokens per step ({tc.dtype}{', compiled' if tc.compile else ''})",
+            err=True)
         result = trainer.fit()
     finally:
         close()
+    if not world.is_main:
+        return
     mc = result.model_config
     attn = f", attention {result.attention}" if result.attention else ""
     click.echo(f"model: {mc.model} ({result.model.num_parameters() / 1e6:.2f}M parameters"
@@ -454,6 +505,42 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
         pending.clear()
 
     benchmod.run(chosen, lens, B=B, H=H, D=D, reps=reps, device=str(dev), on_point=show)
+
+
+@bench.command("train")
+@click.option("--preset", default="default", show_default=True, help="The model and batch.")
+@click.option("--variants", default="float32,float32+compile,bfloat16,bfloat16+compile",
+              show_default=True,
+              help="Comma-separated DTYPE[+compile][@BACKEND]; the first is the baseline.")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Optimiser steps per variant per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds (the median is reported).")
+@click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Untimed steps first (they include compilation).")
+@click.option("--data", default=None, metavar="PATH|NAME",
+              help="Text to train on (default: War and Peace).")
+@click.pass_context
+def bench_train(ctx, preset, variants, steps, rounds, warmup, data):
+    """Training tokens/s of whole optimiser steps, per variant, as ratios to the first variant
+    measured in the same run (interleaved rounds, same batches)."""
+    import torch
+
+    from gptlab import bench_train as bt
+    from gptlab.data.corpora import load_text, resolve_corpus
+
+    reg = _registry(ctx)
+    chosen = [bt.Variant.parse(v.strip()) for v in variants.split(",") if v.strip()]
+    text = load_text(resolve_corpus(data))
+    click.echo(f"training steps of --preset {preset}, {torch.get_num_threads()} threads, torch "
+               f"{torch.__version__}; {rounds} rounds x {steps} steps, median", err=True)
+    results = bt.run(reg, text, chosen, preset=preset, steps=steps, rounds=rounds,
+                     warmup=warmup, on_progress=lambda m: click.echo(f"  {m}", err=True))
+    base = results[0].median
+    click.echo(f"{'variant':<28}{'attention':<11}{'tokens/s':>10}{'x base':>8}")
+    for r in results:
+        click.echo(f"{r.variant.name:<28}{r.attention or '-':<11}{r.median:>10,.0f}"
+                   f"{r.median / base:>8.2f}")
 
 
 @bench.command("generate")

@@ -145,3 +145,18 @@ def test_bench_attention_on_an_unavailable_device_is_one_line(cli, monkeypatch):
     assert result.exit_code == 1
     assert result.output.startswith("Error: device 'cuda' is not available: ")
     assert result.output.endswith("; use --device cpu\n") and result.output.count("\n") == 1
+
+
+def test_bench_train_reports_every_variant_against_the_first(cli, small_text, monkeypatch):
+    monkeypatch.setenv("GPTLAB_COMPILE_BACKEND", "aot_eager")
+    result = invoke(cli, ["bench", "train", "--preset", "tiny", "--variants",
+                          "float32@naive,bfloat16@sdpa,float32+compile@naive", "--steps", "1",
+                          "--rounds", "2", "--warmup", "1", "--data", str(small_text)])
+    assert result.exit_code == 0, result.output
+    rows = [ln.split() for ln in result.output.splitlines()
+            if ln.split() and ln.split()[0].startswith(("float32", "bfloat16"))]
+    assert [(r[0], r[1]) for r in rows] == [("float32@naive", "naive"), ("bfloat16@sdpa", "sdpa"),
+                                            ("float32+compile@naive", "naive")]
+    assert rows[0][3] == "1.00" and all(float(r[2].replace(",", "")) > 0 for r in rows)
+    bad = invoke(cli, ["bench", "train", "--variants", "float32+fast"])
+    assert bad.exit_code == 1 and "expected DTYPE[+compile][@BACKEND]" in bad.output

@@ -113,8 +113,9 @@ def test_train_state_round_trips_through_a_checkpoint(registry, tmp_path):
     st = load_checkpoint(tmp_path).train_state
     assert isinstance(st, TrainState)
     assert (st.step, st.best_val, st.data_source) == (2, 1.25, "fox.txt")
-    assert torch.equal(st.batch_rng, trainer.batch_gen.get_state())
+    assert len(st.batch_rngs) == 1
+    assert torch.equal(st.batch_rngs[0], trainer.batch_gens[0].get_state())
     again = TrainState.from_dict(st.to_dict())
     assert again.step == 2 and torch.equal(again.torch_rng, st.torch_rng)
-    with pytest.raises(CheckpointError, match="training state lacks batch_rng"):
-        TrainState.from_dict({k: v for k, v in st.to_dict().items() if k != "batch_rng"})
+    with pytest.raises(CheckpointError, match="training state lacks batch_rngs"):
+        TrainState.from_dict({k: v for k, v in st.to_dict().items() if k != "batch_rngs"})

@@ -49,15 +49,17 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     uses_attention = model_cls.uses_attention
     block_cls = reg.block(model_config.block) if uses_attention else None
     attention = None
+    dtype = getattr(torch, train_config.dtype)  # q, k, v under autocast
     if uses_attention and model_config.attention != AUTO:
         dev_type = device_type(train_config.device)
         fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
         attention = select_attention(reg, model_config.attention,
-                                     attention_request(model_config, dev_type,
+                                     attention_request(model_config, dev_type, dtype=dtype,
                                                        requires_grad=requires_grad), fix=fix)
     device = resolve_device(train_config.device)
     if uses_attention and attention is None:
         attention = select_attention(reg, AUTO, attention_request(model_config, device,
+                                                                   dtype=dtype,
                                                                    requires_grad=requires_grad))
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
                    model_cls=model_cls, tokenizer_cls=tokenizer_cls, block_cls=block_cls,

@@ -47,8 +47,9 @@ class TrainState:
     best_val: float = math.inf  # lowest val loss estimated so far (what best.pt holds)
     elapsed: float = 0.0  # seconds of training so far, across resumes
     # RNG states, filled when a checkpoint is made (the live ones are the generators'):
-    batch_rng: torch.Tensor | None = None  # the data position: state of the batch sampler
-    torch_rng: torch.Tensor | None = None  # torch's global RNG (dropout)
+    # the data position: one batch sampler per micro-batch of a step (processes x grad_accum)
+    batch_rngs: list[torch.Tensor] = attrs.Factory(list)
+    torch_rng: torch.Tensor | None = None  # torch's global RNG (dropout) of rank 0
     data_source: str | None = None  # path of the text trained on
     data_sha256: str | None = None  # of that text (as load_text returns it): checked on resume
     history: list[dict] = attrs.Factory(list)  # one record per evaluation

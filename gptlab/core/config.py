@@ -51,6 +51,15 @@ def _non_negative_float(instance, attribute, value):
         raise ConfigError(f"{_label(attribute)} must be a finite number >= 0, got {value!r}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(instance, attribute, value):
+    if value not in DTYPES:
+        raise ConfigError(f"{_label(attribute)} must be one of {', '.join(DTYPES)}, got "
+                          f"{value!r}")
+
+
 def _name(instance, attribute, value):
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{_label(attribute)} must be a non-empty name, got {value!r}")
@@ -120,6 +129,9 @@ class TrainConfig:
     final_eval_iters: int = _field(200, _positive)
     val_fraction: float = _field(0.1, _fraction)
     sample_tokens: int = _field(300, _non_negative, "--sample-tokens")
+    grad_accum: int = _field(1, _positive, "--grad-accum")  # micro-batches per optimiser step
+    dtype: str = _field("float32", _dtype, "--dtype")  # autocast dtype of forward passes
+    compile: bool = False  # torch.compile the model (--compile)
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)

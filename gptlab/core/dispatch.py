@@ -84,9 +84,11 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest, *,
 
 
 def attention_request(config: ModelConfig, device: torch.device | str, *,
-                      requires_grad: bool = True) -> AttentionRequest:
-    """The request a model built from ``config`` makes when trained (or run) on ``device``."""
+                      requires_grad: bool = True,
+                      dtype: torch.dtype = torch.float32) -> AttentionRequest:
+    """The request a model built from ``config`` makes when trained (or run) on ``device``;
+    ``dtype``: what q, k, v are (under autocast, its dtype)."""
     device = device if isinstance(device, str) else device.type
-    return AttentionRequest(device=device, dtype=torch.float32, head_dim=config.head_dim,
+    return AttentionRequest(device=device, dtype=dtype, head_dim=config.head_dim,
                             q_len=config.block_size, k_len=config.block_size, causal=True,
                             dropout_p=config.dropout, requires_grad=requires_grad)

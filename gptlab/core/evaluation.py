@@ -7,6 +7,7 @@ fixed set of random batches, the same each time, so the curve is no noisier than
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -22,19 +23,27 @@ class EvaluationStopped(Exception):
 @torch.no_grad()
 def estimate_loss(model, data: torch.Tensor, *, iters: int, batch_size: int, block_size: int,
                   seed: int, device: torch.device,
-                  should_stop: Callable[[], bool] | None = None) -> float:
+                  should_stop: Callable[[], bool] | None = None, autocast=None,
+                  part: tuple[int, int] = (0, 1)) -> float:
     """Mean loss over ``iters`` batches drawn with a fixed ``seed`` (the same batches each time).
 
-    ``should_stop`` is asked before each batch; True raises :class:`EvaluationStopped`."""
+    ``part = (rank, size)``: this process computes batches ``rank, rank + size, ...`` and returns
+    their share of the mean (the shares of every rank sum to it). ``should_stop`` is asked
+    before each batch; True raises :class:`EvaluationStopped`. ``autocast``: a context for the
+    forward passes (mixed precision)."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
+    rank, size = part
     total = 0.0
-    for _ in range(iters):
+    for i in range(iters):
         if should_stop is not None and should_stop():
             raise EvaluationStopped
-        x, y = get_batch(data, batch_size, block_size, gen)
-        _, loss = model(x.to(device), y.to(device))
+        x, y = get_batch(data, batch_size, block_size, gen)  # every batch drawn, in order
+        if i % size != rank:
+            continue
+        with autocast or contextlib.nullcontext():
+            _, loss = model(x.to(device), y.to(device))
         total += loss.item()
     model.train(was_training)
     return total / iters

@@ -8,16 +8,21 @@ callback (:class:`TrainEvent`); the CLI turns it into a progress bar (library co
 
 The :class:`Trainer` is small methods over one explicit state (:class:`TrainState`, defined with
 the checkpoint format): ``__init__`` builds (or restores) the tokenizer, data, model and
-optimiser; :meth:`Trainer.step` is one optimiser step (:meth:`Trainer.forward_backward` is the
-place to wrap for autocast, accumulation or DDP); :meth:`Trainer.evaluate`, :meth:`Trainer.save`
-and :meth:`Trainer.fit` (the whole run) use them.
+optimiser; :meth:`Trainer.step` is one optimiser step over ``grad_accum`` micro-batches
+(:meth:`Trainer.forward_backward`: ``torch.autocast`` for ``dtype``, a ``GradScaler`` for
+float16, ``no_sync`` on all but the last micro-batch under DDP); :meth:`Trainer.evaluate`,
+:meth:`Trainer.save` and :meth:`Trainer.fit` (the whole run) use them. Started by torchrun
+(:mod:`gptlab.core.distributed`), every process runs the same Trainer on its own micro-batches
+under ``DistributedDataParallel``; rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -27,6 +32,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from gptlab.core import distributed
 from gptlab.core.build import RunPlan, build_model, plan_run
 from gptlab.core.checkpoint import (Checkpoint, TrainState, non_finite_parameters,
                                     save_checkpoint)
@@ -38,7 +44,7 @@ from gptlab.core.interfaces import Components, LanguageModel, Tokenizer
 from gptlab.core.memory import GIB, available_bytes, count_parameters, training_bytes
 from gptlab.core.plugins import Registry
 from gptlab.core.runs import BEST, CHECKPOINT, MetricsLog, RunFolder
-from gptlab.data.batches import encode_splits, get_batch
+from gptlab.data.batches import draw_starts, encode_splits, windows
 from gptlab.data.corpora import text_sha256
 
 log = logging.getLogger(__name__)
@@ -157,23 +163,27 @@ class Trainer:
                  on_event: Callable[[TrainEvent], None] | None = None,
                  resume: Checkpoint | None = None, data_source: str | None = None,
                  log_interval: int = 10, plan: RunPlan | None = None, overwrite: bool = False):
-        self.cfg = cfg = train_config
+        self.cfg = train_config
         self.emit = on_event or (lambda event: None)
         self.log_interval = log_interval
         self.plan = plan or plan_run(reg, model_config, train_config)
         if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")
-        self.device = self.plan.device
-        if out_dir is None or isinstance(out_dir, RunFolder):
-            self.folder = out_dir
-        else:
-            here = (resume is not None and resume.path is not None
-                    and resume.path.parent.resolve() == Path(out_dir).resolve())
-            self.folder = RunFolder(out_dir, resume=here, overwrite=overwrite)
+        self.world = distributed.current()
+        self.device = distributed.device_for(self.plan.device, self.world)
+        self.notes: list[str] = []  # what the run adapted, for the caller to show
+        self.folder = None
+        if self.world.is_main:  # only rank 0 writes files
+            if isinstance(out_dir, RunFolder):
+                self.folder = out_dir
+            elif out_dir is not None:
+                here = (resume is not None and resume.path is not None
+                        and resume.path.parent.resolve() == Path(out_dir).resolve())
+                self.folder = RunFolder(out_dir, resume=here, overwrite=overwrite)
         self.out_dir = None if self.folder is None else self.folder.path
         try:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(self.cfg.seed)
             self._build(reg, model_config, text, data_source, resume)
             if resume is not None:
                 self._restore(resume, data_source)
@@ -189,6 +199,11 @@ class Trainer:
         if self.folder is not None:
             self.folder.close()
 
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches of ``batch_size`` per optimiser step, over every rank."""
+        return self.cfg.grad_accum * self.world.size
+
     # ---- build / restore ---------------------------------------------------------------
     def _build(self, reg, model_config, text, data_source, resume):
         cfg = self.cfg
@@ -199,6 +214,9 @@ class Trainer:
                 f"{data_source or 'this text'} is not the text this run was trained on (sha256 "
                 f"{sha[:12]}..., the run's {st.data_sha256[:12]}... from {st.data_source}); "
                 f"resume with that text, or start a new run")
+        if st is not None:
+            self._adapt_accumulation(len(st.batch_rngs))
+            cfg = self.cfg
         if resume is not None:
             self.tokenizer = self.plan.tokenizer_cls.from_state(resume.tokenizer_state)
         else:
@@ -214,8 +232,42 @@ class Trainer:
             self.optimizer = make_optimizer(self.model, cfg)
         log.info("model %s: %.2fM parameters, attention %s", self.model_config.model,
                  self.model.num_parameters() / 1e6, self.plan.attention_name)
-        self.batch_gen = torch.Generator().manual_seed(cfg.seed)
+        if self.world.rank:  # the same init everywhere (DDP checks), then its own dropout
+            torch.manual_seed(stream_seed(cfg.seed, self.world.rank))
+        # one sampler per micro-batch slot (rank r, micro-batch k -> stream r * K + k); every
+        # rank draws every stream, so rank 0 holds (and saves) the whole data position
+        self.batch_gens = [torch.Generator().manual_seed(stream_seed(cfg.seed, s))
+                           for s in range(self.micro_batches)]
         self.state = TrainState(data_source=data_source, data_sha256=sha)
+        self.autocast = _autocast(self.device, cfg.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.dtype == "float16")
+        core = self.model
+        if cfg.compile:  # $GPTLAB_COMPILE_BACKEND: another torch.compile backend (tests: aot_eager)
+            core = torch.compile(self.model,
+                                 backend=os.environ.get("GPTLAB_COMPILE_BACKEND", "inductor"))
+        self.eval_model = core
+        self.train_model = core
+        if self.world.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(core, device_ids=ids)
+
+    def _adapt_accumulation(self, streams: int) -> None:
+        """A checkpoint of W x K micro-batches per step continues on this world size with the
+        same micro-batches: K' = W * K / world size (a 2-process run resumes in one process with
+        twice the accumulation)."""
+        if streams == self.micro_batches:
+            return
+        if streams % self.world.size:
+            raise ConfigError(f"this run was trained with {streams} micro-batches per step "
+                              f"(processes x --grad-accum); resume it on a number of processes "
+                              f"that divides {streams}")
+        k = streams // self.world.size
+        self.notes.append(f"--grad-accum {k} (was {self.cfg.grad_accum}): {streams} "
+                          f"micro-batches per step, as the run was trained")
+        self.cfg = attrs.evolve(self.cfg, grad_accum=k)
 
     def _check_memory(self, reg) -> None:
         """A one-line error before allocating a run that cannot fit (see gptlab.core.memory)."""
@@ -240,42 +292,72 @@ class Trainer:
             raise CheckpointError("this checkpoint has no training state to resume from")
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
-        self.batch_gen.set_state(st.batch_rng)
-        torch.set_rng_state(st.torch_rng)
-        self.state = attrs.evolve(st, history=list(st.history), batch_rng=None, torch_rng=None,
+        for gen, state in zip(self.batch_gens, st.batch_rngs):
+            gen.set_state(state)
+        if self.world.rank:
+            torch.manual_seed(stream_seed(self.cfg.seed, self.world.rank, st.step))
+        else:
+            torch.set_rng_state(st.torch_rng)
+        self.state = attrs.evolve(st, history=list(st.history), batch_rngs=[], torch_rng=None,
                                   data_source=data_source or st.data_source)
 
     # ---- one step ----------------------------------------------------------------------
     def lr(self, step: int) -> float:
         return lr_at(step, self.cfg)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        T, B = self.model_config.block_size, self.cfg.batch_size
-        x, y = get_batch(self.splits.train, B, T, self.batch_gen)
-        return x.to(self.device), y.to(self.device)
+    def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's ``grad_accum`` micro-batches of the next step (every stream advances)."""
+        T, B, K = self.model_config.block_size, self.cfg.batch_size, self.cfg.grad_accum
+        data, mine = self.splits.train, range(self.world.rank * K, (self.world.rank + 1) * K)
+        batches = []
+        for s, gen in enumerate(self.batch_gens):
+            starts = draw_starts(data, B, T, gen)
+            if s in mine:
+                x, y = windows(data, starts, T)
+                batches.append((x.to(self.device), y.to(self.device)))
+        return batches
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Loss of one batch, with its gradients accumulated into the parameters."""
-        _, loss = self.model(x, y)
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                         ) -> torch.Tensor:
+        """Mean loss of this rank's micro-batches; their gradients, averaged over every
+        micro-batch of every rank, are left in the parameters (DDP all-reduces once, after the
+        last micro-batch; the others run under ``no_sync``)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss
+        k = len(batches)
+        total = None
+        for i, (x, y) in enumerate(batches):
+            defer = self.world.active and i < k - 1
+            with self.train_model.no_sync() if defer else contextlib.nullcontext():
+                with self.autocast:
+                    _, loss = self.train_model(x, y)
+                self.scaler.scale(loss if k == 1 else loss / k).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total if k == 1 else total / k
 
     def step(self) -> float:
-        """One optimiser step at ``state.step``; returns the batch's training loss."""
+        """One optimiser step at ``state.step``; returns the training loss of its micro-batches
+        (averaged over the ranks)."""
         lr = self.lr(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with _out_of_memory(f"training step {self.state.step + 1}"):
-            loss = self.forward_backward(*self.next_batch())
+        with _out_of_memory(f"training step {self.state.step + 1}"), self._collective():
+            loss = self.forward_backward(self.next_batches())
             if self.cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.state.step += 1
         value = loss.item()
+        if self.world.active:
+            (value,) = distributed.all_mean([value], self.world, self.device)
         if not math.isfinite(value):
             raise self._diverged(f"the training loss is {value}")
         return value
+
+    def _collective(self):
+        """Collectives inside (DDP's all-reduce in backward) name a failed peer in one line."""
+        return _peer_failure() if self.world.active else contextlib.nullcontext()
 
     def _diverged(self, what: str) -> TrainingDiverged:
         lr = self.lr(max(0, self.state.step - 1))
@@ -291,18 +373,25 @@ class Trainer:
     # ---- evaluation and checkpoints ----------------------------------------------------
     def evaluate(self, iters: int, *, should_stop: Callable[[], bool] | None = None
                  ) -> tuple[float, float]:
-        """(train, val) loss estimates on ``iters`` fixed batches of each split."""
+        """(train, val) loss estimates on ``iters`` fixed batches of each split (the batches
+        shared out among the ranks, the result the same on every rank)."""
         kw = dict(iters=iters, batch_size=self.cfg.batch_size,
                   block_size=self.model_config.block_size, device=self.device,
-                  seed=self.cfg.seed + 1, should_stop=should_stop)
-        return (estimate_loss(self.model, self.splits.train, **kw),
-                estimate_loss(self.model, self.splits.val, **kw))
+                  seed=self.cfg.seed + 1, should_stop=should_stop, autocast=self.autocast,
+                  part=(self.world.rank, self.world.size))
+        sums = [estimate_loss(self.eval_model, self.splits.train, **kw),
+                estimate_loss(self.eval_model, self.splits.val, **kw)]
+        if self.world.active:  # each rank's share of the mean, summed over the ranks
+            with self._collective():
+                sums = [v * self.world.size for v in
+                        distributed.all_mean(sums, self.world, self.device)]
+        return sums[0], sums[1]
 
     def checkpoint(self, train_loss: float | None = None,
                    val_loss: float | None = None) -> Checkpoint:
         """The run's current state as a :class:`~gptlab.core.checkpoint.Checkpoint`."""
         st = self.state
-        state = attrs.evolve(st, batch_rng=self.batch_gen.get_state(),
+        state = attrs.evolve(st, batch_rngs=[g.get_state() for g in self.batch_gens],
                              torch_rng=torch.get_rng_state())
         metrics = {"step": st.step, "train_loss": train_loss, "val_loss": val_loss,
                    "elapsed": st.elapsed, "attention": self.plan.attention_name}
@@ -317,11 +406,11 @@ class Trainer:
         """Write ``ckpt.pt``, and ``best.pt`` when ``val_loss`` improves; None without out_dir.
 
         Refuses (TrainingDiverged) to write non-finite losses or weights."""
-        if self.out_dir is None:
-            return None
-        bad = non_finite_parameters(self.model)
+        bad = non_finite_parameters(self.model)  # on every rank: they stop together
         if bad:
             raise self._diverged(f"the weights hold NaN or inf ({bad[0]})")
+        if self.out_dir is None:
+            return None
         improved = val_loss is not None and val_loss < self.state.best_val
         if improved:
             self.state.best_val = val_loss
@@ -356,7 +445,7 @@ class Trainer:
             loss = self.step()
             trained_steps += 1
             done = st.step
-            tokens_window += B * T
+            tokens_window += B * T * self.micro_batches
             now = time.perf_counter()
             if now - t_window > 0.5:
                 tokens_per_s = tokens_window / (now - t_window)
@@ -369,12 +458,13 @@ class Trainer:
                                        tokens_per_s=tokens_per_s, elapsed=st.elapsed)
             if done % cfg.eval_interval == 0 and done != cfg.max_iters:
                 self._eval_and_save(cfg.eval_iters, lr, t_start, stop, "an evaluation")
-            if stop.set:
+            if distributed.any_rank(stop.set, self.world, self.device):  # all stop together
                 self._interrupted(stop, t_start)
         train_time = time.perf_counter() - t_loop
         tr, va, path = self._eval_and_save(cfg.final_eval_iters, self.lr(cfg.max_iters - 1),
                                            t_start, stop, "the final evaluation")
-        mean_tps = trained_steps * B * T / train_time if trained_steps else 0.0
+        mean_tps = (trained_steps * B * T * self.micro_batches / train_time if trained_steps
+                    else 0.0)
         self.model.eval()
         return TrainResult(model=self.model, tokenizer=self.tokenizer,
                            model_config=self.model_config, train_config=cfg,
@@ -384,14 +474,17 @@ class Trainer:
 
     def _interrupted(self, stop: _StopFlag, t_start: float, during: str | None = None):
         self.state.elapsed = time.perf_counter() - t_start
-        raise TrainingInterrupted(self.state.step, self.save(), signum=stop.signum,
-                                  during=during)
+        raise TrainingInterrupted(self.state.step, self.save(),
+                                  signum=stop.signum or signal.SIGINT, during=during)
 
     def _eval_and_save(self, iters: int, lr: float, t_start: float, stop: _StopFlag,
                        label: str) -> tuple[float, float, Path | None]:
         st = self.state
         try:
-            tr, va = self.evaluate(iters, should_stop=lambda: stop.set)
+            # one rank cannot leave an evaluation the others are in: under DDP a signal waits
+            # for the next step boundary
+            tr, va = self.evaluate(iters, should_stop=None if self.world.active
+                                   else lambda: stop.set)
         except EvaluationStopped:
             self.model.train()
             self._interrupted(stop, t_start, during=label)
@@ -419,6 +512,40 @@ def _out_of_memory(doing: str):
             raise
         raise OutOfMemory(f"out of memory while {doing} ({first_line(text, 100)}); lower "
                           f"--batch-size, --block-size or --n-embd") from None
+
+
+def stream_seed(seed: int, *parts: int) -> int:
+    """The run's seed for stream 0 (so a single process samples as it always did), a seed mixed
+    from ``(seed, *parts)`` for the other streams and ranks."""
+    if not any(parts):
+        return seed
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _autocast(device: torch.device, dtype: str):
+    """Mixed precision for forward passes (weights, gradients and AdamW state stay float32)."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype == "float16" and device.type == "cpu":
+        raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
+                          "matrix products through float32 (slower, no memory saved); use "
+                          "--dtype bfloat16 or float32")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+@contextlib.contextmanager
+def _peer_failure():
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "Connection closed by peer" in text or "Timed out" in text or "NCCL" in text \
+                or "Gloo" in text or "gloo" in text:
+            raise distributed.DistributedError(
+                f"another training process failed or stopped answering "
+                f"({first_line(text, 100)}); every rank stops") from None
+        raise
 
 
 def train(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, text: str,

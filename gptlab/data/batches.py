@@ -33,10 +33,21 @@ def encode_splits(text: str, tokenizer, val_fraction: float, block_size: int) ->
     return splits
 
 
+def draw_starts(data: torch.Tensor, batch_size: int, block_size: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """Start positions (B,) of ``batch_size`` random windows of ``block_size + 1`` tokens."""
+    return torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor,
+            block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, T) from ``starts``, and ``y``: ``x`` shifted by one token."""
+    offsets = torch.arange(block_size + 1)
+    chunk = data[starts[:, None] + offsets]  # (B, T + 1)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: ``x`` is (B, T), ``y`` is ``x`` shifted by one token."""
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    offsets = torch.arange(block_size + 1)
-    chunk = data[ix[:, None] + offsets]  # (B, T + 1)
-    return chunk[:, :-1], chunk[:, 1:]
+    return windows(data, draw_starts(data, batch_size, block_size, generator), block_size)

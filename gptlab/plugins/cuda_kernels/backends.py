@@ -67,7 +67,7 @@ def _cuda_reasons(compiler: str, cache: str, torch_has_cuda: bool) -> tuple[str,
 
 class NativeBackend(AttentionBackend):
     devices = frozenset({"cpu", "cuda"})
-    dtypes = frozenset({torch.float32})
+    dtypes = frozenset({torch.float32, torch.bfloat16})  # bfloat16: the C kernels only
     min_head_dim = 1
     max_head_dim = 256  # the C kernels; CUDA_MAX_HEAD_DIM on cuda
     supports_backward = True
@@ -92,6 +92,10 @@ class NativeBackend(AttentionBackend):
         if request.device == "cuda" and request.head_dim > CUDA_MAX_HEAD_DIM:
             r.append(f"head_dim {request.head_dim} > {CUDA_MAX_HEAD_DIM} not supported by the "
                      f"CUDA kernels")
+        if request.device == "cuda" and request.dtype != torch.float32 \
+                and request.dtype in cls.dtypes:
+            r.append(f"dtype {str(request.dtype).replace('torch.', '')} not supported by the "
+                     f"CUDA kernels (float32 only)")
         return r
 
     @classmethod
@@ -140,6 +144,7 @@ class Emulated:
 
     priority = -100
     devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32})
     max_head_dim = CUDA_MAX_HEAD_DIM
     kernels = build.CUDA_EMU.name
 
