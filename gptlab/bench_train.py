@@ -50,7 +50,7 @@ class Result:
 
 
 def run(reg, text: str, variants: list[Variant], *, preset: str = "default", steps: int = 10,
-        rounds: int = 3, warmup: int = 3,
+        rounds: int = 3, warmup: int = 3, device: str | None = None,
         on_progress: Callable[[str], None] | None = None) -> list[Result]:
     """Measure every variant; ``steps`` optimiser steps per round, after ``warmup`` steps."""
     from gptlab.core.trainer import Trainer
@@ -60,7 +60,8 @@ def run(reg, text: str, variants: list[Variant], *, preset: str = "default", ste
     for v in variants:
         over = {"attention": v.attention} if v.attention else {}
         mc, tc = resolve_configs(preset, over, {"dtype": v.dtype, "compile": v.compile,
-                                                "max_iters": warmup + steps * rounds})
+                                                "max_iters": warmup + steps * rounds,
+                                                "device": device})
         trainer = Trainer(reg, mc, tc, text)
         trainer.model.train()
         say(f"warming up {v.name} ({warmup} steps{', compiling' if v.compile else ''})")

@@ -9,6 +9,7 @@ of the CLI keeps working.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -166,19 +167,17 @@ def run(ctx, preset, data, out_dir, resume_dir, overwrite, **opts):
     """
     from gptlab.core import distributed
     from gptlab.core.errors import GptlabError
-    from gptlab.core.trainer import TrainingInterrupted
 
     try:
         _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts)
-    except TrainingInterrupted as e:
-        if not distributed.current().is_main:  # rank 0 says it; the others exit the same way
-            ctx.exit(e.exit_code)
-        raise
     except GptlabError as e:
-        world = distributed.current()
-        if not world.is_main:
-            raise type(e)(f"[rank {world.rank}] {e}") from None
-        raise
+        if distributed.is_main_process():
+            raise
+        # rank 0 reports what every rank met (a bad option, a signal); a failure of this
+        # rank's own (it could not join, a peer died) is said with its rank
+        if isinstance(e, distributed.DistributedError):
+            raise type(e)(f"[rank {os.environ.get('RANK')}] {e}") from None
+        ctx.exit(getattr(e, "exit_code", 1))
     finally:
         distributed.shutdown()
 
@@ -196,10 +195,10 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
     from gptlab.core.trainer import Trainer
     from gptlab.data.corpora import load_text, resolve_corpus
 
-    world = distributed.current()  # under torchrun: joined once the device is known
+    main = distributed.is_main_process()  # under torchrun: the group is joined further down
 
     def say(*args, **kwargs):  # only rank 0 prints
-        if world.is_main:
+        if main:
             click.echo(*args, **kwargs)
 
     reg = _registry(ctx)
@@ -520,8 +519,10 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
               help="Untimed steps first (they include compilation).")
 @click.option("--data", default=None, metavar="PATH|NAME",
               help="Text to train on (default: War and Peace).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the "
+                                             "preset's, cpu).")
 @click.pass_context
-def bench_train(ctx, preset, variants, steps, rounds, warmup, data):
+def bench_train(ctx, preset, variants, steps, rounds, warmup, data, device):
     """Training tokens/s of whole optimiser steps, per variant, as ratios to the first variant
     measured in the same run (interleaved rounds, same batches)."""
     import torch
@@ -535,7 +536,8 @@ def bench_train(ctx, preset, variants, steps, rounds, warmup, data):
     click.echo(f"training steps of --preset {preset}, {torch.get_num_threads()} threads, torch "
                f"{torch.__version__}; {rounds} rounds x {steps} steps, median", err=True)
     results = bt.run(reg, text, chosen, preset=preset, steps=steps, rounds=rounds,
-                     warmup=warmup, on_progress=lambda m: click.echo(f"  {m}", err=True))
+                     warmup=warmup, device=device,
+                     on_progress=lambda m: click.echo(f"  {m}", err=True))
     base = results[0].median
     click.echo(f"{'variant':<28}{'attention':<11}{'tokens/s':>10}{'x base':>8}")
     for r in results:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import attrs
 import pytest
 import torch
 from click.testing import CliRunner
@@ -90,6 +91,7 @@ def test_a_killed_rank_ends_the_others_without_a_hang(files, tmp_path):
             timeout=150)
     assert p.returncode != 0
     assert time.monotonic() - start < 150
+    assert "exitcode  : -9" in p.stderr  # torchrun's report: rank 1 was SIGKILLed
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -125,7 +127,7 @@ def test_gpt_run_under_torchrun_then_single_process_sample_eval_and_resume(regis
     # the same torchrun command, resuming: it continues from where it stopped to the end
     p = run([*TORCHRUN, *GPT, "run", "--resume", str(out)], timeout=240)
     assert p.returncode == 0, p.stderr
-    assert f"resuming {out} at step {stopped}/400" in p.stderr
+    assert p.stderr.count(f"resuming {out} at step {stopped}/400") == 1  # rank 0 only
     assert "64 sequences of 16 tokens per step" in p.stderr  # 32 x 1 x 2 processes
     assert load_checkpoint(out).train_state.step == 400
     # and in a single process it continues with twice the accumulation, same micro-batches
@@ -142,6 +144,38 @@ def test_effective_batch_is_printed(registry, files, tmp_path):
     assert r.exit_code == 0, r.output
     assert ("batch: 32 sequences x 3 micro-batches x 1 process = 96 sequences of 16 tokens "
             "per step (float32)") in r.output
+
+
+def test_a_run_resumed_on_fewer_processes_keeps_its_micro_batches(registry, tmp_path):
+    """What `gpt run --resume` of a 2-process run does in one process, in-process: a checkpoint
+    with 2 samplers continues with --grad-accum 2, on the same micro-batches, with the same
+    losses as a run that was never stopped."""
+    from gptlab.core.config import ModelConfig, TrainConfig
+    from gptlab.core.trainer import Trainer
+
+    mc = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, attention="naive")
+    tc = TrainConfig(max_iters=6, batch_size=4, grad_accum=2, eval_interval=3, eval_iters=2,
+                     final_eval_iters=2, seed=1)
+    losses = {}
+    whole = Trainer(registry, mc, tc, TEXT,
+                    on_event=lambda e: losses.setdefault(e.step, e.loss) if e.kind == "step"
+                    else None)
+    whole.fit()
+    first = Trainer(registry, mc, tc, TEXT, out_dir=tmp_path / "run")
+    for _ in range(3):
+        first.step()
+    first.save()
+    first.close()
+    ckpt = load_checkpoint(tmp_path / "run")
+    resumed_losses = {}
+    resumed = Trainer(registry, mc, attrs.evolve(ckpt.train_config, grad_accum=1), TEXT,
+                      out_dir=tmp_path / "run", resume=ckpt,
+                      on_event=lambda e: resumed_losses.setdefault(e.step, e.loss)
+                      if e.kind == "step" else None)
+    assert resumed.notes == ["--grad-accum 2 (was 1): 2 micro-batches per step, as the run was "
+                             "trained"]
+    resumed.fit()
+    assert resumed_losses == {s: losses[s] for s in (4, 5, 6)}
 
 
 # ------------------------------------------------------------------ mixed precision, compile

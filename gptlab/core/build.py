@@ -16,6 +16,7 @@ from gptlab.core.attention import AttentionBackend
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
 from gptlab.core.dispatch import attention_request, select_attention
+from gptlab.core.errors import ConfigError
 from gptlab.core.interfaces import Components, LanguageModel
 from gptlab.core.plugins import Registry
 
@@ -57,6 +58,10 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
                                      attention_request(model_config, dev_type, dtype=dtype,
                                                        requires_grad=requires_grad), fix=fix)
     device = resolve_device(train_config.device)
+    if train_config.dtype == "float16" and device.type == "cpu":
+        raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
+                          "matrix products through float32 (slower, no memory saved); use "
+                          "--dtype bfloat16 or float32")
     if uses_attention and attention is None:
         attention = select_attention(reg, AUTO, attention_request(model_config, device,
                                                                    dtype=dtype,

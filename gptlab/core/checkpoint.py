@@ -50,6 +50,7 @@ class TrainState:
     # the data position: one batch sampler per micro-batch of a step (processes x grad_accum)
     batch_rngs: list[torch.Tensor] = attrs.Factory(list)
     torch_rng: torch.Tensor | None = None  # torch's global RNG (dropout) of rank 0
+    scaler: dict | None = None  # the float16 GradScaler's scale and growth tracker
     data_source: str | None = None  # path of the text trained on
     data_sha256: str | None = None  # of that text (as load_text returns it): checked on resume
     history: list[dict] = attrs.Factory(list)  # one record per evaluation
@@ -59,6 +60,10 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
+        d = dict(d)
+        if "batch_rng" in d:  # written before several samplers: it was stream 0's
+            d["batch_rngs"] = [d.pop("batch_rng")]
+        d.setdefault("scaler", None)
         names = attrs.fields_dict(cls)
         missing = sorted(set(names) - set(d))
         if missing:

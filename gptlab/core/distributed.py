@@ -50,6 +50,11 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def is_main_process() -> bool:
+    """Rank 0, or no torchrun: known from the environment before the group is joined."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def init(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     """Join the process group torchrun describes (once per process); a single process without
     torchrun gets ``World()``. On CUDA each rank uses GPU ``LOCAL_RANK``."""
@@ -62,11 +67,11 @@ def init(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if count > 1 and local_rank >= count:
             raise DistributedError(f"local rank {local_rank} has no GPU (this machine has "
-                                   f"{torch.cuda.device_count()}); start at most that many "
-                                   f"processes per node")
-        torch.cuda.set_device(local_rank)
+                                   f"{count}); start at most that many processes per node")
+        torch.cuda.set_device(_gpu_index(world_local=local_rank))
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
@@ -83,29 +88,44 @@ def current() -> World:
                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _gpu_index(world_local: int) -> int:
+    """GPU ``LOCAL_RANK``; a launcher that shows each process one GPU (``CUDA_VISIBLE_DEVICES``
+    per task) makes that GPU 0."""
+    return 0 if torch.cuda.device_count() == 1 else world_local
+
+
 def device_for(device: torch.device, world: World) -> torch.device:
-    """One GPU per local rank; the CPU is shared."""
+    """One GPU per local rank (``--device cuda:N`` is overridden under torchrun); the CPU is
+    shared."""
     if device.type == "cuda" and world.active:
-        return torch.device("cuda", world.local_rank)
+        return torch.device("cuda", _gpu_index(world.local_rank))
     return device
+
+
+def _on(device: torch.device) -> torch.device:
+    """Where a scalar collective's tensor lives: the GPU for nccl, the CPU for gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_mean(values: list[float], world: World, device: torch.device) -> list[float]:
     """Average ``values`` over the ranks (the values themselves in a single process)."""
     if not world.active:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=_on(device))
     _collective(dist.all_reduce, t, op=dist.ReduceOp.SUM)
     return (t / world.size).tolist()
 
 
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True if ``flag`` is set on any rank (so that every rank stops at the same step)."""
+def agreed_signal(signum: int | None, world: World, device: torch.device | None = None
+                  ) -> int | None:
+    """The signal any rank got (the largest number if several), so that every rank stops at
+    the same point and reports the same signal; ``signum`` itself in a single process."""
     if not world.active:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return signum
+    t = torch.tensor([int(signum or 0)], dtype=torch.int64,
+                     device=_on(device or torch.device("cpu")))
     _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item()) or None
 
 
 def _collective(fn, *args, **kwargs):

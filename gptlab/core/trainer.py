@@ -278,6 +278,9 @@ class Trainer:
         if n is None or have is None:
             return
         state, acts = training_bytes(n, mc, self.cfg)
+        if self.device.type == "cpu":  # the processes of this host share its memory
+            replicas = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            state, acts = state * replicas, acts * replicas
         if state + acts > have:
             raise OutOfMemory(
                 f"this run needs about {(state + acts) / GIB:.1f} GiB ({n / 1e6:,.1f}M parameters "
@@ -294,12 +297,14 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         for gen, state in zip(self.batch_gens, st.batch_rngs):
             gen.set_state(state)
+        if st.scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(st.scaler)
         if self.world.rank:
             torch.manual_seed(stream_seed(self.cfg.seed, self.world.rank, st.step))
         else:
             torch.set_rng_state(st.torch_rng)
         self.state = attrs.evolve(st, history=list(st.history), batch_rngs=[], torch_rng=None,
-                                  data_source=data_source or st.data_source)
+                                  scaler=None, data_source=data_source or st.data_source)
 
     # ---- one step ----------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -392,7 +397,9 @@ class Trainer:
         """The run's current state as a :class:`~gptlab.core.checkpoint.Checkpoint`."""
         st = self.state
         state = attrs.evolve(st, batch_rngs=[g.get_state() for g in self.batch_gens],
-                             torch_rng=torch.get_rng_state())
+                             torch_rng=torch.get_rng_state(),
+                             scaler=self.scaler.state_dict() if self.scaler.is_enabled()
+                             else None)
         metrics = {"step": st.step, "train_loss": train_loss, "val_loss": val_loss,
                    "elapsed": st.elapsed, "attention": self.plan.attention_name}
         return Checkpoint(model_config=self.model_config, train_config=self.cfg,
@@ -458,7 +465,9 @@ class Trainer:
                                        tokens_per_s=tokens_per_s, elapsed=st.elapsed)
             if done % cfg.eval_interval == 0 and done != cfg.max_iters:
                 self._eval_and_save(cfg.eval_iters, lr, t_start, stop, "an evaluation")
-            if distributed.any_rank(stop.set, self.world, self.device):  # all stop together
+            signum = distributed.agreed_signal(stop.signum, self.world, self.device)  # together
+            if signum:
+                stop.signum = signum
                 self._interrupted(stop, t_start)
         train_time = time.perf_counter() - t_loop
         tr, va, path = self._eval_and_save(cfg.final_eval_iters, self.lr(cfg.max_iters - 1),
@@ -481,12 +490,12 @@ class Trainer:
                        label: str) -> tuple[float, float, Path | None]:
         st = self.state
         try:
-            # one rank cannot leave an evaluation the others are in: under DDP a signal waits
-            # for the next step boundary
-            tr, va = self.evaluate(iters, should_stop=None if self.world.active
-                                   else lambda: stop.set)
+            # every rank asks before every batch, so under DDP they leave together
+            tr, va = self.evaluate(iters, should_stop=lambda: bool(
+                distributed.agreed_signal(stop.signum, self.world, self.device)))
         except EvaluationStopped:
             self.model.train()
+            stop.signum = distributed.agreed_signal(stop.signum, self.world, self.device)
             self._interrupted(stop, t_start, during=label)
         if not (math.isfinite(tr) and math.isfinite(va)):
             raise self._diverged(f"the {label.split()[-1]} gave train loss {tr}, val loss {va}")
@@ -527,10 +536,6 @@ def _autocast(device: torch.device, dtype: str):
     """Mixed precision for forward passes (weights, gradients and AdamW state stay float32)."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    if dtype == "float16" and device.type == "cpu":
-        raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
-                          "matrix products through float32 (slower, no memory saved); use "
-                          "--dtype bfloat16 or float32")
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
@@ -540,8 +545,9 @@ def _peer_failure():
         yield
     except RuntimeError as e:
         text = str(e)
-        if "Connection closed by peer" in text or "Timed out" in text or "NCCL" in text \
-                or "Gloo" in text or "gloo" in text:
+        if any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
+                                         "Broken pipe", "Timed out", "timed out",
+                                         "communicator was aborted")):
             raise distributed.DistributedError(
                 f"another training process failed or stopped answering "
                 f"({first_line(text, 100)}); every rank stops") from None

@@ -1,6 +1,7 @@
 """torch.library.opcheck on every custom op (schema, autograd registration, fake tensors against
 the real op's shapes and strides, AOT dispatch), for the C kernels in float32 and bfloat16 and
-the emulated CUDA kernels; and a compiled (inductor) attention step with each backend."""
+the emulated CUDA kernels; and multi-head attention traced whole (fullgraph, AOT autograd on fake
+tensors) with the flash and fused backends."""
 
 import pytest
 import torch

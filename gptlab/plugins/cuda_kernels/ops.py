@@ -39,11 +39,25 @@ def native_flavour(device_type: str) -> str:
     return device_type
 
 
-def _library(kernels: str, name: str, *tensors: torch.Tensor) -> tuple[NativeLibrary, object]:
-    """Check the tensors; return the library to call and the stream argument."""
+def _library(kernels: str, name: str, *tensors: torch.Tensor,
+             lse: torch.Tensor | None = None) -> tuple[NativeLibrary, object]:
+    """Check the tensors (one device, one dtype the kernels take; ``lse`` float32); return the
+    library to call and the stream argument."""
     device = tensors[0].device
+    if lse is not None:
+        if lse.device != device:
+            raise KernelError(f"{name}: tensors on different devices ({device} and "
+                              f"{lse.device})")
+        if lse.dtype != torch.float32:
+            raise KernelError(f"{name}: lse must be float32, got "
+                              f"{str(lse.dtype).replace('torch.', '')}")
     flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
     allowed = (torch.float32, torch.bfloat16) if flavour.name == "cpu" else (torch.float32,)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise KernelError(f"{name}: tensors of different dtypes "
+                          f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})"
+                          f"; cast them to one")
     for t in tensors:
         if t.device != device:
             raise KernelError(f"{name}: tensors on different devices ({device} and {t.device})")
@@ -172,7 +186,7 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                         kernels: str = NATIVE
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lib, stream = _library(kernels, "flash_attn_backward", do, q, k, v, o, lse)
+    lib, stream = _library(kernels, "flash_attn_backward", do, q, k, v, o, lse=lse)
     _check_qkv("flash_attn_backward", q, k, v, o=o, do=do, lse=lse)
     qf, kf, vf, of, dof = (_flatten(t) for t in (q, k, v, o, do))
     lsef = _f32(lse.reshape(-1, qf.shape[1]))
