@@ -65,7 +65,7 @@ def test_emulated_kernels_give_typed_errors():
     with pytest.raises(KernelError, match=r"gptlab_flash_forward_f32 failed \(code 1\): "
                                           r"flash_forward: head dim 130 > 128"):
         ops.flash_attn(q, q, q, 1.0, True, "cuda-emu")
-    with pytest.raises(KernelError, match="float32 required"):
+    with pytest.raises(KernelError, match="cuda-emu kernels take float32, got float64"):
         ops.fused_softmax(torch.randn(2, 3, dtype=torch.float64), 1.0, False, "cuda-emu")
     assert backends.EmulatedFlash.not_supported_reasons(
         AttentionRequest(device="cpu", head_dim=130)) == ["head_dim 130 outside [1, 128]"]
