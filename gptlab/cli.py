@@ -120,8 +120,13 @@ def _download_progress():
 @click.option("--model", default=None, help="Model plugin: bigram or transformer.")
 @click.option("--tokenizer", default=None, help="Tokenizer plugin (default: char).")
 @click.option("--attention", default=None, metavar="NAME",
-              help="Attention backend: auto picks the best one for the device; see "
-                   "`gpt backends`. A named backend that cannot run is an error.")
+              help="Attention backend: auto picks the fastest on this machine for the run's "
+                   "shape (measured once, remembered); see `gpt backends`. A named backend "
+                   "that cannot run is an error.")
+@click.option("--kernels", default=None, metavar="NAME",
+              help="Layer kernels for LayerNorm, bias+GELU and the loss: native (C/CUDA), "
+                   "torch (hand-written PyTorch) or auto (native where it runs); see "
+                   "`gpt backends`.")
 @click.option("--block", default=None, help="Transformer block plugin: prenorm or postnorm.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu).")
 @click.option("--seed", type=int, default=None, help="Seed for init, batches and the sample.")
@@ -225,13 +230,14 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
         say(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}{note}", err=True)
     else:
         model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
-                      "attention"}
+                      "attention", "kernels"}
         model_over = {k: v for k, v in opts.items() if k in model_keys}
         train_over = {k: v for k, v in opts.items() if k not in model_keys}
         model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
     world = distributed.init(device_type(train_cfg.device))
     # the one pre-flight: names, device, attention, the run folder (before touching the data)
-    plan = plan_run(reg, model_cfg, train_cfg)
+    plan = plan_run(reg, model_cfg, train_cfg,
+                    prefer_attention=resume.metrics.get("attention") if resume else None)
     folder = None
     if world.is_main:
         same = resume_dir is not None and Path(resume_dir).resolve() == Path(out_dir).resolve()
@@ -396,10 +402,12 @@ def plugins(ctx):
 @click.option("--inference", is_flag=True, help="Forward only (no backward needed).")
 @click.pass_context
 def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
-    """List attention backends, best first, with why each can or cannot run."""
+    """List attention backends and layer kernels, best first, with why each can or cannot
+    run."""
     import torch
 
-    from gptlab.core.attention import AttentionRequest
+    from gptlab.core.attention import AttentionRequest, backend_reasons
+    from gptlab.core.layer_kernels import KernelRequest
     from gptlab.core.devices import device_type, device_unavailable_reason
     from gptlab.core.dispatch import backend_table
 
@@ -416,6 +424,23 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
     for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
         pick = "  <- auto" if cls.name == auto else ""
+        click.echo(f"{cls.name:<10} priority {cls.priority:>3}  available: {mark}{pick}")
+        if cls.description:
+            click.echo(f"    {cls.description}")
+        for r in reasons:
+            click.echo(f"    - {r}")
+    if sum(not r for _, r in rows) > 1:
+        click.echo("(auto here: the highest priority; `gpt run` times the available ones on "
+                   "its shape and takes the fastest, see GPTLAB_AUTO in the README)")
+    kernel_request = KernelRequest(device=dev, dtype=getattr(torch, dtype))
+    krows = sorted(((cls, backend_reasons(cls, kernel_request))
+                    for cls in reg.layer_kernels.values()),
+                   key=lambda r: (-r[0].priority, r[0].name))
+    kauto = next((cls.name for cls, r in krows if not r), None)
+    click.echo(f"layer kernels (--kernels; {kernel_request.describe()}):")
+    for cls, reasons in krows:
+        mark = "yes" if not reasons else "no "
+        pick = "  <- auto" if cls.name == kauto else ""
         click.echo(f"{cls.name:<10} priority {cls.priority:>3}  available: {mark}{pick}")
         if cls.description:
             click.echo(f"    {cls.description}")
@@ -510,7 +535,8 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
 @click.option("--preset", default="default", show_default=True, help="The model and batch.")
 @click.option("--variants", default="float32,float32+compile,bfloat16,bfloat16+compile",
               show_default=True,
-              help="Comma-separated DTYPE[+compile][@BACKEND]; the first is the baseline.")
+              help="Comma-separated DTYPE[+compile][@BACKEND][/KERNELS], or peer[+compile] "
+                   "(needs --peer); the first is the baseline.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Optimiser steps per variant per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
@@ -521,8 +547,11 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
               help="Text to train on (default: War and Peace).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the "
                                              "preset's, cpu).")
+@click.option("--peer", default=None, metavar="PATH", type=click.Path(dir_okay=False),
+              help="nanoGPT's model.py (not shipped): adds a 'peer' variant, the same model "
+                   "written by nanoGPT, and a column of ratios to it.")
 @click.pass_context
-def bench_train(ctx, preset, variants, steps, rounds, warmup, data, device):
+def bench_train(ctx, preset, variants, steps, rounds, warmup, data, device, peer):
     """Training tokens/s of whole optimiser steps, per variant, as ratios to the first variant
     measured in the same run (interleaved rounds, same batches)."""
     import torch
@@ -532,17 +561,23 @@ def bench_train(ctx, preset, variants, steps, rounds, warmup, data, device):
 
     reg = _registry(ctx)
     chosen = [bt.Variant.parse(v.strip()) for v in variants.split(",") if v.strip()]
+    if peer and not any(v.peer for v in chosen):
+        chosen.append(bt.Variant.parse("peer"))
     text = load_text(resolve_corpus(data))
     click.echo(f"training steps of --preset {preset}, {torch.get_num_threads()} threads, torch "
                f"{torch.__version__}; {rounds} rounds x {steps} steps, median", err=True)
     results = bt.run(reg, text, chosen, preset=preset, steps=steps, rounds=rounds,
-                     warmup=warmup, device=device,
+                     warmup=warmup, device=device, peer=peer,
                      on_progress=lambda m: click.echo(f"  {m}", err=True))
     base = results[0].median
-    click.echo(f"{'variant':<28}{'attention':<11}{'tokens/s':>10}{'x base':>8}")
+    peer_speed = next((r.median for r in results if r.variant.name == "peer"), None)
+    click.echo(f"{'variant':<28}{'attention':<11}{'kernels':<9}{'tokens/s':>10}{'x base':>8}"
+               + (f"{'x peer':>8}" if peer_speed else ""))
     for r in results:
-        click.echo(f"{r.variant.name:<28}{r.attention or '-':<11}{r.median:>10,.0f}"
-                   f"{r.median / base:>8.2f}")
+        click.echo(f"{r.variant.name:<28}{r.attention or '-':<11}{r.kernels or '-':<9}"
+                   f"{r.median:>10,.0f}"
+                   f"{r.median / base:>8.2f}"
+                   + (f"{r.median / peer_speed:>8.2f}" if peer_speed else ""))
 
 
 @bench.command("generate")

@@ -10,6 +10,10 @@ from gptlab.core.plugins import load_registry
 from gptlab.data.corpora import resolve_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `auto` takes the highest-priority backend in tests, so that what a test trains with does not
+# depend on the machine's timings (tests/test_autotune.py covers the measured choice)
+os.environ["GPTLAB_AUTO"] = "priority"
 EXAMPLE_PLUGIN = ROOT / "examples" / "gptlab-example-plugin"
 
 

@@ -150,13 +150,60 @@ def test_bench_attention_on_an_unavailable_device_is_one_line(cli, monkeypatch):
 def test_bench_train_reports_every_variant_against_the_first(cli, small_text, monkeypatch):
     monkeypatch.setenv("GPTLAB_COMPILE_BACKEND", "aot_eager")
     result = invoke(cli, ["bench", "train", "--preset", "tiny", "--variants",
-                          "float32@naive,bfloat16@sdpa,float32+compile@naive", "--steps", "1",
-                          "--rounds", "2", "--warmup", "1", "--data", str(small_text)])
+                          "float32@naive,bfloat16@sdpa/torch,float32+compile@naive", "--steps",
+                          "1", "--rounds", "2", "--warmup", "1", "--data", str(small_text)])
     assert result.exit_code == 0, result.output
     rows = [ln.split() for ln in result.output.splitlines()
             if ln.split() and ln.split()[0].startswith(("float32", "bfloat16"))]
-    assert [(r[0], r[1]) for r in rows] == [("float32@naive", "naive"), ("bfloat16@sdpa", "sdpa"),
-                                            ("float32+compile@naive", "naive")]
-    assert rows[0][3] == "1.00" and all(float(r[2].replace(",", "")) > 0 for r in rows)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("float32@naive", "naive", "native"), ("bfloat16@sdpa/torch", "sdpa", "torch"),
+        ("float32+compile@naive", "naive", "native")]
+    assert rows[0][4] == "1.00" and all(float(r[3].replace(",", "")) > 0 for r in rows)
     bad = invoke(cli, ["bench", "train", "--variants", "float32+fast"])
-    assert bad.exit_code == 1 and "expected DTYPE[+compile][@BACKEND]" in bad.output
+    assert bad.exit_code == 1 and "expected DTYPE[+compile][@BACKEND][/KERNELS]" in bad.output
+
+
+PEER = """
+from dataclasses import dataclass
+import torch, torch.nn as nn, torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 8
+    vocab_size: int = 10
+    n_layer: int = 1
+    n_head: int = 1
+    n_embd: int = 8
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(nn.Module):  # a bigram with nanoGPT's interface
+    def __init__(self, config):
+        super().__init__()
+        self.table = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.table(idx)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+"""
+
+
+def test_bench_train_compares_with_a_peer_model_given_by_path(cli, small_text, tmp_path):
+    peer = tmp_path / "model.py"
+    peer.write_text(PEER)
+    result = invoke(cli, ["bench", "train", "--preset", "tiny", "--variants", "float32@naive",
+                          "--peer", str(peer), "--steps", "1", "--rounds", "1", "--warmup", "1",
+                          "--data", str(small_text)])
+    assert result.exit_code == 0, result.output
+    header, *rows = [ln.split() for ln in result.output.splitlines()
+                     if ln.split() and ln.split()[0] in ("variant", "float32@naive", "peer")]
+    assert header[-1] == "peer" and [r[0] for r in rows] == ["float32@naive", "peer"]
+    assert rows[1][-1] == "1.00" and float(rows[0][-1]) > 0
+    missing = invoke(cli, ["bench", "train", "--peer", str(tmp_path / "nope.py"), "--data",
+                           str(small_text)])
+    assert missing.exit_code != 0 and "nope.py" in missing.output
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    bad = invoke(cli, ["bench", "train", "--peer", str(tmp_path / "bad.py"), "--data",
+                       str(small_text)])
+    assert bad.exit_code == 1
+    assert "defines no GPTConfig or GPT; expected nanoGPT's model.py" in bad.output

@@ -121,6 +121,12 @@ class AttentionBackend:
         the request's device needs. A GptlabError here makes ``auto`` move on."""
 
     @classmethod
+    def measure_tag(cls, request: AttentionRequest) -> str:
+        """What, besides gptlab's version, decides this backend's speed for ``request`` (e.g. the
+        build of its kernels): ``auto``'s measurements are remembered per tag."""
+        return ""
+
+    @classmethod
     def not_supported_reasons(cls, request: AttentionRequest) -> list[str]:
         """Readable reasons why ``request`` cannot be served; empty means supported."""
         r = []

@@ -15,7 +15,14 @@ import torch
 from gptlab.core.attention import AttentionBackend
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
-from gptlab.core.dispatch import attention_request, select_attention
+from gptlab.core import distributed
+from gptlab.core.dispatch import (
+    attention_request,
+    attention_workload,
+    select_attention,
+    select_layer_kernels,
+)
+from gptlab.core.layer_kernels import KernelRequest, LayerKernels, set_layer_kernels
 from gptlab.core.errors import ConfigError
 from gptlab.core.interfaces import Components, LanguageModel
 from gptlab.core.plugins import Registry
@@ -32,6 +39,7 @@ class RunPlan:
     tokenizer_cls: type
     block_cls: type | None  # None for models without attention (bigram)
     attention: AttentionBackend | None  # prepared; None for models without attention
+    layer_kernels: LayerKernels | None = None  # prepared; None: the PyTorch formulas
 
     @property
     def attention_name(self) -> str | None:
@@ -39,11 +47,14 @@ class RunPlan:
 
 
 def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
-             requires_grad: bool = True) -> RunPlan:
+             requires_grad: bool = True, prefer_attention: str | None = None) -> RunPlan:
     """Check names, device and attention choice once; return the :class:`RunPlan`.
 
     A backend named for a device that is not available here is reported in the backend's own
-    terms (its reasons, then "use --device cpu"); ``auto`` picks among what runs here.
+    terms (its reasons, then "use --device cpu"); ``auto`` picks among what runs here the
+    fastest on the run's shape (measured once per machine, :mod:`gptlab.core.autotune`), or
+    ``prefer_attention`` (a resumed run's backend) if it runs. Under torchrun every rank takes
+    rank 0's choice.
     """
     model_cls = reg.model(model_config.model)
     tokenizer_cls = reg.tokenizer(train_config.tokenizer)
@@ -57,27 +68,39 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
         attention = select_attention(reg, model_config.attention,
                                      attention_request(model_config, dev_type, dtype=dtype,
                                                        requires_grad=requires_grad), fix=fix)
+    if model_config.kernels != AUTO:
+        kernels = select_layer_kernels(reg, model_config.kernels,
+                                       KernelRequest(device_type(train_config.device), dtype))
     device = resolve_device(train_config.device)
     if train_config.dtype == "float16" and device.type == "cpu":
         raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
                           "matrix products through float32 (slower, no memory saved); use "
                           "--dtype bfloat16 or float32")
     if uses_attention and attention is None:
-        attention = select_attention(reg, AUTO, attention_request(model_config, device,
-                                                                   dtype=dtype,
-                                                                   requires_grad=requires_grad))
+        request = attention_request(model_config, device, dtype=dtype,
+                                    requires_grad=requires_grad)
+        attention = select_attention(
+            reg, AUTO, request, prefer=prefer_attention,
+            work=attention_workload(model_config, train_config.batch_size))
+        agreed = distributed.rank0_choice(attention.name, distributed.current())
+        if agreed != attention.name:
+            attention = select_attention(reg, agreed, request)
+    if model_config.kernels == AUTO:
+        kernels = select_layer_kernels(reg, AUTO, KernelRequest(device.type, dtype))
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
                    model_cls=model_cls, tokenizer_cls=tokenizer_cls, block_cls=block_cls,
-                   attention=attention)
+                   attention=attention, layer_kernels=kernels)
 
 
 def build_model(reg: Registry, config: ModelConfig, device: torch.device | str = "cpu", *,
                 attention: AttentionBackend | None = None,
+                layer_kernels: LayerKernels | None = None,
                 requires_grad: bool = True) -> LanguageModel:
-    """Build ``config.model`` with its block and attention backend, on ``device``.
+    """Build ``config.model`` with its block, attention backend and layer kernels, on
+    ``device``.
 
-    ``attention``: an already selected backend (a :class:`RunPlan`'s); otherwise
-    ``config.attention`` is dispatched for ``device``.
+    ``attention``, ``layer_kernels``: already selected ones (a :class:`RunPlan`'s); otherwise
+    ``config.attention`` and ``config.kernels`` are dispatched for ``device``.
     """
     device = torch.device(device)
     model_cls = reg.model(config.model)
@@ -88,4 +111,8 @@ def build_model(reg: Registry, config: ModelConfig, device: torch.device | str =
                                          attention_request(config, device,
                                                            requires_grad=requires_grad))
         components = Components(block=reg.block(config.block), attention=attention)
-    return model_cls(config, components).to(device)
+    if layer_kernels is None:
+        layer_kernels = select_layer_kernels(reg, config.kernels, KernelRequest(device.type))
+    model = model_cls(config, components)
+    set_layer_kernels(model, layer_kernels)
+    return model.to(device)

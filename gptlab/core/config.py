@@ -88,6 +88,7 @@ class ModelConfig:
     bias: bool = True
     block: str = _field("prenorm", _name, "--block")
     attention: str = _field("auto", _name, "--attention")
+    kernels: str = _field("auto", _name, "--kernels")  # LayerNorm, bias + GELU, loss
 
     def __attrs_post_init__(self):
         if self.n_embd % self.n_head:

@@ -1,7 +1,9 @@
 """Attention dispatch: from a backend name (or ``auto``) and a request to a ready backend.
 
 Follows xformers ``fmha``: ``auto`` takes the highest-priority backend whose
-``not_supported_reasons(request)`` is empty (and whose ``prepare(request)`` succeeds); a backend
+``not_supported_reasons(request)`` is empty (and whose ``prepare(request)`` succeeds), or, when
+the caller says the shape of the work, the fastest such backend measured on it
+(:mod:`gptlab.core.autotune`); a backend
 named explicitly either fits or raises :class:`~gptlab.core.errors.BackendNotSupportedError`,
 never a silent fallback. Both errors show the request and one line of reasons per backend. A
 backend whose ``not_supported_reasons`` or ``prepare`` raises (a plugin's bug) has that error as
@@ -14,6 +16,7 @@ import logging
 
 import torch
 
+from gptlab.core import autotune
 from gptlab.core.attention import (
     AttentionBackend,
     AttentionRequest,
@@ -23,6 +26,8 @@ from gptlab.core.attention import (
 from gptlab.core.config import ModelConfig
 from gptlab.core.devices import AUTO
 from gptlab.core.errors import BackendNotSupportedError, GptlabError, UnknownComponentError
+from gptlab.core.autotune import Workload
+from gptlab.core.layer_kernels import KernelRequest, LayerKernels
 from gptlab.core.plugins import Registry
 
 log = logging.getLogger(__name__)
@@ -43,12 +48,19 @@ def _prepare_failure(e: Exception) -> str:
 
 
 def select_attention(reg: Registry, name: str, request: AttentionRequest, *,
-                     fix: str | None = None) -> AttentionBackend:
+                     fix: str | None = None, work: Workload | None = None,
+                     prefer: str | None = None) -> AttentionBackend:
     """Return a prepared instance of the backend called ``name`` (or the best one for ``auto``).
 
-    ``fix``: what the error for a named backend that cannot run tells the user to do."""
+    ``fix``: what the error for a named backend that cannot run tells the user to do.
+    For ``auto``: ``prefer`` names a backend to take if it can run (a resumed run's); else, given
+    the ``work`` (batch, heads) and unless ``$GPTLAB_AUTO=priority``, the candidates are timed on
+    it (:mod:`gptlab.core.autotune`); else the highest priority that can run is taken."""
     if name == AUTO:
         rows = backend_table(reg, request)
+        if prefer is not None:  # keep a resumed run on the backend it was trained with
+            rows.sort(key=lambda r: r[0].name != prefer)
+        ready = []
         for i, (cls, reasons) in enumerate(rows):
             if not reasons:
                 try:
@@ -58,7 +70,11 @@ def select_attention(reg: Registry, name: str, request: AttentionRequest, *,
                     log.warning("attention backend %r skipped by auto: %s", cls.name, reason)
                     rows[i] = (cls, [reason])
                 else:
-                    return cls()
+                    if prefer is not None or work is None or not autotune.measuring():
+                        return cls()
+                    ready.append(cls)
+        if ready:
+            return autotune.measured_choice(ready, request, work)()
         lines = [f"  {cls.name}: {'; '.join(r)}" for cls, r in rows] or ["  (none registered)"]
         raise BackendNotSupportedError(
             "no attention backend can run this request; change the request (device, dropout, "
@@ -92,3 +108,43 @@ def attention_request(config: ModelConfig, device: torch.device | str, *,
     return AttentionRequest(device=device, dtype=dtype, head_dim=config.head_dim,
                             q_len=config.block_size, k_len=config.block_size, causal=True,
                             dropout_p=config.dropout, requires_grad=requires_grad)
+
+
+def attention_workload(config: ModelConfig, batch_size: int) -> Workload:
+    """The batch and heads of the attention calls of a model built from ``config``."""
+    return Workload(batch=batch_size, heads=config.n_head)
+
+
+def select_layer_kernels(reg: Registry, name: str, request: KernelRequest) -> LayerKernels:
+    """A prepared instance of the layer kernels called ``name`` (``auto``: the highest priority
+    that fits and prepares). A named one that cannot run is an error with its reasons."""
+    rows = sorted(((cls, backend_reasons(cls, request)) for cls in reg.layer_kernels.values()),
+                  key=lambda r: (-r[0].priority, r[0].name))
+    if name == AUTO:
+        for i, (cls, reasons) in enumerate(rows):
+            if not reasons:
+                try:
+                    cls.prepare(request)
+                except Exception as e:  # its kernels failed to build: move on
+                    log.warning("layer kernels %r skipped by auto: %s", cls.name,
+                                _prepare_failure(e))
+                    rows[i] = (cls, [_prepare_failure(e)])
+                else:
+                    return cls()
+        lines = [f"  {cls.name}: {'; '.join(r)}" for cls, r in rows] or ["  (none registered)"]
+        raise BackendNotSupportedError("no layer kernels can run this request\n"
+                                       f"  request: {request.describe()}\n" + "\n".join(lines))
+    cls = reg.layer_kernel(name)
+    reasons = backend_reasons(cls, request)
+    if not reasons:
+        try:
+            cls.prepare(request)
+        except GptlabError:
+            raise
+        except Exception as e:
+            reasons = [_prepare_failure(e)]
+        else:
+            return cls()
+    raise BackendNotSupportedError(
+        f"layer kernels {name!r} cannot run this request; pick another with --kernels (see "
+        f"`gpt backends`)\n  request: {request.describe()}\n  {name}: {'; '.join(reasons)}")

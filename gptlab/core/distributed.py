@@ -128,6 +128,16 @@ def agreed_signal(signum: int | None, world: World, device: torch.device | None 
     return int(t.item()) or None
 
 
+def rank0_choice(name: str, world: World) -> str:
+    """Rank 0's ``name`` on every rank (e.g. the attention backend ``auto`` measured), so that
+    the replicas compute alike; ``name`` itself in a single process."""
+    if not world.active:
+        return name
+    box = [name]
+    _collective(dist.broadcast_object_list, box, src=0)
+    return box[0]
+
+
 def _collective(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)

@@ -52,22 +52,26 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
         raise ConfigError("generate needs a (B, T) prompt with T >= 1 token")
     block, keep = model.config.block_size, max(1, model.config.block_size // 2)
     use_cache = use_cache and model.kv_cache_usable()
+    B, n = idx.shape  # n: tokens so far
+    out = idx.new_empty(B, n + max_new_tokens)  # the prompt, then each new token in turn
+    out[:, :n] = idx
     start, cache = 0, None
     for _ in range(max_new_tokens):
-        if idx.size(1) - start > block:
-            start, cache = idx.size(1) - keep, None
+        if n - start > block:
+            start, cache = n - keep, None
         if not use_cache:
-            logits, _ = model(idx[:, start:])
+            logits, _ = model(out[:, start:n])
         elif cache is None:
             cache = model.new_cache()
-            logits = model.forward_cached(idx[:, start:], cache)
+            logits = model.forward_cached(out[:, start:n], cache)
         else:
-            logits = model.forward_cached(idx[:, -1:], cache)
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-        idx = torch.cat((idx, nxt), dim=1)
+            logits = model.forward_cached(out[:, n - 1:n], cache)  # the newest token only
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        out[:, n:n + 1] = nxt
+        n += 1
         if on_token is not None and on_token(nxt) is False:
             break
-    return idx
+    return out[:, :n]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -47,8 +47,19 @@ def register_blocks():
 def register_attention_backends():
     """Return an :class:`gptlab.AttentionBackend` subclass, or a list of them.
 
-    Selected with ``gpt run --attention NAME``; ``auto`` picks the highest ``priority`` backend
-    whose ``not_supported_reasons(request)`` is empty.
+    Selected with ``gpt run --attention NAME``; ``auto`` picks, among the backends whose
+    ``not_supported_reasons(request)`` is empty, the fastest measured on the run's shape (the
+    highest ``priority`` where nothing is measured; see :mod:`gptlab.core.autotune`).
+    """
+
+
+@hookspec
+def register_layer_kernels():
+    """Return a :class:`gptlab.core.layer_kernels.LayerKernels` subclass, or a list of them:
+    implementations of LayerNorm, bias + GELU and the cross-entropy loss.
+
+    Selected with ``gpt run --kernels NAME``; ``auto`` picks the highest ``priority`` one whose
+    ``not_supported_reasons(request)`` is empty (and whose ``prepare(request)`` succeeds).
     """
 
 

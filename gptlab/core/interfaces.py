@@ -102,11 +102,15 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean cross-entropy; computed by the model's layer kernels if it has some."""
         if targets is None:
             return None
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+        kernels = getattr(self, "layer_kernels", None)
+        if kernels is not None:
+            return kernels.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets)
 
     # ---- generation (the loop lives in gptlab.core.generation) ---------------------------
     def kv_cache_usable(self) -> bool:

@@ -23,6 +23,7 @@ from gptlab.core import hookspecs
 from gptlab.core.attention import AttentionBackend
 from gptlab.core.errors import PluginError, UnknownComponentError
 from gptlab.core.interfaces import Block, LanguageModel, Tokenizer
+from gptlab.core.layer_kernels import LayerKernels
 
 ENTRY_POINT_GROUP = "gptlab"
 BUILTIN_DIST = "gptlab"  # the distribution whose entry points are gptlab's own plugins
@@ -33,6 +34,7 @@ KINDS = {
     "register_models": ("models", LanguageModel, "model"),
     "register_blocks": ("blocks", Block, "block"),
     "register_attention_backends": ("attention_backends", AttentionBackend, "attention backend"),
+    "register_layer_kernels": ("layer_kernels", LayerKernels, "layer kernels"),
 }
 
 
@@ -55,6 +57,7 @@ class Registry:
     models: dict[str, type] = attrs.Factory(dict)
     blocks: dict[str, type] = attrs.Factory(dict)
     attention_backends: dict[str, type] = attrs.Factory(dict)
+    layer_kernels: dict[str, type] = attrs.Factory(dict)
     owners: dict[tuple[str, str], str] = attrs.Factory(dict)  # (kind, name) -> plugin
     problems: list[str] = attrs.Factory(list)  # one line per broken or refused plugin part
 
@@ -84,6 +87,9 @@ class Registry:
 
     def attention_backend(self, name: str) -> type:
         return self.get("attention_backends", name)
+
+    def layer_kernel(self, name: str) -> type:
+        return self.get("layer_kernels", name)
 
 
 def new_plugin_manager() -> pluggy.PluginManager:

@@ -166,7 +166,9 @@ class Trainer:
         self.cfg = train_config
         self.emit = on_event or (lambda event: None)
         self.log_interval = log_interval
-        self.plan = plan or plan_run(reg, model_config, train_config)
+        self.plan = plan or plan_run(
+            reg, model_config, train_config,
+            prefer_attention=resume.metrics.get("attention") if resume else None)
         if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")
@@ -228,10 +230,12 @@ class Trainer:
         self._check_memory(reg)
         with _out_of_memory("building the model"):
             self.model = build_model(reg, self.model_config, self.device,
-                                     attention=self.plan.attention)
+                                     attention=self.plan.attention,
+                                     layer_kernels=self.plan.layer_kernels)
             self.optimizer = make_optimizer(self.model, cfg)
-        log.info("model %s: %.2fM parameters, attention %s", self.model_config.model,
-                 self.model.num_parameters() / 1e6, self.plan.attention_name)
+        log.info("model %s: %.2fM parameters, attention %s, layer kernels %s",
+                 self.model_config.model, self.model.num_parameters() / 1e6,
+                 self.plan.attention_name, self.plan.layer_kernels.name)
         if self.world.rank:  # the same init everywhere (DDP checks), then its own dropout
             torch.manual_seed(stream_seed(cfg.seed, self.world.rank))
         # one sampler per micro-batch slot (rank r, micro-batch k -> stream r * K + k); every

@@ -15,21 +15,51 @@ from gptlab.core.attention import AttentionBackend
 
 
 class LayerKV:
-    """One layer's cached keys and values, (B, nh, T_cached, hs) each."""
+    """One layer's cached keys and values, (B, nh, T_cached, hs) each.
 
-    def __init__(self):
-        self.k = self.v = None
+    The storage is allocated on the first :meth:`extend`, for ``max_len`` tokens (the model's
+    ``block_size``): ``(B, nh, max_len, hs)`` for keys and for values. Each step writes its new
+    keys and values into the next free slice and returns views of the filled prefix, so a step
+    copies only its own tokens (``torch.cat`` would copy every cached token again, per token,
+    per layer). A cache that outgrows its storage (or was given no ``max_len``) doubles it.
+    """
+
+    def __init__(self, max_len: int | None = None):
+        self.max_len = max_len
+        self.length = 0  # tokens cached so far: the position of the next token in this window
+        self._k = self._v = None  # storage (B, nh, capacity, hs); the first `length` are filled
 
     @property
-    def length(self) -> int:
-        """Tokens cached so far: the position of the next token in this cache's window."""
-        return 0 if self.k is None else self.k.size(2)
+    def k(self) -> torch.Tensor | None:
+        """Cached keys (B, nh, length, hs), or None before the first :meth:`extend`."""
+        return None if self._k is None else self._k[:, :, :self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        """Cached values (B, nh, length, hs), or None before the first :meth:`extend`."""
+        return None if self._v is None else self._v[:, :, :self.length]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's keys/values; return all keys/values so far."""
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+        """Append this step's keys/values (B, nh, T, hs); return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if self._k is None or end > self._k.size(2):
+            self._grow(k, v, end)
+        self._k[:, :, start:end] = k
+        self._v[:, :, start:end] = v
+        self.length = end
+        return self._k[:, :, :end], self._v[:, :, :end]  # (B, nh, end, hs) views
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
+        """New storage for at least ``needed`` tokens (``max_len``, or twice what there was),
+        holding the tokens cached so far."""
+        B, nh, _, hs = k.shape
+        capacity = max(needed, self.max_len or 0, 2 * self.length)
+        old_k, old_v = self.k, self.v
+        self._k = k.new_empty(B, nh, capacity, hs)
+        self._v = v.new_empty(B, nh, capacity, v.size(-1))
+        if self.length:
+            self._k[:, :, :self.length] = old_k
+            self._v[:, :, :self.length] = old_v
 
 
 class SingleHeadAttention(nn.Module):

@@ -11,24 +11,37 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim, written out."""
+    # (torch.var_mean is one call but measured 2x slower than this on the CPU)
+    mean = x.mean(dim=-1, keepdim=True)  # (B, T, 1)
+    xc = x - mean
+    var = (xc * xc).mean(dim=-1, keepdim=True)  # biased variance, as in the paper
+    y = xc * torch.rsqrt(var + eps)
+    if bias is None:
+        return y * weight
+    return torch.addcmul(bias, y, weight)  # bias + y * weight, one op
+
+
 class LayerNorm(nn.Module):
-    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension."""
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension.
+
+    Computed by :func:`layer_norm`, or by the layer kernels installed with
+    :func:`gptlab.core.layer_kernels.set_layer_kernels` (e.g. the C kernel: one pass per row).
+    """
 
     def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.kernels = None  # a LayerKernels, or None: the formula above
 
     def forward(self, x):
-        # (torch.var_mean is one call but measured 2x slower than this on the CPU)
-        mean = x.mean(dim=-1, keepdim=True)  # (B, T, 1)
-        xc = x - mean
-        var = (xc * xc).mean(dim=-1, keepdim=True)  # biased variance, as in the paper
-        y = xc * torch.rsqrt(var + self.eps)
-        if self.bias is None:
-            return y * self.weight
-        return torch.addcmul(self.bias, y, self.weight)  # bias + y * weight, one op
+        if self.kernels is not None:
+            return self.kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class MLP(nn.Module):
@@ -42,7 +55,9 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.kernels = None  # a LayerKernels (e.g. a fused bias + GELU), or None: F.gelu
 
     def forward(self, x):
-        y = self.c_proj(F.gelu(self.c_fc(x)))
+        h = F.gelu(self.c_fc(x)) if self.kernels is None else self.kernels.linear_gelu(x, self.c_fc)
+        y = self.c_proj(h)  # (B, T, C)
         return self.dropout(y) if self.training else y

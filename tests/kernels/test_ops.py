@@ -57,3 +57,41 @@ def test_the_fakes_match_the_real_ops_under_torch_compile(registry, name):
     assert torch.allclose(eager, compiled, atol=1e-6)
     compiled.sum().backward()
     assert all(p.grad is not None for p in mha.parameters())
+
+
+# ------------------------------------------------------------------------ row-wise ops
+@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_layer_norm(kernels, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 7, generator=g).to(dtype).transpose(0, 1).requires_grad_()  # strided
+    w, b = (torch.randn(7, generator=g).requires_grad_() for _ in range(2))  # float32 params
+    for bias in (b, None):
+        torch.library.opcheck(ops.layer_norm_op, (x, w, bias, 1e-5, kernels))
+    y, mean, rstd = ops.layer_norm_op(x, w, b, 1e-5, kernels)
+    for has_bias in (True, False):
+        torch.library.opcheck(ops.layer_norm_backward,
+                              (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, has_bias,
+                               kernels))
+
+
+@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_cross_entropy(kernels, dtype):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 13, generator=g).to(dtype).requires_grad_()
+    targets = torch.randint(0, 13, (9,), generator=g)
+    torch.library.opcheck(torch.ops.gptlab.cross_entropy.default, (logits, targets, kernels))
+    torch.library.opcheck(ops.cross_entropy_forward, (logits, targets, True, kernels))
+    # need_grad=False keeps no gradient (its backward refuses): for logits that need none
+    torch.library.opcheck(ops.cross_entropy_forward, (logits.detach(), targets, False, kernels))
+    _, dlogits = ops.cross_entropy_forward(logits.detach(), targets, True, kernels)
+    torch.library.opcheck(ops.cross_entropy_backward, (dlogits, torch.tensor(0.7), kernels))
+
+
+@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_bias_gelu(kernels, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 11, generator=g).to(dtype).transpose(0, 1).requires_grad_()
+    b = torch.randn(11, generator=g).to(dtype).requires_grad_()
+    torch.library.opcheck(ops.bias_gelu_op, (x, b, kernels))
+    torch.library.opcheck(ops.bias_gelu_backward,
+                          (torch.randn(3, 4, 11).to(dtype), x.detach(), b.detach(), kernels))

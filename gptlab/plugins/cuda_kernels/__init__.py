@@ -1,7 +1,8 @@
 """Native attention kernels, C for the CPU and CUDA for GPUs, loaded with cffi.
 
 Registers the ``fused`` (fused scale + mask + softmax) and ``flash`` (FlashAttention: Dao et al.
-2022; Dao 2023) attention backends, and the ``gpt kernels`` command group. Layout:
+2022; Dao 2023) attention backends, the ``native`` layer kernels (LayerNorm, bias + GELU,
+cross-entropy) and the ``gpt kernels`` command group. Layout:
 
 - ``csrc/gptlab_kernels.h``: the one C ABI (also the cffi cdef), read by ``abi.py``;
 - ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``); ``csrc/cuda/``: their CUDA twins
@@ -9,7 +10,8 @@ Registers the ``fused`` (fused scale + mask + softmax) and ``flash`` (FlashAtten
   on the CPU (schedules chosen from ``emulator.py``);
 - ``build.py``: cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu`` flavours;
   ``loader.py``: cffi; ``ops.py``: torch custom ops with autograd; ``backends.py``: the
-  attention backends; ``commands.py``: ``gpt kernels build / info / check``.
+  attention backends; ``layer_kernels.py``: the layer kernels; ``commands.py``:
+  ``gpt kernels build / info / check``.
 
 Each kernel source file names, in its header comment, the reference it is checked against, the
 command that checks it and the one that benchmarks it.
@@ -24,6 +26,13 @@ def register_attention_backends():
     from gptlab.plugins.cuda_kernels.backends import FlashAttention, FusedAttention
 
     return [FusedAttention, FlashAttention]
+
+
+@hookimpl
+def register_layer_kernels():
+    from gptlab.plugins.cuda_kernels.layer_kernels import NativeKernels
+
+    return [NativeKernels]
 
 
 @hookimpl

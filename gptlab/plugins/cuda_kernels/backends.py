@@ -104,6 +104,11 @@ class NativeBackend(AttentionBackend):
         # KernelBuildError, and auto moves on to the next backend
         load(ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels)
 
+    @classmethod
+    def measure_tag(cls, request):
+        flavour = ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels
+        return f"@{build.build_key(build.get_flavour(flavour))[:12]}"
+
     def _check_dropout(self, dropout_p):
         if dropout_p:
             raise KernelError(f"the {self.name} backend does not support attention dropout "

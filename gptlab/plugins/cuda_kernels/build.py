@@ -84,13 +84,15 @@ class Flavour:
 
 CPU = Flavour(
     name="cpu", compiler_env="CC", default_compiler="cc",
-    sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c"), headers=("cpu/*.h",),
+    sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c", "cpu/layernorm.c",
+             "cpu/cross_entropy.c", "cpu/bias_gelu.c"), headers=("cpu/*.h",),
     flags=("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fopenmp-simd",
            "-fno-math-errno", "-pthread", "-Wall", "-Wextra", "-Werror",
            "-Wno-psabi"),  # 64-byte vectors on a CPU without AVX-512: inlined, no ABI crossed
     native_cpu=True, install_hint="install gcc or set CC",
 )
-CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu")
+CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu", "cuda/layernorm.cu",
+                "cuda/cross_entropy.cu", "cuda/bias_gelu.cu")
 CUDA_HEADERS = ("cuda/*.cuh", "emu/*.h")
 #: SASS for Ampere (sm_80) and Hopper (sm_90), and PTX that later GPUs compile when loading.
 CUDA_ARCH_FLAGS = ("-gencode", "arch=compute_80,code=sm_80",

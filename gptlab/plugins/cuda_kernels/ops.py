@@ -1,4 +1,7 @@
-"""Torch operators over the native kernels: ``gptlab::fused_softmax`` and ``gptlab::flash_attn``.
+"""Torch operators over the native kernels: ``gptlab::fused_softmax`` and ``gptlab::flash_attn``
+(attention), and the row-wise ``gptlab::layer_norm``, ``gptlab::cross_entropy`` and
+``gptlab::bias_gelu`` (each also a Python function of the same name here, which skips the
+dispatcher in eager mode: see the section of the row-wise kernels).
 
 Registered with ``torch.library.custom_op`` (with fake implementations and autograd formulas), so
 they work in eager mode, under autograd and through ``torch.compile``. The last argument,
@@ -222,3 +225,421 @@ def _flash_backward(ctx, do, dlse):
 
 
 flash_attn.register_autograd(_flash_backward, setup_context=_flash_setup)
+
+
+# ------------------------------------------------------------------------ row-wise kernels
+# LayerNorm, softmax cross-entropy and bias + GELU (csrc/*/layernorm, cross_entropy, bias_gelu).
+#
+# Each is a registered op (torch.ops.gptlab.layer_norm, .cross_entropy, .bias_gelu, with fakes,
+# autograd and backward ops) and a Python entry point of the same name here. In eager mode the
+# entry point runs the same implementation through a torch.autograd.Function, skipping the
+# dispatcher round trips of a custom op (with autograd, on tiny tensors on the 2-core test
+# machine: 0.10 ms per forward through the Function, 0.22 ms through the op); under
+# torch.compile, a mode (fake tensors, functionalisation), a functorch transform or a tensor
+# subclass it calls the registered op, so tracing sees gptlab::* exactly.
+#
+# Their tensors may mix float32 and (on the CPU) bfloat16, as under autocast (bfloat16
+# activations, float32 parameters): each is widened to float32 on its own. Outputs come back in
+# the dtype the matching torch expression gives; parameter gradients in the parameter's dtype.
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _eager(*tensors: torch.Tensor | None) -> bool:
+    """True where the entry points may call the implementation directly: plain tensors, no
+    tracing, no torch function or dispatch mode, no functorch transform."""
+    return (not torch.compiler.is_compiling()
+            and all(t is None or type(t) is torch.Tensor for t in tensors)
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._len_torch_function_stack()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _rowwise_library(kernels: str, name: str, tensors: tuple, names: tuple
+                     ) -> tuple[NativeLibrary, object]:
+    """Check the tensors (one device; float dtypes the kernels take, not necessarily the same;
+    None skipped) and return the library to call and the stream argument."""
+    device = tensors[0].device
+    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
+    allowed = (torch.float32, torch.bfloat16) if flavour.name == "cpu" else (torch.float32,)
+    for what, t in zip(names, tensors):
+        if t is None:
+            continue
+        if t.device != device:
+            raise KernelError(f"{name}: tensors on different devices ({device} and "
+                              f"{t.device} for {what})")
+        if t.dtype not in allowed:
+            kinds = " or ".join(_dtype_name(d) for d in allowed)
+            raise KernelError(f"{name}: the {flavour.name} kernels take {kinds}, got "
+                              f"{_dtype_name(t.dtype)} for {what}")
+    if flavour.device != device.type:
+        raise KernelError(f"{name}: the {flavour.name} kernels take {flavour.device} tensors, "
+                          f"got {device}")
+    lib = load(flavour)
+    if flavour.device == "cuda":
+        return lib, lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+    return lib, lib.ffi.NULL
+
+
+def _expect_shape(name: str, what: str, t: torch.Tensor, shape) -> None:
+    if tuple(t.shape) != tuple(shape):  # (a torch.Size compared as such goes through sym_eq)
+        raise KernelError(f"{name}: {what} is {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _last_dim(name: str, what: str, x: torch.Tensor, letter: str) -> int:
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise KernelError(f"{name}: {what} must be (..., {letter}) with {letter} >= 1, got "
+                          f"{tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def _workspace(lib: NativeLibrary, like: torch.Tensor, size_fn: str, *sizes: int) -> torch.Tensor:
+    """Caller-allocated workspace (by torch, on the tensors' device) of the size the library
+    asks for."""
+    nbytes = getattr(lib.lib, size_fn)(*sizes)
+    return like.new_empty(max(1, -(-nbytes // 4)), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------ layer norm
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = "layer_norm"
+    lib, stream = _rowwise_library(kernels, name, (x, weight, bias), ("x", "weight", "bias"))
+    C = _last_dim(name, "x", x, "C")
+    _expect_shape(name, "weight", weight, (C,))
+    if bias is not None:
+        _expect_shape(name, "bias", bias, (C,))
+    # every tensor whose pointer goes to C stays bound to a name until the call returns
+    xf, wf, bf = _f32(x), _f32(weight), None if bias is None else _f32(bias)
+    lead = x.shape[:-1]
+    rows = xf.numel() // C
+    y = torch.empty_like(xf)
+    # (new_empty(*lead): a torch.Size argument is parsed at twice the cost of its ints)
+    shape = tuple(lead) if lead else ((),)
+    mean, rstd = xf.new_empty(*shape), xf.new_empty(*shape)
+    if rows:
+        lib.call("gptlab_layernorm_forward_f32", lib.ptr(y), lib.ptr(mean), lib.ptr(rstd),
+                 lib.ptr(xf), lib.ptr(wf), lib.ptr(bf), rows, C, eps, stream,
+                 _threads(8 * xf.numel()))
+    return _like(y, x.dtype), mean, rstd
+
+
+def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+                         kernels: str = NATIVE
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = "layer_norm_backward"
+    lib, stream = _rowwise_library(kernels, name, (dy, x, weight, mean, rstd),
+                                   ("dy", "x", "weight", "mean", "rstd"))
+    C = _last_dim(name, "x", x, "C")
+    _expect_shape(name, "dy", dy, x.shape)
+    _expect_shape(name, "weight", weight, (C,))
+    lead = x.shape[:-1]
+    for what, t in (("mean", mean), ("rstd", rstd)):
+        _expect_shape(name, what, t, lead)
+        if t.dtype != torch.float32:
+            raise KernelError(f"{name}: {what} must be float32, got {_dtype_name(t.dtype)}")
+    xf, dyf, wf = _f32(x), _f32(dy), _f32(weight)
+    meanc, rstdc = mean.contiguous(), rstd.contiguous()
+    rows = xf.numel() // C
+    dx = torch.empty_like(xf)
+    dw = xf.new_empty(C)
+    db = xf.new_empty(C if has_bias else 0)
+    if rows:
+        ws = _workspace(lib, xf, "gptlab_layernorm_backward_workspace_size", rows, C)
+        lib.call("gptlab_layernorm_backward_f32", lib.ptr(dx), lib.ptr(dw),
+                 lib.ptr(db if has_bias else None), lib.ptr(ws, "void *"), lib.ptr(dyf),
+                 lib.ptr(xf), lib.ptr(wf), lib.ptr(meanc), lib.ptr(rstdc), rows, C, stream,
+                 _threads(16 * xf.numel()))
+    else:
+        dw.zero_()
+        db.zero_()
+    return _like(dx, x.dtype), _like(dw, weight.dtype), _like(db, weight.dtype)
+
+
+layer_norm_op = torch.library.custom_op("gptlab::layer_norm", _layer_norm, mutates_args=())
+layer_norm_backward = torch.library.custom_op("gptlab::layer_norm_backward", _layer_norm_backward,
+                                              mutates_args=())
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps, kernels=NATIVE):
+    stats = x.shape[:-1]
+    return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32))
+
+
+@layer_norm_backward.register_fake
+def _(dy, x, weight, mean, rstd, has_bias, kernels=NATIVE):
+    C = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty(C), weight.new_empty(C if has_bias else 0)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, ctx.eps, ctx.kernels = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)  # saved statistics: the backward has no term for them
+    ctx.set_materialize_grads(False)  # no zero tensors made for d(mean), d(rstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layer_norm_grads(backward_fn):
+    def grads(ctx, dy, dmean, drstd):
+        if dy is None:  # y was not used
+            return None, None, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        has_bias = ctx.bias_dtype is not None
+        dx, dw, db = backward_fn(dy, x, weight, mean, rstd, has_bias, ctx.kernels)
+        return dx, dw, (_like(db, ctx.bias_dtype) if has_bias else None), None, None
+    return grads
+
+
+layer_norm_op.register_autograd(_layer_norm_grads(layer_norm_backward),
+                                setup_context=_layer_norm_setup)
+
+
+class _LayerNormFn(torch.autograd.Function):
+    """The eager path: the same implementation and formulas, no dispatcher. (A ctx-first
+    forward: with a separate setup_context, apply costs 3x more Python.)"""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _layer_norm(*inputs)
+        _layer_norm_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_layer_norm_grads(_layer_norm_backward))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gptlab::layer_norm``: LayerNorm over the last dim of x (..., C); returns (y, mean,
+    rstd) with y = (x - mean) * rstd * weight + bias (biased variance, rstd = 1 / sqrt(var +
+    eps)), y in x's dtype (contiguous), mean and rstd (...) float32 and not differentiable.
+    bias may be None."""
+    if _eager(x, weight, bias):
+        return _LayerNormFn.apply(x, weight, bias, eps, kernels)
+    return layer_norm_op(x, weight, bias, eps, kernels)
+
+
+# ------------------------------------------------------------------------ cross-entropy
+def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool,
+                           kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+    name = "cross_entropy"
+    lib, stream = _rowwise_library(kernels, name, (logits,), ("logits",))
+    if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise KernelError(f"{name}: logits must be (N, V) with N, V >= 1, got "
+                          f"{tuple(logits.shape)}")
+    N, V = logits.shape
+    _expect_shape(name, "targets", targets, (N,))
+    if targets.dtype != torch.int64 or targets.device != logits.device:
+        raise KernelError(f"{name}: targets must be int64 on {logits.device}, got "
+                          f"{_dtype_name(targets.dtype)} on {targets.device}")
+    if targets.device.type == "cpu":  # cheap here; on a GPU the kernel makes such rows NaN
+        lo, hi = (int(t) for t in torch.aminmax(targets))
+        if lo < 0 or hi >= V:
+            raise KernelError(f"{name}: targets must be in [0, {V}), got values in "
+                              f"[{lo}, {hi}]")
+    lf, tc = _f32(logits), targets.contiguous()
+    loss = lf.new_empty(())
+    losses = lf.new_empty(N)
+    dlogits = lf.new_empty((N, V) if need_grad else (0,))
+    lib.call("gptlab_cross_entropy_forward_f32", lib.ptr(loss), lib.ptr(losses),
+             lib.ptr(dlogits if need_grad else None), lib.ptr(lf),
+             lib.ptr(tc, "int64_t *"), N, V, stream, _threads(16 * lf.numel()))
+    return _like(loss, logits.dtype), dlogits
+
+
+def _cross_entropy_backward(dlogits: torch.Tensor, dloss: torch.Tensor,
+                            kernels: str = NATIVE) -> torch.Tensor:
+    name = "cross_entropy_backward"
+    lib, stream = _rowwise_library(kernels, name, (dlogits, dloss), ("dlogits", "dloss"))
+    if dlogits.dim() != 2 or dlogits.dtype != torch.float32 or dlogits.numel() == 0:
+        raise KernelError(f"{name}: dlogits must be a non-empty (N, V) float32 tensor, got "
+                          f"{tuple(dlogits.shape)} {_dtype_name(dlogits.dtype)}")
+    if dloss.numel() != 1:
+        raise KernelError(f"{name}: dloss is {tuple(dloss.shape)}, expected ()")
+    dlf, g = dlogits.contiguous(), _f32(dloss)
+    dx = torch.empty_like(dlf)
+    lib.call("gptlab_cross_entropy_backward_f32", lib.ptr(dx), lib.ptr(dlf), lib.ptr(g),
+             dlf.shape[0], dlf.shape[1], stream, _threads(dlf.numel()))
+    return dx
+
+
+cross_entropy_forward = torch.library.custom_op(
+    "gptlab::cross_entropy_forward", _cross_entropy_forward, mutates_args=())
+cross_entropy_backward = torch.library.custom_op(
+    "gptlab::cross_entropy_backward", _cross_entropy_backward, mutates_args=())
+
+
+@cross_entropy_forward.register_fake
+def _(logits, targets, need_grad, kernels=NATIVE):
+    shape = tuple(logits.shape) if need_grad else (0,)
+    return logits.new_empty(()), logits.new_empty(shape, dtype=torch.float32)
+
+
+@cross_entropy_backward.register_fake
+def _(dlogits, dloss, kernels=NATIVE):
+    return dlogits.new_empty(dlogits.shape)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, _, ctx.need_grad, ctx.kernels = inputs
+    ctx.dtype = logits.dtype
+    _, dlogits = output
+    ctx.mark_non_differentiable(dlogits)
+    ctx.set_materialize_grads(False)  # no zero tensor made for d(dlogits)
+    ctx.save_for_backward(dlogits)
+
+
+def _cross_entropy_grads(backward_fn, *, reuse_for_unit_grad=False):
+    def grads(ctx, dloss, _ddlogits):
+        if dloss is None:
+            return None, None, None, None
+        if not ctx.need_grad:
+            raise KernelError("cross_entropy_forward ran with need_grad=False: it kept no "
+                              "gradient; call gptlab::cross_entropy, which asks for one when "
+                              "the logits need it")
+        (dlogits,) = ctx.saved_tensors
+        if (reuse_for_unit_grad and ctx.dtype == torch.float32 and dloss.device.type == "cpu"
+                and float(dloss) == 1.0):
+            # loss.backward(): the saved gradient is the answer, no copy (reading a CPU scalar
+            # costs no sync; an in-place change of it later trips autograd's version check)
+            return dlogits, None, None, None
+        return _like(backward_fn(dlogits, dloss, ctx.kernels), ctx.dtype), None, None, None
+    return grads
+
+
+cross_entropy_forward.register_autograd(_cross_entropy_grads(cross_entropy_backward),
+                                        setup_context=_cross_entropy_setup)
+
+
+class _CrossEntropyFn(torch.autograd.Function):
+    """The eager path: the same implementation and formulas, no dispatcher."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _cross_entropy_forward(*inputs)
+        _cross_entropy_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_cross_entropy_grads(_cross_entropy_backward,
+                                                 reuse_for_unit_grad=True))
+
+
+# The registered op is composite (it runs where autograd is visible), so that it can ask the
+# kernel for dlogits only when the logits need a gradient: the gradient is then computed in the
+# forward pass and kept instead of the probabilities, and the backward only scales it.
+torch.library.define("gptlab::cross_entropy",
+                     "(Tensor logits, Tensor targets, str kernels='native') -> Tensor")
+
+
+@torch.library.impl("gptlab::cross_entropy", "CompositeImplicitAutograd")
+def _cross_entropy_composite(logits, targets, kernels=NATIVE):
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    return cross_entropy_forward(logits, targets, need_grad, kernels)[0]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                  kernels: str = NATIVE) -> torch.Tensor:
+    """``gptlab::cross_entropy``: the mean softmax cross-entropy of logits (N, V) against
+    targets (N,) int64, F.cross_entropy(logits, targets) (no ignore_index: every target must be
+    in [0, V)); a 0-dim loss in logits' dtype. With a gradient wanted, it is computed in the
+    same pass as the loss and kept (the backward only scales it)."""
+    if _eager(logits, targets):
+        need_grad = torch.is_grad_enabled() and logits.requires_grad
+        if not need_grad:
+            return _cross_entropy_forward(logits, targets, False, kernels)[0]
+        return _CrossEntropyFn.apply(logits, targets, True, kernels)[0]
+    return torch.ops.gptlab.cross_entropy(logits, targets, kernels)
+
+
+# ------------------------------------------------------------------------ bias + GELU
+def _bias_gelu(x: torch.Tensor, bias: torch.Tensor, kernels: str = NATIVE) -> torch.Tensor:
+    name = "bias_gelu"
+    lib, stream = _rowwise_library(kernels, name, (x, bias), ("x", "bias"))
+    F_ = _last_dim(name, "x", x, "F")
+    _expect_shape(name, "bias", bias, (F_,))
+    xf, bf = _f32(x), _f32(bias)
+    y = torch.empty_like(xf)
+    rows = xf.numel() // F_
+    if rows:
+        lib.call("gptlab_bias_gelu_forward_f32", lib.ptr(y), lib.ptr(xf), lib.ptr(bf), rows, F_,
+                 stream, _threads(32 * xf.numel()))
+    return _like(y, torch.promote_types(x.dtype, bias.dtype))
+
+
+def _bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                        kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+    name = "bias_gelu_backward"
+    lib, stream = _rowwise_library(kernels, name, (dy, x, bias), ("dy", "x", "bias"))
+    F_ = _last_dim(name, "x", x, "F")
+    _expect_shape(name, "dy", dy, x.shape)
+    _expect_shape(name, "bias", bias, (F_,))
+    xf, dyf, bf = _f32(x), _f32(dy), _f32(bias)
+    dx = torch.empty_like(xf)
+    db = xf.new_empty(F_)
+    rows = xf.numel() // F_
+    if rows:
+        ws = _workspace(lib, xf, "gptlab_bias_gelu_backward_workspace_size", rows, F_)
+        lib.call("gptlab_bias_gelu_backward_f32", lib.ptr(dx), lib.ptr(db),
+                 lib.ptr(ws, "void *"), lib.ptr(dyf), lib.ptr(xf), lib.ptr(bf), rows, F_,
+                 stream, _threads(48 * xf.numel()))
+    else:
+        db.zero_()
+    return _like(dx, x.dtype), _like(db, bias.dtype)
+
+
+bias_gelu_op = torch.library.custom_op("gptlab::bias_gelu", _bias_gelu, mutates_args=())
+bias_gelu_backward = torch.library.custom_op("gptlab::bias_gelu_backward", _bias_gelu_backward,
+                                             mutates_args=())
+
+
+@bias_gelu_op.register_fake
+def _(x, bias, kernels=NATIVE):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, bias.dtype))
+
+
+@bias_gelu_backward.register_fake
+def _(dy, x, bias, kernels=NATIVE):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, ctx.kernels = inputs
+    ctx.save_for_backward(x, bias)  # u = x + bias is recomputed, never stored
+
+
+def _bias_gelu_grads(backward_fn):
+    def grads(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, dbias = backward_fn(dy, x, bias, ctx.kernels)
+        return dx, dbias, None
+    return grads
+
+
+bias_gelu_op.register_autograd(_bias_gelu_grads(bias_gelu_backward),
+                               setup_context=_bias_gelu_setup)
+
+
+class _BiasGeluFn(torch.autograd.Function):
+    """The eager path: the same implementation and formulas, no dispatcher."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _bias_gelu(*inputs)
+        _bias_gelu_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_bias_gelu_grads(_bias_gelu_backward))
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, kernels: str = NATIVE) -> torch.Tensor:
+    """``gptlab::bias_gelu``: gelu(x + bias) (exact erf GELU, F.gelu's default) for x (..., F),
+    bias (F,); contiguous, in the dtype of x + bias. The backward recomputes x + bias from the
+    saved x (nothing else of x's size is kept)."""
+    if _eager(x, bias):
+        return _BiasGeluFn.apply(x, bias, kernels)
+    return bias_gelu_op(x, bias, kernels)

@@ -15,3 +15,10 @@ def register_models():
 @hookimpl
 def register_blocks():
     return [PreNormBlock, PostNormBlock]
+
+
+@hookimpl
+def register_layer_kernels():
+    from gptlab.core.layer_kernels import TorchKernels
+
+    return [TorchKernels]

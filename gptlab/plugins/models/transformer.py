@@ -15,10 +15,13 @@ from gptlab.nn import LayerKV, LayerNorm, init_gpt2
 
 
 class KVCache:
-    """Per-layer keys and values of the tokens seen so far, for one generation window."""
+    """Per-layer keys and values of the tokens seen so far, for one generation window.
 
-    def __init__(self, n_layer: int):
-        self.layers = [LayerKV() for _ in range(n_layer)]
+    Each layer's storage holds ``max_len`` tokens (the model's ``block_size``: a window never
+    holds more), allocated once, on the first forward."""
+
+    def __init__(self, n_layer: int, max_len: int | None = None):
+        self.layers = [LayerKV(max_len) for _ in range(n_layer)]
         self.length = 0
 
 
@@ -69,15 +72,15 @@ class Transformer(LanguageModel):
             return False
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer)
+        return KVCache(self.config.n_layer, self.config.block_size)
 
     def forward_cached(self, idx, cache: KVCache):
         T = idx.size(1)
         if cache.length + T > self.config.block_size:
             raise ConfigError(f"KV cache would hold {cache.length + T} tokens, more than "
                               f"block_size {self.config.block_size}")
-        pos = torch.arange(cache.length, cache.length + T, dtype=torch.long, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C); no dropout when decoding
+        # positions length .. length + T - 1: wpe's rows, sliced (no position tensor per token)
+        x = self.wte(idx) + self.wpe.weight[cache.length:cache.length + T]  # (B, T, C)
         for block, layer_cache in zip(self.blocks, cache.layers):
             x = block(x, layer_cache)
         cache.length += T

@@ -4,7 +4,8 @@
  * Conventions (llm.c style): outputs first, then inputs, then sizes; plain pointers and ints;
  * every entry point returns an int error code (GPTLAB_OK == 0) and never exits; the message of
  * the last failure on the calling thread is gptlab_last_error(). Tensors are contiguous
- * row-major: q (bh, tq, d), k and v (bh, tk, d), scores (bh, tq, tk), lse (bh, tq).
+ * row-major: q (bh, tq, d), k and v (bh, tk, d), scores (bh, tq, tk), lse (bh, tq); the
+ * row-wise kernels take (rows, c) matrices (the caller flattens the leading dims).
  * `stream` is the cudaStream_t to launch on (ignored on the CPU); `num_threads` is the number of
  * CPU threads to use (ignored by CUDA). Causal masks are aligned bottom-right: query i sees key
  * j iff j <= i + (tk - tq), so tq < tk serves KV-cache decoding.
@@ -17,7 +18,7 @@
 
 #include <stdint.h>
 
-#define GPTLAB_ABI_VERSION 2
+#define GPTLAB_ABI_VERSION 3
 
 /* error codes */
 #define GPTLAB_OK 0
@@ -63,6 +64,55 @@ int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
                               const float *lse, const float *dout, int64_t bh, int64_t tq,
                               int64_t tk, int64_t d, float scale, int causal, void *stream,
                               int num_threads);
+
+/* LayerNorm over the last dim of x (rows, c) (Ba, Kiros & Hinton 2016):
+ * y = (x - mean) * rstd * weight + bias, with the row's mean, its biased variance and
+ * rstd = 1 / sqrt(var + eps); mean and rstd (rows) are written for the backward. bias may be
+ * NULL (no shift). */
+int gptlab_layernorm_forward_f32(float *y, float *mean, float *rstd, const float *x,
+                                 const float *weight, const float *bias, int64_t rows,
+                                 int64_t c, float eps, void *stream, int num_threads);
+
+/* Bytes of caller-allocated workspace gptlab_layernorm_backward_f32 needs for these sizes (the
+ * partial sums of dweight and dbias per chunk of rows; chunks depend on the sizes only, so the
+ * sums are added in the same order whatever the number of threads or the GPU). */
+int64_t gptlab_layernorm_backward_workspace_size(int64_t rows, int64_t c);
+
+/* dx (rows, c) of the forward above given dy, and dweight, dbias (c): the sums over rows of
+ * dy * xhat and dy. dbias may be NULL (not computed). */
+int gptlab_layernorm_backward_f32(float *dx, float *dweight, float *dbias, void *workspace,
+                                  const float *dy, const float *x, const float *weight,
+                                  const float *mean, const float *rstd, int64_t rows, int64_t c,
+                                  void *stream, int num_threads);
+
+/* Softmax cross-entropy of logits (n, v) against targets (n) in [0, v), in one pass per row:
+ * losses[i] = logsumexp(logits[i]) - logits[i, targets[i]], loss = mean of losses (one float),
+ * and, unless dlogits is NULL, dlogits = (softmax(logits) - onehot(targets)) / n: the gradient
+ * of the mean loss, so no probability tensor is kept. A target outside [0, v) is GPTLAB_EINVAL
+ * on the CPU; on a GPU that row's loss and dlogits are NaN (no host round trip to check). */
+int gptlab_cross_entropy_forward_f32(float *loss, float *losses, float *dlogits,
+                                     const float *logits, const int64_t *targets, int64_t n,
+                                     int64_t v, void *stream, int num_threads);
+
+/* dx = dlogits * dloss[0] (dloss: one float in the tensors' memory, never read by the host on
+ * a GPU); dx may alias dlogits. */
+int gptlab_cross_entropy_backward_f32(float *dx, const float *dlogits, const float *dloss,
+                                      int64_t n, int64_t v, void *stream, int num_threads);
+
+/* y = gelu(x + bias) over x (rows, f), bias (f), with the exact (erf) GELU of Hendrycks &
+ * Gimpel 2016: gelu(u) = u * Phi(u) = u / 2 * (1 + erf(u / sqrt 2)). */
+int gptlab_bias_gelu_forward_f32(float *y, const float *x, const float *bias, int64_t rows,
+                                 int64_t f, void *stream, int num_threads);
+
+/* Bytes of caller-allocated workspace gptlab_bias_gelu_backward_f32 needs (per-chunk partial
+ * sums of dbias, as for the LayerNorm backward). */
+int64_t gptlab_bias_gelu_backward_workspace_size(int64_t rows, int64_t f);
+
+/* dx = dy * gelu'(x + bias) with gelu'(u) = Phi(u) + u * phi(u), and dbias (f) = the sum of dx
+ * over rows (dbias may be NULL: not computed); dx may alias dy. */
+int gptlab_bias_gelu_backward_f32(float *dx, float *dbias, void *workspace, const float *dy,
+                                  const float *x, const float *bias, int64_t rows, int64_t f,
+                                  void *stream, int num_threads);
 /* cffi-end */
 
 #ifdef __cplusplus

@@ -14,6 +14,12 @@
  * dq, dk, dv rows, so no atomics and the result is deterministic). Per-thread scratch is
  * allocated once per call: O((tq + tk) * d) floats per thread, never tq x tk.
  *
+ * Precision (FlashAttention's rule: error vs float64 within 2x that of float32 torch attention,
+ * checked at T = 2048 in tests/kernels/test_conformance.py): sums whose length grows with the
+ * sizes are float32 in two levels (dk, dv per block of QBLOCK queries, dq per key tile, dot
+ * products over the head dim per VL terms); lse, lse * log2(e) and D are computed in double
+ * (per row).
+ *
  * Reference: gptlab.testing.reference_attention (float64 softmax attention, same mask).
  * Check:     gpt kernels check --flavour cpu       (pytest tests/kernels/test_conformance.py)
  * Benchmark: gpt bench attention --backends flash  (vs sdpa, same run)
@@ -28,6 +34,9 @@
 #define NX (BC / VL)
 #define QCHUNK 64
 #define MAX_NV 16 /* head dim <= 256 */
+#define QBLOCK 64 /* backward: query rows per partial sum of a key tile's dk, dv */
+#define LOG2E_D 1.4426950408889634074
+#define LN2_D 0.6931471805599453094
 
 typedef struct {
     float *o, *lse, *dq, *dk, *dv, *ws;
@@ -74,18 +83,36 @@ static void transpose_tiles(float *kt, const float *k, int64_t t0, int64_t t1, i
     }
 }
 
-/* s[r][x] = sum_j a[r][j] * bt[j][x*VL ...]: R rows times one BC-wide tile. */
+/* s[r][x] = sum_j a[r][j] * bt[j][x*VL ...]: R rows times one BC-wide tile.
+ * The sum over j is taken in blocks of VL terms, each summed from zero and then added to s. One
+ * running float32 sum over all d terms has a rounding error that grows with d; in the backward
+ * that error in dP = dO V^T does not cancel against D = rowsum(dO * O) (computed apart), and on
+ * rows with a peaked softmax it made dq's error twice that of float32 softmax(QK^T) V in torch.
+ * Blocking costs one add per VL multiply-adds. */
 GL_INLINE void tile_scores(vf s[R][NX], const float *a, int64_t dp, const float *bt, int64_t d) {
     for (int r = 0; r < R; r++)
         for (int x = 0; x < NX; x++) s[r][x] = vset1(0.f);
-    for (int64_t j = 0; j < d; j++) {
-        vf b[NX];
-        for (int x = 0; x < NX; x++) b[x] = vload(bt + j * BC + x * VL);
-        for (int r = 0; r < R; r++) {
-            vf ar = vset1(a[r * dp + j]);
-            for (int x = 0; x < NX; x++) s[r][x] += ar * b[x];
+    for (int64_t j0 = 0; j0 < d; j0 += VL) {
+        const int64_t j1 = j0 + VL < d ? j0 + VL : d;
+        vf part[R][NX];
+        for (int r = 0; r < R; r++)
+            for (int x = 0; x < NX; x++) part[r][x] = vset1(0.f);
+        for (int64_t j = j0; j < j1; j++) {
+            vf b[NX];
+            for (int x = 0; x < NX; x++) b[x] = vload(bt + j * BC + x * VL);
+            for (int r = 0; r < R; r++) {
+                vf ar = vset1(a[r * dp + j]);
+                for (int x = 0; x < NX; x++) part[r][x] += ar * b[x];
+            }
         }
+        for (int r = 0; r < R; r++)
+            for (int x = 0; x < NX; x++) s[r][x] += part[r][x];
     }
+}
+
+/* acc[0 .. n) += x[0 .. n), n a multiple of VL. */
+GL_INLINE void add_into(float *acc, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) vstore(acc + i, vload(acc + i) + vload(x + i));
 }
 
 /* acc[r][:] += sum_{col < ncols} a[r][col] * b[col][:]: R rows times a tile of rows of b (row
@@ -190,7 +217,10 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
             float tmp[MAX_NV * VL] __attribute__((aligned(64)));
             for (int x = 0; x < NV; x++) vstore(tmp + x * VL, acc[r][x] * vset1(inv));
             memcpy(orow, tmp, (size_t)d * sizeof(float));
-            c->lse[b * tq + row] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : INFINITY;
+            /* in double, rounded once: the backward's P = exp2(S - lse * log2(e)) inherits this
+             * error on every key of the row (three float32 roundings gave up to 2.4 ulp) */
+            c->lse[b * tq + row] =
+                l[r] > 0.f ? (float)(((double)m[r] + log2((double)l[r])) * LN2_D) : INFINITY;
         }
     }
     return GPTLAB_OK;
@@ -227,7 +257,10 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
     float *vt = kt + tkp * dp;            /* tiles of v^T */
     float *dkt = vt + tkp * dp;           /* BC x dp: dk of the current tile */
     float *dvt = dkt + BC * dp;           /* BC x dp: dv of the current tile */
-    float *dvec = c->ws + b * tq * 2, *l2 = dvec + tq; /* workspace: D and lse in base 2 */
+    float *dkb = dvt + BC * dp;           /* BC x dp: dk of the tile from one block of queries */
+    float *dvb = dkb + BC * dp;           /* BC x dp: dv of the tile from one block of queries */
+    /* workspace: D, and lse in base 2 as the float sum l2 + l2lo */
+    float *dvec = c->ws + b * tq * 3, *l2 = dvec + tq, *l2lo = l2 + tq;
     const float *q = c->q + b * tq * d, *k = c->k + b * tk * d, *v = c->v + b * tk * d;
     const float *o = c->out + b * tq * d, *dout = c->dout + b * tq * d;
     const float *lse = c->lse_in + b * tq;
@@ -243,11 +276,16 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
     const int64_t ntiles = tkp / BC;
     transpose_tiles(kt, k, 0, ntiles, tk, d, dp);
     transpose_tiles(vt, v, 0, ntiles, tk, d, dp);
+    /* D and lse * log2(e) in double: a row's error in either is shared by all its P or dS, and
+     * does not cancel in dq (torch's float32 softmax backward takes D = rowsum(P * dP) from the
+     * same P and dP; FlashAttention's D = rowsum(dO * O) is computed apart). O(tq * d) work. */
     for (int64_t i = 0; i < tq; i++) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < d; j++) acc += dout[i * d + j] * o[i * d + j];
-        dvec[i] = acc;
-        l2[i] = lse[i] * LOG2E;
+        double acc = 0.;
+        for (int64_t j = 0; j < d; j++) acc += (double)dout[i * d + j] * o[i * d + j];
+        dvec[i] = (float)acc;
+        const double l2d = (double)lse[i] * LOG2E_D;
+        l2[i] = (float)l2d;
+        l2lo[i] = isfinite(l2d) ? (float)(l2d - l2[i]) : 0.f; /* lse = +inf: a row with no key */
     }
 
     for (int64_t t = 0; t < ntiles; t++) {
@@ -259,7 +297,14 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
             int64_t r = col0 - c->off;
             first = r <= 0 ? 0 : r / R * R;
         }
+        /* dk and dv of the tile sum over up to tq query rows: one running float32 sum over all
+         * of them has an error that grows with tq (causal: the first keys' sums hold a large
+         * early term while ever more small ones are added: at tq = 2048, 2-6x the error of
+         * float32 P^T dO in torch). So they are summed per block of QBLOCK rows into dkb, dvb,
+         * and the blocks' sums into dkt, dvt: about QBLOCK + tq / QBLOCK additions per
+         * element instead of tq. */
         for (int64_t row0 = first; row0 < tq; row0 += R) {
+            if ((row0 - first) % QBLOCK == 0) memset(dkb, 0, (size_t)(2 * BC * dp) * sizeof(float));
             vf s[R][NX], dp_[R][NX];
             const float *qg = qs + row0 * dp, *dog = dos + row0 * dp;
             tile_scores(s, qg, dp, kt + t * dp * BC, d);
@@ -270,9 +315,10 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
             for (int r = 0; r < R; r++) {
                 int64_t row = row0 + r < tq ? row0 + r : tq - 1;
                 vf lv = vset1(row0 + r < tq ? l2[row] : INFINITY); /* padded rows: P = 0 */
+                vf llo = vset1(row0 + r < tq ? l2lo[row] : 0.f);
                 vf dv = vset1(dvec[row]);
                 for (int x = 0; x < NX; x++) {
-                    vf pv = vexp2(s[r][x] - lv);
+                    vf pv = vexp2((s[r][x] - lv) - llo);
                     vstore(&p[r][x * VL], pv);
                     vstore(&ds[r][x * VL], pv * (dp_[r][x] - dv));
                 }
@@ -286,23 +332,28 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
                 }
             for (int col = 0; col < BC; col++) {
                 for (int x = 0; x < NV; x++) {
-                    vf accv = vload(dvt + col * dp + x * VL);
-                    vf acck = vload(dkt + col * dp + x * VL);
+                    vf accv = vload(dvb + col * dp + x * VL);
+                    vf acck = vload(dkb + col * dp + x * VL);
                     for (int r = 0; r < R; r++) {
                         accv += vset1(p[r][col]) * dor[r][x];
                         acck += vset1(ds[r][col]) * qr[r][x];
                     }
-                    vstore(dvt + col * dp + x * VL, accv);
-                    vstore(dkt + col * dp + x * VL, acck);
+                    vstore(dvb + col * dp + x * VL, accv);
+                    vstore(dkb + col * dp + x * VL, acck);
                 }
             }
-            /* dQ += dS K */
+            /* dQ += dS K: this tile's sum from zero, then added (as for dk, dv: two levels) */
             vf dqa[R][MAX_NV];
             for (int r = 0; r < R; r++)
-                for (int x = 0; x < NV; x++) dqa[r][x] = vload(dqs + (row0 + r) * dp + x * VL);
+                for (int x = 0; x < NV; x++) dqa[r][x] = vset1(0.f);
             tile_accumulate(NV, dqa, ds, kp + col0 * dp, dp, BC);
             for (int r = 0; r < R; r++)
-                for (int x = 0; x < NV; x++) vstore(dqs + (row0 + r) * dp + x * VL, dqa[r][x]);
+                for (int x = 0; x < NV; x++) {
+                    float *dqrow = dqs + (row0 + r) * dp + x * VL;
+                    vstore(dqrow, vload(dqrow) + dqa[r][x]);
+                }
+            if ((row0 + R - first) % QBLOCK == 0 || row0 + R >= tq)
+                add_into(dkt, dkb, 2 * BC * dp); /* the block's dk, dv (dkb, dvb adjacent) */
         }
         /* write this tile's dk (dS^T Qs = dS^T Q * scale * log2e, so times ln2) and dv */
         for (int64_t col = 0; col < BC && col0 + col < tk; col++) {
@@ -388,7 +439,7 @@ int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *
 
 int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk, int64_t d) {
     (void)tk; (void)d;
-    return 2 * bh * tq * (int64_t)sizeof(float); /* D = rowsum(dO * O) and lse in base 2 */
+    return 3 * bh * tq * (int64_t)sizeof(float); /* D = rowsum(dO * O), lse in base 2 (hi, lo) */
 }
 
 int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
@@ -409,7 +460,7 @@ int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
     c.tk_pad = round_up(tk, BC); c.tq_pad = round_up(tq, R); c.off = tk - tq;
     c.scale = scale; c.causal = causal;
     const int threads = clamp_threads(num_threads, bh);
-    rc = alloc_scratch(&c, threads, (3 * c.tq_pad + 3 * c.tk_pad + 2 * BC) * c.dp);
+    rc = alloc_scratch(&c, threads, (3 * c.tq_pad + 3 * c.tk_pad + 4 * BC) * c.dp);
     if (rc == GPTLAB_OK) rc = gl_parallel_for(bh, threads, bwd_task, &c);
     else rc = gl_fail(rc, "flash_backward: out of memory for scratch");
     free_scratch(&c, threads);

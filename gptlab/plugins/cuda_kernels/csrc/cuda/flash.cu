@@ -14,9 +14,14 @@
  *   2. one block per (batch·head, 32-key tile): K and V tiles stay in shared memory; for each
  *      8-query tile that can see them: P = exp2(S·log2 e − L·log2 e), dP = dO Vᵀ, dS = P ⊙ (dP − D)
  *      into shared memory; each warp accumulates dV += Pᵀ dO and dK += dSᵀ Q for its 8 keys in
- *      registers, and adds dS K for its query rows into the float32 dQ workspace with atomicAdd
- *      (so on a GPU the summation order, hence the last bits of dQ, vary between runs);
+ *      registers over a block of 64 queries, then adds the block's sums into dk, dv (two-level
+ *      sums: one float32 sum over all tq queries lost precision at long causal sequences), and
+ *      adds dS K for its query rows into the float32 dQ workspace with atomicAdd (so on a GPU
+ *      the summation order, hence the last bits of dQ, vary between runs);
  *   3. dq = scale · workspace.
+ * Precision as in the CPU twin (FlashAttention's rule, tests/kernels/test_conformance.py): dot
+ * products over the head dim in blocks of 16 terms, dK and dV in blocks of 64 queries, L in
+ * double, rounded once, and L·log2 e in the backward as a float pair.
  * Workspace (caller-allocated): bh·tq·d floats of dQ accumulator, then bh·tq floats of D.
  * Grids are one-dimensional (block = batch·head · tiles + tile), so batch·head is not capped by
  * the 65535 limit of grid.y; consecutive blocks share a head's K and V in L2.
@@ -41,7 +46,11 @@ constexpr int KEYS = 32;                          /* keys per tile: one per lane
 constexpr int BWD_ROWS = 8;                       /* queries per backward inner tile */
 constexpr int BWD_ROWS_PER_WARP = BWD_ROWS / WARPS;
 constexpr int BWD_KEYS_PER_WARP = KEYS / WARPS;
+constexpr int QBLOCK = 64;                        /* backward: query rows per partial dK, dV sum */
+constexpr int DOT_BLOCK = 16;                     /* terms per partial sum of a dot product */
+constexpr double LOG2E_D = 1.4426950408889634074, LN2_D = 0.6931471805599453094;
 static_assert(KEYS == gl::WARP, "one key per lane");
+static_assert(QBLOCK % BWD_ROWS == 0, "a block of queries is whole query tiles");
 
 __device__ __forceinline__ bool visible(int r, int c, int tq, int tk, int causal) {
     return r < tq && c < tk && (!causal || c <= r + (tk - tq)); /* bottom-right causal mask */
@@ -55,7 +64,23 @@ __host__ __device__ __forceinline__ int64_t fwd_smem_floats(int d) {
 }
 __host__ __device__ __forceinline__ int64_t bwd_smem_floats(int d) {
     return 2 * int64_t(BWD_ROWS) * d + 2 * int64_t(KEYS) * gl::odd_stride(d) +
-           2 * BWD_ROWS * (KEYS + 1) + 2 * BWD_ROWS;
+           2 * BWD_ROWS * (KEYS + 1) + 3 * BWD_ROWS;
+}
+
+/* sum_j a[j] * b[j] over j < d, in blocks of DOT_BLOCK terms each summed from zero and then
+ * added. One running float32 sum over all d terms has a rounding error that grows with d; in the
+ * backward that error in dP = dO·Vᵀ does not cancel against D = rowsum(dO ⊙ O) (computed apart),
+ * and on rows with a peaked softmax it made dQ's error twice that of float32 softmax(QKᵀ) V in
+ * torch. Blocking costs one add per DOT_BLOCK multiply-adds. */
+__device__ __forceinline__ float blocked_dot(const float *a, const float *b, int d) {
+    float sum = 0.f;
+    for (int j0 = 0; j0 < d; j0 += DOT_BLOCK) {
+        const int j1 = gl::imin(j0 + DOT_BLOCK, d);
+        float part = 0.f;
+        for (int j = j0; j < j1; j++) part += a[j] * b[j];
+        sum += part;
+    }
+    return sum;
 }
 
 /* Copy rows [row0, row0 + rows) of a (n, d) matrix into shared memory with row stride
@@ -114,11 +139,8 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
         for (int i = 0; i < FWD_ROWS_PER_WARP; i++) {
             const int rl = warp + WARPS * i, r = q0 + rl, c = k0 + lane;
             float s = -INFINITY;
-            if (visible(r, c, tq, tk, causal)) {
-                float dot = 0.f;
-                for (int j = 0; j < d; j++) dot += q_s[rl * d + j] * k_s[lane * ks + j];
-                s = dot * scale_log2;
-            }
+            if (visible(r, c, tq, tk, causal))
+                s = blocked_dot(q_s + rl * d, k_s + lane * ks, d) * scale_log2;
             const float m_new = fmaxf(m[i], gl::warp_max(s));
             const float shift = m_new == -INFINITY ? 0.f : m_new;
             const float p = exp2f(s - shift);          /* 0 where masked */
@@ -148,7 +170,12 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
             const int j = lane + gl::WARP * t;
             if (j < d) o[int64_t(r) * d + j] = acc[i][t] * inv;
         }
-        if (lane == 0) lse[r] = l[i] > 0.f ? (m[i] + log2f(l[i])) * gl::LN2 : INFINITY;
+        /* m + log2 l and the product by ln 2 in double, rounded once: the backward's
+         * P = exp2(S·log2 e − L·log2 e) inherits this error on every key of the row (three
+         * float32 roundings gave up to 2.4 ulp). log2f's own error stays: a double log2 is a
+         * software routine that made this kernel spill registers on sm_90. */
+        if (lane == 0)
+            lse[r] = l[i] > 0.f ? float((double(m[i]) + double(log2f(l[i]))) * LN2_D) : INFINITY;
     }
 }
 
@@ -185,8 +212,9 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
     float *v_s = k_s + KEYS * ks;               /* (KEYS, ks) */
     float *p_s = v_s + KEYS * ks;               /* (BWD_ROWS, KEYS + 1) */
     float *ds_s = p_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS, KEYS + 1) */
-    float *l_s = ds_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS): logsumexp in base 2 */
+    float *l_s = ds_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS): logsumexp in base 2, hi */
     float *d_s = l_s + BWD_ROWS;                /* (BWD_ROWS): D */
+    float *llo_s = d_s + BWD_ROWS;              /* (BWD_ROWS): logsumexp in base 2, lo */
     const int lane = threadIdx.x, warp = threadIdx.y, tid = warp * gl::WARP + lane;
     const int tiles = (tk + KEYS - 1) / KEYS;
     const int64_t bh = blockIdx.x / tiles;
@@ -218,7 +246,12 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
         stage(do_s, d, dout, r0, BWD_ROWS, tq, d);
         if (tid < BWD_ROWS) {
             const bool in = r0 + tid < tq;
-            l_s[tid] = in ? lse[r0 + tid] * gl::LOG2E : INFINITY;
+            /* L·log2 e as the float sum hi + lo: one float would put up to half an ulp of
+             * log2(tk) (and more) of error into every P of the row, which dQ does not average */
+            const float lse_r = in ? lse[r0 + tid] : INFINITY;
+            const double l2 = double(lse_r) * LOG2E_D;
+            l_s[tid] = float(l2);
+            llo_s[tid] = lse_r < INFINITY ? float(l2 - double(l_s[tid])) : 0.f; /* +inf: no key */
             d_s[tid] = in ? dvec[r0 + tid] : 0.f;
         }
         __syncthreads();
@@ -228,12 +261,9 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
             const int rl = warp + WARPS * i;
             float p = 0.f, ds = 0.f;
             if (visible(r0 + rl, k0 + lane, tq, tk, causal)) {
-                float s = 0.f, dp = 0.f;
-                for (int j = 0; j < d; j++) {
-                    s += q_s[rl * d + j] * k_s[lane * ks + j];
-                    dp += do_s[rl * d + j] * v_s[lane * ks + j];
-                }
-                p = exp2f(s * scale_log2 - l_s[rl]);
+                const float s = blocked_dot(q_s + rl * d, k_s + lane * ks, d);
+                const float dp = blocked_dot(do_s + rl * d, v_s + lane * ks, d);
+                p = exp2f((s * scale_log2 - l_s[rl]) - llo_s[rl]);
                 ds = p * (dp - d_s[rl]);
             }
             p_s[rl * (KEYS + 1) + lane] = p;
@@ -271,17 +301,28 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
                 atomicAdd(&dq_acc[int64_t(r) * d + j], a);
             }
         }
-    }
+        /* dK and dV sum over up to tq query rows: one running float32 sum over all of them has an
+         * error that grows with tq (causal: the first keys' sums hold a large early term while
+         * ever more small ones are added). So the registers hold the sum over one block of
+         * QBLOCK rows, added at the block's end into dk, dv in global memory (only this thread
+         * writes these elements): about QBLOCK + tq / QBLOCK additions per element, not tq.
+         * The loop runs at least once (r_begin <= tq - 1), so every element is written. */
+        if ((r0 + BWD_ROWS - r_begin) % QBLOCK == 0 || r0 + BWD_ROWS >= tq) {
+            const bool first_block = r0 - r_begin < QBLOCK;
 #pragma unroll
-    for (int u = 0; u < BWD_KEYS_PER_WARP; u++) {
-        const int c = k0 + warp * BWD_KEYS_PER_WARP + u;
-        if (c >= tk) continue;
+            for (int u = 0; u < BWD_KEYS_PER_WARP; u++) {
+                const int c = k0 + warp * BWD_KEYS_PER_WARP + u;
 #pragma unroll
-        for (int t = 0; t < DPL; t++) {
-            const int j = lane + gl::WARP * t;
-            if (j >= d) continue;
-            dk[int64_t(c) * d + j] = scale * dk_acc[u][t];
-            dv[int64_t(c) * d + j] = dv_acc[u][t];
+                for (int t = 0; t < DPL; t++) {
+                    const int j = lane + gl::WARP * t;
+                    if (c < tk && j < d) {
+                        const int64_t at = int64_t(c) * d + j;
+                        dk[at] = (first_block ? 0.f : dk[at]) + scale * dk_acc[u][t];
+                        dv[at] = (first_block ? 0.f : dv[at]) + dv_acc[u][t];
+                    }
+                    dk_acc[u][t] = dv_acc[u][t] = 0.f;
+                }
+            }
         }
     }
 }

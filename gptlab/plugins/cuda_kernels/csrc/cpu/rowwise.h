@@ -1,0 +1,125 @@
+/* Helpers of the row-wise CPU kernels (layernorm.c, cross_entropy.c, bias_gelu.c): vectors of
+ * the native width with tree reductions, partial loads and stores for the tail of a row, exp2,
+ * and fixed chunks of rows for column sums (dweight, dbias) that come out the same whatever the
+ * number of threads.
+ */
+#ifndef GPTLAB_CPU_ROWWISE_H
+#define GPTLAB_CPU_ROWWISE_H
+
+#include "common.h"
+
+/* Row vectors of the machine's native width. common.h's 16-lane vf is split by the compiler on
+ * a CPU with narrower vectors, and for these short loops GCC 12 does it badly on AVX2: vector
+ * accumulators kept on the stack and moved through general registers, and every 16-lane
+ * comparison done lane by lane with scalar compares (check with objdump). LayerNorm's forward
+ * ran 1.7x slower with vf than with 8-lane vectors. */
+#if defined(__AVX512F__)
+#define RVL 16
+#elif defined(__AVX__)
+#define RVL 8
+#else
+#define RVL 4
+#endif
+typedef float rv __attribute__((vector_size(RVL * 4)));
+typedef int32_t ri __attribute__((vector_size(RVL * 4)));
+
+GL_INLINE rv rload(const float *p) { rv v; memcpy(&v, p, sizeof v); return v; }
+GL_INLINE void rstore(float *p, rv v) { memcpy(p, &v, sizeof v); }
+GL_INLINE rv rset1(float s) { return (rv){0} + s; }
+
+/* The first n (< RVL) floats at p, the other lanes `fill`: the tail of a row runs through the
+ * same vector code as its body (fill is chosen so that the extra lanes add nothing). */
+GL_INLINE rv rload_part(const float *p, int64_t n, float fill) {
+    float t[RVL];
+    for (int i = 0; i < RVL; i++) t[i] = i < n ? p[i] : fill;
+    return rload(t);
+}
+
+GL_INLINE void rstore_part(float *p, rv v, int64_t n) {
+    float t[RVL];
+    rstore(t, v);
+    for (int64_t i = 0; i < n; i++) p[i] = t[i];
+}
+
+/* Sum of the lanes as a tree (log2(RVL) dependent adds, not RVL - 1), in a fixed order. */
+GL_INLINE float rsum(rv v) {
+    float t[RVL];
+    rstore(t, v);
+    for (int w = RVL / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
+}
+
+GL_INLINE float rmax_lanes(rv v) {
+    float t[RVL];
+    rstore(t, v);
+    for (int w = RVL / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
+    return t[0];
+}
+
+/* Comparisons of native-width vectors are single instructions (vcmpps + a blend on AVX2). */
+GL_INLINE rv rselect(ri mask, rv a, rv b) { return (rv)((mask & (ri)a) | (~mask & (ri)b)); }
+GL_INLINE rv rmax(rv a, rv b) { return rselect(a > b, a, b); }
+GL_INLINE rv rclamp(rv x, float lo, float hi) {
+    x = rselect(x < rset1(lo), rset1(lo), x);
+    return rselect(x > rset1(hi), rset1(hi), x);
+}
+
+/* 2^x for x in [-126, 127] (the caller guarantees it): common.h's vexp2 without its range
+ * checks, relative error ~2e-7. */
+GL_INLINE rv rexp2_in_range(rv x) {
+    const rv magic = rset1(12582912.0f); /* 1.5*2^23 */
+    rv t = x + magic;                    /* round to nearest integer, in the mantissa bits */
+    rv n = t - magic;
+    ri ni = (ri)t - (ri)magic;
+    rv f = x - n;                        /* f in [-0.5, 0.5] */
+    /* Taylor series of 2^f = e^(f ln2) to degree 6 */
+    rv p = rset1(1.5403530393381606e-4f);
+    p = p * f + rset1(1.3333558146428443e-3f);
+    p = p * f + rset1(9.6181291076284772e-3f);
+    p = p * f + rset1(5.5504108664821580e-2f);
+    p = p * f + rset1(2.4022650695910071e-1f);
+    p = p * f + rset1(6.9314718055994531e-1f);
+    p = p * f + rset1(1.0f);
+    return p * (rv)((ni + 127) << 23);
+}
+
+/* 2^x for any x <= 127: x < -126 (-inf included) gives exactly 0. */
+GL_INLINE rv rexp2(rv x) {
+    const ri dead = x < rset1(-126.0f);
+    return (rv)((ri)rexp2_in_range(rclamp(x, -126.0f, 127.0f)) & ~dead);
+}
+
+/* Column sums over rows are taken per chunk of rows (one partial row per chunk, in a workspace)
+ * and the partials then added chunk by chunk in order. Chunks depend on the number of rows only,
+ * never on the threads, so the sums are bit-for-bit the same for any num_threads. */
+#define GL_MAX_CHUNKS 64
+#define GL_MIN_CHUNK_ROWS 16
+
+GL_INLINE int64_t gl_chunk_rows(int64_t rows) {
+    int64_t r = (rows + GL_MAX_CHUNKS - 1) / GL_MAX_CHUNKS;
+    return r < GL_MIN_CHUNK_ROWS ? GL_MIN_CHUNK_ROWS : r;
+}
+
+GL_INLINE int64_t gl_num_chunks(int64_t rows) {
+    return (rows + gl_chunk_rows(rows) - 1) / gl_chunk_rows(rows);
+}
+
+/* out[j] = sum over k in [0, nchunks), in order, of partials[k * stride + j], for j < n. */
+static inline void gl_sum_chunks(float *restrict out, const float *restrict partials,
+                                 int64_t nchunks, int64_t n, int64_t stride) {
+    const int64_t nv = n / RVL * RVL;
+    for (int64_t j = 0; j < nv; j += RVL) {
+        rv acc = rload(partials + j);
+        for (int64_t k = 1; k < nchunks; k++) acc += rload(partials + k * stride + j);
+        rstore(out + j, acc);
+    }
+    for (int64_t j = nv; j < n; j++) {
+        float acc = partials[j];
+        for (int64_t k = 1; k < nchunks; k++) acc += partials[k * stride + j];
+        out[j] = acc;
+    }
+}
+
+#endif

@@ -1,0 +1,62 @@
+"""The ``native`` layer kernels: LayerNorm, bias + GELU and the cross-entropy loss computed by
+the C (CPU) and CUDA kernels of this package (``csrc/*/layernorm.*``, ``bias_gelu.*``,
+``cross_entropy.*``) through the torch ops of :mod:`.ops`.
+
+The kernels compute in float32. Under ``--dtype bfloat16`` the matrix products give bfloat16
+activations: the bias + GELU kernel takes them on the CPU (widened, result rounded back), the
+loss widens bfloat16 logits to float32 first (as autocast does for ``F.cross_entropy``), and the
+residual stream LayerNorm reads stays float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gptlab.core.layer_kernels import LayerKernels
+from gptlab.plugins.cuda_kernels import build, ops
+from gptlab.plugins.cuda_kernels.backends import cuda_unavailable_reasons
+from gptlab.plugins.cuda_kernels.loader import load
+
+
+class NativeKernels(LayerKernels):
+    name = "native"
+    priority = 60
+    description = "C/CUDA kernels: one-pass LayerNorm, fused bias+GELU, one-pass cross-entropy"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = frozenset({torch.float32, torch.bfloat16})
+
+    @classmethod
+    def unavailable_reasons(cls, device: str) -> list[str]:
+        if device == "cpu":
+            return [r for r in [build.missing_compiler_reason(build.CPU)] if r]
+        if device == "cuda":
+            return list(cuda_unavailable_reasons())
+        return []
+
+    @classmethod
+    def not_supported_reasons(cls, request):
+        r = super().not_supported_reasons(request)
+        if request.device == "cuda" and request.dtype != torch.float32 \
+                and request.dtype in cls.dtypes:
+            r.append(f"dtype {str(request.dtype).replace('torch.', '')} not supported by the "
+                     f"CUDA kernels (float32 only)")
+        return r
+
+    @classmethod
+    def prepare(cls, request):
+        load(ops.native_flavour(request.device))
+
+    def layer_norm(self, x, weight, bias, eps):
+        if x.dtype != weight.dtype:  # autocast activations: normalise as the reference does
+            return super().layer_norm(x, weight, bias, eps)
+        return ops.layer_norm(x, weight, bias, eps)[0]
+
+    def linear_gelu(self, x, linear):
+        if linear.bias is None:
+            return F.gelu(linear(x))
+        h = F.linear(x, linear.weight)  # (..., 4C); the bias is added by the kernel
+        return ops.bias_gelu(h, linear.bias.to(h.dtype))
+
+    def cross_entropy(self, logits, targets):
+        return ops.cross_entropy(logits.float(), targets)

@@ -1,0 +1,113 @@
+"""``auto`` measured: the fastest backend that runs wins (by a margin), the choice is cached,
+a resumed run keeps its backend, and ``GPTLAB_AUTO=priority`` turns measuring off."""
+
+import json
+
+import pytest
+import torch
+
+from gptlab.core import autotune
+from gptlab.core.attention import AttentionRequest
+from gptlab.core.build import plan_run
+from gptlab.core.config import resolve_configs
+from gptlab.core.dispatch import select_attention
+
+REQUEST = AttentionRequest(device="cpu", head_dim=8, q_len=16, k_len=16)
+WORK = autotune.Workload(batch=2, heads=2)
+
+
+class Slow:
+    name, priority = "slow", 60
+
+
+class Fast:
+    name, priority = "fast", 10
+
+
+class Broken:
+    name, priority = "broken", 90
+
+
+def fake_timer(seconds):
+    def timer(cls):
+        if seconds[cls] is None:
+            raise RuntimeError("kernel exploded")
+        return lambda: seconds[cls]
+    return timer
+
+
+def test_the_fastest_wins_by_a_margin_else_the_priority_stays():
+    choice, medians = autotune.fastest([Slow, Fast], REQUEST, WORK,
+                                       timer=fake_timer({Slow: 2.0, Fast: 1.0}))
+    assert choice is Fast and medians == {"slow": 2.0, "fast": 1.0}
+    choice, _ = autotune.fastest([Slow, Fast], REQUEST, WORK,
+                                 timer=fake_timer({Slow: 1.0, Fast: 0.98}))
+    assert choice is Slow  # 2% is noise: the higher priority keeps it
+
+
+def test_a_candidate_that_raises_is_left_out():
+    choice, medians = autotune.fastest([Broken, Slow, Fast], REQUEST, WORK,
+                                       timer=fake_timer({Broken: None, Slow: 3.0, Fast: 1.0}))
+    assert choice is Fast and "broken" not in medians
+
+
+def test_real_timing_runs_forward_and_backward_as_the_model_calls(registry):
+    cls = registry.attention_backends["naive"]
+    once = autotune.time_backend(cls, REQUEST, WORK)
+    assert once() > 0 and once() > 0
+
+
+def test_the_measurement_is_cached_per_machine_and_request(tmp_path, monkeypatch, registry):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / autotune.CACHE_FILE)
+    calls = []
+
+    def fake_fastest(candidates, request, work):
+        calls.append(request)
+        return candidates[-1], {c.name: 1.0 for c in candidates}
+
+    monkeypatch.setattr(autotune, "fastest", fake_fastest)
+    naive, sdpa = registry.attention_backends["naive"], registry.attention_backends["sdpa"]
+    assert autotune.measured_choice([sdpa, naive], REQUEST, WORK) is naive
+    assert autotune.measured_choice([sdpa, naive], REQUEST, WORK) is naive
+    assert len(calls) == 1  # the second answer came from the cache
+    table = json.loads((tmp_path / autotune.CACHE_FILE).read_text())
+    (entry,) = table.values()
+    assert entry["choice"] == "naive"
+    autotune.measured_choice([sdpa, naive], AttentionRequest(device="cpu", head_dim=16), WORK)
+    assert len(calls) == 2  # another request is measured anew
+    (tmp_path / autotune.CACHE_FILE).write_text("{not json")  # a damaged cache is re-measured
+    assert autotune.measured_choice([sdpa, naive], REQUEST, WORK) is naive
+    assert len(calls) == 3
+
+
+def test_plan_run_measures_auto_unless_told_not_to(tmp_path, monkeypatch, registry):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / autotune.CACHE_FILE)
+    monkeypatch.setattr(autotune, "fastest",
+                        lambda candidates, request, work: (
+                            next(c for c in candidates if c.name == "sdpa"), {}))
+    mc, tc = resolve_configs("tiny", {}, {})
+    monkeypatch.delenv("GPTLAB_AUTO", raising=False)
+    assert plan_run(registry, mc, tc).attention_name == "sdpa"  # measured
+    assert plan_run(registry, mc, tc, prefer_attention="naive").attention_name == "naive"
+    monkeypatch.setenv("GPTLAB_AUTO", "priority")
+    highest = select_attention(registry, "auto", REQUEST).name
+    assert highest != "sdpa"
+    assert plan_run(registry, mc, tc).attention_name == highest
+
+
+def test_a_named_backend_is_never_measured(monkeypatch, registry):
+    monkeypatch.delenv("GPTLAB_AUTO", raising=False)
+    monkeypatch.setattr(autotune, "fastest", lambda *a: pytest.fail("measured a named backend"))
+    mc, tc = resolve_configs("tiny", {"attention": "naive"}, {})
+    assert plan_run(registry, mc, tc).attention_name == "naive"
+
+
+def test_measured_choice_on_this_machine_is_one_that_runs(tmp_path, monkeypatch, registry):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / autotune.CACHE_FILE)
+    monkeypatch.delenv("GPTLAB_AUTO", raising=False)
+    backend = select_attention(registry, "auto", REQUEST, work=WORK)
+    q = torch.randn(2, 2, 16, 8)
+    torch.testing.assert_close(backend(q, q, q, causal=True),
+                               registry.attention_backends["naive"]()(q, q, q, causal=True))
+    (entry,) = json.loads((tmp_path / autotune.CACHE_FILE).read_text()).values()
+    assert entry["choice"] == backend.name and set(entry["ms"]) >= {"naive", "sdpa"}

@@ -1,0 +1,108 @@
+"""Layer kernels (LayerNorm, bias + GELU, the loss) chosen by name like attention backends:
+``torch`` is the formula itself, ``native`` matches it, a plugin's are used everywhere, and a
+named one that cannot run is an error with its reasons."""
+
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gptlab import hookimpl
+from gptlab.cli import build_cli
+from gptlab.core.build import build_model
+from gptlab.core.config import resolve_configs
+from gptlab.core.dispatch import select_layer_kernels
+from gptlab.core.errors import BackendNotSupportedError, UnknownComponentError
+from gptlab.core.layer_kernels import KernelRequest, TorchKernels, set_layer_kernels
+from gptlab.core.plugins import load_registry
+
+
+def small_model(registry, kernels, bias=True):
+    mc, _ = resolve_configs("tiny", {"attention": "naive", "kernels": kernels}, {})
+    mc = type(mc).from_dict({**mc.to_dict(), "vocab_size": 37, "bias": bias})
+    torch.manual_seed(0)
+    return build_model(registry, mc)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 37, (3, 64), generator=g), torch.randint(0, 37, (3, 64), generator=g))
+
+
+def test_torch_kernels_are_the_formulas_bit_for_bit(registry):
+    model = small_model(registry, "torch")
+    x, y = batch()
+    logits, loss = model(x, y)
+    assert set_layer_kernels(model, None) == 2 * 3 + 1  # 2 blocks x (ln_1, ln_2, mlp) + ln_f
+    logits0, loss0 = model(x, y)
+    assert torch.equal(logits, logits0) and torch.equal(loss, loss0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_kernels_train_like_the_formulas(registry, bias):
+    native, ref = small_model(registry, "native", bias), small_model(registry, "torch", bias)
+    ref.load_state_dict(native.state_dict())
+    assert type(native.layer_kernels).__name__ == "NativeKernels"
+    x, y = batch()
+    (la, lb) = native(x, y)[1], ref(x, y)[1]
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    for (name, pa), pb in zip(native.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_auto_takes_the_highest_priority_that_runs_and_a_plugin_is_used_everywhere():
+    calls = []
+
+    class Counting(TorchKernels):
+        name, priority = "counting", 1000
+
+        def layer_norm(self, *a):
+            calls.append("layer_norm")
+            return super().layer_norm(*a)
+
+        def linear_gelu(self, *a):
+            calls.append("linear_gelu")
+            return super().linear_gelu(*a)
+
+        def cross_entropy(self, *a):
+            calls.append("cross_entropy")
+            return super().cross_entropy(*a)
+
+    reg = load_registry([("counting", types.SimpleNamespace(
+        register_layer_kernels=hookimpl(lambda: Counting)))])
+    assert select_layer_kernels(reg, "auto", KernelRequest()).name == "counting"
+    model = small_model(reg, "auto")
+    model(*batch())
+    assert calls.count("layer_norm") == 5 and calls.count("linear_gelu") == 2
+    assert calls.count("cross_entropy") == 1
+
+
+def test_named_kernels_that_cannot_run_are_errors(registry):
+    with pytest.raises(UnknownComponentError, match=r"unknown layer kernels 'nope'; "
+                                                    r"available: native, torch"):
+        select_layer_kernels(registry, "nope", KernelRequest())
+    with pytest.raises(BackendNotSupportedError) as e:
+        select_layer_kernels(registry, "native", KernelRequest(device="mps"))
+    assert str(e.value).splitlines() == [
+        "layer kernels 'native' cannot run this request; pick another with --kernels (see "
+        "`gpt backends`)",
+        "  request: device mps, float32",
+        "  native: device 'mps' not supported (supports: cpu, cuda)"]
+
+
+def test_cli_lists_and_takes_layer_kernels(registry, tmp_path):
+    cli = build_cli(registry)
+    r = CliRunner().invoke(cli, ["backends"], catch_exceptions=False)
+    assert "layer kernels (--kernels; device cpu, float32):" in r.output
+    assert "native     priority  60  available: yes  <- auto" in r.output
+    assert "--kernels NAME" in CliRunner().invoke(cli, ["run", "--help"]).output
+    data = tmp_path / "t.txt"
+    data.write_text("Natasha laughed and Pierre smiled. " * 40)
+    r = CliRunner().invoke(cli, ["run", "--preset", "tiny", "--data", str(data), "--iters", "2",
+                                 "--block-size", "8", "--kernels", "nope", "--out-dir",
+                                 str(tmp_path / "o")])
+    assert r.exit_code != 0
+    assert "Error: unknown layer kernels 'nope'; available: native, torch" in r.output
