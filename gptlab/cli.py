@@ -237,7 +237,8 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
     world = distributed.init(device_type(train_cfg.device))
     # the one pre-flight: names, device, attention, the run folder (before touching the data)
     plan = plan_run(reg, model_cfg, train_cfg,
-                    prefer_attention=resume.metrics.get("attention") if resume else None)
+                    prefer_attention=resume.metrics.get("attention") if resume else None,
+                    prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None)
     folder = None
     if world.is_main:
         same = resume_dir is not None and Path(resume_dir).resolve() == Path(out_dir).resolve()
@@ -305,9 +306,11 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
               help="Print text as it is generated.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--attention", default=None, help="Override the checkpoint's attention backend.")
+@click.option("--kernels", default=None, metavar="NAME",
+              help="Override the checkpoint's layer kernels (native, torch, auto).")
 @click.pass_context
 def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop,
-           cache, stream, device, attention):
+           cache, stream, device, attention, kernels):
     """Generate text from a CHECKPOINT (a run folder or a .pt file; default: out)."""
     from gptlab.core.checkpoint import load_model
     from gptlab.core.devices import resolve_device
@@ -315,7 +318,8 @@ def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
 
     reg = _registry(ctx)
     check_sampling(temperature, top_k, top_p, seed)  # before anything is loaded or printed
-    model, tokenizer, _ = load_model(reg, checkpoint, resolve_device(device), attention=attention)
+    model, tokenizer, _ = load_model(reg, checkpoint, resolve_device(device), attention=attention,
+                                     kernels=kernels)
     tokenizer.encode(prompt)  # unknown characters fail before anything is printed
     if stream:
         click.echo(prompt, nl=False)
@@ -334,8 +338,10 @@ def sample(ctx, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Windows of block_size tokens per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--kernels", default=None, metavar="NAME",
+              help="Override the checkpoint's layer kernels (native, torch, auto).")
 @click.pass_context
-def eval_cmd(ctx, checkpoint, data, split, batch_size, device):
+def eval_cmd(ctx, checkpoint, data, split, batch_size, device, kernels):
     """Loss, perplexity and bits per character over the WHOLE split (deterministic)."""
     import math
 
@@ -346,7 +352,7 @@ def eval_cmd(ctx, checkpoint, data, split, batch_size, device):
     from gptlab.data.corpora import load_text, resolve_corpus
 
     reg = _registry(ctx)
-    model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device))
+    model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device), kernels=kernels)
     tc = ckpt.train_config
     source = data or (ckpt.train_state.data_source if ckpt.train_state else None)
     path = resolve_corpus(source)

@@ -16,15 +16,21 @@ REQUEST = AttentionRequest(device="cpu", head_dim=8, q_len=16, k_len=16)
 WORK = autotune.Workload(batch=2, heads=2)
 
 
-class Slow:
+class Fake:
+    @classmethod
+    def measure_tag(cls, request):
+        return ""
+
+
+class Slow(Fake):
     name, priority = "slow", 60
 
 
-class Fast:
+class Fast(Fake):
     name, priority = "fast", 10
 
 
-class Broken:
+class Broken(Fake):
     name, priority = "broken", 90
 
 
@@ -49,6 +55,34 @@ def test_a_candidate_that_raises_is_left_out():
     choice, medians = autotune.fastest([Broken, Slow, Fast], REQUEST, WORK,
                                        timer=fake_timer({Broken: None, Slow: 3.0, Fast: 1.0}))
     assert choice is Fast and "broken" not in medians
+
+
+def test_a_candidate_failing_mid_measurement_is_left_out_and_nothing_is_cached(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / autotune.CACHE_FILE)
+    calls = {Slow: 0}
+
+    def timer(cls):
+        def run():
+            if cls is Slow:
+                calls[Slow] += 1
+                if calls[Slow] > 2:  # warm-up and round 1 pass, then it runs out of memory
+                    raise RuntimeError("out of memory")
+            return 1.0 if cls is Fast else 2.0
+        return run
+
+    choice, medians = autotune.fastest([Slow, Fast], REQUEST, WORK, timer=timer)
+    assert choice is Fast and list(medians) == ["fast"]
+    monkeypatch.setattr(autotune, "fastest", lambda c, r, w: (Fast, {"fast": 1.0}))
+    assert autotune.measured_choice([Slow, Fast], REQUEST, WORK) is Fast
+    assert not (tmp_path / autotune.CACHE_FILE).exists()  # measured again next time
+
+
+def test_long_sequences_are_measured_on_a_smaller_batch():
+    long = AttentionRequest(device="cpu", head_dim=64, q_len=4096, k_len=4096)
+    assert autotune.measured_batch(autotune.Workload(batch=16, heads=12), long) == 1
+    assert autotune.measured_batch(autotune.Workload(batch=32, heads=6), AttentionRequest(
+        q_len=128, k_len=128)) == 32  # the default preset: measured as it runs
 
 
 def test_real_timing_runs_forward_and_backward_as_the_model_calls(registry):

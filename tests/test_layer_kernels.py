@@ -106,3 +106,24 @@ def test_cli_lists_and_takes_layer_kernels(registry, tmp_path):
                                  str(tmp_path / "o")])
     assert r.exit_code != 0
     assert "Error: unknown layer kernels 'nope'; available: native, torch" in r.output
+
+
+def test_a_resumed_run_keeps_its_layer_kernels(registry, tmp_path):
+    from gptlab.core.checkpoint import load_checkpoint
+    from gptlab.core.trainer import Trainer
+
+    text = "Natasha laughed and Pierre smiled. " * 40
+    mc, tc = resolve_configs("tiny", {"block_size": 8}, {"max_iters": 2, "eval_iters": 1,
+                                                         "final_eval_iters": 1})
+    Trainer(registry, mc, tc, text, out_dir=tmp_path / "run").fit()
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.metrics["kernels"] == "native"  # auto, recorded
+    assert Trainer(registry, mc, tc, text, resume=ckpt).plan.kernels_name == "native"
+    del ckpt.metrics["kernels"]  # a checkpoint from before layer kernels: the formulas
+    assert Trainer(registry, mc, tc, text, resume=ckpt).plan.kernels_name == "torch"
+
+
+def test_sample_and_eval_take_kernels(registry):
+    cli = build_cli(registry)
+    for command in ("sample", "eval"):
+        assert "--kernels NAME" in CliRunner().invoke(cli, [command, "--help"]).output

@@ -2,8 +2,8 @@
 
 Priorities (:attr:`AttentionBackend.priority`) are a guess made on one machine; the same kernel
 can win on a CPU with AVX-512 and lose 2-7x on one with AVX2 only. So ``auto``, given the
-shape a model will use (:class:`Workload`), times every candidate on that shape, the way the
-model calls it: q, k, v as the strided views of one ``(B, T, 3, nh, hs)`` projection, forward
+shape a model will use (:class:`Workload`), times every candidate on that shape (the batch cut
+so that T x T score tensors stay small: :func:`measured_batch`), the way the model calls it: q, k, v as the strided views of one ``(B, T, 3, nh, hs)`` projection, forward
 and (for training) backward, in interleaved rounds, and takes the fastest by median. A
 candidate must beat the highest-priority one by :data:`MARGIN` to displace it, so noise does not
 flip the choice. The answer is cached per machine, torch, gptlab and kernel build
@@ -74,11 +74,24 @@ def cache_key(candidates: Sequence[type[AttentionBackend]], request: AttentionRe
             f"{tags} | B {work.batch}, heads {work.heads}, {request.describe()}")
 
 
+#: Bytes of one (B, nh, T, T) float32 score tensor the measurement may allocate: a backend that
+#: materialises scores (naive, fused) holds a few of these, so the measured batch is cut to stay
+#: far below any machine's memory (every candidate is timed on the same batch, so the ranking
+#: holds), and measuring stays a second or so however long the sequences are.
+SCORES_BUDGET = 32 << 20
+
+
+def measured_batch(work: Workload, request: AttentionRequest) -> int:
+    """The batch the candidates are timed on: the run's, cut to :data:`SCORES_BUDGET`."""
+    per_sequence = 4 * work.heads * request.q_len * request.k_len
+    return max(1, min(work.batch, SCORES_BUDGET // per_sequence))
+
+
 def time_backend(cls: type[AttentionBackend], request: AttentionRequest, work: Workload
                  ) -> Callable[[], float]:
     """A function that runs one model-shaped call (forward, and backward if the request has
     one) of ``cls`` and returns its seconds."""
-    B, nh, T, hs = work.batch, work.heads, request.q_len, request.head_dim
+    B, nh, T, hs = measured_batch(work, request), work.heads, request.q_len, request.head_dim
     device = torch.device(request.device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     qkv = torch.randn(B, T, 3, nh, hs, generator=gen).to(device, request.dtype)
@@ -126,8 +139,15 @@ def fastest(candidates: Sequence[type[AttentionBackend]], request: AttentionRequ
         return candidates[0], {}
     times = {cls: [] for cls in runs}
     for _ in range(rounds):  # interleaved, so a machine slowing down slows every candidate
-        for cls, run in runs.items():
-            times[cls].append(run())
+        for cls, run in list(runs.items()):
+            try:
+                times[cls].append(run())
+            except Exception as e:
+                log.warning("auto: %s left out of the measurement: %s: %s", cls.name,
+                            type(e).__name__, e)
+                del runs[cls], times[cls]
+    if not runs:
+        return candidates[0], {}
     medians = {cls: statistics.median(ts) for cls, ts in times.items()}
     first = next(iter(medians))  # the highest-priority candidate that ran
     best = min(medians, key=medians.get)
@@ -154,9 +174,12 @@ def measured_choice(candidates: Sequence[type[AttentionBackend]], request: Atten
     except (OSError, ValueError):
         table = {}
     by_name = {c.name: c for c in candidates}
-    if table.get(key, {}).get("choice") in by_name:
-        return by_name[table[key]["choice"]]
+    entry = table.get(key)
+    if isinstance(entry, dict) and entry.get("choice") in by_name:
+        return by_name[entry["choice"]]
     choice, medians = fastest(candidates, request, work)
+    if len(medians) < len(candidates):  # one failed (out of memory, busy GPU): do not remember
+        return choice
     log.info("auto measured %s: %s -> %s", request.describe(),
              ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in medians.items()), choice.name)
     table[key] = {"choice": choice.name, "ms": {n: round(t * 1e3, 3) for n, t in medians.items()}}

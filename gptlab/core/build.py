@@ -39,22 +39,28 @@ class RunPlan:
     tokenizer_cls: type
     block_cls: type | None  # None for models without attention (bigram)
     attention: AttentionBackend | None  # prepared; None for models without attention
-    layer_kernels: LayerKernels | None = None  # prepared; None: the PyTorch formulas
+    layer_kernels: LayerKernels | None = None  # prepared; None: dispatched by build_model
 
     @property
     def attention_name(self) -> str | None:
         return None if self.attention is None else self.attention.name
 
+    @property
+    def kernels_name(self) -> str | None:
+        return None if self.layer_kernels is None else self.layer_kernels.name
+
 
 def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
-             requires_grad: bool = True, prefer_attention: str | None = None) -> RunPlan:
+             requires_grad: bool = True, prefer_attention: str | None = None,
+             prefer_kernels: str | None = None) -> RunPlan:
     """Check names, device and attention choice once; return the :class:`RunPlan`.
 
     A backend named for a device that is not available here is reported in the backend's own
     terms (its reasons, then "use --device cpu"); ``auto`` picks among what runs here the
     fastest on the run's shape (measured once per machine, :mod:`gptlab.core.autotune`), or
-    ``prefer_attention`` (a resumed run's backend) if it runs. Under torchrun every rank takes
-    rank 0's choice.
+    ``prefer_attention`` (a resumed run's backend) if it runs; likewise ``prefer_kernels`` for
+    ``--kernels auto`` (a checkpoint from before layer kernels resumes on ``torch``, the formulas
+    it was trained with). Under torchrun only rank 0 measures and every rank takes its choice.
     """
     model_cls = reg.model(model_config.model)
     tokenizer_cls = reg.tokenizer(train_config.tokenizer)
@@ -79,14 +85,17 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     if uses_attention and attention is None:
         request = attention_request(model_config, device, dtype=dtype,
                                     requires_grad=requires_grad)
-        attention = select_attention(
+        world = distributed.current()
+        attention = select_attention(  # rank 0 measures; the others take its choice below
             reg, AUTO, request, prefer=prefer_attention,
-            work=attention_workload(model_config, train_config.batch_size))
-        agreed = distributed.rank0_choice(attention.name, distributed.current())
+            work=None if world.rank else attention_workload(model_config,
+                                                            train_config.batch_size))
+        agreed = distributed.rank0_choice(attention.name, world)
         if agreed != attention.name:
             attention = select_attention(reg, agreed, request)
     if model_config.kernels == AUTO:
-        kernels = select_layer_kernels(reg, AUTO, KernelRequest(device.type, dtype))
+        kernels = select_layer_kernels(reg, AUTO, KernelRequest(device.type, dtype),
+                                       prefer=prefer_kernels)
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
                    model_cls=model_cls, tokenizer_cls=tokenizer_cls, block_cls=block_cls,
                    attention=attention, layer_kernels=kernels)

@@ -15,7 +15,7 @@ Format version 2 (gptlab 0.2)::
      "tokenizer": {"name": "char", "state": {...}},
      "model": state_dict, "optimizer": state_dict | None,
      "train_state": TrainState.to_dict() | None,
-     "metrics": {"step", "train_loss", "val_loss", "elapsed", "attention"}}
+     "metrics": {"step", "train_loss", "val_loss", "elapsed", "attention", "kernels"}}
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     return Checkpoint.from_payload(payload, path)
 
 
-def load_model(reg, path, device="cpu", *, attention: str | None = None):
+def load_model(reg, path, device="cpu", *, attention: str | None = None,
+               kernels: str | None = None):
     """Rebuild ``(model, tokenizer, checkpoint)`` from a checkpoint, in eval mode on ``device``.
 
     ``attention`` overrides the backend the checkpoint was trained with (weights do not depend
@@ -174,6 +175,8 @@ def load_model(reg, path, device="cpu", *, attention: str | None = None):
     mc = ckpt.model_config
     if attention is not None:
         mc = attrs.evolve(mc, attention=attention)
+    if kernels is not None:  # likewise the layer kernels (--kernels)
+        mc = attrs.evolve(mc, kernels=kernels)
     tokenizer = reg.tokenizer(ckpt.tokenizer_name).from_state(ckpt.tokenizer_state)
     model = build_model(reg, mc, device, requires_grad=False)
     try:

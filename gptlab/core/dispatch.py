@@ -115,11 +115,13 @@ def attention_workload(config: ModelConfig, batch_size: int) -> Workload:
     return Workload(batch=batch_size, heads=config.n_head)
 
 
-def select_layer_kernels(reg: Registry, name: str, request: KernelRequest) -> LayerKernels:
-    """A prepared instance of the layer kernels called ``name`` (``auto``: the highest priority
-    that fits and prepares). A named one that cannot run is an error with its reasons."""
+def select_layer_kernels(reg: Registry, name: str, request: KernelRequest, *,
+                         prefer: str | None = None) -> LayerKernels:
+    """A prepared instance of the layer kernels called ``name`` (``auto``: ``prefer`` if it
+    runs, else the highest priority that fits and prepares). A named one that cannot run is an
+    error with its reasons."""
     rows = sorted(((cls, backend_reasons(cls, request)) for cls in reg.layer_kernels.values()),
-                  key=lambda r: (-r[0].priority, r[0].name))
+                  key=lambda r: (r[0].name != prefer, -r[0].priority, r[0].name))
     if name == AUTO:
         for i, (cls, reasons) in enumerate(rows):
             if not reasons:

@@ -168,7 +168,8 @@ class Trainer:
         self.log_interval = log_interval
         self.plan = plan or plan_run(
             reg, model_config, train_config,
-            prefer_attention=resume.metrics.get("attention") if resume else None)
+            prefer_attention=resume.metrics.get("attention") if resume else None,
+            prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None)
         if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")
@@ -235,7 +236,7 @@ class Trainer:
             self.optimizer = make_optimizer(self.model, cfg)
         log.info("model %s: %.2fM parameters, attention %s, layer kernels %s",
                  self.model_config.model, self.model.num_parameters() / 1e6,
-                 self.plan.attention_name, self.plan.layer_kernels.name)
+                 self.plan.attention_name, self.plan.kernels_name)
         if self.world.rank:  # the same init everywhere (DDP checks), then its own dropout
             torch.manual_seed(stream_seed(cfg.seed, self.world.rank))
         # one sampler per micro-batch slot (rank r, micro-batch k -> stream r * K + k); every
@@ -405,7 +406,8 @@ class Trainer:
                              scaler=self.scaler.state_dict() if self.scaler.is_enabled()
                              else None)
         metrics = {"step": st.step, "train_loss": train_loss, "val_loss": val_loss,
-                   "elapsed": st.elapsed, "attention": self.plan.attention_name}
+                   "elapsed": st.elapsed, "attention": self.plan.attention_name,
+                   "kernels": self.plan.kernels_name}
         return Checkpoint(model_config=self.model_config, train_config=self.cfg,
                           tokenizer_name=self.tokenizer.name,
                           tokenizer_state=self.tokenizer.state_dict(),

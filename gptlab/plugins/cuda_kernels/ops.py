@@ -246,11 +246,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses that override torch functions
+
+
 def _eager(*tensors: torch.Tensor | None) -> bool:
     """True where the entry points may call the implementation directly: plain tensors, no
     tracing, no torch function or dispatch mode, no functorch transform."""
     return (not torch.compiler.is_compiling()
-            and all(t is None or type(t) is torch.Tensor for t in tensors)
+            and all(t is None or type(t) in _PLAIN for t in tensors)
             and not torch._C._len_torch_dispatch_stack()
             and not torch._C._len_torch_function_stack()
             and not torch._C._are_functorch_transforms_active())
