@@ -412,7 +412,7 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
     run."""
     import torch
 
-    from gptlab.core.attention import AttentionRequest, backend_reasons
+    from gptlab.core.attention import AttentionRequest
     from gptlab.core.layer_kernels import KernelRequest
     from gptlab.core.devices import device_type, device_unavailable_reason
     from gptlab.core.dispatch import backend_table
@@ -423,30 +423,24 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
                                q_len=seq_len, k_len=seq_len, dropout_p=dropout,
                                requires_grad=not inference)
     rows = backend_table(reg, request)
-    auto = next((cls.name for cls, r in rows if not r), None)
     missing = device_unavailable_reason(dev)
     if missing:
         click.echo(f"note: {dev} is not available on this machine: {missing}")
-    for cls, reasons in rows:
-        mark = "yes" if not reasons else "no "
-        pick = "  <- auto" if cls.name == auto else ""
-        click.echo(f"{cls.name:<10} priority {cls.priority:>3}  available: {mark}{pick}")
-        if cls.description:
-            click.echo(f"    {cls.description}")
-        for r in reasons:
-            click.echo(f"    - {r}")
+    _show_table(rows)
     if sum(not r for _, r in rows) > 1:
         click.echo("(auto here: the highest priority; `gpt run` times the available ones on "
                    "its shape and takes the fastest, see GPTLAB_AUTO in the README)")
     kernel_request = KernelRequest(device=dev, dtype=getattr(torch, dtype))
-    krows = sorted(((cls, backend_reasons(cls, kernel_request))
-                    for cls in reg.layer_kernels.values()),
-                   key=lambda r: (-r[0].priority, r[0].name))
-    kauto = next((cls.name for cls, r in krows if not r), None)
     click.echo(f"layer kernels (--kernels; {kernel_request.describe()}):")
-    for cls, reasons in krows:
+    _show_table(backend_table(reg, kernel_request, kind="layer_kernels"))
+
+
+def _show_table(rows) -> None:
+    """One line per backend (priority, available, which auto takes), then its reasons."""
+    auto = next((cls.name for cls, r in rows if not r), None)
+    for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
-        pick = "  <- auto" if cls.name == kauto else ""
+        pick = "  <- auto" if cls.name == auto else ""
         click.echo(f"{cls.name:<10} priority {cls.priority:>3}  available: {mark}{pick}")
         if cls.description:
             click.echo(f"    {cls.description}")

@@ -33,12 +33,14 @@ from gptlab.core.plugins import Registry
 log = logging.getLogger(__name__)
 
 
-def backend_table(reg: Registry, request: AttentionRequest) -> list[tuple[type, list[str]]]:
-    """Every registered backend with its reasons for ``request``, highest priority first.
+def backend_table(reg: Registry, request: AttentionRequest | KernelRequest, *,
+                  kind: str = "attention_backends") -> list[tuple[type, list[str]]]:
+    """Every registered backend (or, with ``kind="layer_kernels"``, layer kernels) with its
+    reasons for ``request``, highest priority first.
 
     A backend whose ``not_supported_reasons`` raises is listed with that as its reason (a
     broken plugin must not take dispatch down)."""
-    rows = [(cls, backend_reasons(cls, request)) for cls in reg.attention_backends.values()]
+    rows = [(cls, backend_reasons(cls, request)) for cls in getattr(reg, kind).values()]
     return sorted(rows, key=lambda r: (-r[0].priority, r[0].name))
 
 
@@ -120,8 +122,9 @@ def select_layer_kernels(reg: Registry, name: str, request: KernelRequest, *,
     """A prepared instance of the layer kernels called ``name`` (``auto``: ``prefer`` if it
     runs, else the highest priority that fits and prepares). A named one that cannot run is an
     error with its reasons."""
-    rows = sorted(((cls, backend_reasons(cls, request)) for cls in reg.layer_kernels.values()),
-                  key=lambda r: (r[0].name != prefer, -r[0].priority, r[0].name))
+    rows = backend_table(reg, request, kind="layer_kernels")
+    if prefer is not None:  # keep a resumed run on the kernels it was trained with
+        rows.sort(key=lambda r: r[0].name != prefer)
     if name == AUTO:
         for i, (cls, reasons) in enumerate(rows):
             if not reasons:

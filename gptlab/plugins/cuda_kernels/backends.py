@@ -65,6 +65,23 @@ def _cuda_reasons(compiler: str, cache: str, torch_has_cuda: bool) -> tuple[str,
     return ()
 
 
+def native_unavailable_reasons(device: str) -> list[str]:
+    """Why the native (not emulated) kernels cannot run on ``device`` here."""
+    if device == "cpu":
+        return [r for r in [build.missing_compiler_reason(build.CPU)] if r]
+    if device == "cuda":
+        return list(cuda_unavailable_reasons())
+    return []
+
+
+def cuda_dtype_reasons(request, dtypes) -> list[str]:
+    """The CUDA kernels take float32 only, though ``dtypes`` (the CPU's) has more."""
+    if request.device == "cuda" and request.dtype != torch.float32 and request.dtype in dtypes:
+        return [f"dtype {str(request.dtype).replace('torch.', '')} not supported by the CUDA "
+                f"kernels (float32 only)"]
+    return []
+
+
 class NativeBackend(AttentionBackend):
     devices = frozenset({"cpu", "cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16})  # bfloat16: the C kernels only
@@ -80,11 +97,7 @@ class NativeBackend(AttentionBackend):
     def unavailable_reasons(cls, device: str) -> list[str]:
         if cls.kernels != ops.NATIVE:
             return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
-        if device == "cpu":
-            return [r for r in [build.missing_compiler_reason(build.CPU)] if r]
-        if device == "cuda":
-            return list(cuda_unavailable_reasons())
-        return []
+        return native_unavailable_reasons(device)
 
     @classmethod
     def not_supported_reasons(cls, request):
@@ -92,22 +105,21 @@ class NativeBackend(AttentionBackend):
         if request.device == "cuda" and request.head_dim > CUDA_MAX_HEAD_DIM:
             r.append(f"head_dim {request.head_dim} > {CUDA_MAX_HEAD_DIM} not supported by the "
                      f"CUDA kernels")
-        if request.device == "cuda" and request.dtype != torch.float32 \
-                and request.dtype in cls.dtypes:
-            r.append(f"dtype {str(request.dtype).replace('torch.', '')} not supported by the "
-                     f"CUDA kernels (float32 only)")
-        return r
+        return r + cuda_dtype_reasons(request, cls.dtypes)
+
+    @classmethod
+    def _flavour(cls, device: str) -> str:
+        return ops.native_flavour(device) if cls.kernels == ops.NATIVE else cls.kernels
 
     @classmethod
     def prepare(cls, request):
         # compile the library the request's device needs now: a failure is a one-line
         # KernelBuildError, and auto moves on to the next backend
-        load(ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels)
+        load(cls._flavour(request.device))
 
     @classmethod
     def measure_tag(cls, request):
-        flavour = ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels
-        return f"@{build.build_key(build.get_flavour(flavour))[:12]}"
+        return f"@{build.build_key(build.get_flavour(cls._flavour(request.device)))[:12]}"
 
     def _check_dropout(self, dropout_p):
         if dropout_p:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.core.layer_kernels import LayerKernels
-from gptlab.plugins.cuda_kernels import build, ops
-from gptlab.plugins.cuda_kernels.backends import cuda_unavailable_reasons
+from gptlab.plugins.cuda_kernels import ops
+from gptlab.plugins.cuda_kernels.backends import cuda_dtype_reasons, native_unavailable_reasons
 from gptlab.plugins.cuda_kernels.loader import load
 
 
@@ -28,20 +28,11 @@ class NativeKernels(LayerKernels):
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
-        if device == "cpu":
-            return [r for r in [build.missing_compiler_reason(build.CPU)] if r]
-        if device == "cuda":
-            return list(cuda_unavailable_reasons())
-        return []
+        return native_unavailable_reasons(device)
 
     @classmethod
     def not_supported_reasons(cls, request):
-        r = super().not_supported_reasons(request)
-        if request.device == "cuda" and request.dtype != torch.float32 \
-                and request.dtype in cls.dtypes:
-            r.append(f"dtype {str(request.dtype).replace('torch.', '')} not supported by the "
-                     f"CUDA kernels (float32 only)")
-        return r
+        return super().not_supported_reasons(request) + cuda_dtype_reasons(request, cls.dtypes)
 
     @classmethod
     def prepare(cls, request):

@@ -403,17 +403,23 @@ layer_norm_op.register_autograd(_layer_norm_grads(layer_norm_backward),
                                 setup_context=_layer_norm_setup)
 
 
-class _LayerNormFn(torch.autograd.Function):
-    """The eager path: the same implementation and formulas, no dispatcher. (A ctx-first
-    forward: with a separate setup_context, apply costs 3x more Python.)"""
+def _eager_function(impl, setup, backward) -> type[torch.autograd.Function]:
+    """The eager path of an op: the same implementation and formulas, no dispatcher. (A
+    ctx-first forward: with a separate setup_context, apply costs 3x more Python.)"""
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _layer_norm(*inputs)
-        _layer_norm_setup(ctx, inputs, output)
-        return output
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup(ctx, inputs, output)
+            return output
 
-    backward = staticmethod(_layer_norm_grads(_layer_norm_backward))
+    Fn.backward = staticmethod(backward)
+    return Fn
+
+
+_LayerNormFn = _eager_function(_layer_norm, _layer_norm_setup,
+                               _layer_norm_grads(_layer_norm_backward))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
@@ -519,17 +525,9 @@ cross_entropy_forward.register_autograd(_cross_entropy_grads(cross_entropy_backw
                                         setup_context=_cross_entropy_setup)
 
 
-class _CrossEntropyFn(torch.autograd.Function):
-    """The eager path: the same implementation and formulas, no dispatcher."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _cross_entropy_forward(*inputs)
-        _cross_entropy_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_cross_entropy_grads(_cross_entropy_backward,
-                                                 reuse_for_unit_grad=True))
+_CrossEntropyFn = _eager_function(
+    _cross_entropy_forward, _cross_entropy_setup,
+    _cross_entropy_grads(_cross_entropy_backward, reuse_for_unit_grad=True))
 
 
 # The registered op is composite (it runs where autograd is visible), so that it can ask the
@@ -627,16 +625,8 @@ bias_gelu_op.register_autograd(_bias_gelu_grads(bias_gelu_backward),
                                setup_context=_bias_gelu_setup)
 
 
-class _BiasGeluFn(torch.autograd.Function):
-    """The eager path: the same implementation and formulas, no dispatcher."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _bias_gelu(*inputs)
-        _bias_gelu_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_bias_gelu_grads(_bias_gelu_backward))
+_BiasGeluFn = _eager_function(_bias_gelu, _bias_gelu_setup,
+                              _bias_gelu_grads(_bias_gelu_backward))
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, kernels: str = NATIVE) -> torch.Tensor:
