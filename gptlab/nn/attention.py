@@ -111,8 +111,11 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, kv_cache: LayerKV | None = None):
         B, T, C = x.shape
         hs = C // self.n_head
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)  # q, k, v for every head
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        # q, k, v for every head: views of the projection, (B, nh, T, hs) each with strides
+        # (T*3C, hs, 3C, 1); backends that take strided inputs (flash, sdpa) copy nothing, and
+        # in the backward the three gradients meet in one cat (split's backward)
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
         if self.qk_positions is not None:  # the position seam
             start = 0 if kv_cache is None else kv_cache.length
             pos = torch.arange(start, start + T, dtype=torch.long, device=x.device)  # (T,)
@@ -121,7 +124,9 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.extend(k, v)  # (B, nh, T_past + T, hs); causal mask bottom-right
         p = self.attn_dropout if self.training else 0.0
         y = self.attention(q, k, v, causal=True, dropout_p=p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate heads: (B, T, C)
+        # concatenate heads: (B, T, C); a view when y is laid out (B, T, nh, hs), as flash
+        # writes it
+        y = y.transpose(1, 2).reshape(B, T, C)
         y = self.c_proj(y)
         return self.resid_dropout(y) if self.training else y
 

@@ -9,6 +9,7 @@ from gptlab.core.errors import BackendNotSupportedError
 from gptlab.plugins.cuda_kernels import loader, ops
 from gptlab.plugins.cuda_kernels.backends import FlashAttention, FusedAttention
 from gptlab.plugins.cuda_kernels.loader import KernelError
+from gptlab.testing import reference_attention
 
 
 def test_flash_backward_saves_no_t_by_t_tensor():
@@ -36,8 +37,9 @@ def test_fully_masked_rows_are_zero_not_nan():
     # 3 queries, 2 keys, causal bottom-right: query 0 sees no key
     q, k, v = torch.randn(1, 3, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8)
     o, lse = torch.empty(1, 3, 8), torch.empty(1, 3)
+    strides = lib.ffi.new("int64_t[]", [0, 24, 8, 0, 16, 8, 0, 16, 8, 0, 24, 8])  # q, k, v, o
     lib.call("gptlab_flash_forward_f32", lib.ptr(o), lib.ptr(lse), lib.ptr(q), lib.ptr(k),
-             lib.ptr(v), 1, 3, 2, 8, 0.35, 1, lib.ffi.NULL, 1)
+             lib.ptr(v), strides, 1, 1, 3, 2, 8, 0.35, 1, lib.ffi.NULL, 1)
     assert torch.isfinite(o).all() and o[0, 0].abs().max() == 0 and lse[0, 0] == math.inf
     x = torch.full((1, 2, 4), -math.inf)
     y = ops.fused_softmax(x, 1.0, False)
@@ -63,8 +65,8 @@ def test_bad_inputs_are_typed_errors():
                        True)
     lib = loader.load("cpu")
     with pytest.raises(KernelError, match=r"gptlab_flash_forward_f32 failed \(code 1\).*sizes"):
-        lib.call("gptlab_flash_forward_f32", *([lib.ffi.cast("float *", 8)] * 5), 1, 0, 4, 8,
-                 1.0, 1, lib.ffi.NULL, 1)
+        lib.call("gptlab_flash_forward_f32", *([lib.ffi.cast("float *", 8)] * 5),
+                 lib.ffi.new("int64_t[]", 12), 1, 1, 0, 4, 8, 1.0, 1, lib.ffi.NULL, 1)
     with pytest.raises(KernelError, match="head dim 300 > 256"):
         ops.flash_attn(*(torch.randn(1, 1, 4, 300) for _ in range(3)), 1.0, True)
     with pytest.raises(BackendNotSupportedError, match=r"flash: attention dropout \(p=0.1\)"):
@@ -102,3 +104,27 @@ def test_flash_lse_is_an_auxiliary_output_without_gradient():
     q = torch.randn(1, 2, 8, 8, requires_grad=True)
     o, lse = ops.flash_attn(q, q, q, 0.3, True)
     assert o.requires_grad and not lse.requires_grad
+
+
+@pytest.mark.parametrize("kernels", ["native", "cuda-emu"])
+def test_flash_reads_strided_views_and_writes_heads_last(kernels):
+    """q, k, v as split views of a qkv projection go in with no copy; o and the gradients come
+    out laid out (B, T, nh, hs), so concatenating heads is a view; values match float64."""
+    B, T, nh, hs = 2, 37, 3, 16
+    C = nh * hs
+    qkv = torch.randn(B, T, 3 * C, dtype=torch.float64)
+    views = [t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.float().split(C, dim=2)]
+    q, k, v = (t.requires_grad_() for t in views)
+    assert not q.is_contiguous() and q.stride() == (T * 3 * C, hs, 3 * C, 1)
+    o, _ = ops.flash_attn(q, k, v, hs ** -0.5, True, kernels)
+    y = o.transpose(1, 2).reshape(B, T, C)
+    assert y.data_ptr() == o.data_ptr() and y.is_contiguous()  # a view, not a copy
+    ref = [t.view(B, T, nh, hs).transpose(1, 2).requires_grad_() for t in qkv.split(C, dim=2)]
+    want = reference_attention(*ref, causal=True)
+    assert (o.double() - want).abs().max() < 1e-5
+    g = torch.randn(B, nh, T, hs, dtype=torch.float64)
+    grads = torch.autograd.grad(o, (q, k, v), g.float())
+    want_grads = torch.autograd.grad(want, ref, g)
+    for got, exp in zip(grads, want_grads):
+        assert got.transpose(1, 2).is_contiguous()  # heads last: (B, T, nh, hs) in memory
+        assert (got.double() - exp).abs().max() < 1e-4

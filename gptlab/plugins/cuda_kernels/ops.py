@@ -143,8 +143,34 @@ fused_softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 
 # ------------------------------------------------------------------------ flash attention
-def _flatten(t: torch.Tensor) -> torch.Tensor:
-    return _f32(t.reshape(-1, t.shape[-2], t.shape[-1]))  # (B*nh, T, hs) float32
+# q, k, v, o and the gradients are strided (ABI 4): the kernels read the views that come out of
+# the model's qkv projection as they are, and write o, dq, dk, dv "heads last", memory
+# (B, T, nh, hs) seen as (B, nh, T, hs), which is the layout the model concatenates heads in:
+# o.transpose(1, 2).reshape(B, T, C) is then a view, not a copy (and likewise for the gradients
+# on their way back to the projection).
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a float32 (b, nh, T, d) tensor whose head dim is contiguous: 4-D inputs as they
+    are (bfloat16 widened), others with their leading dims flattened into nh."""
+    t = t if t.dtype == torch.float32 else t.float()
+    if t.dim() != 4:
+        t = t.reshape(1, -1, t.shape[-2], t.shape[-1])
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _heads_last(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor of ``like``'s shape: for (B, nh, T, d), memory (B, T, nh, d) transposed;
+    contiguous for other ranks. The fake implementations return exactly this."""
+    dtype = dtype or like.dtype
+    if like.dim() == 4:
+        B, nh, T, d = like.shape
+        return like.new_empty((B, T, nh, d), dtype=dtype).transpose(1, 2)
+    return like.new_empty(like.shape, dtype=dtype)
+
+
+def _strides(lib: NativeLibrary, *tensors: torch.Tensor):
+    """The int64 array of (batch, head, row) strides of each (b, nh, T, d) tensor, in order."""
+    return lib.ffi.new("int64_t[]", [s for t in tensors for s in t.stride()[:3]])
 
 
 def _check_qkv(name: str, q, k, v, **more: torch.Tensor) -> None:
@@ -165,23 +191,25 @@ def _check_qkv(name: str, q, k, v, **more: torch.Tensor) -> None:
 @torch.library.custom_op("gptlab::flash_attn", mutates_args=())
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (o, lse): o like q (contiguous), lse (..., tq) float32 in natural log."""
+    """Returns (o, lse): o of q's shape and dtype (4-D: heads last, see above), lse (..., tq)
+    float32 in natural log."""
     lib, stream = _library(kernels, "flash_attn", q, k, v)
     _check_qkv("flash_attn", q, k, v)
-    qf, kf, vf = _flatten(q), _flatten(k), _flatten(v)
-    bh, tq, d = qf.shape
-    tk = kf.shape[1]
-    o = torch.empty_like(qf)
-    lse = qf.new_empty(bh, tq)
-    lib.call("gptlab_flash_forward_f32", lib.ptr(o), lib.ptr(lse), lib.ptr(qf), lib.ptr(kf),
-             lib.ptr(vf), bh, tq, tk, d, scale, int(causal), stream,
-             _threads(2 * bh * tq * tk * d))
+    qs, ks, vs = _strided(q), _strided(k), _strided(v)
+    b, nh, tq, d = qs.shape
+    tk = ks.shape[2]
+    o = _heads_last(qs)
+    lse = qs.new_empty(b * nh, tq)
+    strides = _strides(lib, qs, ks, vs, o)
+    lib.call("gptlab_flash_forward_f32", lib.ptr(o), lib.ptr(lse), lib.ptr(qs), lib.ptr(ks),
+             lib.ptr(vs), strides, b, nh, tq, tk, d, scale, int(causal), stream,
+             _threads(2 * b * nh * tq * tk * d))
     return _like(o.view(q.shape), q.dtype), lse.view(q.shape[:-1])
 
 
 @flash_attn.register_fake
 def _(q, k, v, scale, causal, kernels=NATIVE):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _heads_last(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("gptlab::flash_attn_backward", mutates_args=())
@@ -189,26 +217,28 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                         kernels: str = NATIVE
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each of its input's shape and dtype (4-D: heads last)."""
     lib, stream = _library(kernels, "flash_attn_backward", do, q, k, v, o, lse=lse)
     _check_qkv("flash_attn_backward", q, k, v, o=o, do=do, lse=lse)
-    qf, kf, vf, of, dof = (_flatten(t) for t in (q, k, v, o, do))
-    lsef = _f32(lse.reshape(-1, qf.shape[1]))
-    bh, tq, d = qf.shape
-    tk = kf.shape[1]
-    dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-    ws_bytes = lib.lib.gptlab_flash_backward_workspace_size(bh, tq, tk, d)
-    ws = qf.new_empty(max(1, -(-ws_bytes // 4)))  # allocated by torch, on the tensors' device
+    qs, ks, vs, os_, dos = (_strided(t) for t in (q, k, v, o, do))
+    lsef = lse.reshape(-1, q.shape[-2]).contiguous()
+    b, nh, tq, d = qs.shape
+    tk = ks.shape[2]
+    dq, dk, dv = _heads_last(qs), _heads_last(ks), _heads_last(vs)
+    ws_bytes = lib.lib.gptlab_flash_backward_workspace_size(b * nh, tq, tk, d)
+    ws = qs.new_empty(max(1, -(-ws_bytes // 4)))  # allocated by torch, on the tensors' device
+    strides = _strides(lib, qs, ks, vs, os_, dos, dq, dk, dv)
     lib.call("gptlab_flash_backward_f32", lib.ptr(dq), lib.ptr(dk), lib.ptr(dv),
-             lib.ptr(ws, "void *"), lib.ptr(qf), lib.ptr(kf), lib.ptr(vf), lib.ptr(of),
-             lib.ptr(lsef), lib.ptr(dof), bh, tq, tk, d, scale, int(causal), stream,
-             _threads(5 * bh * tq * tk * d))
+             lib.ptr(ws, "void *"), lib.ptr(qs), lib.ptr(ks), lib.ptr(vs), lib.ptr(os_),
+             lib.ptr(lsef), lib.ptr(dos), strides, b, nh, tq, tk, d, scale, int(causal), stream,
+             _threads(5 * b * nh * tq * tk * d))
     return (_like(dq.view(q.shape), q.dtype), _like(dk.view(k.shape), k.dtype),
             _like(dv.view(v.shape), v.dtype))
 
 
 @flash_attn_backward.register_fake
 def _(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _heads_last(q), _heads_last(k), _heads_last(v)
 
 
 def _flash_setup(ctx, inputs, output):

@@ -4,8 +4,11 @@
  * Conventions (llm.c style): outputs first, then inputs, then sizes; plain pointers and ints;
  * every entry point returns an int error code (GPTLAB_OK == 0) and never exits; the message of
  * the last failure on the calling thread is gptlab_last_error(). Tensors are contiguous
- * row-major: q (bh, tq, d), k and v (bh, tk, d), scores (bh, tq, tk), lse (bh, tq); the
- * row-wise kernels take (rows, c) matrices (the caller flattens the leading dims).
+ * row-major: scores (bh, tq, tk), lse (bh, tq); the row-wise kernels take (rows, c) matrices
+ * (the caller flattens the leading dims). Flash attention's q, o, do, dq (b, nh, tq, d) and
+ * k, v, dk, dv (b, nh, tk, d) are strided: `strides` holds three int64 per tensor (batch, head
+ * and row strides, in floats; the head dim is contiguous), so the caller passes the views of a
+ * qkv projection and gets outputs in the layout it wants, with no copies around the call.
  * `stream` is the cudaStream_t to launch on (ignored on the CPU); `num_threads` is the number of
  * CPU threads to use (ignored by CUDA). Causal masks are aligned bottom-right: query i sees key
  * j iff j <= i + (tk - tq), so tq < tk serves KV-cache decoding.
@@ -18,7 +21,7 @@
 
 #include <stdint.h>
 
-#define GPTLAB_ABI_VERSION 3
+#define GPTLAB_ABI_VERSION 4
 
 /* error codes */
 #define GPTLAB_OK 0
@@ -52,18 +55,20 @@ int gptlab_softmax_backward_f32(float *dx, const float *y, const float *dy, int6
 /* o = softmax(scale * q k^T + mask) v, lse = logsumexp of each masked, scaled score row
  * (natural log; +inf for a row with no visible key, whose o is 0). */
 int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *k,
-                             const float *v, int64_t bh, int64_t tq, int64_t tk, int64_t d,
-                             float scale, int causal, void *stream, int num_threads);
+                             const float *v, const int64_t *strides, int64_t b, int64_t nh,
+                             int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                             void *stream, int num_threads); /* strides: q, k, v, o */
 
 /* Bytes of caller-allocated workspace gptlab_flash_backward_f32 needs for these sizes. */
 int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk, int64_t d);
 
-/* Gradients of the forward above, recomputing P from q, k and lse (no tq x tk buffer). */
+/* Gradients of the forward above, recomputing P from q, k and lse (no tq x tk buffer).
+ * strides: q, k, v, o, dout, dq, dk, dv. */
 int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
                               const float *q, const float *k, const float *v, const float *o,
-                              const float *lse, const float *dout, int64_t bh, int64_t tq,
-                              int64_t tk, int64_t d, float scale, int causal, void *stream,
-                              int num_threads);
+                              const float *lse, const float *dout, const int64_t *strides,
+                              int64_t b, int64_t nh, int64_t tq, int64_t tk, int64_t d,
+                              float scale, int causal, void *stream, int num_threads);
 
 /* LayerNorm over the last dim of x (rows, c) (Ba, Kiros & Hinton 2016):
  * y = (x - mean) * rstd * weight + bias, with the row's mean, its biased variance and

@@ -1,8 +1,11 @@
-/* Shared helpers of the CPU kernels: 16-lane float vectors (GCC/Clang vector extensions, lowered
- * to AVX-512, AVX2, SSE or NEON by the compiler), a branch-free vector exp2, error reporting and
- * a tiny pthread fork/join. No OpenMP runtime is linked (torch brings its own libgomp; two
- * runtimes in one process oversubscribe cores). Never build with -ffast-math / -Ofast: masking
- * relies on -inf. */
+/* Shared helpers of the CPU kernels: float vectors of the machine's native width (GCC/Clang
+ * vector extensions: 16 lanes with AVX-512, 8 with AVX2, 4 with SSE or NEON; wider vectors than
+ * the machine has are split by the compiler, and GCC 12 does it badly on AVX2: accumulators
+ * moved through the stack, comparisons lane by lane, flash attention 4x slower than with 8
+ * lanes and 150 s to compile), a branch-free vector exp2, error reporting and
+ * a tiny fork/join on torch's own OpenMP threads (runtime.c says how it shares torch's libgomp
+ * rather than bringing a second runtime). Never build with -ffast-math / -Ofast: masking relies
+ * on -inf. */
 #ifndef GPTLAB_CPU_COMMON_H
 #define GPTLAB_CPU_COMMON_H
 
@@ -12,9 +15,15 @@
 
 #include "../gptlab_kernels.h"
 
+#if defined(__AVX512F__)
 #define VL 16 /* lanes per vector */
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
 #define GL_INLINE static inline __attribute__((always_inline))
 

@@ -2,13 +2,25 @@
  * that recomputes P from q, k and the saved logsumexp (Dao et al. 2022, FlashAttention; Dao 2023,
  * FlashAttention-2; Milakov & Gimelshein 2018 for the online softmax).
  *
- * Layout of the work: a query *group* is R = 4 rows, a key *tile* BC = 64 columns (4 vectors).
- * Each (batch*head) slice is first copied into per-thread scratch with the head dim padded to a
- * multiple of 16 and K (and V in backward) transposed tile by tile, so that every inner product
- * is a broadcast-FMA over 16-lane vectors with no bounds checks; masks handle columns >= tk and
- * the causal diagonal (aligned bottom-right: query i sees key j <= i + tk - tq). Tiles entirely
- * above the diagonal are skipped. Scores are kept in base 2: q is pre-multiplied by
- * scale * log2(e) so that exp becomes exp2; lse is stored in natural log.
+ * Layout of the work: a query *group* is R = 4 rows, a key *tile* BC = 4 vectors of columns (32
+ * on AVX2, 64 on AVX-512). Each (batch, head) slice is first copied into per-thread scratch with
+ * the head dim padded to a multiple of the vector width and K (and V in backward) transposed tile
+ * by tile, so that every inner product is a broadcast-FMA over vectors with no bounds checks;
+ * masks handle columns >= tk and the causal diagonal (aligned bottom-right: query i sees key
+ * j <= i + tk - tq). Tiles entirely above the diagonal are skipped. Scores are kept in base 2: q
+ * is pre-multiplied by scale * log2(e) so that exp becomes exp2; lse is stored in natural log.
+ *
+ * Layouts: q, k, v, o (and do, dq, dk, dv) are strided: element [b][h][i][j] of each is at
+ * b * sb + h * sh + i * st + j, so the model passes the views that come out of its qkv projection
+ * (no copy before the call) and gets o, dq, dk, dv written in the layout it concatenates heads
+ * in (no copy after). The copy into scratch happens anyway (padding, transposed K tiles), so
+ * reading strided rows costs nothing.
+ *
+ * Register blocking: the small products (S = Q K^T, O += P V, and in the backward dV +=
+ * P^T dO, dK += dS^T Q, dQ += dS K) keep a block of R rows times XS or XA vectors in registers
+ * and everything else (scores, the running O, dk and dv of a tile) in L1-resident scratch, sized
+ * for the 16 vector registers of AVX2 (XS = XA = 2) or the 32 of AVX-512 (XS = XA = 4).
+ * Vectors are of the machine's native width (common.h): GCC splits wider vectors badly.
  *
  * Forward work items are (slice, 64-query chunk), backward items are slices (each slice owns its
  * dq, dk, dv rows, so no atomics and the result is deterministic). Per-thread scratch is
@@ -30,18 +42,30 @@
 #include "common.h"
 
 #define R 4
-#define BC 64
-#define NX (BC / VL)
+#define NX 4              /* vectors per key tile */
+#define BC (NX * VL)      /* keys per tile */
+#if VL >= 16
+#define XS 4              /* score vectors per register block (R x XS accumulators) */
+#define XA 4              /* head-dim vectors per register block of the accumulating products */
+#else
+#define XS 2
+#define XA 2
+#endif
 #define QCHUNK 64
-#define MAX_NV 16 /* head dim <= 256 */
+#define MAX_D 256
+#define MAX_NV (MAX_D / VL)
 #define QBLOCK 64 /* backward: query rows per partial sum of a key tile's dk, dv */
 #define LOG2E_D 1.4426950408889634074
 #define LN2_D 0.6931471805599453094
 
+/* One tensor's strides in floats: batch, head, row (the head dim is contiguous). */
+typedef struct { int64_t b, h, t; } layout;
+
 typedef struct {
     float *o, *lse, *dq, *dk, *dv, *ws;
     const float *q, *k, *v, *out, *dout, *lse_in;
-    int64_t bh, tq, tk, d, dp, tk_pad, tq_pad, off;
+    layout lq, lk, lv, lo, ldo, ldq, ldk, ldv;
+    int64_t bh, nh, tq, tk, d, dp, tk_pad, tq_pad, off;
     float scale;
     int causal;
     float **scratch; /* one block per thread */
@@ -55,58 +79,121 @@ static void *alloc_floats(int64_t n) {
     return p;
 }
 
-/* Last key column (inclusive) visible to any of rows [row0, row_last]; -1 if none. */
+/* The (batch, head) slice `bh` of a tensor of this layout. */
+GL_INLINE const float *slice_of(const float *p, layout l, int64_t bh, int64_t nh) {
+    return p + (bh / nh) * l.b + (bh % nh) * l.h;
+}
+GL_INLINE float *slice_out(float *p, layout l, int64_t bh, int64_t nh) {
+    return p + (bh / nh) * l.b + (bh % nh) * l.h;
+}
+
+/* Last key column (inclusive) visible to row row_last; -1 if none. */
 static int64_t last_visible(const flash_ctx *c, int64_t row_last) {
     if (!c->causal) return c->tk - 1;
     int64_t lim = row_last + c->off;
     return lim >= c->tk ? c->tk - 1 : lim;
 }
 
-/* Copy rows [0, n) of src (row stride d) times mul into dst (row stride dp), zero padded. */
-static void copy_rows(float *dst, const float *src, int64_t n, int64_t d, int64_t dp, float mul) {
+/* Copy rows [0, n) of src (row stride st) times mul into dst (row stride dp), zero padded. */
+static void copy_rows(float *dst, const float *src, int64_t n, int64_t st, int64_t d, int64_t dp,
+                      float mul) {
     for (int64_t i = 0; i < n; i++) {
-        for (int64_t j = 0; j < d; j++) dst[i * dp + j] = src[i * d + j] * mul;
+        for (int64_t j = 0; j < d; j++) dst[i * dp + j] = src[i * st + j] * mul;
         for (int64_t j = d; j < dp; j++) dst[i * dp + j] = 0.f;
     }
 }
 
-/* kt[t][j][c] = k[t*BC + c][j] for tiles [t0, t1); columns >= tk are 0. */
-static void transpose_tiles(float *kt, const float *k, int64_t t0, int64_t t1, int64_t tk,
-                            int64_t d, int64_t dp) {
+/* kt[t][j][c] = k[t*BC + c][j] for tiles [t0, t1); columns >= tk and rows j >= d are 0. */
+static void transpose_tiles(float *kt, const float *k, int64_t st, int64_t t0, int64_t t1,
+                            int64_t tk, int64_t d, int64_t dp) {
     for (int64_t t = t0; t < t1; t++) {
         float *dst = kt + t * dp * BC;
         memset(dst, 0, (size_t)(dp * BC) * sizeof(float));
         for (int64_t c = 0; c < BC && t * BC + c < tk; c++) {
-            const float *row = k + (t * BC + c) * d;
+            const float *row = k + (t * BC + c) * st;
             for (int64_t j = 0; j < d; j++) dst[j * BC + c] = row[j];
         }
     }
 }
 
-/* s[r][x] = sum_j a[r][j] * bt[j][x*VL ...]: R rows times one BC-wide tile.
+/* s[r][:] = sum_j a[r][j] * bt[j][:]: R rows (stride dp, zero padded) times one key tile.
  * The sum over j is taken in blocks of VL terms, each summed from zero and then added to s. One
  * running float32 sum over all d terms has a rounding error that grows with d; in the backward
  * that error in dP = dO V^T does not cancel against D = rowsum(dO * O) (computed apart), and on
  * rows with a peaked softmax it made dq's error twice that of float32 softmax(QK^T) V in torch.
  * Blocking costs one add per VL multiply-adds. */
-GL_INLINE void tile_scores(vf s[R][NX], const float *a, int64_t dp, const float *bt, int64_t d) {
-    for (int r = 0; r < R; r++)
-        for (int x = 0; x < NX; x++) s[r][x] = vset1(0.f);
-    for (int64_t j0 = 0; j0 < d; j0 += VL) {
-        const int64_t j1 = j0 + VL < d ? j0 + VL : d;
-        vf part[R][NX];
+GL_INLINE void tile_scores(const int NV, float s[R][BC], const float *a, int64_t dp,
+                           const float *bt) {
+    for (int x0 = 0; x0 < NX; x0 += XS) {
+        for (int j0 = 0; j0 < NV * VL; j0 += VL) {
+            vf part[R][XS]; /* the block's sum in registers; the running sum is s itself */
+            for (int r = 0; r < R; r++)
+                for (int x = 0; x < XS; x++) part[r][x] = vset1(0.f);
+            for (int j = j0; j < j0 + VL; j++) {
+                vf b[XS];
+                for (int x = 0; x < XS; x++) b[x] = vload(bt + j * BC + (x0 + x) * VL);
+                for (int r = 0; r < R; r++) {
+                    vf ar = vset1(a[r * dp + j]);
+                    for (int x = 0; x < XS; x++) part[r][x] += ar * b[x];
+                }
+            }
+            for (int r = 0; r < R; r++)
+                for (int x = 0; x < XS; x++) {
+                    float *dst = &s[r][(x0 + x) * VL];
+                    vstore(dst, j0 == 0 ? part[r][x] : vload(dst) + part[r][x]);
+                }
+        }
+    }
+}
+
+/* acc[r][:] (row stride dp) += sum_{col < ncols} a[r][col] * b[col][:] (b's row stride dp):
+ * R rows times a tile of rows of b. zero_first: the tile's sum is taken from zero in registers
+ * and then added to acc (a second level of summation), else acc itself is accumulated. */
+GL_INLINE void rows_times_tile(const int NV, float *acc, const float a[R][BC], const float *b,
+                               int64_t dp, int ncols, int zero_first) {
+    for (int x0 = 0; x0 < NV; x0 += XA) {
+        vf c[R][XA];
         for (int r = 0; r < R; r++)
-            for (int x = 0; x < NX; x++) part[r][x] = vset1(0.f);
-        for (int64_t j = j0; j < j1; j++) {
-            vf b[NX];
-            for (int x = 0; x < NX; x++) b[x] = vload(bt + j * BC + x * VL);
+            for (int x = 0; x < XA; x++)
+                c[r][x] = zero_first || x0 + x >= NV ? vset1(0.f)
+                                                     : vload(acc + r * dp + (x0 + x) * VL);
+        for (int col = 0; col < ncols; col++) {
+            vf bv[XA];
+            for (int x = 0; x < XA; x++)
+                bv[x] = x0 + x < NV ? vload(b + col * dp + (x0 + x) * VL) : vset1(0.f);
             for (int r = 0; r < R; r++) {
-                vf ar = vset1(a[r * dp + j]);
-                for (int x = 0; x < NX; x++) part[r][x] += ar * b[x];
+                vf ar = vset1(a[r][col]);
+                for (int x = 0; x < XA; x++) c[r][x] += ar * bv[x];
             }
         }
         for (int r = 0; r < R; r++)
-            for (int x = 0; x < NX; x++) s[r][x] += part[r][x];
+            for (int x = 0; x < XA && x0 + x < NV; x++) {
+                float *dst = acc + r * dp + (x0 + x) * VL;
+                vstore(dst, zero_first ? vload(dst) + c[r][x] : c[r][x]);
+            }
+    }
+}
+
+/* acc[col][:] (row stride dp) += sum_r a[r][col] * b[r][:] for col < BC: the transposed
+ * product (dV += P^T dO, dK += dS^T Q), with R rows of b (stride dp) held in registers. */
+GL_INLINE void tile_t_times_rows(const int NV, float *acc, const float a[R][BC], const float *b,
+                                 int64_t dp) {
+    for (int x0 = 0; x0 < NV; x0 += XA) {
+        vf br[R][XA];
+        for (int r = 0; r < R; r++)
+            for (int x = 0; x < XA; x++)
+                br[r][x] = x0 + x < NV ? vload(b + r * dp + (x0 + x) * VL) : vset1(0.f);
+        for (int col = 0; col < BC; col++) {
+            vf c[XA];
+            for (int x = 0; x < XA; x++)
+                c[x] = x0 + x < NV ? vload(acc + col * dp + (x0 + x) * VL) : vset1(0.f);
+            for (int r = 0; r < R; r++) {
+                vf ar = vset1(a[r][col]);
+                for (int x = 0; x < XA; x++) c[x] += ar * br[r][x];
+            }
+            for (int x = 0; x < XA && x0 + x < NV; x++)
+                vstore(acc + col * dp + (x0 + x) * VL, c[x]);
+        }
     }
 }
 
@@ -115,32 +202,23 @@ GL_INLINE void add_into(float *acc, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += VL) vstore(acc + i, vload(acc + i) + vload(x + i));
 }
 
-/* acc[r][:] += sum_{col < ncols} a[r][col] * b[col][:]: R rows times a tile of rows of b (row
- * stride dp), with acc held in registers (NV vectors per row). */
-GL_INLINE void tile_accumulate(const int NV, vf acc[R][MAX_NV], const float a[R][BC],
-                               const float *b, int64_t dp, int ncols) {
-    for (int col = 0; col < ncols; col++) {
-        vf bv[MAX_NV];
-        for (int x = 0; x < NV; x++) bv[x] = vload(b + col * dp + x * VL);
-        for (int r = 0; r < R; r++) {
-            vf ar = vset1(a[r][col]);
-            for (int x = 0; x < NV; x++) acc[r][x] += ar * bv[x];
-        }
-    }
-}
-
-/* Set s[r][x] to -inf where column col0 + x*VL + lane is past tk or above the diagonal. */
-GL_INLINE void mask_tile(vf s[R][NX], const flash_ctx *c, int64_t row0, int64_t col0) {
-    static const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+/* Set s[r][col] to -inf where column col0 + col is past tk or above the diagonal. */
+GL_INLINE void mask_tile(float s[R][BC], const flash_ctx *c, int64_t row0, int64_t col0) {
+    static const int32_t iota16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vi iota;
+    memcpy(&iota, iota16, sizeof iota);
     const vf ninf = vset1(-INFINITY);
     for (int r = 0; r < R; r++) {
         int64_t lim = c->causal ? row0 + r + c->off : c->tk - 1;
         if (lim > c->tk - 1) lim = c->tk - 1;
         for (int x = 0; x < NX; x++) {
             int64_t base = col0 + x * VL;
-            vi cols = iota + (int32_t)(base - lim); /* keep iff base + lane <= lim */
-            vi keep = cols <= 0;
-            s[r][x] = (vf)((keep & (vi)s[r][x]) | (~keep & (vi)ninf));
+            int64_t rel = base - lim; /* keep iff base + lane <= lim */
+            if (rel > VL) rel = VL;   /* (clamped so the int32 lanes cannot overflow) */
+            if (rel < -VL) rel = -VL;
+            vi keep = iota + (int32_t)rel <= 0;
+            vf sv = vload(&s[r][x * VL]);
+            vstore(&s[r][x * VL], (vf)((keep & (vi)sv) | (~keep & (vi)ninf)));
         }
     }
 }
@@ -157,7 +235,10 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
     const int64_t d = c->d, dp = c->dp, tq = c->tq;
     const int64_t q1 = q0 + QCHUNK < tq ? q0 + QCHUNK : tq;
     float *kt = c->scratch[thread], *vp = kt + c->tk_pad * dp, *qs = vp + c->tk_pad * dp;
-    const float *q = c->q + b * tq * d, *k = c->k + b * c->tk * d, *v = c->v + b * c->tk * d;
+    float *acc = qs + R * dp; /* R x dp: the running, unnormalised O of the group */
+    const float *q = slice_of(c->q, c->lq, b, c->nh), *k = slice_of(c->k, c->lk, b, c->nh);
+    const float *v = slice_of(c->v, c->lv, b, c->nh);
+    float *o = slice_out(c->o, c->lo, b, c->nh);
     const float s2 = c->scale * LOG2E;
 
     /* K^T and padded V tiles for this slice, built incrementally as chunks need more keys */
@@ -166,57 +247,56 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
     if (c->cached_slice[thread] != b) { c->cached_slice[thread] = b; c->cached_tiles[thread] = 0; }
     const int64_t have = c->cached_tiles[thread];
     if (ntiles > have) {
-        transpose_tiles(kt, k, have, ntiles, c->tk, d, dp);
+        transpose_tiles(kt, k, c->lk.t, have, ntiles, c->tk, d, dp);
         int64_t r0 = have * BC, r1 = ntiles * BC < c->tk ? ntiles * BC : c->tk;
-        copy_rows(vp + r0 * dp, v + r0 * d, r1 - r0, d, dp, 1.f);
+        copy_rows(vp + r0 * dp, v + r0 * c->lv.t, r1 - r0, c->lv.t, d, dp, 1.f);
         c->cached_tiles[thread] = ntiles;
     }
 
     for (int64_t row0 = q0; row0 < q1; row0 += R) {
         const int nr = (int)(q1 - row0 < R ? q1 - row0 : R);
         for (int r = 0; r < R; r++) /* rows past the chunk repeat its last row; not stored */
-            copy_rows(qs + r * dp, q + (row0 + (r < nr ? r : nr - 1)) * d, 1, d, dp, s2);
-        vf acc[R][MAX_NV];
+            copy_rows(qs + r * dp, q + (row0 + (r < nr ? r : nr - 1)) * c->lq.t, 1, 0, d, dp, s2);
+        memset(acc, 0, (size_t)(R * dp) * sizeof(float));
         float m[R], l[R];
         for (int r = 0; r < R; r++) {
             m[r] = -INFINITY;
             l[r] = 0.f;
-            for (int x = 0; x < NV; x++) acc[r][x] = vset1(0.f);
         }
         const int64_t glast = last_visible(c, row0 + nr - 1);
         const int64_t gtiles = glast < 0 ? 0 : glast / BC + 1;
         for (int64_t t = 0; t < gtiles; t++) {
-            vf s[R][NX];
-            tile_scores(s, qs, dp, kt + t * dp * BC, d);
+            float s[R][BC] __attribute__((aligned(64)));
+            tile_scores(NV, s, qs, dp, kt + t * dp * BC);
             if (tile_needs_mask(c, row0, t * BC)) mask_tile(s, c, row0, t * BC);
-            float p[R][BC] __attribute__((aligned(64)));
-            for (int r = 0; r < R; r++) {
-                vf mv = s[r][0];
-                for (int x = 1; x < NX; x++) mv = vmax(mv, s[r][x]);
+            for (int r = 0; r < R; r++) { /* s becomes P, in place */
+                vf mv = vload(&s[r][0]);
+                for (int x = 1; x < NX; x++) mv = vmax(mv, vload(&s[r][x * VL]));
                 float mt = vhmax(mv), mnew = mt > m[r] ? mt : m[r];
                 float shift = mnew == -INFINITY ? 0.f : mnew; /* never -inf - -inf */
                 vf vs = vset1(shift), sum = vset1(0.f);
                 for (int x = 0; x < NX; x++) {
-                    vf e = vexp2(s[r][x] - vs);
-                    vstore(&p[r][x * VL], e);
+                    vf e = vexp2(vload(&s[r][x * VL]) - vs);
+                    vstore(&s[r][x * VL], e);
                     sum += e;
                 }
                 float alpha = m[r] == -INFINITY ? 0.f : exp2f(m[r] - shift);
                 l[r] = alpha * l[r] + vhsum(sum);
                 m[r] = mnew;
-                vf va = vset1(alpha);
-                for (int x = 0; x < NV; x++) acc[r][x] *= va;
+                if (alpha != 1.f) {
+                    vf va = vset1(alpha);
+                    for (int x = 0; x < NV; x++)
+                        vstore(acc + r * dp + x * VL, vload(acc + r * dp + x * VL) * va);
+                }
             }
             const int ncols = (int)(c->tk - t * BC < BC ? c->tk - t * BC : BC);
-            tile_accumulate(NV, acc, p, vp + t * BC * dp, dp, ncols);  /* acc += P V */
+            rows_times_tile(NV, acc, s, vp + t * BC * dp, dp, ncols, 0); /* acc += P V */
         }
         for (int r = 0; r < nr; r++) {
             const int64_t row = row0 + r;
-            float *orow = c->o + (b * tq + row) * d;
+            float *orow = o + row * c->lo.t;
             float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            float tmp[MAX_NV * VL] __attribute__((aligned(64)));
-            for (int x = 0; x < NV; x++) vstore(tmp + x * VL, acc[r][x] * vset1(inv));
-            memcpy(orow, tmp, (size_t)d * sizeof(float));
+            for (int64_t j = 0; j < d; j++) orow[j] = acc[r * dp + j] * inv;
             /* in double, rounded once: the backward's P = exp2(S - lse * log2(e)) inherits this
              * error on every key of the row (three float32 roundings gave up to 2.4 ulp) */
             c->lse[b * tq + row] =
@@ -232,11 +312,7 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
     switch ((c)->dp / VL) {                                                                    \
     case 1: return fn(1, c, item, thread);                                                     \
     case 2: return fn(2, c, item, thread);                                                     \
-    case 3: return fn(3, c, item, thread);                                                     \
     case 4: return fn(4, c, item, thread);                                                     \
-    case 5: return fn(5, c, item, thread);                                                     \
-    case 6: return fn(6, c, item, thread);                                                     \
-    case 7: return fn(7, c, item, thread);                                                     \
     case 8: return fn(8, c, item, thread);                                                     \
     default: return fn((int)((c)->dp / VL), c, item, thread);                                  \
     }
@@ -247,7 +323,7 @@ static int fwd_task(void *vctx, int64_t item, int thread) {
 
 /* ------------------------------------------------------------------------------- backward */
 GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
-    const int64_t d = c->d, dp = c->dp, tq = c->tq, tk = c->tk;
+    const int64_t d = c->d, dp = c->dp, tq = c->tq, tk = c->tk, nh = c->nh;
     const int64_t tqp = c->tq_pad, tkp = c->tk_pad;
     float *qs = c->scratch[thread];       /* tqp x dp: q * scale * log2e */
     float *dos = qs + tqp * dp;           /* tqp x dp: dout */
@@ -261,27 +337,31 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
     float *dvb = dkb + BC * dp;           /* BC x dp: dv of the tile from one block of queries */
     /* workspace: D, and lse in base 2 as the float sum l2 + l2lo */
     float *dvec = c->ws + b * tq * 3, *l2 = dvec + tq, *l2lo = l2 + tq;
-    const float *q = c->q + b * tq * d, *k = c->k + b * tk * d, *v = c->v + b * tk * d;
-    const float *o = c->out + b * tq * d, *dout = c->dout + b * tq * d;
+    const float *q = slice_of(c->q, c->lq, b, nh), *k = slice_of(c->k, c->lk, b, nh);
+    const float *v = slice_of(c->v, c->lv, b, nh), *o = slice_of(c->out, c->lo, b, nh);
+    const float *dout = slice_of(c->dout, c->ldo, b, nh);
+    float *dq = slice_out(c->dq, c->ldq, b, nh), *dk = slice_out(c->dk, c->ldk, b, nh);
+    float *dv = slice_out(c->dv, c->ldv, b, nh);
     const float *lse = c->lse_in + b * tq;
     const float s2 = c->scale * LOG2E;
 
-    copy_rows(qs, q, tq, d, dp, s2);
-    copy_rows(dos, dout, tq, d, dp, 1.f);
+    copy_rows(qs, q, tq, c->lq.t, d, dp, s2);
+    copy_rows(dos, dout, tq, c->ldo.t, d, dp, 1.f);
     memset(qs + tq * dp, 0, (size_t)((tqp - tq) * dp) * sizeof(float));
     memset(dos + tq * dp, 0, (size_t)((tqp - tq) * dp) * sizeof(float));
     memset(dqs, 0, (size_t)(tqp * dp) * sizeof(float));
-    copy_rows(kp, k, tk, d, dp, 1.f);
+    copy_rows(kp, k, tk, c->lk.t, d, dp, 1.f);
     memset(kp + tk * dp, 0, (size_t)((tkp - tk) * dp) * sizeof(float));
     const int64_t ntiles = tkp / BC;
-    transpose_tiles(kt, k, 0, ntiles, tk, d, dp);
-    transpose_tiles(vt, v, 0, ntiles, tk, d, dp);
+    transpose_tiles(kt, k, c->lk.t, 0, ntiles, tk, d, dp);
+    transpose_tiles(vt, v, c->lv.t, 0, ntiles, tk, d, dp);
     /* D and lse * log2(e) in double: a row's error in either is shared by all its P or dS, and
      * does not cancel in dq (torch's float32 softmax backward takes D = rowsum(P * dP) from the
      * same P and dP; FlashAttention's D = rowsum(dO * O) is computed apart). O(tq * d) work. */
     for (int64_t i = 0; i < tq; i++) {
         double acc = 0.;
-        for (int64_t j = 0; j < d; j++) acc += (double)dout[i * d + j] * o[i * d + j];
+        for (int64_t j = 0; j < d; j++)
+            acc += (double)dout[i * c->ldo.t + j] * o[i * c->lo.t + j];
         dvec[i] = (float)acc;
         const double l2d = (double)lse[i] * LOG2E_D;
         l2[i] = (float)l2d;
@@ -305,60 +385,34 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
          * element instead of tq. */
         for (int64_t row0 = first; row0 < tq; row0 += R) {
             if ((row0 - first) % QBLOCK == 0) memset(dkb, 0, (size_t)(2 * BC * dp) * sizeof(float));
-            vf s[R][NX], dp_[R][NX];
-            const float *qg = qs + row0 * dp, *dog = dos + row0 * dp;
-            tile_scores(s, qg, dp, kt + t * dp * BC, d);
-            if (tile_needs_mask(c, row0, col0)) mask_tile(s, c, row0, col0);
-            tile_scores(dp_, dog, dp, vt + t * dp * BC, d);
             float p[R][BC] __attribute__((aligned(64)));
             float ds[R][BC] __attribute__((aligned(64)));
+            const float *qg = qs + row0 * dp, *dog = dos + row0 * dp;
+            tile_scores(NV, p, qg, dp, kt + t * dp * BC);
+            if (tile_needs_mask(c, row0, col0)) mask_tile(p, c, row0, col0);
+            tile_scores(NV, ds, dog, dp, vt + t * dp * BC); /* dP = dO V^T */
             for (int r = 0; r < R; r++) {
                 int64_t row = row0 + r < tq ? row0 + r : tq - 1;
                 vf lv = vset1(row0 + r < tq ? l2[row] : INFINITY); /* padded rows: P = 0 */
                 vf llo = vset1(row0 + r < tq ? l2lo[row] : 0.f);
-                vf dv = vset1(dvec[row]);
+                vf dv_ = vset1(dvec[row]);
                 for (int x = 0; x < NX; x++) {
-                    vf pv = vexp2((s[r][x] - lv) - llo);
+                    vf pv = vexp2((vload(&p[r][x * VL]) - lv) - llo);
                     vstore(&p[r][x * VL], pv);
-                    vstore(&ds[r][x * VL], pv * (dp_[r][x] - dv));
+                    vstore(&ds[r][x * VL], pv * (vload(&ds[r][x * VL]) - dv_));
                 }
             }
-            /* dV += P^T dO and dK += dS^T Qs: rows of dO / Qs held in registers */
-            vf dor[R][MAX_NV], qr[R][MAX_NV];
-            for (int r = 0; r < R; r++)
-                for (int x = 0; x < NV; x++) {
-                    dor[r][x] = vload(dog + r * dp + x * VL);
-                    qr[r][x] = vload(qg + r * dp + x * VL);
-                }
-            for (int col = 0; col < BC; col++) {
-                for (int x = 0; x < NV; x++) {
-                    vf accv = vload(dvb + col * dp + x * VL);
-                    vf acck = vload(dkb + col * dp + x * VL);
-                    for (int r = 0; r < R; r++) {
-                        accv += vset1(p[r][col]) * dor[r][x];
-                        acck += vset1(ds[r][col]) * qr[r][x];
-                    }
-                    vstore(dvb + col * dp + x * VL, accv);
-                    vstore(dkb + col * dp + x * VL, acck);
-                }
-            }
+            tile_t_times_rows(NV, dvb, p, dog, dp);   /* dV += P^T dO */
+            tile_t_times_rows(NV, dkb, ds, qg, dp);   /* dK += dS^T Qs */
             /* dQ += dS K: this tile's sum from zero, then added (as for dk, dv: two levels) */
-            vf dqa[R][MAX_NV];
-            for (int r = 0; r < R; r++)
-                for (int x = 0; x < NV; x++) dqa[r][x] = vset1(0.f);
-            tile_accumulate(NV, dqa, ds, kp + col0 * dp, dp, BC);
-            for (int r = 0; r < R; r++)
-                for (int x = 0; x < NV; x++) {
-                    float *dqrow = dqs + (row0 + r) * dp + x * VL;
-                    vstore(dqrow, vload(dqrow) + dqa[r][x]);
-                }
+            rows_times_tile(NV, dqs + row0 * dp, ds, kp + col0 * dp, dp, BC, 1);
             if ((row0 + R - first) % QBLOCK == 0 || row0 + R >= tq)
                 add_into(dkt, dkb, 2 * BC * dp); /* the block's dk, dv (dkb, dvb adjacent) */
         }
         /* write this tile's dk (dS^T Qs = dS^T Q * scale * log2e, so times ln2) and dv */
         for (int64_t col = 0; col < BC && col0 + col < tk; col++) {
-            float *dkrow = c->dk + (b * tk + col0 + col) * d;
-            float *dvrow = c->dv + (b * tk + col0 + col) * d;
+            float *dkrow = dk + (col0 + col) * c->ldk.t;
+            float *dvrow = dv + (col0 + col) * c->ldv.t;
             for (int64_t j = 0; j < d; j++) {
                 dkrow[j] = dkt[col * dp + j] * LN2;
                 dvrow[j] = dvt[col * dp + j];
@@ -366,7 +420,7 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
         }
     }
     for (int64_t i = 0; i < tq; i++)
-        for (int64_t j = 0; j < d; j++) c->dq[(b * tq + i) * d + j] = dqs[i * dp + j] * c->scale;
+        for (int64_t j = 0; j < d; j++) dq[i * c->ldq.t + j] = dqs[i * dp + j] * c->scale;
     return GPTLAB_OK;
 }
 
@@ -375,18 +429,23 @@ static int bwd_task(void *vctx, int64_t item, int thread) {
 }
 
 /* ------------------------------------------------------------------------------- entry points */
-static int check_sizes(const char *fn, int64_t bh, int64_t tq, int64_t tk, int64_t d,
+static int check_sizes(const char *fn, int64_t nb, int64_t nh, int64_t tq, int64_t tk, int64_t d,
                        float scale) {
-    if (bh < 1 || tq < 1 || tk < 1 || d < 1)
-        return gl_fail(GPTLAB_EINVAL, "%s: sizes must be >= 1 (bh=%lld tq=%lld tk=%lld d=%lld)",
-                       fn, (long long)bh, (long long)tq, (long long)tk, (long long)d);
-    if (d > MAX_NV * VL)
-        return gl_fail(GPTLAB_EINVAL, "%s: head dim %lld > %d", fn, (long long)d, MAX_NV * VL);
+    if (nb < 1 || nh < 1 || tq < 1 || tk < 1 || d < 1)
+        return gl_fail(GPTLAB_EINVAL, "%s: sizes must be >= 1 (b=%lld nh=%lld tq=%lld tk=%lld "
+                       "d=%lld)", fn, (long long)nb, (long long)nh, (long long)tq, (long long)tk,
+                       (long long)d);
+    if (d > MAX_D)
+        return gl_fail(GPTLAB_EINVAL, "%s: head dim %lld > %d", fn, (long long)d, MAX_D);
     if (tq > INT32_MAX || tk > INT32_MAX)
         return gl_fail(GPTLAB_EINVAL, "%s: sequence length too large", fn);
     if (!(scale > 0.f) || !isfinite(scale))
         return gl_fail(GPTLAB_EINVAL, "%s: scale must be finite and > 0, got %g", fn, scale);
     return GPTLAB_OK;
+}
+
+static layout layout_at(const int64_t *strides, int i) {
+    return (layout){strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
 }
 
 static int alloc_scratch(flash_ctx *c, int threads, int64_t per_thread) {
@@ -415,22 +474,31 @@ static int clamp_threads(int n, int64_t items) {
     return items < n ? (int)items : n;
 }
 
+static void set_sizes(flash_ctx *c, int64_t nb, int64_t nh, int64_t tq, int64_t tk, int64_t d,
+                      float scale, int causal) {
+    c->bh = nb * nh; c->nh = nh; c->tq = tq; c->tk = tk; c->d = d; c->dp = round_up(d, VL);
+    c->tk_pad = round_up(tk, BC); c->tq_pad = round_up(tq, R); c->off = tk - tq;
+    c->scale = scale; c->causal = causal;
+}
+
 int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *k,
-                             const float *v, int64_t bh, int64_t tq, int64_t tk, int64_t d,
-                             float scale, int causal, void *stream, int num_threads) {
+                             const float *v, const int64_t *strides, int64_t b, int64_t nh,
+                             int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                             void *stream, int num_threads) {
     (void)stream;
     gl_clear_error();
-    if (!o || !lse || !q || !k || !v) return gl_fail(GPTLAB_EINVAL, "flash_forward: null pointer");
-    int rc = check_sizes("flash_forward", bh, tq, tk, d, scale);
+    if (!o || !lse || !q || !k || !v || !strides)
+        return gl_fail(GPTLAB_EINVAL, "flash_forward: null pointer");
+    int rc = check_sizes("flash_forward", b, nh, tq, tk, d, scale);
     if (rc) return rc;
     flash_ctx c = {0};
     c.o = o; c.lse = lse; c.q = q; c.k = k; c.v = v;
-    c.bh = bh; c.tq = tq; c.tk = tk; c.d = d; c.dp = round_up(d, VL);
-    c.tk_pad = round_up(tk, BC); c.tq_pad = round_up(tq, R); c.off = tk - tq;
-    c.scale = scale; c.causal = causal;
-    const int64_t items = bh * ((tq + QCHUNK - 1) / QCHUNK);
+    c.lq = layout_at(strides, 0); c.lk = layout_at(strides, 1); c.lv = layout_at(strides, 2);
+    c.lo = layout_at(strides, 3);
+    set_sizes(&c, b, nh, tq, tk, d, scale, causal);
+    const int64_t items = c.bh * ((tq + QCHUNK - 1) / QCHUNK);
     const int threads = clamp_threads(num_threads, items);
-    rc = alloc_scratch(&c, threads, 2 * c.tk_pad * c.dp + R * c.dp);
+    rc = alloc_scratch(&c, threads, 2 * c.tk_pad * c.dp + 2 * R * c.dp);
     if (rc == GPTLAB_OK) rc = gl_parallel_for(items, threads, fwd_task, &c);
     else rc = gl_fail(rc, "flash_forward: out of memory for scratch");
     free_scratch(&c, threads);
@@ -444,24 +512,25 @@ int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk,
 
 int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
                               const float *q, const float *k, const float *v, const float *o,
-                              const float *lse, const float *dout, int64_t bh, int64_t tq,
-                              int64_t tk, int64_t d, float scale, int causal, void *stream,
-                              int num_threads) {
+                              const float *lse, const float *dout, const int64_t *strides,
+                              int64_t b, int64_t nh, int64_t tq, int64_t tk, int64_t d,
+                              float scale, int causal, void *stream, int num_threads) {
     (void)stream;
     gl_clear_error();
-    if (!dq || !dk || !dv || !workspace || !q || !k || !v || !o || !lse || !dout)
+    if (!dq || !dk || !dv || !workspace || !q || !k || !v || !o || !lse || !dout || !strides)
         return gl_fail(GPTLAB_EINVAL, "flash_backward: null pointer");
-    int rc = check_sizes("flash_backward", bh, tq, tk, d, scale);
+    int rc = check_sizes("flash_backward", b, nh, tq, tk, d, scale);
     if (rc) return rc;
     flash_ctx c = {0};
     c.dq = dq; c.dk = dk; c.dv = dv; c.ws = (float *)workspace;
     c.q = q; c.k = k; c.v = v; c.out = o; c.lse_in = lse; c.dout = dout;
-    c.bh = bh; c.tq = tq; c.tk = tk; c.d = d; c.dp = round_up(d, VL);
-    c.tk_pad = round_up(tk, BC); c.tq_pad = round_up(tq, R); c.off = tk - tq;
-    c.scale = scale; c.causal = causal;
-    const int threads = clamp_threads(num_threads, bh);
+    c.lq = layout_at(strides, 0); c.lk = layout_at(strides, 1); c.lv = layout_at(strides, 2);
+    c.lo = layout_at(strides, 3); c.ldo = layout_at(strides, 4); c.ldq = layout_at(strides, 5);
+    c.ldk = layout_at(strides, 6); c.ldv = layout_at(strides, 7);
+    set_sizes(&c, b, nh, tq, tk, d, scale, causal);
+    const int threads = clamp_threads(num_threads, c.bh);
     rc = alloc_scratch(&c, threads, (3 * c.tq_pad + 3 * c.tk_pad + 4 * BC) * c.dp);
-    if (rc == GPTLAB_OK) rc = gl_parallel_for(bh, threads, bwd_task, &c);
+    if (rc == GPTLAB_OK) rc = gl_parallel_for(c.bh, threads, bwd_task, &c);
     else rc = gl_fail(rc, "flash_backward: out of memory for scratch");
     free_scratch(&c, threads);
     return rc;

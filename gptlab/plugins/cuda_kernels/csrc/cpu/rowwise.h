@@ -8,20 +8,10 @@
 
 #include "common.h"
 
-/* Row vectors of the machine's native width. common.h's 16-lane vf is split by the compiler on
- * a CPU with narrower vectors, and for these short loops GCC 12 does it badly on AVX2: vector
- * accumulators kept on the stack and moved through general registers, and every 16-lane
- * comparison done lane by lane with scalar compares (check with objdump). LayerNorm's forward
- * ran 1.7x slower with vf than with 8-lane vectors. */
-#if defined(__AVX512F__)
-#define RVL 16
-#elif defined(__AVX__)
-#define RVL 8
-#else
-#define RVL 4
-#endif
-typedef float rv __attribute__((vector_size(RVL * 4)));
-typedef int32_t ri __attribute__((vector_size(RVL * 4)));
+/* Row vectors: common.h's native-width vectors under the names these kernels use. */
+#define RVL VL
+typedef vf rv;
+typedef vi ri;
 
 GL_INLINE rv rload(const float *p) { rv v; memcpy(&v, p, sizeof v); return v; }
 GL_INLINE void rstore(float *p, rv v) { memcpy(p, &v, sizeof v); }

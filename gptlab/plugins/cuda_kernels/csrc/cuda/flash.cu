@@ -23,6 +23,8 @@
  * products over the head dim in blocks of 16 terms, dK and dV in blocks of 64 queries, L in
  * double, rounded once, and L·log2 e in the backward as a float pair.
  * Workspace (caller-allocated): bh·tq·d floats of dQ accumulator, then bh·tq floats of D.
+ * Layouts: q, k, v, o, do, dq, dk, dv are strided (batch, head and row strides, the head dim
+ * contiguous; see gptlab_kernels.h), as in the CPU twin: no copies around the call.
  * Grids are one-dimensional (block = batch·head · tiles + tile), so batch·head is not capped by
  * the 65535 limit of grid.y; consecutive blocks share a head's K and V in L2.
  *
@@ -51,6 +53,16 @@ constexpr int DOT_BLOCK = 16;                     /* terms per partial sum of a 
 constexpr double LOG2E_D = 1.4426950408889634074, LN2_D = 0.6931471805599453094;
 static_assert(KEYS == gl::WARP, "one key per lane");
 static_assert(QBLOCK % BWD_ROWS == 0, "a block of queries is whole query tiles");
+
+/* One tensor's strides in floats: batch, head, row (the head dim is contiguous). */
+struct Layout {
+    int64_t b, h, t;
+};
+
+/* Offset of the (batch, head) slice bh of a tensor of layout l, with nh heads. */
+__device__ __forceinline__ int64_t slice_offset(Layout l, int64_t bh, int64_t nh) {
+    return (bh / nh) * l.b + (bh % nh) * l.h;
+}
 
 __device__ __forceinline__ bool visible(int r, int c, int tq, int tk, int causal) {
     return r < tq && c < tk && (!causal || c <= r + (tk - tq)); /* bottom-right causal mask */
@@ -83,13 +95,13 @@ __device__ __forceinline__ float blocked_dot(const float *a, const float *b, int
     return sum;
 }
 
-/* Copy rows [row0, row0 + rows) of a (n, d) matrix into shared memory with row stride
- * `stride`, zero-filling rows >= n. All threads of the block take part. */
-__device__ __forceinline__ void stage(float *dst, int stride, const float *src, int row0,
-                                      int rows, int n, int d) {
+/* Copy rows [row0, row0 + rows) of an (n, d) matrix with row stride `st` into shared memory
+ * with row stride `stride`, zero-filling rows >= n. All threads of the block take part. */
+__device__ __forceinline__ void stage(float *dst, int stride, const float *src, int64_t st,
+                                      int row0, int rows, int n, int d) {
     for (int i = threadIdx.y * gl::WARP + threadIdx.x; i < rows * d; i += THREADS) {
         int r = i / d, j = i - r * d;
-        dst[r * stride + j] = row0 + r < n ? src[int64_t(row0 + r) * d + j] : 0.f;
+        dst[r * stride + j] = row0 + r < n ? src[int64_t(row0 + r) * st + j] : 0.f;
     }
 }
 
@@ -97,8 +109,9 @@ __device__ __forceinline__ void stage(float *dst, int stride, const float *src, 
 template <int DPL>
 __global__ void __launch_bounds__(THREADS)
 flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float *__restrict__ q,
-                     const float *__restrict__ k, const float *__restrict__ v, int tq, int tk,
-                     int d, float scale_log2, int causal) {
+                     const float *__restrict__ k, const float *__restrict__ v, Layout lq,
+                     Layout lk, Layout lv, Layout lo, int64_t nh, int tq, int tk, int d,
+                     float scale_log2, int causal) {
     GL_DYNAMIC_SMEM(float, smem);
     const int ks = gl::odd_stride(d);
     float *q_s = smem;                    /* (FWD_ROWS, d) */
@@ -109,13 +122,13 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
     const int tiles = (tq + FWD_ROWS - 1) / FWD_ROWS;
     const int64_t bh = blockIdx.x / tiles;
     const int q0 = int(blockIdx.x % tiles) * FWD_ROWS;
-    q += bh * tq * d;
-    k += bh * tk * d;
-    v += bh * tk * d;
-    o += bh * tq * d;
+    q += slice_offset(lq, bh, nh);
+    k += slice_offset(lk, bh, nh);
+    v += slice_offset(lv, bh, nh);
+    o += slice_offset(lo, bh, nh);
     lse += bh * tq;
 
-    stage(q_s, d, q, q0, FWD_ROWS, tq, d);
+    stage(q_s, d, q, lq.t, q0, FWD_ROWS, tq, d);
     float m[FWD_ROWS_PER_WARP], l[FWD_ROWS_PER_WARP], acc[FWD_ROWS_PER_WARP][DPL];
 #pragma unroll
     for (int i = 0; i < FWD_ROWS_PER_WARP; i++) {
@@ -130,8 +143,8 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
 
     for (int k0 = 0; k0 < k_end; k0 += KEYS) {
         __syncthreads(); /* q_s is complete; nobody still reads the previous K, V tile */
-        stage(k_s, ks, k, k0, KEYS, tk, d);
-        stage(v_s, d, v, k0, KEYS, tk, d);
+        stage(k_s, ks, k, lk.t, k0, KEYS, tk, d);
+        stage(v_s, d, v, lv.t, k0, KEYS, tk, d);
 #ifndef GL_PLANT_MISSING_SYNC /* tests/kernels/test_cuda_emulated.py plants this bug on purpose */
         __syncthreads(); /* the K, V tile is complete before anyone reads it */
 #endif
@@ -168,7 +181,7 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
 #pragma unroll
         for (int t = 0; t < DPL; t++) {
             const int j = lane + gl::WARP * t;
-            if (j < d) o[int64_t(r) * d + j] = acc[i][t] * inv;
+            if (j < d) o[int64_t(r) * lo.t + j] = acc[i][t] * inv;
         }
         /* m + log2 l and the product by ln 2 in double, rounded once: the backward's
          * P = exp2(S·log2 e − L·log2 e) inherits this error on every key of the row (three
@@ -184,13 +197,16 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
 __global__ void __launch_bounds__(THREADS)
 flash_backward_prep_kernel(float *__restrict__ dq_acc, float *__restrict__ dvec,
                            const float *__restrict__ o, const float *__restrict__ dout,
-                           int64_t rows, int d) {
+                           Layout lo, Layout ldo, int64_t nh, int64_t rows, int tq, int d) {
     const int64_t row = int64_t(blockIdx.x) * WARPS + threadIdx.y;
     const int lane = threadIdx.x;
     if (row >= rows) return; /* the whole warp leaves: no block-wide barrier follows */
+    const int64_t bh = row / tq, i = row - bh * tq;
+    const float *orow = o + slice_offset(lo, bh, nh) + i * lo.t;
+    const float *dorow = dout + slice_offset(ldo, bh, nh) + i * ldo.t;
     float dot = 0.f;
     for (int j = lane; j < d; j += gl::WARP) {
-        dot += dout[row * d + j] * o[row * d + j];
+        dot += dorow[j] * orow[j];
         dq_acc[row * d + j] = 0.f;
     }
     dot = gl::warp_sum(dot);
@@ -202,8 +218,9 @@ __global__ void __launch_bounds__(THREADS)
 flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_acc,
                       const float *__restrict__ dvec, const float *__restrict__ q,
                       const float *__restrict__ k, const float *__restrict__ v,
-                      const float *__restrict__ lse, const float *__restrict__ dout, int tq,
-                      int tk, int d, float scale, int causal) {
+                      const float *__restrict__ lse, const float *__restrict__ dout, Layout lq,
+                      Layout lk, Layout lv, Layout ldo, Layout ldk, Layout ldv, int64_t nh,
+                      int tq, int tk, int d, float scale, int causal) {
     GL_DYNAMIC_SMEM(float, smem);
     const int ks = gl::odd_stride(d);
     float *q_s = smem;                          /* (BWD_ROWS, d) */
@@ -220,18 +237,18 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
     const int64_t bh = blockIdx.x / tiles;
     const int k0 = int(blockIdx.x % tiles) * KEYS;
     const float scale_log2 = scale * gl::LOG2E;
-    q += bh * tq * d;
-    dout += bh * tq * d;
+    q += slice_offset(lq, bh, nh);
+    dout += slice_offset(ldo, bh, nh);
     dq_acc += bh * tq * d;
     lse += bh * tq;
     dvec += bh * tq;
-    k += bh * tk * d;
-    v += bh * tk * d;
-    dk += bh * tk * d;
-    dv += bh * tk * d;
+    k += slice_offset(lk, bh, nh);
+    v += slice_offset(lv, bh, nh);
+    dk += slice_offset(ldk, bh, nh);
+    dv += slice_offset(ldv, bh, nh);
 
-    stage(k_s, ks, k, k0, KEYS, tk, d);
-    stage(v_s, ks, v, k0, KEYS, tk, d);
+    stage(k_s, ks, k, lk.t, k0, KEYS, tk, d);
+    stage(v_s, ks, v, lv.t, k0, KEYS, tk, d);
     float dk_acc[BWD_KEYS_PER_WARP][DPL], dv_acc[BWD_KEYS_PER_WARP][DPL];
 #pragma unroll
     for (int u = 0; u < BWD_KEYS_PER_WARP; u++)
@@ -242,8 +259,8 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
     const int r_begin = causal ? gl::imax(0, k0 - (tk - tq)) / BWD_ROWS * BWD_ROWS : 0;
     for (int r0 = r_begin; r0 < tq; r0 += BWD_ROWS) {
         __syncthreads(); /* K, V staged; nobody still reads the previous query tile */
-        stage(q_s, d, q, r0, BWD_ROWS, tq, d);
-        stage(do_s, d, dout, r0, BWD_ROWS, tq, d);
+        stage(q_s, d, q, lq.t, r0, BWD_ROWS, tq, d);
+        stage(do_s, d, dout, ldo.t, r0, BWD_ROWS, tq, d);
         if (tid < BWD_ROWS) {
             const bool in = r0 + tid < tq;
             /* L·log2 e as the float sum hi + lo: one float would put up to half an ulp of
@@ -312,13 +329,13 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
 #pragma unroll
             for (int u = 0; u < BWD_KEYS_PER_WARP; u++) {
                 const int c = k0 + warp * BWD_KEYS_PER_WARP + u;
+                float *dkc = dk + int64_t(c) * ldk.t, *dvc = dv + int64_t(c) * ldv.t;
 #pragma unroll
                 for (int t = 0; t < DPL; t++) {
                     const int j = lane + gl::WARP * t;
                     if (c < tk && j < d) {
-                        const int64_t at = int64_t(c) * d + j;
-                        dk[at] = (first_block ? 0.f : dk[at]) + scale * dk_acc[u][t];
-                        dv[at] = (first_block ? 0.f : dv[at]) + dv_acc[u][t];
+                        dkc[j] = (first_block ? 0.f : dkc[j]) + scale * dk_acc[u][t];
+                        dvc[j] = (first_block ? 0.f : dvc[j]) + dv_acc[u][t];
                     }
                     dk_acc[u][t] = dv_acc[u][t] = 0.f;
                 }
@@ -328,17 +345,27 @@ flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_
 }
 
 __global__ void __launch_bounds__(THREADS)
-flash_backward_dq_kernel(float *__restrict__ dq, const float *__restrict__ dq_acc, int64_t n,
-                         float scale) {
+flash_backward_dq_kernel(float *__restrict__ dq, const float *__restrict__ dq_acc, Layout ldq,
+                         int64_t nh, int64_t n, int tq, int d, float scale) {
     for (int64_t i = int64_t(blockIdx.x) * THREADS + threadIdx.y * gl::WARP + threadIdx.x; i < n;
-         i += int64_t(gridDim.x) * THREADS)
-        dq[i] = scale * dq_acc[i];
+         i += int64_t(gridDim.x) * THREADS) {
+        const int64_t row = i / d, bh = row / tq, r = row - bh * tq;
+        dq[slice_offset(ldq, bh, nh) + r * ldq.t + (i - row * d)] = scale * dq_acc[i];
+    }
 }
 
-int check_sizes(const char *fn, int64_t bh, int64_t tq, int64_t tk, int64_t d, float scale) {
-    if (bh < 1 || tq < 1 || tk < 1 || d < 1)
-        return gl::fail(GPTLAB_EINVAL, "%s: sizes must be >= 1 (bh=%lld tq=%lld tk=%lld d=%lld)",
-                        fn, (long long)bh, (long long)tq, (long long)tk, (long long)d);
+Layout layout_at(const int64_t *strides, int i) {
+    return Layout{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
+}
+
+int check_sizes(const char *fn, int64_t nb, int64_t nh, int64_t tq, int64_t tk, int64_t d,
+                float scale) {
+    if (nb < 1 || nh < 1 || tq < 1 || tk < 1 || d < 1)
+        return gl::fail(GPTLAB_EINVAL,
+                        "%s: sizes must be >= 1 (b=%lld nh=%lld tq=%lld tk=%lld d=%lld)", fn,
+                        (long long)nb, (long long)nh, (long long)tq, (long long)tk,
+                        (long long)d);
+    const int64_t bh = nb * nh;
     if (d > gl::MAX_HEAD_DIM)
         return gl::fail(GPTLAB_EINVAL, "%s: head dim %lld > %d", fn, (long long)d,
                         gl::MAX_HEAD_DIM);
@@ -357,22 +384,25 @@ int check_sizes(const char *fn, int64_t bh, int64_t tq, int64_t tk, int64_t d, f
 } /* namespace */
 
 extern "C" int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *k,
-                                        const float *v, int64_t bh, int64_t tq, int64_t tk,
-                                        int64_t d, float scale, int causal, void *stream,
+                                        const float *v, const int64_t *strides, int64_t b,
+                                        int64_t nh, int64_t tq, int64_t tk, int64_t d,
+                                        float scale, int causal, void *stream,
                                         int num_threads) {
     (void)num_threads;
     gl::clear_error();
-    if (!o || !lse || !q || !k || !v)
+    if (!o || !lse || !q || !k || !v || !strides)
         return gl::fail(GPTLAB_EINVAL, "flash_forward: null pointer");
-    if (int rc = check_sizes("flash_forward", bh, tq, tk, d, scale)) return rc;
+    if (int rc = check_sizes("flash_forward", b, nh, tq, tk, d, scale)) return rc;
+    const int64_t bh = b * nh;
     gl::DeviceGuard device;
     if (int rc = device.bind(o, "flash_forward")) return rc;
     const dim3 grid(unsigned(bh * gl::ceil_div(tq, FWD_ROWS))), block(gl::WARP, WARPS);
     const size_t smem = size_t(fwd_smem_floats(int(d))) * sizeof(float);
     gl::with_dims_per_lane(d, [&](auto dims_per_lane) {
         constexpr int DPL = decltype(dims_per_lane)::value;
-        GL_LAUNCH(flash_forward_kernel<DPL>, grid, block, smem, stream, o, lse, q, k, v, int(tq),
-                  int(tk), int(d), scale * gl::LOG2E, causal);
+        GL_LAUNCH(flash_forward_kernel<DPL>, grid, block, smem, stream, o, lse, q, k, v,
+                  layout_at(strides, 0), layout_at(strides, 1), layout_at(strides, 2),
+                  layout_at(strides, 3), nh, int(tq), int(tk), int(d), scale * gl::LOG2E, causal);
     });
     return gl::check_launch("flash_forward");
 }
@@ -386,14 +416,20 @@ extern "C" int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, 
 extern "C" int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
                                          const float *q, const float *k, const float *v,
                                          const float *o, const float *lse, const float *dout,
-                                         int64_t bh, int64_t tq, int64_t tk, int64_t d,
-                                         float scale, int causal, void *stream,
-                                         int num_threads) {
+                                         const int64_t *strides, int64_t b, int64_t nh,
+                                         int64_t tq, int64_t tk, int64_t d, float scale,
+                                         int causal, void *stream, int num_threads) {
     (void)num_threads;
     gl::clear_error();
-    if (!dq || !dk || !dv || !workspace || !q || !k || !v || !o || !lse || !dout)
+    if (!dq || !dk || !dv || !workspace || !q || !k || !v || !o || !lse || !dout || !strides)
         return gl::fail(GPTLAB_EINVAL, "flash_backward: null pointer");
-    if (int rc = check_sizes("flash_backward", bh, tq, tk, d, scale)) return rc;
+    if (int rc = check_sizes("flash_backward", b, nh, tq, tk, d, scale)) return rc;
+    const int64_t bh = b * nh;
+    /* strides: q, k, v, o, dout, dq, dk, dv */
+    const Layout lq = layout_at(strides, 0), lk = layout_at(strides, 1),
+                 lv = layout_at(strides, 2), lo = layout_at(strides, 3),
+                 ldo = layout_at(strides, 4), ldq = layout_at(strides, 5),
+                 ldk = layout_at(strides, 6), ldv = layout_at(strides, 7);
     gl::DeviceGuard device;
     if (int rc = device.bind(dq, "flash_backward")) return rc;
     float *dq_acc = static_cast<float *>(workspace);
@@ -402,7 +438,7 @@ extern "C" int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *
 
     const int64_t rows = bh * tq;
     GL_LAUNCH(flash_backward_prep_kernel, dim3(unsigned(gl::ceil_div(rows, WARPS))), block, 0,
-              stream, dq_acc, dvec, o, dout, rows, int(d));
+              stream, dq_acc, dvec, o, dout, lo, ldo, nh, rows, int(tq), int(d));
     if (int rc = gl::check_launch("flash_backward (prep)")) return rc;
 
     const dim3 grid(unsigned(bh * gl::ceil_div(tk, KEYS)));
@@ -410,13 +446,14 @@ extern "C" int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *
     gl::with_dims_per_lane(d, [&](auto dims_per_lane) {
         constexpr int DPL = decltype(dims_per_lane)::value;
         GL_LAUNCH(flash_backward_kernel<DPL>, grid, block, smem, stream, dk, dv, dq_acc, dvec, q,
-                  k, v, lse, dout, int(tq), int(tk), int(d), scale, causal);
+                  k, v, lse, dout, lq, lk, lv, ldo, ldk, ldv, nh, int(tq), int(tk), int(d), scale,
+                  causal);
     });
     if (int rc = gl::check_launch("flash_backward")) return rc;
 
     const int64_t n = rows * d;
     const int64_t blocks = std::min<int64_t>(gl::ceil_div(n, THREADS), 65535);
-    GL_LAUNCH(flash_backward_dq_kernel, dim3(unsigned(blocks)), block, 0, stream, dq, dq_acc, n,
-              scale);
+    GL_LAUNCH(flash_backward_dq_kernel, dim3(unsigned(blocks)), block, 0, stream, dq, dq_acc, ldq,
+              nh, n, int(tq), int(d), scale);
     return gl::check_launch("flash_backward (dq)");
 }
