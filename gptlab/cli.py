@@ -50,9 +50,12 @@ def _fmt_time(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------- run
-def _progress_printer(max_iters: int):
-    """Return (on_event, close): a live bar on a terminal, periodic lines otherwise."""
+def _progress_printer(max_iters: int, budget: float = 0.0):
+    """Return (on_event, close): a live bar on a terminal, periodic lines otherwise; with a
+    time budget (seconds), progress is time, not steps."""
     state = {"loss": None, "tps": 0.0, "val": None}
+    if budget > 0:
+        return _budget_printer(budget, state)
     if sys.stderr.isatty():
         bar = click.progressbar(length=max_iters, label="training", file=sys.stderr, width=24,
                                 show_pos=True, show_eta=True,
@@ -79,6 +82,43 @@ def _progress_printer(max_iters: int):
         else:
             state["val"] = ev.val_loss
             click.echo(f"step {ev.step:>6}/{max_iters}  eval: train {ev.train_loss:.4f}  "
+                       f"val {ev.val_loss:.4f}", err=True)
+
+    return on_event, lambda: None
+
+
+def _budget_printer(budget: float, state: dict):
+    """Progress of a --time-budget run: seconds of the budget, the step count alongside."""
+    total = max(1, int(budget))
+    if sys.stderr.isatty():
+        bar = click.progressbar(length=total, label="training", file=sys.stderr, width=24,
+                                show_eta=True, item_show_func=lambda _: _status(state))
+        bar.__enter__()
+        seen = {"s": 0}
+
+        def on_event(ev):
+            if ev.kind == "step":
+                state.update(loss=ev.loss, tps=ev.tokens_per_s)
+                now = min(total, int(ev.elapsed))
+                bar.update(now - seen["s"], current_item=ev.step)
+                seen["s"] = now
+            else:
+                state["val"] = ev.val_loss
+
+        return on_event, lambda: bar.__exit__(None, None, None)
+
+    mark = {"next": 0.0}
+
+    def on_event(ev):
+        if ev.kind == "step":
+            state.update(loss=ev.loss, tps=ev.tokens_per_s)
+            if ev.elapsed >= mark["next"] or ev.step == 1:
+                mark["next"] = ev.elapsed + budget / 10
+                click.echo(f"step {ev.step:>6}  {_status(state)}  "
+                           f"[{_fmt_time(ev.elapsed)} of {_fmt_time(budget)}]", err=True)
+        else:
+            state["val"] = ev.val_loss
+            click.echo(f"step {ev.step:>6}  eval: train {ev.train_loss:.4f}  "
                        f"val {ev.val_loss:.4f}", err=True)
 
     return on_event, lambda: None
@@ -128,6 +168,20 @@ def _download_progress():
                    "torch (hand-written PyTorch) or auto (native where it runs); see "
                    "`gpt backends`.")
 @click.option("--block", default=None, help="Transformer block plugin: prenorm or postnorm.")
+@click.option("--norm", default=None, metavar="NAME",
+              help="Norm of the blocks and the final norm: layernorm (default) or rmsnorm, or a "
+                   "plugin's (see `gpt plugins`).")
+@click.option("--mlp", default=None, metavar="NAME",
+              help="MLP of the blocks: gelu (default), relu2 or swiglu, or a plugin's.")
+@click.option("--position", default=None, metavar="NAME",
+              help="Position scheme: learned (a table, default), rotary (on q and k) or none, "
+                   "or a plugin's.")
+@click.option("--qk-norm/--no-qk-norm", "qk_norm", default=None,
+              help="RMS-normalise each head's queries and keys before their dot product.")
+@click.option("--untied-head/--tied-head", "untied_head", default=None,
+              help="An output head of its own instead of the token embedding's weight.")
+@click.option("--zero-init/--no-zero-init", "zero_init", default=None,
+              help="Start every residual projection (and an untied head) at zero.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu).")
 @click.option("--seed", type=int, default=None, help="Seed for init, batches and the sample.")
 @click.option("--iters", "max_iters", type=int, default=None, help="Optimiser steps.")
@@ -157,6 +211,15 @@ def _download_progress():
                    "optimizer state stay float32. float16 (with a GradScaler) is for GPUs.")
 @click.option("--compile/--no-compile", "compile", default=None,
               help="torch.compile the model (the first steps compile it).")
+@click.option("--time-budget", type=float, default=None, metavar="SECONDS",
+              help="Train for this many seconds of optimiser steps (evaluations not counted); "
+                   "the cosine schedule follows the time used, so a slower machine takes fewer "
+                   "steps and still finishes on time. --iters is then a cap.")
+@click.option("--optimizer", default=None, metavar="NAME",
+              help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest), or "
+                   "a plugin's.")
+@click.option("--muon-lr", type=float, default=None,
+              help="Muon's peak learning rate (with --optimizer muon; default 0.02).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run already in --out-dir (its ckpt.pt, best.pt and "
                    "metrics.jsonl are deleted). Without it such a folder is refused.")
@@ -230,7 +293,8 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
         say(f"resuming {resume_dir} at step {step}/{train_cfg.max_iters}{note}", err=True)
     else:
         model_keys = {"model", "block_size", "n_layer", "n_head", "n_embd", "dropout", "block",
-                      "attention", "kernels"}
+                      "attention", "kernels", "norm", "mlp", "position", "qk_norm",
+                      "untied_head", "zero_init"}
         model_over = {k: v for k, v in opts.items() if k in model_keys}
         train_over = {k: v for k, v in opts.items() if k not in model_keys}
         model_cfg, train_cfg = resolve_configs(preset, model_over, train_over)
@@ -255,8 +319,8 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
     finally:
         close()
     say(f"data: {path} ({len(text):,} chars)", err=True)
-    on_event, close = _progress_printer(train_cfg.max_iters) if world.is_main else (None,
-                                                                                  lambda: None)
+    on_event, close = (_progress_printer(train_cfg.max_iters, train_cfg.time_budget)
+                       if world.is_main else (None, lambda: None))
     try:
         trainer = Trainer(reg, model_cfg, train_cfg, text, out_dir=folder, on_event=on_event,
                           resume=resume, data_source=str(path), plan=plan)
@@ -426,22 +490,26 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
     missing = device_unavailable_reason(dev)
     if missing:
         click.echo(f"note: {dev} is not available on this machine: {missing}")
-    _show_table(rows)
+    _show_table(rows, request)
     if sum(not r for _, r in rows) > 1:
         click.echo("(auto here: the highest priority; `gpt run` times the available ones on "
                    "its shape and takes the fastest, see GPTLAB_AUTO in the README)")
     kernel_request = KernelRequest(device=dev, dtype=getattr(torch, dtype))
     click.echo(f"layer kernels (--kernels; {kernel_request.describe()}):")
-    _show_table(backend_table(reg, kernel_request, kind="layer_kernels"))
+    _show_table(backend_table(reg, kernel_request, kind="layer_kernels"), kernel_request)
 
 
-def _show_table(rows) -> None:
-    """One line per backend (priority, available, which auto takes), then its reasons."""
+def _show_table(rows, request) -> None:
+    """One line per backend (priority for the request, available, which auto takes), then its
+    reasons."""
+    from gptlab.core.dispatch import priority_of
+
     auto = next((cls.name for cls, r in rows if not r), None)
     for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
         pick = "  <- auto" if cls.name == auto else ""
-        click.echo(f"{cls.name:<10} priority {cls.priority:>3}  available: {mark}{pick}")
+        click.echo(f"{cls.name:<10} priority {priority_of(cls, request):>3}  available: "
+                   f"{mark}{pick}")
         if cls.description:
             click.echo(f"    {cls.description}")
         for r in reasons:

@@ -7,7 +7,7 @@ import torch
 
 from gptlab.core.attention import AttentionBackend, AttentionRequest
 from gptlab.core.devices import device_unavailable_reason
-from gptlab.core.dispatch import backend_table, select_attention
+from gptlab.core.dispatch import backend_table, priority_of, select_attention
 from gptlab.core.errors import BackendNotSupportedError, ConfigError, UnknownComponentError
 
 
@@ -56,6 +56,27 @@ def test_auto_picks_highest_priority_that_fits(registry):
     fitting = [c for c in registry.attention_backends.values() if not c.not_supported_reasons(req)]
     best = max(fitting, key=lambda c: c.priority)
     assert select_attention(registry, "auto", req).name == best.name
+
+
+def test_priorities_depend_on_the_device(registry):
+    """flash leads on the CPU; on CUDA its scalar float32 kernel ranks below sdpa, so auto never
+    takes it there by priority. A plugin whose priority_for raises keeps its plain priority."""
+    def order(device):
+        return [c.name for c, _ in backend_table(registry, AttentionRequest(device=device))]
+
+    cpu, cuda = order("cpu"), order("cuda")
+    assert cpu.index("flash") < cpu.index("sdpa")
+    assert cuda.index("sdpa") < cuda.index("flash")
+
+    class Broken(AttentionBackend):
+        name = "broken_priority"
+        priority = 7
+
+        @classmethod
+        def priority_for(cls, request):
+            raise RuntimeError("boom")
+
+    assert priority_of(Broken, AttentionRequest()) == 7
 
 
 def test_unknown_backend_lists_available(registry):

@@ -30,7 +30,9 @@ def test_help_explains_every_option(cli):
     assert result.exit_code == 0
     for opt in ["--preset", "--data", "--model", "--tokenizer", "--attention", "--block",
                 "--device", "--seed", "--iters", "--batch-size", "--block-size", "--n-layer",
-                "--n-head", "--n-embd", "--dropout", "--lr", "--out-dir"]:
+                "--n-head", "--n-embd", "--dropout", "--lr", "--out-dir", "--norm", "--mlp",
+                "--position", "--qk-norm", "--untied-head", "--zero-init", "--optimizer",
+                "--muon-lr"]:
         assert opt in result.output
     for cmd in ["run", "sample", "plugins", "backends", "presets"]:
         assert invoke(cli, [cmd, "--help"]).exit_code == 0
@@ -66,6 +68,14 @@ def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):
     (["--block", "nope"], "unknown block 'nope'"),
     (["--device", "cuda"], "device 'cuda' is not available"),
     (["--data", "/no/such/file.txt"], "data file '/no/such/file.txt' does not exist"),
+    (["--norm", "batchnorm"], "unknown norm 'batchnorm'; available: layernorm, rmsnorm"),
+    (["--mlp", "moe"], "unknown MLP 'moe'; available: gelu, relu2, swiglu"),
+    (["--position", "alibi"], "unknown position scheme 'alibi'; available: learned, none, "
+                              "rotary"),
+    (["--optimizer", "sgd"], "unknown optimizer 'sgd'; available: adamw, muon"),
+    (["--muon-lr", "0"], "muon_lr (--muon-lr) must be a finite number > 0"),
+    (["--position", "rotary", "--n-embd", "36", "--n-head", "4"],
+     "--position rotary needs an even head dim (n_embd / n_head), got 9"),
 ])
 def test_bad_options_are_one_line_errors(cli, args, message, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

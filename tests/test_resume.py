@@ -32,7 +32,16 @@ def step_losses(events):
     return {e.step: e.loss for e in events if e.kind == "step"}
 
 
-def test_resume_is_bit_exact_and_ctrl_c_saves_first(registry, tmp_path):
+MC_PARTS = ModelConfig(**{**MC.to_dict(), "norm": "rmsnorm", "mlp": "swiglu",
+                          "position": "rotary", "qk_norm": True, "untied_head": True,
+                          "zero_init": True})
+
+
+@pytest.mark.parametrize("mc, tc", [(MC, TC), (MC_PARTS, TC),
+                                    (MC, TrainConfig(**{**TC.to_dict(), "optimizer": "muon"}))],
+                         ids=["gpt2", "parts", "muon"])
+def test_resume_is_bit_exact_and_ctrl_c_saves_first(registry, tmp_path, mc, tc):
+    MC, TC = mc, tc  # noqa: N806 (the module's configs, or with the swappable parts changed)
     full_events = []
     full = train(registry, MC, TC, TEXT, out_dir=tmp_path / "full", on_event=full_events.append)
 

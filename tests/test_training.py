@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gptlab.core.checkpoint import Checkpoint, load_model, save_checkpoint
+from gptlab.core.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.errors import CheckpointError
 from gptlab.core.trainer import lr_at, train
@@ -52,6 +52,28 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, tc) == pytest.approx(0.1)
     lrs = [lr_at(s, tc) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_lr_schedule_follows_the_time_used_under_a_time_budget():
+    tc = TrainConfig(max_iters=10**6, learning_rate=1.0, warmup_iters=10, min_lr_ratio=0.1,
+                     time_budget=100.0)
+    assert lr_at(5, tc, train_time=50.0) == pytest.approx(0.6)  # warmup counts steps
+    assert lr_at(10, tc, train_time=0.0) == pytest.approx(1.0)
+    assert lr_at(10, tc, train_time=50.0) == pytest.approx(0.55)  # half the budget: the middle
+    assert lr_at(99999, tc, train_time=50.0) == pytest.approx(0.55)  # whatever the step
+    assert lr_at(20, tc, train_time=150.0) == pytest.approx(0.1)
+
+
+def test_a_time_budget_stops_training_and_ends_the_schedule(registry, tmp_path):
+    text = "The old prince was silent, and Natasha laughed at Pierre. " * 40
+    mc = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    tc = TrainConfig(max_iters=10**6, batch_size=4, eval_interval=10**6, eval_iters=2,
+                     final_eval_iters=2, warmup_iters=2, time_budget=1.5)
+    result = train(registry, mc, tc, text, out_dir=tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run")
+    st = ckpt.train_state
+    assert 2 < st.step < 10**6 and 1.5 <= st.train_time <= st.elapsed
+    assert result.history[-1]["lr"] == pytest.approx(tc.learning_rate * tc.min_lr_ratio)
 
 
 def test_batches_are_shifted_windows():

@@ -111,6 +111,13 @@ class AttentionBackend:
         return cls.deterministic
 
     @classmethod
+    def priority_for(cls, request: AttentionRequest) -> int:
+        """``auto``'s priority for this request (the device and dtype may change it; by default
+        :attr:`priority`). The highest that can run is taken where nothing is measured, and is
+        the one a measured candidate must beat."""
+        return cls.priority
+
+    @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
         """Why the backend cannot run at all on ``device`` here (missing library, compiler...)."""
         return []

@@ -40,6 +40,11 @@ class RunPlan:
     block_cls: type | None  # None for models without attention (bigram)
     attention: AttentionBackend | None  # prepared; None for models without attention
     layer_kernels: LayerKernels | None = None  # prepared; None: dispatched by build_model
+    parts: dict = attrs.Factory(dict)  # norm, feedforward, position classes (model_parts)
+
+    def components(self) -> Components:
+        """The parts the model is built from (see :class:`Components`)."""
+        return Components(block=self.block_cls, attention=self.attention, **self.parts)
 
     @property
     def attention_name(self) -> str | None:
@@ -48,6 +53,18 @@ class RunPlan:
     @property
     def kernels_name(self) -> str | None:
         return None if self.layer_kernels is None else self.layer_kernels.name
+
+
+def model_parts(reg: Registry, config: ModelConfig) -> dict:
+    """The norm, MLP and position classes ``config`` names, looked up in the registry and
+    checked against it (unknown names and impossible combinations are one-line errors), as
+    keyword arguments of :class:`Components`; empty for models without attention."""
+    if not reg.model(config.model).uses_attention:
+        return {}
+    position = reg.get("positions", config.position)
+    position.check(config)
+    return dict(norm=reg.get("norms", config.norm), feedforward=reg.get("mlps", config.mlp),
+                position=position)
 
 
 def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
@@ -66,6 +83,8 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     tokenizer_cls = reg.tokenizer(train_config.tokenizer)
     uses_attention = model_cls.uses_attention
     block_cls = reg.block(model_config.block) if uses_attention else None
+    parts = model_parts(reg, model_config)
+    reg.get("optimizers", train_config.optimizer)  # an unknown name: one line, before anything
     attention = None
     dtype = getattr(torch, train_config.dtype)  # q, k, v under autocast
     if uses_attention and model_config.attention != AUTO:
@@ -98,7 +117,7 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
                                        prefer=prefer_kernels)
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
                    model_cls=model_cls, tokenizer_cls=tokenizer_cls, block_cls=block_cls,
-                   attention=attention, layer_kernels=kernels)
+                   attention=attention, layer_kernels=kernels, parts=parts)
 
 
 def build_model(reg: Registry, config: ModelConfig, device: torch.device | str = "cpu", *,
@@ -119,7 +138,8 @@ def build_model(reg: Registry, config: ModelConfig, device: torch.device | str =
             attention = select_attention(reg, config.attention,
                                          attention_request(config, device,
                                                            requires_grad=requires_grad))
-        components = Components(block=reg.block(config.block), attention=attention)
+        components = Components(block=reg.block(config.block), attention=attention,
+                                **model_parts(reg, config))
     if layer_kernels is None:
         layer_kernels = select_layer_kernels(reg, config.kernels, KernelRequest(device.type))
     model = model_cls(config, components)

@@ -46,6 +46,7 @@ class TrainState:
     step: int = 0  # optimiser steps done
     best_val: float = math.inf  # lowest val loss estimated so far (what best.pt holds)
     elapsed: float = 0.0  # seconds of training so far, across resumes
+    train_time: float = 0.0  # of which in optimiser steps (what --time-budget counts)
     # RNG states, filled when a checkpoint is made (the live ones are the generators'):
     # the data position: one batch sampler per micro-batch of a step (processes x grad_accum)
     batch_rngs: list[torch.Tensor] = attrs.Factory(list)
@@ -64,6 +65,7 @@ class TrainState:
         if "batch_rng" in d:  # written before several samplers: it was stream 0's
             d["batch_rngs"] = [d.pop("batch_rng")]
         d.setdefault("scaler", None)
+        d.setdefault("train_time", d.get("elapsed", 0.0))  # written before --time-budget
         names = attrs.fields_dict(cls)
         missing = sorted(set(names) - set(d))
         if missing:

@@ -60,6 +60,11 @@ def _dtype(instance, attribute, value):
                           f"{value!r}")
 
 
+def _bool(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_label(attribute)} must be true or false, got {value!r}")
+
+
 def _name(instance, attribute, value):
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{_label(attribute)} must be a non-empty name, got {value!r}")
@@ -89,6 +94,14 @@ class ModelConfig:
     block: str = _field("prenorm", _name, "--block")
     attention: str = _field("auto", _name, "--attention")
     kernels: str = _field("auto", _name, "--kernels")  # LayerNorm, bias + GELU, loss
+    # parts of the transformer chosen by name (registered plugins) and switches; the defaults
+    # are GPT-2's, and what a checkpoint from before these fields was trained with
+    norm: str = _field("layernorm", _name, "--norm")
+    mlp: str = _field("gelu", _name, "--mlp")
+    position: str = _field("learned", _name, "--position")
+    qk_norm: bool = _field(False, _bool, "--qk-norm")  # RMS-normalise q and k per head
+    untied_head: bool = _field(False, _bool, "--untied-head")  # lm_head not tied to wte
+    zero_init: bool = _field(False, _bool, "--zero-init")  # residual projections start at 0
 
     def __attrs_post_init__(self):
         if self.n_embd % self.n_head:
@@ -133,6 +146,12 @@ class TrainConfig:
     grad_accum: int = _field(1, _positive, "--grad-accum")  # micro-batches per optimiser step
     dtype: str = _field("float32", _dtype, "--dtype")  # autocast dtype of forward passes
     compile: bool = False  # torch.compile the model (--compile)
+    # seconds of training steps (evaluations excluded): > 0 stops there, and the cosine
+    # schedule follows the fraction of it used instead of steps (max_iters is then a cap)
+    time_budget: float = _field(0.0, _non_negative_float, "--time-budget")
+    optimizer: str = _field("adamw", _name, "--optimizer")
+    muon_lr: float = _field(0.02, _positive_float, "--muon-lr")  # Muon's peak lr
+    muon_momentum: float = _field(0.95, _fraction)
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)

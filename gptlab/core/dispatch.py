@@ -36,12 +36,21 @@ log = logging.getLogger(__name__)
 def backend_table(reg: Registry, request: AttentionRequest | KernelRequest, *,
                   kind: str = "attention_backends") -> list[tuple[type, list[str]]]:
     """Every registered backend (or, with ``kind="layer_kernels"``, layer kernels) with its
-    reasons for ``request``, highest priority first.
+    reasons for ``request``, highest priority for the request first (``priority_for``).
 
     A backend whose ``not_supported_reasons`` raises is listed with that as its reason (a
     broken plugin must not take dispatch down)."""
     rows = [(cls, backend_reasons(cls, request)) for cls in getattr(reg, kind).values()]
-    return sorted(rows, key=lambda r: (-r[0].priority, r[0].name))
+    return sorted(rows, key=lambda r: (-priority_of(r[0], request), r[0].name))
+
+
+def priority_of(cls, request) -> int:
+    """``cls.priority_for(request)``; a plugin whose method raises (or that has none) keeps its
+    plain ``priority`` (its reasons will say what is wrong, if anything)."""
+    try:
+        return int(cls.priority_for(request))
+    except Exception:
+        return int(getattr(cls, "priority", 0))
 
 
 def _prepare_failure(e: Exception) -> str:

@@ -64,6 +64,41 @@ def register_layer_kernels():
 
 
 @hookspec
+def register_norms():
+    """Return a :class:`gptlab.core.interfaces.Norm` subclass, or a list of them.
+
+    Selected with ``gpt run --norm NAME`` (built in: ``layernorm``, ``rmsnorm``); the
+    transformer uses it for every norm of its blocks and its final norm.
+    """
+
+
+@hookspec
+def register_mlps():
+    """Return a :class:`gptlab.core.interfaces.FeedForward` subclass, or a list of them.
+
+    Selected with ``gpt run --mlp NAME`` (built in: ``gelu``, ``relu2``, ``swiglu``); the
+    transformer uses it as every block's MLP.
+    """
+
+
+@hookspec
+def register_positions():
+    """Return a :class:`gptlab.core.interfaces.PositionScheme` subclass, or a list of them.
+
+    Selected with ``gpt run --position NAME`` (built in: ``learned``, ``rotary``, ``none``).
+    """
+
+
+@hookspec
+def register_optimizers():
+    """Return a :class:`gptlab.core.optimizers.OptimizerRecipe` subclass, or a list of them.
+
+    Selected with ``gpt run --optimizer NAME`` (built in: ``adamw``, ``muon``). Parameter
+    groups with a ``base_lr`` follow the learning-rate schedule scaled to it.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add click subcommands to the ``gpt`` command group ``cli`` (``cli.add_command(cmd)``).
 

@@ -1,9 +1,11 @@
-"""The base classes plugins implement: :class:`Tokenizer`, :class:`Block` and
-:class:`LanguageModel` (attention backends: :mod:`gptlab.core.attention`).
+"""The base classes plugins implement: :class:`Tokenizer`, :class:`Block`,
+:class:`LanguageModel`, and the parts a transformer is assembled from: :class:`Norm`,
+:class:`FeedForward` and :class:`PositionScheme` (attention backends: :mod:`gptlab.core.attention`).
 
 A model is nanoGPT-shaped (Karpathy 2022): ``forward(idx, targets=None) -> (logits, loss)``
 and ``generate(idx, max_new_tokens, ...)``; it is built as ``cls(config, components)`` where
-:class:`Components` carries the parts chosen by name (the block class, the attention backend).
+:class:`Components` carries the parts chosen by name (the block class, the attention backend,
+the norm, the feed-forward and the position scheme).
 """
 
 from __future__ import annotations
@@ -58,10 +60,62 @@ class Tokenizer(ABC):
 # --------------------------------------------------------------------------- models
 @attrs.frozen
 class Components:
-    """Swappable parts handed to a model's constructor, chosen by name through the registry."""
+    """Swappable parts handed to a model's constructor, chosen by name through the registry.
+
+    ``norm``, ``feedforward`` and ``position`` left at ``None`` mean GPT-2's: LayerNorm, the GELU
+    MLP and a learned position table."""
 
     block: type | None = None  # a Block subclass
     attention: AttentionBackend | None = None
+    norm: type | None = None  # a Norm subclass (--norm)
+    feedforward: type | None = None  # a FeedForward subclass (--mlp)
+    position: type | None = None  # a PositionScheme subclass (--position)
+
+
+class Norm(nn.Module):
+    """A normalisation over the last dim: ``(..., ndim) -> (..., ndim)``. Built as
+    ``cls(ndim, bias=..., eps=...)``; the transformer puts the one chosen with ``--norm`` wherever
+    a block or the model uses :class:`gptlab.nn.LayerNorm`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+
+
+class FeedForward(nn.Module):
+    """The position-wise MLP of a block: ``(B, T, C) -> (B, T, C)``, built as ``cls(config)``;
+    the transformer puts the one chosen with ``--mlp`` wherever a block uses
+    :class:`gptlab.nn.MLP`. Its last Linear writes into the residual stream and is named
+    ``c_proj`` (so GPT-2's init scales it, and ``--zero-init`` zeroes it)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+
+
+class PositionScheme:
+    """How a transformer knows where each token is (``--position``).
+
+    ``learned_table``: the model adds a learned (block_size, C) table to the token embeddings
+    (GPT-2). :meth:`qk_module` returns a module installed at the attention's position seam
+    (``q, k = module(q, k, pos)``, see :class:`gptlab.nn.MultiHeadAttention`), or None.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    learned_table: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, config: ModelConfig) -> None:
+        """Raise :class:`~gptlab.core.errors.ConfigError` if ``config`` cannot use it."""
+
+    @classmethod
+    def qk_module(cls, config: ModelConfig) -> nn.Module | None:
+        return None
 
 
 class Block(nn.Module):

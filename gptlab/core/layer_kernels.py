@@ -65,6 +65,11 @@ class LayerKernels:
         return r
 
     @classmethod
+    def priority_for(cls, request: KernelRequest) -> int:
+        """``auto``'s priority for this request (by default :attr:`priority`)."""
+        return cls.priority
+
+    @classmethod
     def prepare(cls, request: KernelRequest) -> None:
         """Build or load what the request's device needs; a GptlabError makes auto move on."""
 

@@ -22,8 +22,10 @@ import pluggy
 from gptlab.core import hookspecs
 from gptlab.core.attention import AttentionBackend
 from gptlab.core.errors import PluginError, UnknownComponentError
-from gptlab.core.interfaces import Block, LanguageModel, Tokenizer
+from gptlab.core.interfaces import (Block, FeedForward, LanguageModel, Norm, PositionScheme,
+                                    Tokenizer)
 from gptlab.core.layer_kernels import LayerKernels
+from gptlab.core.optimizers import OptimizerRecipe
 
 ENTRY_POINT_GROUP = "gptlab"
 BUILTIN_DIST = "gptlab"  # the distribution whose entry points are gptlab's own plugins
@@ -35,6 +37,10 @@ KINDS = {
     "register_blocks": ("blocks", Block, "block"),
     "register_attention_backends": ("attention_backends", AttentionBackend, "attention backend"),
     "register_layer_kernels": ("layer_kernels", LayerKernels, "layer kernels"),
+    "register_norms": ("norms", Norm, "norm"),
+    "register_mlps": ("mlps", FeedForward, "MLP"),
+    "register_positions": ("positions", PositionScheme, "position scheme"),
+    "register_optimizers": ("optimizers", OptimizerRecipe, "optimizer"),
 }
 
 
@@ -58,6 +64,10 @@ class Registry:
     blocks: dict[str, type] = attrs.Factory(dict)
     attention_backends: dict[str, type] = attrs.Factory(dict)
     layer_kernels: dict[str, type] = attrs.Factory(dict)
+    norms: dict[str, type] = attrs.Factory(dict)
+    mlps: dict[str, type] = attrs.Factory(dict)
+    positions: dict[str, type] = attrs.Factory(dict)
+    optimizers: dict[str, type] = attrs.Factory(dict)
     owners: dict[tuple[str, str], str] = attrs.Factory(dict)  # (kind, name) -> plugin
     problems: list[str] = attrs.Factory(list)  # one line per broken or refused plugin part
 

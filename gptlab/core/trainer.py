@@ -40,7 +40,7 @@ from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.errors import (CheckpointError, ConfigError, DataError, GptlabError,
                                 OutOfMemory, TrainingDiverged, first_line)
 from gptlab.core.evaluation import EvaluationStopped, estimate_loss
-from gptlab.core.interfaces import Components, LanguageModel, Tokenizer
+from gptlab.core.interfaces import LanguageModel, Tokenizer
 from gptlab.core.memory import GIB, available_bytes, count_parameters, training_bytes
 from gptlab.core.plugins import Registry
 from gptlab.core.runs import BEST, CHECKPOINT, MetricsLog, RunFolder
@@ -80,24 +80,28 @@ class TrainResult:
     attention: str | None
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr_ratio * learning_rate``."""
+def lr_at(step: int, cfg: TrainConfig, train_time: float = 0.0) -> float:
+    """Linear warmup to ``learning_rate`` over ``warmup_iters`` steps, then cosine decay to
+    ``min_lr_ratio * learning_rate`` by ``max_iters`` or, with a ``time_budget``, by the time
+    the budget is spent (``train_time`` seconds of steps so far): a run on a slower machine
+    takes fewer steps but still ends its schedule (and its training) on time."""
     lr, min_lr = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     if step < cfg.warmup_iters:
         return lr * (step + 1) / cfg.warmup_iters
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
-    progress = min(1.0, (step - cfg.warmup_iters) / span)
+    if cfg.time_budget > 0:
+        progress = min(1.0, train_time / cfg.time_budget)
+    else:
+        span = max(1, cfg.max_iters - cfg.warmup_iters)
+        progress = min(1.0, (step - cfg.warmup_iters) / span)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices (embeddings, Linear weights) only, as nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    """AdamW with weight decay on matrices (embeddings, Linear weights) only, as nanoGPT (the
+    ``adamw`` recipe; runs choose theirs with ``--optimizer``)."""
+    from gptlab.core.optimizers import AdamWRecipe
+
+    return AdamWRecipe.build(model, cfg)
 
 
 class TrainingInterrupted(GptlabError):
@@ -233,7 +237,7 @@ class Trainer:
             self.model = build_model(reg, self.model_config, self.device,
                                      attention=self.plan.attention,
                                      layer_kernels=self.plan.layer_kernels)
-            self.optimizer = make_optimizer(self.model, cfg)
+            self.optimizer = reg.get("optimizers", cfg.optimizer).build(self.model, cfg)
         log.info("model %s: %.2fM parameters, attention %s, layer kernels %s",
                  self.model_config.model, self.model.num_parameters() / 1e6,
                  self.plan.attention_name, self.plan.kernels_name)
@@ -277,8 +281,7 @@ class Trainer:
     def _check_memory(self, reg) -> None:
         """A one-line error before allocating a run that cannot fit (see gptlab.core.memory)."""
         mc, plan = self.model_config, self.plan
-        n = count_parameters(lambda: plan.model_cls(mc, Components(block=plan.block_cls,
-                                                                   attention=plan.attention)))
+        n = count_parameters(lambda: plan.model_cls(mc, plan.components()))
         have = available_bytes(self.device)
         if n is None or have is None:
             return
@@ -313,7 +316,10 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def lr(self, step: int) -> float:
-        return lr_at(step, self.cfg)
+        return lr_at(step, self.cfg, self.state.train_time)
+
+    def _budget_left(self) -> bool:
+        return self.cfg.time_budget <= 0 or self.state.train_time < self.cfg.time_budget
 
     def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's ``grad_accum`` micro-batches of the next step (every stream advances)."""
@@ -348,8 +354,9 @@ class Trainer:
         """One optimiser step at ``state.step``; returns the training loss of its micro-batches
         (averaged over the ranks)."""
         lr = self.lr(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # a group's own base_lr follows the schedule
+            group["lr"] = lr if "base_lr" not in group else \
+                group["base_lr"] * lr / self.cfg.learning_rate
         with _out_of_memory(f"training step {self.state.step + 1}"), self._collective():
             loss = self.forward_backward(self.next_batches())
             if self.cfg.grad_clip > 0:
@@ -453,9 +460,14 @@ class Trainer:
         t_start = time.perf_counter() - st.elapsed
         t_window, tokens_window, tokens_per_s = time.perf_counter(), 0, 0.0
         trained_steps, t_loop = 0, time.perf_counter()
-        while st.step < cfg.max_iters:
+        while st.step < cfg.max_iters and self._budget_left():
             lr = self.lr(st.step)
+            t_step = time.perf_counter()
             loss = self.step()
+            step_time = time.perf_counter() - t_step
+            if cfg.time_budget > 0 and self.world.active:  # one clock for the schedule and stop
+                (step_time,) = distributed.all_mean([step_time], self.world, self.device)
+            st.train_time += step_time
             trained_steps += 1
             done = st.step
             tokens_window += B * T * self.micro_batches
@@ -469,14 +481,14 @@ class Trainer:
             if done % self.log_interval == 0:
                 self.metrics_log.write(kind="step", step=done, train_loss=loss, lr=lr,
                                        tokens_per_s=tokens_per_s, elapsed=st.elapsed)
-            if done % cfg.eval_interval == 0 and done != cfg.max_iters:
+            if done % cfg.eval_interval == 0 and done != cfg.max_iters and self._budget_left():
                 self._eval_and_save(cfg.eval_iters, lr, t_start, stop, "an evaluation")
             signum = distributed.agreed_signal(stop.signum, self.world, self.device)  # together
             if signum:
                 stop.signum = signum
                 self._interrupted(stop, t_start)
         train_time = time.perf_counter() - t_loop
-        tr, va, path = self._eval_and_save(cfg.final_eval_iters, self.lr(cfg.max_iters - 1),
+        tr, va, path = self._eval_and_save(cfg.final_eval_iters, self.lr(max(0, st.step - 1)),
                                            t_start, stop, "the final evaluation")
         mean_tps = (trained_steps * B * T * self.micro_batches / train_time if trained_steps
                     else 0.0)

@@ -14,7 +14,10 @@ Everything a plugin needs to assemble its own block or model (none ever imports
             self.attn = MultiHeadAttention(config, attention)
             self.mlp = MLP(config)
 
-- :class:`LayerNorm`, :class:`MLP` (:mod:`gptlab.nn.layers`);
+- :class:`LayerNorm`, :class:`MLP` (:mod:`gptlab.nn.layers`); :class:`RMSNorm`, :class:`QKNorm`
+  (:mod:`gptlab.nn.norms`); :class:`ReLU2MLP`, :class:`SwiGLUMLP` (:mod:`gptlab.nn.mlps`);
+- position schemes (``learned``, ``rotary``, ``none``) and the :class:`Rotary` seam module
+  (:mod:`gptlab.nn.positions`);
 - :class:`SingleHeadAttention`, :class:`MultiHeadAttention` with its position seam and
   :func:`set_qk_positions`, :class:`LayerKV` (:mod:`gptlab.nn.attention`);
 - :class:`PreNormBlock` (GPT-2), :class:`PostNormBlock` (Vaswani et al.) (:mod:`gptlab.nn.blocks`);
@@ -27,7 +30,12 @@ from gptlab.nn.attention import LayerKV, MultiHeadAttention, SingleHeadAttention
 from gptlab.nn.blocks import PostNormBlock, PreNormBlock
 from gptlab.nn.init import init_gpt2
 from gptlab.nn.layers import MLP, LayerNorm
+from gptlab.nn.mlps import ReLU2MLP, SwiGLUMLP
+from gptlab.nn.norms import QKNorm, RMSNorm
+from gptlab.nn.positions import (LearnedPositions, NoPositions, QKChain, Rotary,
+                                 RotaryPositions)
 
 __all__ = ["LayerNorm", "MLP", "SingleHeadAttention", "MultiHeadAttention", "LayerKV",
            "set_qk_positions", "PreNormBlock", "PostNormBlock", "init_gpt2", "causal_mask",
-           "default_scale"]
+           "default_scale", "RMSNorm", "QKNorm", "ReLU2MLP", "SwiGLUMLP", "Rotary", "QKChain",
+           "LearnedPositions", "RotaryPositions", "NoPositions"]

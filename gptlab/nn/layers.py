@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gptlab.core.interfaces import FeedForward, Norm
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
@@ -24,15 +26,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return torch.addcmul(bias, y, weight)  # bias + y * weight, one op
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(Norm):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension.
 
     Computed by :func:`layer_norm`, or by the layer kernels installed with
     :func:`gptlab.core.layer_kernels.set_layer_kernels` (e.g. the C kernel: one pass per row).
     """
 
+    name = "layernorm"
+    description = "LayerNorm (Ba et al. 2016): centre, scale to unit variance, affine (GPT-2)"
+
     def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
-        super().__init__()
+        super().__init__(ndim, bias, eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
@@ -44,14 +49,17 @@ class LayerNorm(nn.Module):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class MLP(nn.Module):
+class MLP(FeedForward):
     """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout.
 
     ``c_proj`` writes into the residual stream, so GPT-2's init scales it (:mod:`gptlab.nn.init`).
     """
 
+    name = "gelu"
+    description = "Linear(C, 4C) -> GELU -> Linear(4C, C)  (GPT-2)"
+
     def __init__(self, config):
-        super().__init__()
+        super().__init__(config)
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

@@ -142,8 +142,16 @@ class FusedAttention(NativeBackend):
 
 class FlashAttention(NativeBackend):
     name = "flash"
-    priority = 60  # above sdpa: 2x faster on the CPU at T >= 256 (`gpt bench attention`)
+    priority = 60  # above sdpa on the CPU: 2x faster at T >= 256 (`gpt bench attention`)
     description = "FlashAttention-2 kernels (C, CUDA): tiled online softmax, O(T) memory"
+
+    #: On CUDA: below sdpa (50). The CUDA kernel is scalar float32 (no tensor cores): on paper
+    #: (SASS, issue 13) 4-8x slower than sdpa in float32 on an H100; never measured on a GPU.
+    CUDA_PRIORITY = 40
+
+    @classmethod
+    def priority_for(cls, request):
+        return cls.CUDA_PRIORITY if request.device == "cuda" else cls.priority
 
     @classmethod
     def is_deterministic(cls, device: str) -> bool:
