@@ -99,7 +99,7 @@ def _budget_printer(budget: float, state: dict):
         def on_event(ev):
             if ev.kind == "step":
                 state.update(loss=ev.loss, tps=ev.tokens_per_s)
-                now = min(total, int(ev.elapsed))
+                now = min(total, int(ev.train_time))
                 bar.update(now - seen["s"], current_item=ev.step)
                 seen["s"] = now
             else:
@@ -112,10 +112,11 @@ def _budget_printer(budget: float, state: dict):
     def on_event(ev):
         if ev.kind == "step":
             state.update(loss=ev.loss, tps=ev.tokens_per_s)
-            if ev.elapsed >= mark["next"] or ev.step == 1:
-                mark["next"] = ev.elapsed + budget / 10
-                click.echo(f"step {ev.step:>6}  {_status(state)}  "
-                           f"[{_fmt_time(ev.elapsed)} of {_fmt_time(budget)}]", err=True)
+            if ev.train_time >= mark["next"] or ev.step == 1:
+                mark["next"] = ev.train_time + budget / 10
+                click.echo(f"step {ev.step:>6}  {_status(state)}  [{_fmt_time(ev.train_time)} "
+                           f"of {_fmt_time(budget)} of steps, {_fmt_time(ev.elapsed)} in all]",
+                           err=True)
         else:
             state["val"] = ev.val_loss
             click.echo(f"step {ev.step:>6}  eval: train {ev.train_loss:.4f}  "
@@ -152,8 +153,8 @@ def _download_progress():
 
 @click.command()
 @click.option("--preset", default="default", show_default=True,
-              help="Named starting point: bigram, tiny or default (see `gpt presets`); the "
-                   "options below override single fields.")
+              help="Named starting point: bigram, tiny, default or speedrun (see `gpt "
+                   "presets`); the options below override single fields.")
 @click.option("--data", default=None, metavar="PATH|NAME",
               help="UTF-8 text file to train on, or a named corpus. Default: War and Peace, "
                    "from $GPTLAB_DATA_DIR or the cache (downloaded on first use).")

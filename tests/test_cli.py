@@ -63,7 +63,7 @@ def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):
                                           "(--n-head) 4"),
     (["--dropout", "1.5"], "dropout (--dropout) must be in [0, 1)"),
     (["--iters", "0"], "max_iters (--iters) must be a positive integer"),
-    (["--preset", "huge"], "unknown preset 'huge'; available: bigram, tiny, default"),
+    (["--preset", "huge"], "unknown preset 'huge'; available: bigram, tiny, default, speedrun"),
     (["--model", "gpt5"], "unknown model 'gpt5'; available: bigram, transformer"),
     (["--block", "nope"], "unknown block 'nope'"),
     (["--device", "cuda"], "device 'cuda' is not available"),
@@ -133,6 +133,19 @@ def test_plugins_backends_presets(cli):
     assert result.output == "Error: unknown device 'tpu'; use cpu, cuda, cuda:N or auto\n"
     result = invoke(cli, ["presets"])
     assert "bigram:" in result.output and "tiny:" in result.output and "default:" in result.output
+    assert "speedrun:" in result.output and "time_budget=470.0" in result.output
+
+
+def test_the_speedrun_preset_stops_on_its_time_budget(cli, small_text, tmp_path):
+    """The speedrun recipe end to end, shrunk: a 2-second budget on a small model."""
+    out = tmp_path / "run"
+    result = invoke(cli, ["run", "--preset", "speedrun", "--data", str(small_text),
+                          "--time-budget", "2", "--n-layer", "1", "--n-embd", "48",
+                          "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+                          "--attention", "naive", "--sample-tokens", "0", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "of 2.0s of steps" in result.output  # progress in time, not steps
+    assert "val loss" in result.output and (out / "ckpt.pt").is_file()
 
 
 def test_bench_attention_reports_every_backend_against_sdpa(cli):

@@ -63,6 +63,7 @@ class TrainEvent:
     train_loss: float | None = None
     val_loss: float | None = None
     elapsed: float = 0.0
+    train_time: float = 0.0  # of elapsed, in optimiser steps (what --time-budget counts)
 
 
 @attrs.define
@@ -477,7 +478,8 @@ class Trainer:
                 t_window, tokens_window = now, 0
             st.elapsed = now - t_start
             self.emit(TrainEvent("step", done, cfg.max_iters, loss=loss, lr=lr,
-                                 tokens_per_s=tokens_per_s, elapsed=st.elapsed))
+                                 tokens_per_s=tokens_per_s, elapsed=st.elapsed,
+                                 train_time=st.train_time))
             if done % self.log_interval == 0:
                 self.metrics_log.write(kind="step", step=done, train_loss=loss, lr=lr,
                                        tokens_per_s=tokens_per_s, elapsed=st.elapsed)
