@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from gptlab.core.attention import AttentionRequest
-from gptlab.core.build import build_model
-from gptlab.core.config import ModelConfig
 from gptlab.nn import LayerKV
+from test_generation import make_model
 
 
 def kv(T, seed):
@@ -45,17 +44,6 @@ def test_layer_kv_storage_is_allocated_once_within_max_len():
     got_k, _ = cache.extend(*kv(1, 9))  # one past max_len: new storage, the past copied over
     assert got_k.data_ptr() != first_k.data_ptr() and cache.length == 9
     assert torch.equal(got_k[:, :, :8], before)
-
-
-def make_model(registry, attention, block_size=16):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=13, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
-                      attention=attention)
-    model = build_model(registry, cfg, requires_grad=False).eval()
-    with torch.no_grad():  # sharper than the 0.02 init, so greedy decoding is not all ties
-        for p in model.parameters():
-            p.mul_(8)
-    return model
 
 
 def test_cache_storage_spans_the_window_and_is_rebuilt_when_it_slides(registry):

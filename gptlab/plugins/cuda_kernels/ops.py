@@ -54,8 +54,7 @@ def _library(kernels: str, name: str, *tensors: torch.Tensor,
         if lse.dtype != torch.float32:
             raise KernelError(f"{name}: lse must be float32, got "
                               f"{str(lse.dtype).replace('torch.', '')}")
-    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
-    allowed = (torch.float32, torch.bfloat16) if flavour.name == "cpu" else (torch.float32,)
+    flavour, allowed = _flavour(kernels, device)
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
         raise KernelError(f"{name}: tensors of different dtypes "
@@ -68,6 +67,20 @@ def _library(kernels: str, name: str, *tensors: torch.Tensor,
             names = " or ".join(str(d).replace("torch.", "") for d in allowed)
             raise KernelError(f"{name}: the {flavour.name} kernels take {names}, got "
                               f"{str(t.dtype).replace('torch.', '')}")
+    return _open(flavour, name, device)
+
+
+def _flavour(kernels: str, device: torch.device):
+    """The flavour that serves ``kernels`` for tensors on ``device``, and the dtypes it takes
+    (the C library widens bfloat16; CUDA and the emulator take float32)."""
+    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
+    allowed = (torch.float32, torch.bfloat16) if flavour.name == "cpu" else (torch.float32,)
+    return flavour, allowed
+
+
+def _open(flavour, name: str, device: torch.device) -> tuple[NativeLibrary, object]:
+    """The loaded library of ``flavour`` and the stream argument for tensors on ``device`` (a
+    one-line error if the flavour's kernels take another device's tensors)."""
     if flavour.device != device.type:
         raise KernelError(f"{name}: the {flavour.name} kernels take {flavour.device} tensors, "
                           f"got {device}")
@@ -294,8 +307,7 @@ def _rowwise_library(kernels: str, name: str, tensors: tuple, names: tuple
     """Check the tensors (one device; float dtypes the kernels take, not necessarily the same;
     None skipped) and return the library to call and the stream argument."""
     device = tensors[0].device
-    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
-    allowed = (torch.float32, torch.bfloat16) if flavour.name == "cpu" else (torch.float32,)
+    flavour, allowed = _flavour(kernels, device)
     for what, t in zip(names, tensors):
         if t is None:
             continue
@@ -306,13 +318,7 @@ def _rowwise_library(kernels: str, name: str, tensors: tuple, names: tuple
             kinds = " or ".join(_dtype_name(d) for d in allowed)
             raise KernelError(f"{name}: the {flavour.name} kernels take {kinds}, got "
                               f"{_dtype_name(t.dtype)} for {what}")
-    if flavour.device != device.type:
-        raise KernelError(f"{name}: the {flavour.name} kernels take {flavour.device} tensors, "
-                          f"got {device}")
-    lib = load(flavour)
-    if flavour.device == "cuda":
-        return lib, lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
-    return lib, lib.ffi.NULL
+    return _open(flavour, name, device)
 
 
 def _expect_shape(name: str, what: str, t: torch.Tensor, shape) -> None:

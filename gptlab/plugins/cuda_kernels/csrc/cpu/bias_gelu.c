@@ -54,7 +54,7 @@ GL_INLINE rv gelu(rv u) { return u * normal_cdf(rclamp(u * SQRT1_2, -4.f, 4.f));
 
 GL_INLINE rv gelu_grad(rv u) {
     const rv z = rclamp(u * SQRT1_2, -9.f, 9.f); /* exp2's argument stays >= -117 */
-    const rv pdf = rexp2_in_range(z * z * -LOG2E) * INV_SQRT_2PI;
+    const rv pdf = vexp2_in_range(z * z * -LOG2E) * INV_SQRT_2PI;
     return normal_cdf(rclamp(z, -4.f, 4.f)) + u * pdf;
 }
 

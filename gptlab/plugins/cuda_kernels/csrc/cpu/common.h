@@ -34,16 +34,13 @@ GL_INLINE vf vmax(vf a, vf b) { vi m = a > b; return (vf)((m & (vi)a) | (~m & (v
 GL_INLINE float vhmax(vf v) { float m = v[0]; for (int i = 1; i < VL; i++) m = v[i] > m ? v[i] : m; return m; }
 GL_INLINE float vhsum(vf v) { float s = 0.f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 
-/* 2^x, relative error ~2e-7; x <= -126 (incl. -inf) gives exactly 0; x is clamped to <= 127. */
-GL_INLINE vf vexp2(vf x) {
-    const vf lo = vset1(-126.0f), hi = vset1(127.0f), magic = vset1(12582912.0f); /* 1.5*2^23 */
-    vi live = x > lo;
-    x = vmax(x, lo);
-    x = (vf)(((vi)(x < hi) & (vi)x) | (~(vi)(x < hi) & (vi)hi));
-    vf t = x + magic;                     /* round to nearest integer, in the mantissa bits */
+/* 2^x for x in [-126, 127] (the caller guarantees it), relative error ~2e-7. */
+GL_INLINE vf vexp2_in_range(vf x) {
+    const vf magic = vset1(12582912.0f); /* 1.5*2^23 */
+    vf t = x + magic;                    /* round to nearest integer, in the mantissa bits */
     vf n = t - magic;
     vi ni = (vi)t - (vi)magic;
-    vf f = x - n;                         /* f in [-0.5, 0.5] */
+    vf f = x - n;                        /* f in [-0.5, 0.5] */
     /* Taylor series of 2^f = e^(f ln2) to degree 6 */
     vf p = vset1(1.5403530393381606e-4f);
     p = p * f + vset1(1.3333558146428443e-3f);
@@ -52,8 +49,16 @@ GL_INLINE vf vexp2(vf x) {
     p = p * f + vset1(2.4022650695910071e-1f);
     p = p * f + vset1(6.9314718055994531e-1f);
     p = p * f + vset1(1.0f);
-    vi scale = (ni + 127) << 23;
-    return (vf)(((vi)(p * (vf)scale)) & live);
+    return p * (vf)((ni + 127) << 23);
+}
+
+/* 2^x, relative error ~2e-7; x <= -126 (incl. -inf) gives exactly 0; x is clamped to <= 127. */
+GL_INLINE vf vexp2(vf x) {
+    const vf lo = vset1(-126.0f), hi = vset1(127.0f);
+    vi live = x > lo;
+    x = vmax(x, lo);
+    x = (vf)(((vi)(x < hi) & (vi)x) | (~(vi)(x < hi) & (vi)hi));
+    return (vf)((vi)vexp2_in_range(x) & live);
 }
 
 #define LOG2E 1.4426950408889634f

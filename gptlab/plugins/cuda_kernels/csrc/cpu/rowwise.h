@@ -1,7 +1,7 @@
 /* Helpers of the row-wise CPU kernels (layernorm.c, cross_entropy.c, bias_gelu.c): vectors of
- * the native width with tree reductions, partial loads and stores for the tail of a row, exp2,
- * and fixed chunks of rows for column sums (dweight, dbias) that come out the same whatever the
- * number of threads.
+ * the native width with tree reductions, partial loads and stores for the tail of a row, exp2
+ * (common.h's polynomial), and fixed chunks of rows for column sums (dweight, dbias) that come
+ * out the same whatever the number of threads.
  */
 #ifndef GPTLAB_CPU_ROWWISE_H
 #define GPTLAB_CPU_ROWWISE_H
@@ -56,29 +56,11 @@ GL_INLINE rv rclamp(rv x, float lo, float hi) {
     return rselect(x > rset1(hi), rset1(hi), x);
 }
 
-/* 2^x for x in [-126, 127] (the caller guarantees it): common.h's vexp2 without its range
- * checks, relative error ~2e-7. */
-GL_INLINE rv rexp2_in_range(rv x) {
-    const rv magic = rset1(12582912.0f); /* 1.5*2^23 */
-    rv t = x + magic;                    /* round to nearest integer, in the mantissa bits */
-    rv n = t - magic;
-    ri ni = (ri)t - (ri)magic;
-    rv f = x - n;                        /* f in [-0.5, 0.5] */
-    /* Taylor series of 2^f = e^(f ln2) to degree 6 */
-    rv p = rset1(1.5403530393381606e-4f);
-    p = p * f + rset1(1.3333558146428443e-3f);
-    p = p * f + rset1(9.6181291076284772e-3f);
-    p = p * f + rset1(5.5504108664821580e-2f);
-    p = p * f + rset1(2.4022650695910071e-1f);
-    p = p * f + rset1(6.9314718055994531e-1f);
-    p = p * f + rset1(1.0f);
-    return p * (rv)((ni + 127) << 23);
-}
-
-/* 2^x for any x <= 127: x < -126 (-inf included) gives exactly 0. */
+/* 2^x for any x <= 127: x < -126 (-inf included) gives exactly 0 (common.h's vexp2 also
+ * zeroes x == -126). */
 GL_INLINE rv rexp2(rv x) {
     const ri dead = x < rset1(-126.0f);
-    return (rv)((ri)rexp2_in_range(rclamp(x, -126.0f, 127.0f)) & ~dead);
+    return (rv)((ri)vexp2_in_range(rclamp(x, -126.0f, 127.0f)) & ~dead);
 }
 
 /* Column sums over rows are taken per chunk of rows (one partial row per chunk, in a workspace)
