@@ -104,12 +104,18 @@ def default_cases(backend: type[AttentionBackend] | AttentionBackend, *,
         if cls.min_head_dim <= hs <= cls.max_head_dim:
             cases.append(Case(B, nh, T, T, hs, causal))
     hs = 32 if cls.min_head_dim <= 32 <= cls.max_head_dim else cls.min_head_dim
+    odd = 33 if cls.min_head_dim <= 33 <= cls.max_head_dim else hs
     cases += [Case(2, 3, 97, 97, hs, True, q_scale=20.0),
               Case(1, 2, 64, 64, hs, False, q_scale=20.0)]
     if cls.supports_q_shorter_than_k:
         cases += [Case(2, 3, 1, 65, hs, True), Case(1, 2, 7, 97, hs, True),
                   Case(1, 2, 7, 97, hs, False),
-                  Case(1, 2, 9, 4, hs, True), Case(1, 2, 9, 4, hs, False)]  # more q than k
+                  Case(1, 2, 9, 4, hs, True), Case(1, 2, 9, 4, hs, False),  # more q than k
+                  # decoding shapes (1-3 new rows against a long cache; odd head dim, keys in
+                  # several blocks, large scores so the running max moves)
+                  Case(1, 2, 1, 1, hs, True), Case(2, 3, 2, 130, hs, True),
+                  Case(1, 2, 3, 200, odd, False, q_scale=20.0),
+                  Case(1, 2, 1, 200, odd, True, q_scale=20.0)]
     return cases
 
 

@@ -160,8 +160,7 @@ class FlashAttention(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        o, _ = torch.ops.gptlab.flash_attn(q, k, v, scale, causal, self.kernels)
-        return o
+        return ops.flash_attention(q, k, v, scale, causal, self.kernels)
 
 
 class Emulated:

@@ -66,7 +66,7 @@ class KernelBuildError(GptlabError):
     """A native library could not be compiled or loaded."""
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a key of loader's dict, looked up on every kernel call
 class Flavour:
     name: str
     compiler_env: str  # environment variable naming the compiler
@@ -85,7 +85,7 @@ class Flavour:
 CPU = Flavour(
     name="cpu", compiler_env="CC", default_compiler="cc",
     sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c", "cpu/layernorm.c",
-             "cpu/cross_entropy.c", "cpu/bias_gelu.c"), headers=("cpu/*.h",),
+             "cpu/cross_entropy.c", "cpu/bias_gelu.c", "cpu/decode.c"), headers=("cpu/*.h",),
     flags=("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fopenmp",
            "-fno-math-errno", "-Wall", "-Wextra", "-Werror"),
     native_cpu=True, install_hint="install gcc or set CC",

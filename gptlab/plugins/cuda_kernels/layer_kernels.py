@@ -51,3 +51,10 @@ class NativeKernels(LayerKernels):
 
     def cross_entropy(self, logits, targets):
         return ops.cross_entropy(logits.float(), targets)
+
+    def decoder(self, model):
+        """One C call per block for each decoded token (:mod:`.decode`), for the parts it
+        computes; None for any other model."""
+        from gptlab.plugins.cuda_kernels.decode import FusedDecoder, fused_decode_reasons
+
+        return None if fused_decode_reasons(model) else FusedDecoder(model)
