@@ -255,7 +255,7 @@ def _int_list(value: str, param: str) -> tuple[int, ...]:
 @click.option("--quick", is_flag=True,
               help="Conformance on T in {1, 7, 65} and head dims {16, 80} only (31 cases per "
                    "backend instead of 147).")
-@click.option("--sanitizer-timeout", type=click.FloatRange(min=1), default=240.0,
+@click.option("--sanitizer-timeout", type=click.FloatRange(min=1), default=120.0,
               show_default=True, help="Seconds each compute-sanitizer tool may take.")
 @click.pass_context
 def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, warmup,

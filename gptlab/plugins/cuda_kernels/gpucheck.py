@@ -159,8 +159,9 @@ def launch_bounds(library: Path) -> tuple[dict[str, int], str | None]:
 
     tool = shutil.which("cuobjdump")
     nvcc = build.find_compiler(build.CUDA)
-    if tool is None and nvcc and (Path(nvcc).parent / "cuobjdump").is_file():
-        tool = str(Path(nvcc).parent / "cuobjdump")
+    for folder in ([Path(nvcc).resolve().parent] if nvcc else []) + [Path("/usr/local/cuda/bin")]:
+        if tool is None and (folder / "cuobjdump").is_file():
+            tool = str(folder / "cuobjdump")
     if tool is None:
         return {}, "cuobjdump not found: threads per block unknown"
     try:
@@ -378,7 +379,7 @@ class Options:
     reps: int = 10
     warmup: int = 3
     rule_T: int = 2048  # the precision rule's long causal sequence
-    sanitizer_timeout_s: float = 240.0
+    sanitizer_timeout_s: float = 120.0
     sections: tuple[str, ...] = SECTIONS
     quick: bool = False  # float32 conformance on QUICK_SEQ_LENS x QUICK_HEAD_DIMS only
 
