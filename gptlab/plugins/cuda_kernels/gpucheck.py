@@ -413,6 +413,8 @@ class GpuCheck:
     def title(self) -> str:
         if self.target.emulated:
             return "gpucheck: emulated CUDA kernels on the CPU"
+        if self.target.device != "cuda":
+            return f"gpucheck: kernels on {self.target.device}"
         import torch
 
         return f"gpucheck: {torch.cuda.get_device_name()}"
