@@ -11,7 +11,8 @@ cross-entropy) and the ``gpt kernels`` command group. Layout:
 - ``build.py``: cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu`` flavours;
   ``loader.py``: cffi; ``ops.py``: torch custom ops with autograd; ``backends.py``: the
   attention backends; ``layer_kernels.py``: the layer kernels; ``commands.py``:
-  ``gpt kernels build / info / check``.
+  ``gpt kernels build / info / check / bench-ops / gpucheck``; ``gpucheck.py``: the one-command
+  check of the CUDA kernels on a GPU machine (its markdown report).
 
 Each kernel source file names, in its header comment, the reference it is checked against, the
 command that checks it and the one that benchmarks it.
