@@ -11,7 +11,7 @@ from gptlab.plugins.cuda_kernels import decode
 from gptlab.plugins.cuda_kernels.loader import KernelError, load
 
 
-def make_model(registry, *, bias=True, block_size=16, **parts):
+def make_model(registry, *, bias=True, block_size=16, sharpen=8.0, **parts):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=13, block_size=block_size, n_layer=2, n_head=3, n_embd=24,
                       bias=bias, attention=parts.pop("attention", "flash"),
@@ -19,17 +19,27 @@ def make_model(registry, *, bias=True, block_size=16, **parts):
     model = build_model(registry, cfg, requires_grad=False).eval()
     with torch.no_grad():  # sharper than the 0.02 init, so greedy decoding is not all ties
         for p in model.parameters():
-            p.mul_(8)
+            p.mul_(sharpen)
     return model
 
 
-@pytest.mark.parametrize("bias", [True, False])
+PARTS = {  # the default preset's parts, without biases, and the speedrun's (and each alone)
+    "gpt2": dict(), "no-bias": dict(bias=False),
+    "speedrun": dict(position="rotary", qk_norm=True, mlp="relu2", norm="rmsnorm"),
+    "rotary": dict(position="rotary"), "qk-norm": dict(qk_norm=True), "relu2": dict(mlp="relu2"),
+    "rmsnorm": dict(norm="rmsnorm", bias=False), "nope": dict(position="none"),
+}
+
+
+@pytest.mark.parametrize("parts", PARTS.values(), ids=PARTS.keys())
 @torch.inference_mode()
-def test_fused_step_matches_the_blocks_one_by_one(registry, bias):
-    """Logits and cached keys/values of each step: the fused step's error against a float64
-    run of the same weights is within 2x that of the modules' own float32 run."""
-    model = make_model(registry, bias=bias)
-    ref = make_model(registry, bias=bias, attention="naive", kernels="torch").double()
+def test_fused_step_matches_the_blocks_one_by_one(registry, parts):
+    """Logits of every step and the cached keys/values: the fused step's max error against a
+    float64 run of the same weights is within 2x that of the modules' own float32 run (plus 2
+    float32 ulps of the largest value). Weights at 4x the init: sharper ones amplify each
+    path's rounding chaotically from step to step."""
+    model = make_model(registry, sharpen=4.0, **parts)
+    ref = make_model(registry, attention="naive", kernels="torch", **parts).double()
     ref.load_state_dict(model.state_dict())
     idx = torch.randint(0, 13, (2, 16), generator=torch.Generator().manual_seed(1))
     fused, plain, exact = model.new_cache(), model.new_cache(), ref.new_cache()
@@ -39,12 +49,15 @@ def test_fused_step_matches_the_blocks_one_by_one(registry, bias):
     fused.decoder = spy(fused.decoder, calls)
     def within_2x(got, base, want):
         err, base_err = (got.double() - want).abs().max(), (base.double() - want).abs().max()
-        assert err <= 2 * base_err + 1e-6 * want.abs().max(), (err, base_err)
+        ulp = torch.finfo(torch.float32).eps * want.abs().max()
+        assert err <= 2 * base_err + 2 * ulp, (err, base_err)
 
+    logits = [[], [], []]
     for t in range(16):  # t = 0: a 1-token prompt, so the step allocates the cache itself
         step = idx[:, t:t + 1]
-        within_2x(model.forward_cached(step, fused), model.forward_cached(step, plain),
-                  ref.forward_cached(step, exact))
+        for out, m, cache in zip(logits, (model, model, ref), (fused, plain, exact)):
+            out.append(m.forward_cached(step, cache))
+    within_2x(*(torch.cat(out, dim=1) for out in logits))
     assert len(calls) == 16 and all(y is not None for y in calls)
     for lf, lp, le in zip(fused.layers, plain.layers, exact.layers):
         assert lf.length == lp.length == 16
@@ -60,9 +73,10 @@ def spy(decoder, calls):
     return step
 
 
-def test_greedy_generation_with_the_fused_step_equals_generation_without_cache(registry,
+@pytest.mark.parametrize("parts", [PARTS["gpt2"], PARTS["speedrun"]], ids=["gpt2", "speedrun"])
+def test_greedy_generation_with_the_fused_step_equals_generation_without_cache(registry, parts,
                                                                               monkeypatch):
-    model = make_model(registry)
+    model = make_model(registry, **parts)
     calls = []
     real = decode.FusedDecoder.__call__
     monkeypatch.setattr(decode.FusedDecoder, "__call__",
@@ -72,15 +86,12 @@ def test_greedy_generation_with_the_fused_step_equals_generation_without_cache(r
     a = model.generate(prompt, 60, temperature=0, use_cache=False)
     b = model.generate(prompt, 60, temperature=0, use_cache=True)
     assert torch.equal(a, b)
-    assert all(len(set(row[4:].tolist())) > 3 for row in a)  # not a trivial sequence
+    assert all(len(set(row[4:].tolist())) > 2 for row in a)  # not a trivial sequence
     assert len(calls) > 40  # the steps after each window's first went through the fused step
 
 
 @pytest.mark.parametrize("parts, reason", [
-    (dict(position="rotary"), "position seam"),
-    (dict(qk_norm=True), "position seam"),
-    (dict(norm="rmsnorm"), "not LayerNorm"),
-    (dict(mlp="relu2"), "not the GELU MLP"),
+    (dict(mlp="swiglu"), "not the GELU or ReLU^2 MLP"),
     (dict(block="postnorm"), "not PreNormBlock"),
     (dict(attention="sdpa"), "not the flash backend"),
 ])
@@ -114,12 +125,17 @@ def test_decode_block_errors_are_one_line():
     w = [torch.ones(24), None, torch.ones(72, 24), None, torch.ones(24, 24), None,
          torch.ones(24), None, torch.ones(96, 24), None, torch.ones(24, 96), None]
     params = lib.ffi.new("float *[]", [lib.ptr(t) for t in w])
+    spec = lib.ffi.new("gptlab_decode_spec *", {"eps": 1e-5})
 
     def call(pos, c=24, nh=3, ptrs=params):
         return lib.call("gptlab_decode_block_f32", lib.ptr(x), lib.ptr(kv), lib.ptr(kv),
-                        lib.ptr(ws, "void *"), ptrs, 1, c, nh, pos, 4, 1e-5, 1)
+                        lib.ptr(ws, "void *"), ptrs, spec, 1, c, nh, pos, 4, 1)
 
     assert call(3) == 0
+    spec.rope_cos = lib.ptr(torch.ones(4))
+    with pytest.raises(KernelError, match="rotary needs both cos and sin"):
+        call(0)
+    spec.rope_cos = lib.ffi.NULL
     with pytest.raises(KernelError, match=r"position 4 outside the cache's 4 rows"):
         call(4)
     with pytest.raises(KernelError, match=r"nh dividing c \(b=1 c=24 nh=5\)"):
@@ -130,4 +146,5 @@ def test_decode_block_errors_are_one_line():
     emu = load("cuda-emu")
     with pytest.raises(KernelError, match="runs on the CPU only"):
         emu.call("gptlab_decode_block_f32", emu.ptr(x), emu.ptr(kv), emu.ptr(kv),
-                 emu.ptr(ws, "void *"), emu.ffi.new("float *[]", 12), 1, 24, 3, 0, 4, 1e-5, 1)
+                 emu.ptr(ws, "void *"), emu.ffi.new("float *[]", 12),
+                 emu.ffi.new("gptlab_decode_spec *"), 1, 24, 3, 0, 4, 1)

@@ -8,11 +8,12 @@ step reads each weight once (matrix-vector products, bound by memory bandwidth),
 keys and values straight into the cache's storage and attends with the flash kernel's decoding
 path.
 
-It serves exactly the parts it computes: pre-norm blocks of :class:`gptlab.nn.LayerNorm`,
-:class:`gptlab.nn.MultiHeadAttention` with nothing at the position seam (learned positions are
-added before the blocks) and the GELU :class:`gptlab.nn.MLP`, the ``flash`` backend on the native
-kernels, float32 on the CPU, in inference. :func:`fused_decode_reasons` says why any other model
-decodes op by op (its own modules, unchanged). The module path is the reference:
+It serves exactly the parts it computes: pre-norm blocks of LayerNorm or RMSNorm,
+:class:`gptlab.nn.MultiHeadAttention` with QK-norm and/or rotary embeddings or nothing at the
+position seam (learned positions are added before the blocks), and the GELU or ReLU² MLP (the
+default and speedrun presets' parts), the ``flash`` backend on the native kernels, float32 on
+the CPU, in inference. :func:`fused_decode_reasons` says why any other model decodes op by op
+(its own modules, unchanged). The module path is the reference:
 tests/test_fused_decode.py checks the logits against it, and greedy generation against
 generation without the cache.
 """
@@ -31,9 +32,22 @@ _PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
            "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
+def _seam(attn) -> tuple[nn.Module | None, nn.Module | None] | None:
+    """(the QKNorm module, the Rotary module), each or None, at an attention's position seam;
+    None if the seam holds anything else."""
+    from gptlab.nn import QKChain, QKNorm, Rotary
+
+    parts = attn.qk_positions
+    parts = [] if parts is None else list(parts.parts) if type(parts) is QKChain else [parts]
+    kinds = [type(p) for p in parts]
+    if kinds not in ([], [QKNorm], [Rotary], [QKNorm, Rotary]):
+        return None
+    return tuple(next((p for p in parts if type(p) is cls), None) for cls in (QKNorm, Rotary))
+
+
 def fused_decode_reasons(model: nn.Module) -> list[str]:
     """Why the fused step cannot decode ``model`` (empty: it can)."""
-    from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, PreNormBlock
+    from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, PreNormBlock, ReLU2MLP, RMSNorm
     from gptlab.plugins.cuda_kernels.backends import FlashAttention
 
     blocks = getattr(model, "blocks", None)
@@ -42,17 +56,21 @@ def fused_decode_reasons(model: nn.Module) -> list[str]:
     r = []
     if type(getattr(model, "attention_backend", None)) is not FlashAttention:
         r.append("attention is not the flash backend on the native kernels")
+    first = blocks[0]
     for i, b in enumerate(blocks):
         if type(b) is not PreNormBlock:
             r.append(f"block {i} is {type(b).__name__}, not PreNormBlock")
             break
-        if type(b.ln_1) is not LayerNorm or type(b.ln_2) is not LayerNorm:
-            r.append(f"block {i}'s norm is {type(b.ln_1).__name__}, not LayerNorm")
-        if type(b.attn) is not MultiHeadAttention or b.attn.qk_positions is not None:
-            r.append(f"block {i}'s attention has a module at the position seam (rotary, "
-                     f"QK-norm) or is not MultiHeadAttention")
-        if type(b.mlp) is not MLP:
-            r.append(f"block {i}'s MLP is {type(b.mlp).__name__}, not the GELU MLP")
+        if type(b.ln_1) not in (LayerNorm, RMSNorm) or type(b.ln_2) is not type(b.ln_1) \
+                or type(b.ln_1) is not type(first.ln_1):
+            r.append(f"block {i}'s norms are {type(b.ln_1).__name__}, {type(b.ln_2).__name__}, "
+                     f"not one of LayerNorm or RMSNorm throughout")
+        if type(b.attn) is not MultiHeadAttention or _seam(b.attn) is None:
+            r.append(f"block {i}'s attention is not MultiHeadAttention with QK-norm and/or "
+                     f"rotary (or nothing) at the position seam")
+        if type(b.mlp) not in (MLP, ReLU2MLP) or type(b.mlp) is not type(first.mlp):
+            r.append(f"block {i}'s MLP is {type(b.mlp).__name__}, not the GELU or ReLU^2 MLP "
+                     f"throughout")
         if r:
             break
     for name, p in model.named_parameters():
@@ -71,11 +89,22 @@ class FusedDecoder:
     """
 
     def __init__(self, model: nn.Module, lib: NativeLibrary | None = None):
+        from gptlab.nn import RMSNorm, ReLU2MLP
+
         self.lib = lib or load("cpu")
         self.model = model
         self.c, self.nh = model.config.n_embd, model.config.n_head
-        self.eps = model.blocks[0].ln_1.eps
         ffi = self.lib.ffi
+        first = model.blocks[0]
+        qk_norm, rotary = _seam(first.attn)
+        self.spec = ffi.new("gptlab_decode_spec *")
+        self.spec.eps = first.ln_1.eps
+        self.spec.rms_norm = type(first.ln_1) is RMSNorm
+        self.spec.relu2 = type(first.mlp) is ReLU2MLP
+        self.spec.qk_norm = qk_norm is not None
+        self.spec.qk_eps = 0.0 if qk_norm is None else qk_norm.eps
+        # rotary: the rows of its (max_len, hs/2) cos and sin tables, pointed at per step
+        self.rope = None if rotary is None else (rotary.cos.contiguous(), rotary.sin.contiguous())
         self.tensors = []  # what the pointers point into
         self.params = []  # per block: a float *[12] for the C call
         for block in model.blocks:
@@ -107,9 +136,15 @@ class FusedDecoder:
         ws = lib.ptr(self._ws[1], "void *")
         xp = lib.ptr(x)
         threads = _threads(12 * C * C * B)  # a block's multiply-adds: one thread below ~1M
+        pos = cache.layers[0].length
+        if self.rope is not None:
+            cos, sin = self.rope
+            if pos >= cos.size(0):
+                return None
+            self.spec.rope_cos, self.spec.rope_sin = lib.ptr(cos[pos]), lib.ptr(sin[pos])
         for params, layer in zip(self.params, cache.layers):
             k, v = layer.storage(B, self.nh, hs, x)  # (B, nh, capacity, hs), room for one more
-            lib.call("gptlab_decode_block_f32", xp, lib.ptr(k), lib.ptr(v), ws, params, B, C,
-                     self.nh, layer.length, k.size(2), self.eps, threads)
+            lib.call("gptlab_decode_block_f32", xp, lib.ptr(k), lib.ptr(v), ws, params,
+                     self.spec, B, C, self.nh, layer.length, k.size(2), threads)
             layer.length += 1
         return x.view(B, 1, C)

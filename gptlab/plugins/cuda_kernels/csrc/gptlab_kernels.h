@@ -104,18 +104,30 @@ int gptlab_cross_entropy_forward_f32(float *loss, float *losses, float *dlogits,
 int gptlab_cross_entropy_backward_f32(float *dx, const float *dlogits, const float *dloss,
                                       int64_t n, int64_t v, void *stream, int num_threads);
 
-/* One decoding step of a GPT-2 pre-norm block for b sequences of one new token each (CPU only;
- * the CUDA library returns GPTLAB_EINVAL): x (b, c) is the residual stream, updated in place;
- * the new keys and values go to row `pos` of k_cache, v_cache (b, nh, max_t, c / nh), and the
- * token attends over rows [0, pos]. params: 12 pointers, in order: ln1 weight, ln1 bias, qkv
- * weight (3c, c), qkv bias, attention projection weight (c, c), its bias, ln2 weight, ln2 bias,
- * MLP fc weight (4c, c), its bias, MLP projection weight (c, 4c), its bias; biases may be NULL.
- * Attention scale 1 / sqrt(c / nh), causal; GELU in its erf form. The matrix-vector products
- * use num_threads threads (the row operations one). */
+/* What a decoding step computes besides the pre-norm block's fixed structure. */
+typedef struct {
+    float eps;     /* of the two norms */
+    int rms_norm;  /* 0: LayerNorm (weight, bias or none); 1: RMSNorm (weight; no centring) */
+    int relu2;     /* 0: the GELU MLP (erf form); 1: the ReLU^2 MLP */
+    int qk_norm;   /* RMS-normalise each head's q and k (no weight), with qk_eps */
+    float qk_eps;
+    const float *rope_cos; /* rotary: cos and sin of this position's angles (hs / 2 each), */
+    const float *rope_sin; /* applied to q and k after QK-norm; both NULL: no rotation */
+} gptlab_decode_spec;
+
+/* One decoding step of a pre-norm block for b sequences of one new token each (CPU only; the
+ * CUDA library returns GPTLAB_EINVAL): x (b, c) is the residual stream, updated in place; the
+ * new keys and values go to row `pos` of k_cache, v_cache (b, nh, max_t, c / nh), and the token
+ * attends over rows [0, pos]. params: 12 pointers, in order: norm 1 weight, norm 1 bias, qkv
+ * weight (3c, c), qkv bias, attention projection weight (c, c), its bias, norm 2 weight, norm 2
+ * bias, MLP fc weight (4c, c), its bias, MLP projection weight (c, 4c), its bias; biases may be
+ * NULL. Attention scale 1 / sqrt(c / nh), causal. The matrix-vector products use num_threads
+ * threads (the row operations one). */
 int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh);
 int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *workspace,
-                            const float *const *params, int64_t b, int64_t c, int64_t nh,
-                            int64_t pos, int64_t max_t, float eps, int num_threads);
+                            const float *const *params, const gptlab_decode_spec *spec,
+                            int64_t b, int64_t c, int64_t nh, int64_t pos, int64_t max_t,
+                            int num_threads);
 
 /* y = gelu(x + bias) over x (rows, f), bias (f), with the exact (erf) GELU of Hendrycks &
  * Gimpel 2016: gelu(u) = u * Phi(u) = u / 2 * (1 + erf(u / sqrt 2)). */

@@ -1,9 +1,13 @@
-/* A fused decoding step on the CPU: one new token per sequence through one GPT-2 pre-norm block
+/* A fused decoding step on the CPU: one new token per sequence through one pre-norm block
  * (Radford et al. 2019), in one call:
  *
- *   h = LN1(x);  q, k, v = h Wqkv^T + bqkv          k, v appended to the block's KV cache
+ *   h = N1(x);  q, k, v = h Wqkv^T + bqkv;  q, k = seam(q, k)   k, v appended to the KV cache
  *   x += attention(q, K[0..pos], V[0..pos]) Wo^T + bo
- *   h = LN2(x);  x += gelu(h Wfc^T + bfc) Wpr^T + bpr
+ *   h = N2(x);  x += act(h Wfc^T + bfc) Wpr^T + bpr
+ *
+ * with the parts gptlab builds by name (gptlab_decode_spec): N LayerNorm or RMSNorm, act GELU
+ * or ReLU^2, and at the position seam QK-norm and/or rotary embeddings (in that order, as the
+ * model chains them); learned positions are added to x before the first block.
  *
  * Why: with a KV cache each step is b rows of work, and done op by op from Python it costs ~20
  * torch calls and 4 kernel calls per block, each dominated by its per-call overhead (tens of
@@ -13,13 +17,14 @@
  *
  * The row operations are this library's own kernels, called in place: LayerNorm
  * (layernorm.c), bias + GELU (bias_gelu.c) and attention (flash.c, whose path for fewer than 4
- * query rows reads k and v where they are: here straight from the cache). Only the
- * matrix-vector products are new: y = x W^T (+ bias) (+ y), with W (out, in) row-major as
- * nn.Linear stores it, four outputs at a time, the dot product over `in` in vectors.
+ * query rows reads k and v where they are: here straight from the cache). New here: the
+ * matrix-vector products y = x W^T (+ bias) (+ y), with W (out, in) row-major as nn.Linear
+ * stores it, four outputs at a time, the dot product over `in` in vectors; and the few-row
+ * RMSNorm, ReLU^2, QK-norm and rotation, written as plainly as their formulas.
  *
  * Layouts: x (b, c) contiguous; k_cache, v_cache (b, nh, max_t, hs) contiguous, the step writes
- * row `pos` and attends over rows [0, pos]; params: 12 pointers in the order of
- * GPTLAB_DECODE_PARAMS (biases may be NULL); workspace: gptlab_decode_block_workspace_size().
+ * row `pos` and attends over rows [0, pos]; params: 12 pointers in the order the header gives
+ * (biases may be NULL); workspace: gptlab_decode_block_workspace_size().
  *
  * Reference: the same block run module by module (gptlab.nn.PreNormBlock with the native
  *            kernels), tests/test_fused_decode.py; greedy generation equals generation without
@@ -104,6 +109,39 @@ static int gemv(float *y, const float *x, const float *w, const float *bias, int
     return gl_parallel_for((out + GEMV_BLOCK - 1) / GEMV_BLOCK, num_threads, gemv_task, &g);
 }
 
+/* y = x / sqrt(mean(x^2) + eps) (* w) over each of `rows` rows of n (Zhang & Sennrich 2019). */
+static void rms_rows(float *y, const float *x, const float *w, int64_t rows, int64_t n,
+                     float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float ss = 0.f;
+        for (int64_t j = 0; j < n; j++) ss += xr[j] * xr[j];
+        const float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (int64_t j = 0; j < n; j++) yr[j] = w ? xr[j] * inv * w[j] : xr[j] * inv;
+    }
+}
+
+/* The pairs (x[i], x[i + hs/2]) of one head rotated by this position's angles (Su et al. 2021),
+ * as gptlab.nn.positions.rotate does. */
+static void rotate_head(float *x, const float *cos_, const float *sin_, int64_t hs) {
+    const int64_t half = hs / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos_[i] - b * sin_[i];
+        x[i + half] = a * sin_[i] + b * cos_[i];
+    }
+}
+
+static int norm_rows(float *y, float *mean, float *rstd, const float *x, const float *w,
+                     const float *bias, int64_t b, int64_t c, const gptlab_decode_spec *spec) {
+    if (spec->rms_norm) {
+        rms_rows(y, x, w, b, c, spec->eps);
+        return GPTLAB_OK;
+    }
+    return gptlab_layernorm_forward_f32(y, mean, rstd, x, w, bias, b, c, spec->eps, NULL, 1);
+}
+
 int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh) {
     if (b < 1 || c < 1 || nh < 1) return 0;
     /* per row: h (c), qkv (3c), attention output (c), the hidden layer and its GELU (2 * 4c),
@@ -112,10 +150,11 @@ int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh) {
 }
 
 int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *workspace,
-                            const float *const *params, int64_t b, int64_t c, int64_t nh,
-                            int64_t pos, int64_t max_t, float eps, int num_threads) {
+                            const float *const *params, const gptlab_decode_spec *spec,
+                            int64_t b, int64_t c, int64_t nh, int64_t pos, int64_t max_t,
+                            int num_threads) {
     gl_clear_error();
-    if (!x || !k_cache || !v_cache || !workspace || !params)
+    if (!x || !k_cache || !v_cache || !workspace || !params || !spec)
         return gl_fail(GPTLAB_EINVAL, "decode_block: null pointer");
     if (b < 1 || c < 1 || nh < 1 || c % nh)
         return gl_fail(GPTLAB_EINVAL, "decode_block: need b, c, nh >= 1 and nh dividing c "
@@ -128,17 +167,25 @@ int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *work
         || !params[PR_W])
         return gl_fail(GPTLAB_EINVAL, "decode_block: a weight pointer is NULL");
     const int64_t hs = c / nh, f = 4 * c;
+    if ((spec->rope_cos == NULL) != (spec->rope_sin == NULL) || (spec->rope_cos && hs % 2))
+        return gl_fail(GPTLAB_EINVAL, "decode_block: rotary needs both cos and sin and an even "
+                       "head dim (hs=%lld)", (long long)hs);
     float *h = workspace, *qkv = h + b * c, *att = qkv + b * 3 * c, *hid = att + b * c;
     float *act = hid + b * f, *zero = act + b * f, *mean = zero + f, *rstd = mean + b;
     float *lse = rstd + b;
     int rc;
 
     /* attention sub-layer */
-    if ((rc = gptlab_layernorm_forward_f32(h, mean, rstd, x, params[LN1_W], params[LN1_B], b, c,
-                                           eps, NULL, 1)))
-        return rc;
+    if ((rc = norm_rows(h, mean, rstd, x, params[LN1_W], params[LN1_B], b, c, spec))) return rc;
     if ((rc = gemv(qkv, h, params[QKV_W], params[QKV_B], b, c, 3 * c, 0, num_threads)))
         return rc;
+    for (int64_t r = 0; r < b; r++) { /* the position seam: QK-norm, then rotary, on q and k */
+        float *qk = qkv + r * 3 * c; /* q (nh heads of hs), then k */
+        if (spec->qk_norm) rms_rows(qk, qk, NULL, 2 * nh, hs, spec->qk_eps);
+        if (spec->rope_cos)
+            for (int64_t hd = 0; hd < 2 * nh; hd++)
+                rotate_head(qk + hd * hs, spec->rope_cos, spec->rope_sin, hs);
+    }
     for (int64_t r = 0; r < b; r++)
         for (int64_t hd = 0; hd < nh; hd++) {
             const int64_t row = ((r * nh + hd) * max_t + pos) * hs;
@@ -155,9 +202,12 @@ int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *work
     if ((rc = gemv(x, att, params[PROJ_W], params[PROJ_B], b, c, c, 1, num_threads))) return rc;
 
     /* MLP sub-layer */
-    if ((rc = gptlab_layernorm_forward_f32(h, mean, rstd, x, params[LN2_W], params[LN2_B], b, c,
-                                           eps, NULL, 1)))
-        return rc;
+    if ((rc = norm_rows(h, mean, rstd, x, params[LN2_W], params[LN2_B], b, c, spec))) return rc;
+    if (spec->relu2) { /* relu(h W^T + b)^2 (So et al. 2021) */
+        if ((rc = gemv(act, h, params[FC_W], params[FC_B], b, c, f, 0, num_threads))) return rc;
+        for (int64_t j = 0; j < b * f; j++) act[j] = act[j] > 0.f ? act[j] * act[j] : 0.f;
+        return gemv(x, act, params[PR_W], params[PR_B], b, f, c, 1, num_threads);
+    }
     if ((rc = gemv(hid, h, params[FC_W], NULL, b, c, f, 0, num_threads))) return rc;
     const float *fc_bias = params[FC_B];
     if (!fc_bias) {
