@@ -23,9 +23,10 @@ from gptlab import hookimpl
 @hookimpl
 def register_attention_backends():
     from gptlab.plugins.cuda_kernels import ops  # noqa: F401  (registers torch.ops.gptlab.*)
-    from gptlab.plugins.cuda_kernels.backends import FlashAttention, FusedAttention
+    from gptlab.plugins.cuda_kernels.backends import (FlashAttention, FusedAttention,
+                                                      TensorCoreFlash)
 
-    return [FusedAttention, FlashAttention]
+    return [FusedAttention, FlashAttention, TensorCoreFlash]
 
 
 @hookimpl

@@ -21,7 +21,7 @@
 
 #include <stdint.h>
 
-#define GPTLAB_ABI_VERSION 4
+#define GPTLAB_ABI_VERSION 5
 
 /* error codes */
 #define GPTLAB_OK 0
@@ -58,6 +58,19 @@ int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *
                              const float *v, const int64_t *strides, int64_t b, int64_t nh,
                              int64_t tq, int64_t tk, int64_t d, float scale, int causal,
                              void *stream, int num_threads); /* strides: q, k, v, o */
+
+/* The same forward on tensor cores (CUDA, sm_80+): q, k, v, o are bfloat16 (_bf16) or float16
+ * (_f16), lse float32; float32 accumulation. Head dims 64 and 128; every pointer 16-byte aligned
+ * and every stride a multiple of 8 elements (strides in elements). The CPU library has no such
+ * kernels: there they return GPTLAB_EINVAL. */
+int gptlab_flash_forward_bf16(void *o, float *lse, const void *q, const void *k, const void *v,
+                              const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
+                              int64_t tk, int64_t d, float scale, int causal, void *stream,
+                              int num_threads); /* strides: q, k, v, o */
+int gptlab_flash_forward_f16(void *o, float *lse, const void *q, const void *k, const void *v,
+                             const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
+                             int64_t tk, int64_t d, float scale, int causal, void *stream,
+                             int num_threads);
 
 /* Bytes of caller-allocated workspace gptlab_flash_backward_f32 needs for these sizes. */
 int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk, int64_t d);
