@@ -1,7 +1,7 @@
-"""The tensor-core flash forward (csrc/cuda/flash_tc.cu) on the emulator: FlashAttention's accuracy
-rule in bfloat16 and float16 under two schedules, head dims 64 and 128, odd lengths, causal or
-not, fewer (and more) queries than keys, strided views; a planted missing cp.async wait fails;
-typed errors and honest backend capabilities."""
+"""The tensor-core flash attention (csrc/cuda/flash_tc.cu) on the emulator: FlashAttention's
+accuracy rule for the forward and the backward in bfloat16 and float16 under two schedules, head
+dims 64 and 128, odd lengths, causal or not, fewer (and more) queries than keys, strided views; a
+planted missing cp.async wait fails; typed errors and honest backend capabilities."""
 
 import math
 
@@ -141,8 +141,8 @@ def test_tc_errors_and_capabilities():
     assert emu.not_supported_reasons(ok) == []
     assert "head_dim 96 not supported (64 or 128)" in emu.not_supported_reasons(
         attrs.evolve(ok, head_dim=96))
-    assert "backward (training) not supported" in emu.not_supported_reasons(
-        attrs.evolve(ok, requires_grad=True))
+    assert emu.not_supported_reasons(attrs.evolve(ok, requires_grad=True)) == []
+    assert not tc.is_deterministic("cuda")  # dQ by atomics
     assert any("dtype float32 not supported" in r
                for r in tc.not_supported_reasons(attrs.evolve(ok, device="cuda",
                                                               dtype=torch.float32)))
@@ -150,3 +150,38 @@ def test_tc_errors_and_capabilities():
     assert tc.priority_for(cuda) < 50  # below sdpa until measured on a GPU
     out = emu()(*(torch.randn(1, 2, 7, 64).bfloat16() for _ in range(3)), causal=True)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 7, 64)
+
+
+def grad_errors(dtype, B, nh, tq, tk, d, causal, seed=0):
+    """For o, dq, dk, dv: (kernel's max abs error, torch's in dtype, reference's max |entry|)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, tq, d, generator=gen).to(dtype)
+    k, v = (torch.randn(B, nh, tk, d, generator=gen).to(dtype) for _ in range(2))
+    do = torch.randn(B, nh, tq, d, generator=gen).to(dtype)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out, leaves, do.to(dt))]
+
+    ref = run(lambda *t: reference_attention(*t, causal), torch.float64)
+    base = run(lambda *t: torch_attention(*t, causal), dtype)
+    got = run(lambda *t: ops.flash_attn_tc(*t, 1 / math.sqrt(d), causal, "cuda-emu")[0], dtype)
+    return [((g.double() - r).abs().max().item(), (b.double() - r).abs().max().item(),
+             r.abs().max().item()) for g, b, r in zip(got, base, ref)]
+
+
+BWD_CASES = [(1, 2, 7, 7, 64, True), (2, 1, 65, 65, 64, True), (1, 1, 97, 97, 128, False),
+             (1, 1, 7, 97, 128, True), (1, 1, 65, 130, 64, False), (4, 4, 9, 4, 64, True),
+             (1, 1, 200, 200, 128, True)]
+
+
+@pytest.mark.parametrize("schedule", emulator.DEFAULT_SCHEDULES)
+def test_tc_backward_within_2x_of_torch(schedule):
+    with emulator.schedule(schedule):
+        for dtype in (torch.bfloat16, torch.float16):
+            for case in BWD_CASES if dtype == torch.bfloat16 else BWD_CASES[1:4]:
+                for name, (err, base, top) in zip(("o", "dq", "dk", "dv"),
+                                                  grad_errors(dtype, *case)):
+                    assert err <= FACTOR * base + SLACK * top, \
+                        f"{dtype} {case} {name}: error {err:.3e} > 2 x torch's {base:.3e}"

@@ -165,18 +165,16 @@ class FlashAttention(NativeBackend):
 
 
 class TensorCoreFlash(NativeBackend):
-    """The forward of FlashAttention-2 on tensor cores (csrc/cuda/flash_tc.cu): bfloat16 or
-    float16, float32 accumulation, head dims 64 and 128; inference only so far."""
+    """FlashAttention-2 on tensor cores (csrc/cuda/flash_tc.cu), forward and backward: bfloat16
+    or float16, float32 accumulation, head dims 64 and 128."""
 
     name = "flash-tc"
     devices = frozenset({"cuda"})
     dtypes = frozenset(ops.TC_DTYPES)
     min_head_dim, max_head_dim = min(ops.TC_HEAD_DIMS), max(ops.TC_HEAD_DIMS)
-    supports_backward = False  # the tensor-core backward is not written yet
     #: Below sdpa (50): written and verified on the emulator only, never measured on a GPU.
     priority = 45
-    description = ("FlashAttention-2 forward on tensor cores (mma.sync bf16/fp16, sm_80+): "
-                   "inference only")
+    description = "FlashAttention-2 on tensor cores (mma.sync bf16/fp16, sm_80+)"
 
     @classmethod
     def not_supported_reasons(cls, request):
@@ -186,6 +184,10 @@ class TensorCoreFlash(NativeBackend):
                 <= cls.max_head_dim:
             r.append(f"head_dim {request.head_dim} not supported (64 or 128)")
         return r
+
+    @classmethod
+    def is_deterministic(cls, device: str) -> bool:
+        return False  # dQ is summed with atomics in varying order (the emulator repeats exactly)
 
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)

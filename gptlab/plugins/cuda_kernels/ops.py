@@ -273,7 +273,7 @@ flash_attn.register_autograd(_flash_backward, setup_context=_flash_setup)
 # ------------------------------------------------------------------------ tensor-core flash
 # csrc/cuda/flash_tc.cu: the forward on tensor cores, bfloat16 or float16 q, k, v (one dtype),
 # float32 accumulation and lse; head dims 64 and 128. CUDA tensors, or CPU tensors through the
-# emulator (kernels="cuda-emu"). Forward only: no autograd formula is registered.
+# emulator (kernels="cuda-emu"); the backward (gptlab::flash_attn_tc_backward) recomputes P.
 TC_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 TC_HEAD_DIMS = (64, 128)
 
@@ -334,6 +334,50 @@ def flash_attn_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 @flash_attn_tc.register_fake
 def _(q, k, v, scale, causal, kernels=NATIVE):
     return _heads_last(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gptlab::flash_attn_tc_backward", mutates_args=())
+def flash_attn_tc_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                           kernels: str = NATIVE
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`flash_attn_tc`, each of its input's shape and dtype (4-D: heads
+    last); dQ is summed in float32 with atomics (on a GPU not bit-deterministic)."""
+    lib, stream = _tc_library(kernels, "flash_attn_tc_backward", do, q, k, v, o)
+    _check_qkv("flash_attn_tc_backward", q, k, v, o=o, do=do, lse=lse)
+    if lse.dtype != torch.float32 or lse.device != q.device:
+        raise KernelError(f"flash_attn_tc_backward: lse must be float32 on {q.device}")
+    if q.shape[-1] not in TC_HEAD_DIMS:
+        raise KernelError(f"flash_attn_tc_backward: head dim {q.shape[-1]} not supported "
+                          f"(64 or 128)")
+    qs, ks, vs, os_, dos = (_tc_operand(t) for t in (q, k, v, o, do))
+    lsef = lse.reshape(-1, q.shape[-2]).contiguous()
+    b, nh, tq, d = qs.shape
+    tk = ks.shape[2]
+    dq, dk, dv = _heads_last(qs), _heads_last(ks), _heads_last(vs)
+    ws_bytes = lib.lib.gptlab_flash_backward_workspace_size(b * nh, tq, tk, d)
+    ws = qs.new_empty(max(1, -(-ws_bytes // 4)), dtype=torch.float32)
+    lib.call(f"gptlab_flash_backward_{TC_DTYPES[q.dtype]}", lib.ptr(dq, "void *"),
+             lib.ptr(dk, "void *"), lib.ptr(dv, "void *"), lib.ptr(ws, "void *"),
+             lib.ptr(qs, "void *"), lib.ptr(ks, "void *"), lib.ptr(vs, "void *"),
+             lib.ptr(os_, "void *"), lib.ptr(lsef), lib.ptr(dos, "void *"),
+             _tc_strides(lib, qs, ks, vs, os_, dos, dq, dk, dv), b, nh, tq, tk, d, scale,
+             int(causal), stream, 1)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+@flash_attn_tc_backward.register_fake
+def _(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
+    return _heads_last(q), _heads_last(k), _heads_last(v)
+
+
+def _flash_tc_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attn_tc_backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.kernels)
+    return dq, dk, dv, None, None, None
+
+
+flash_attn_tc.register_autograd(_flash_tc_backward, setup_context=_flash_setup)
 
 
 # ------------------------------------------------------------------------ row-wise kernels

@@ -72,7 +72,22 @@ int gptlab_flash_forward_f16(void *o, float *lse, const void *q, const void *k, 
                              int64_t tk, int64_t d, float scale, int causal, void *stream,
                              int num_threads);
 
-/* Bytes of caller-allocated workspace gptlab_flash_backward_f32 needs for these sizes. */
+/* Gradients of the tensor-core forward (dq, dk, dv in its dtype; dQ summed in float32 with
+ * atomics: on a GPU its last bits vary between runs). Workspace: as many bytes as
+ * gptlab_flash_backward_workspace_size gives. strides: q, k, v, o, dout, dq, dk, dv. */
+int gptlab_flash_backward_bf16(void *dq, void *dk, void *dv, void *workspace, const void *q,
+                               const void *k, const void *v, const void *o, const float *lse,
+                               const void *dout, const int64_t *strides, int64_t b, int64_t nh,
+                               int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                               void *stream, int num_threads);
+int gptlab_flash_backward_f16(void *dq, void *dk, void *dv, void *workspace, const void *q,
+                              const void *k, const void *v, const void *o, const float *lse,
+                              const void *dout, const int64_t *strides, int64_t b, int64_t nh,
+                              int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                              void *stream, int num_threads);
+
+/* Bytes of caller-allocated workspace gptlab_flash_backward_f32 (and _bf16, _f16) needs for
+ * these sizes. */
 int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk, int64_t d);
 
 /* Gradients of the forward above, recomputing P from q, k and lse (no tq x tk buffer).
