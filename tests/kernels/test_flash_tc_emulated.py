@@ -32,8 +32,13 @@ def torch_attention(q, k, v, causal: bool) -> torch.Tensor:
     return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v
 
 
-def errors(dtype, B, nh, tq, tk, d, causal, q_scale=1.0, seed=0, strided=False):
-    """(kernel's max abs error, torch's, reference's max |entry|, lse's max error)."""
+def kernels_for(device: str) -> str:
+    return "cuda-emu" if device == "cpu" else "native"
+
+
+def errors(dtype, B, nh, tq, tk, d, causal, q_scale=1.0, seed=0, strided=False, device="cpu"):
+    """(kernel's max abs error, torch's, reference's max |entry|, lse's max error); the kernel
+    runs on ``device`` (cpu: the emulator), torch and the reference on the CPU."""
     gen = torch.Generator().manual_seed(seed)
     if strided:  # views of a (B, T, 3, nh, d) projection, as the model passes them
         assert tq == tk
@@ -43,7 +48,9 @@ def errors(dtype, B, nh, tq, tk, d, causal, q_scale=1.0, seed=0, strided=False):
         q = torch.randn(B, nh, tq, d, generator=gen).to(dtype)
         k, v = (torch.randn(B, nh, tk, d, generator=gen).to(dtype) for _ in range(2))
     q = (q.float() * q_scale).to(dtype)
-    o, lse = ops.flash_attn_tc(q, k, v, 1 / math.sqrt(d), causal, "cuda-emu")
+    o, lse = ops.flash_attn_tc(q.to(device), k.to(device), v.to(device), 1 / math.sqrt(d),
+                               causal, kernels_for(device))
+    o, lse = o.cpu(), lse.cpu()
     ref = reference_attention(q, k, v, causal)
     base = (torch_attention(q, k, v, causal).double() - ref).abs().max().item()
     err = (o.double() - ref).abs().max().item()
@@ -152,21 +159,22 @@ def test_tc_errors_and_capabilities():
     assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 7, 64)
 
 
-def grad_errors(dtype, B, nh, tq, tk, d, causal, seed=0):
+def grad_errors(dtype, B, nh, tq, tk, d, causal, seed=0, device="cpu"):
     """For o, dq, dk, dv: (kernel's max abs error, torch's in dtype, reference's max |entry|)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, nh, tq, d, generator=gen).to(dtype)
     k, v = (torch.randn(B, nh, tk, d, generator=gen).to(dtype) for _ in range(2))
     do = torch.randn(B, nh, tq, d, generator=gen).to(dtype)
 
-    def run(fn, dt):
-        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+    def run(fn, dt, dev="cpu"):
+        leaves = [t.to(dev, dt).requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
-        return [out, *torch.autograd.grad(out, leaves, do.to(dt))]
+        return [t.cpu() for t in (out, *torch.autograd.grad(out, leaves, do.to(dev, dt)))]
 
     ref = run(lambda *t: reference_attention(*t, causal), torch.float64)
     base = run(lambda *t: torch_attention(*t, causal), dtype)
-    got = run(lambda *t: ops.flash_attn_tc(*t, 1 / math.sqrt(d), causal, "cuda-emu")[0], dtype)
+    got = run(lambda *t: ops.flash_attn_tc(*t, 1 / math.sqrt(d), causal,
+                                           kernels_for(device))[0], dtype, device)
     return [((g.double() - r).abs().max().item(), (b.double() - r).abs().max().item(),
              r.abs().max().item()) for g, b, r in zip(got, base, ref)]
 
@@ -185,3 +193,16 @@ def test_tc_backward_within_2x_of_torch(schedule):
                                                   grad_errors(dtype, *case)):
                     assert err <= FACTOR * base + SLACK * top, \
                         f"{dtype} {case} {name}: error {err:.3e} > 2 x torch's {base:.3e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the emulated "
+                    "tests above run the same kernels)")
+def test_tc_on_a_gpu_within_2x_of_torch():
+    """The nvcc build on a real GPU (sm_80+), forward and backward, by the same rule."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for case in CASES:
+            check(dtype, *case, device="cuda")
+        for case in BWD_CASES + [(2, 4, 1024, 1024, 64, True), (1, 2, 1024, 1024, 128, False)]:
+            for name, (err, base, top) in zip(("o", "dq", "dk", "dv"),
+                                              grad_errors(dtype, *case, device="cuda")):
+                assert err <= FACTOR * base + SLACK * top, (dtype, case, name, err, base)

@@ -1,7 +1,8 @@
-/* Flash attention forward on tensor cores, bfloat16 / float16 in, float32 accumulation and
- * logsumexp (FlashAttention-2: Dao 2023). The float32 kernels of flash.cu stay the reference.
+/* Flash attention on tensor cores, forward and backward: bfloat16 / float16 in and out, float32
+ * accumulation and logsumexp (FlashAttention-2: Dao 2023). The float32 kernels of flash.cu stay
+ * the reference path. The backward is described above its kernels, below.
  *
- * One block of 4 warps per (batch·head, 64-query tile); warp w owns query rows 16w..16w+15 of
+ * Forward: one block of 4 warps per (batch·head, 64-query tile); warp w owns query rows 16w..16w+15 of
  * the tile (an m16 of mma.m16n8k16), so no shared memory is needed for the softmax.
  *   prologue: Q (64, D) and the first K, V tiles (BC, D) go to shared memory by cp.async; each
  *             warp then keeps its Q rows as mma A fragments in registers (ldmatrix.x4);
@@ -31,6 +32,9 @@
  *
  * Reference: gptlab.testing.reference_attention (float64); conformance by FlashAttention's rule
  * in tests/kernels/test_flash_tc_emulated.py (error <= 2x that of torch in the same dtype).
+ * Check:     pytest tests/kernels/test_flash_tc_emulated.py (the emulator, on the CPU)
+ * Benchmark: none yet (`gpt bench attention` times float32 only; flash-tc takes bf16/fp16):
+ *            never run on a GPU, hence its priority below sdpa.
  */
 #include <algorithm>
 
@@ -254,7 +258,8 @@ flash_tc_forward_kernel(T *__restrict__ o, float *__restrict__ lse, const T *__r
 /* ------------------------------------------------------------------------ backward */
 /* Backward (recompute P from the logsumexp; no T x T buffer), three launches:
  *   1. prep: Dvec = rowsum(dO ⊙ O) in float32 (a warp per row) and the dQ accumulator zeroed;
- *   2. one block of 4 warps per (batch·head, 64-key tile); warp w owns keys 16w..16w+15, whose
+ *   2. one block of 4 warps per (batch·head, 64-key tile), the first key tiles (causal: the
+ *      longest) launched first; warp w owns keys 16w..16w+15, whose
  *      dK and dV (16, D) stay in registers as C fragments. K and V tiles are loaded once by
  *      cp.async; then for each 16-query tile that can see them (Q and dO by cp.async, L and
  *      Dvec beside them):
@@ -308,7 +313,7 @@ flash_tc_backward_kernel(T *__restrict__ dk, T *__restrict__ dv, float *dq_acc,
                          const T *__restrict__ k, const T *__restrict__ v,
                          const float *__restrict__ lse, const T *__restrict__ dout, Layout lq,
                          Layout lk, Layout lv, Layout ldo, Layout ldk, Layout ldv, int64_t nh,
-                         int tq, int tk, float scale, int causal) {
+                         int64_t bh_count, int tq, int tk, float scale, int causal) {
     constexpr int S = D + PAD;
     constexpr int KD = D / 16;     /* k-steps of Sᵀ and dPᵀ (over the head dim) */
     constexpr int NO = D / 8;      /* n-tiles of dK, dV */
@@ -324,9 +329,9 @@ flash_tc_backward_kernel(T *__restrict__ dk, T *__restrict__ dv, float *dq_acc,
     float *const l_s = reinterpret_cast<float *>(ds_s + KB * DS_STRIDE); /* (QB): L·log2 e */
     float *const d_s = l_s + QB;                                         /* (QB): Dvec */
     const int lane = threadIdx.x % gl::WARP, warp = threadIdx.x / gl::WARP;
-    const int tiles = (tk + KB - 1) / KB;
-    const int64_t bh = blockIdx.x / tiles;
-    const int k0 = int(blockIdx.x % tiles) * KB;
+    const int64_t bh = blockIdx.x % bh_count;
+    const int k0 = int(blockIdx.x / bh_count) * KB; /* causal: the first key tiles, seen by the
+                                                     * most queries, are launched first */
     const float scale_log2 = scale * gl::LOG2E;
     q += slice_offset(lq, bh, nh);
     dout += slice_offset(ldo, bh, nh);
@@ -572,11 +577,11 @@ int backward(const char *fn, void *dq, void *dk, void *dv, void *workspace, cons
     if (d == 64)
         GL_LAUNCH((flash_tc_backward_kernel<T, 64>), grid, dim3(THREADS), bwd_smem_bytes<64>(),
                   stream, dk_, dv_, dq_acc, dvec, q_, k_, v_, lse, do_, lq, lk, lv, ldo, ldk, ldv,
-                  nh, int(tq), int(tk), scale, causal);
+                  nh, bh, int(tq), int(tk), scale, causal);
     else
         GL_LAUNCH((flash_tc_backward_kernel<T, 128>), grid, dim3(THREADS), bwd_smem_bytes<128>(),
                   stream, dk_, dv_, dq_acc, dvec, q_, k_, v_, lse, do_, lq, lk, lv, ldo, ldk, ldv,
-                  nh, int(tq), int(tk), scale, causal);
+                  nh, bh, int(tq), int(tk), scale, causal);
     if (int rc = gl::check_launch(fn)) return rc;
     const int64_t n = rows * d;
     GL_LAUNCH(flash_tc_backward_dq_kernel<T>,

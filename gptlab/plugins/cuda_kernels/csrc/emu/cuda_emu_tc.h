@@ -3,9 +3,10 @@
  * Included by ../cuda/tensor_core.cuh under a host compiler only (under nvcc that header uses
  * cuda_bf16.h, cuda_fp16.h and inline PTX).
  *
- * Fragment layouts are written once, below (namespace gl_emu::frag), from the PTX ISA (version
- * 8.x, "Parallel Synchronization and Communication Instructions: mma"):
- *   - section 9.7.14.5.8 "Matrix Fragments for mma.m16n8k16 with floating point type": with
+ * Fragment layouts are written once, below (namespace gl_emu::frag), from the PTX ISA (8.x/9.x,
+ * chapter "Instruction Set", sections cited by title):
+ *   - "Warp Level Matrix Multiply-Accumulate Instructions" > "Matrix Fragments for
+ *     mma.m16n8k16 with floating point type" (figures and formulas for A, B, C/D): with
  *     groupID = laneid >> 2 and threadID_in_group = laneid % 4,
  *       A (16x16, .row): a_i, i = 0..7, row = groupID + 8 * ((i / 2) % 2)  (i = 0,1,4,5: groupID)
  *                                        col = 2 * threadID_in_group + (i % 2) + 8 * (i / 4)
@@ -15,15 +16,16 @@
  *                                        col = 2 * threadID_in_group + (i % 2)
  *     each pair of b16 elements (a_0 a_1, ...) packed in one 32-bit register, lower index in
  *     the lower 16 bits;
- *   - section 9.7.9.x "ldmatrix" (Figure "ldmatrix fragment layout"): lanes 8j..8j+7 give the
- *     row addresses of matrix j (x1: lanes 0-7, x2: 0-15, x4: 0-31; the other lanes' addresses
- *     are ignored); register j of every lane holds matrix j's elements (row groupID,
- *     cols 2 * threadID_in_group + {0, 1}), with .trans those of the transposed matrix, i.e.
- *     source (row 2 * threadID_in_group + {0, 1}, col groupID). Row addresses are 16-byte
- *     aligned, in shared memory;
- *   - section 9.7.9.25 "cp.async", "cp.async.commit_group", "cp.async.wait_group": copies that
- *     complete asynchronously; wait_group N waits until at most the N most recent committed
- *     groups of the executing thread are pending (copies not yet committed are not waited for).
+ *   - "Warp-level matrix load instruction: ldmatrix" (its fragment-layout figures and the
+ *     operand description): lanes 8j..8j+7 give the row addresses of matrix j (x1: lanes
+ *     0-7, x2: 0-15, x4: 0-31; the other lanes' addresses are ignored); register j of every
+ *     lane holds matrix j's elements (row groupID, cols 2 * threadID_in_group + {0, 1}), with
+ *     .trans those of the transposed matrix, i.e. source (row 2 * threadID_in_group + {0, 1},
+ *     col groupID). Row addresses are 16-byte aligned, in shared memory;
+ *   - "Data Movement and Conversion Instructions": "cp.async", "cp.async.commit_group",
+ *     "cp.async.wait_group / cp.async.wait_all": copies that complete asynchronously;
+ *     wait_group N waits until at most the N most recent committed groups of the executing
+ *     thread are pending (copies not yet committed are not waited for).
  * tests/kernels/test_tensor_core_emulated.py checks every (lane, register) of these tables
  * against the PTX formulas and, independently, against CUTLASS's layouts for the same
  * instructions (cute/atom/mma_traits_sm80.hpp, cute/atom/copy_traits_sm75.hpp).
