@@ -42,8 +42,8 @@ def test_unknown_attention_is_one_line_listing_backends(cli, small_text):
     result = invoke(cli, ["run", "--attention", "nosuch", "--data", str(small_text)])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert lines == ["Error: unknown attention backend 'nosuch'; available: auto, flash, fused, "
-                     "naive, sdpa"]
+    assert lines == ["Error: unknown attention backend 'nosuch'; available: auto, flash, "
+                     "flash-tc, fused, naive, sdpa"]
 
 
 def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):

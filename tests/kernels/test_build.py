@@ -114,6 +114,8 @@ def test_nvcc_builds_both_cu_files_with_zero_spills():
     kernels = {r.kernel for r in report}
     assert {"softmax_forward_kernel", "softmax_backward_kernel", "flash_forward_kernel<4>",
             "flash_backward_kernel<4>", "flash_backward_prep_kernel"} <= kernels
+    assert {f"flash_tc_{pass_}_kernel<{t}, {d}>" for pass_ in ("forward", "backward")
+            for t in ("__nv_bfloat16", "__half") for d in (64, 128)} <= kernels
     assert {r.arch for r in report} == {"sm_80", "sm_90"}
     spills = [r for r in report if r.spill_stores or r.spill_loads or r.stack_frame]
     assert not spills, spills

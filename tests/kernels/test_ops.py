@@ -95,3 +95,17 @@ def test_opcheck_bias_gelu(kernels, dtype):
     torch.library.opcheck(ops.bias_gelu_op, (x, b, kernels))
     torch.library.opcheck(ops.bias_gelu_backward,
                           (torch.randn(3, 4, 11).to(dtype), x.detach(), b.detach(), kernels))
+
+
+def test_opcheck_flash_tc():
+    """The tensor-core op and its backward (emulated; bfloat16 views of one projection, as the
+    model makes them, and fewer queries than keys)."""
+    qkv = torch.randn(2, 9, 3, 2, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (2, 2, 9, 64), heads strided
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.125, True, "cuda-emu")
+    torch.library.opcheck(ops.flash_attn_tc, args)
+    o, lse = ops.flash_attn_tc(*args)
+    torch.library.opcheck(ops.flash_attn_tc_backward,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(),
+                           lse, 0.125, True, "cuda-emu"))
+    torch.library.opcheck(ops.flash_attn_tc, (q[..., 6:, :], k, v, 0.125, True, "cuda-emu"))

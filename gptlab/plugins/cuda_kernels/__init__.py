@@ -6,8 +6,9 @@ cross-entropy) and the ``gpt kernels`` command group. Layout:
 
 - ``csrc/gptlab_kernels.h``: the one C ABI (also the cffi cdef), read by ``abi.py``;
 - ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``); ``csrc/cuda/``: their CUDA twins
-  (``softmax.cu``, ``flash.cu``); ``csrc/emu/``: the CUDA emulator that runs the ``.cu`` files
-  on the CPU (schedules chosen from ``emulator.py``);
+  (``softmax.cu``, ``flash.cu``) and flash attention on tensor cores (``flash_tc.cu``, bfloat16
+  and float16, the ``flash-tc`` backend); ``csrc/emu/``: the CUDA emulator that runs the ``.cu``
+  files on the CPU (schedules chosen from ``emulator.py``; tensor cores in ``cuda_emu_tc.h``);
 - ``build.py``: cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu`` flavours;
   ``loader.py``: cffi; ``ops.py``: torch custom ops with autograd; ``backends.py``: the
   attention backends; ``layer_kernels.py``: the layer kernels; ``commands.py``:
@@ -24,9 +25,10 @@ from gptlab import hookimpl
 @hookimpl
 def register_attention_backends():
     from gptlab.plugins.cuda_kernels import ops  # noqa: F401  (registers torch.ops.gptlab.*)
-    from gptlab.plugins.cuda_kernels.backends import FlashAttention, FusedAttention
+    from gptlab.plugins.cuda_kernels.backends import (FlashAttention, FusedAttention,
+                                                      TensorCoreFlash)
 
-    return [FusedAttention, FlashAttention]
+    return [FusedAttention, FlashAttention, TensorCoreFlash]
 
 
 @hookimpl

@@ -168,6 +168,38 @@ class FlashAttention(NativeBackend):
         return ops.flash_attention(q, k, v, scale, causal, self.kernels)
 
 
+class TensorCoreFlash(NativeBackend):
+    """FlashAttention-2 on tensor cores (csrc/cuda/flash_tc.cu), forward and backward: bfloat16
+    or float16, float32 accumulation, head dims 64 and 128."""
+
+    name = "flash-tc"
+    devices = frozenset({"cuda"})
+    dtypes = frozenset(ops.TC_DTYPES)
+    min_head_dim, max_head_dim = min(ops.TC_HEAD_DIMS), max(ops.TC_HEAD_DIMS)
+    #: Below sdpa (50): written and verified on the emulator only, never measured on a GPU.
+    priority = 45
+    description = "FlashAttention-2 on tensor cores (mma.sync bf16/fp16, sm_80+)"
+
+    @classmethod
+    def not_supported_reasons(cls, request):
+        # AttentionBackend's checks (NativeBackend's would call bf16 a CUDA float32-only dtype)
+        r = AttentionBackend.not_supported_reasons.__func__(cls, request)
+        if request.head_dim not in ops.TC_HEAD_DIMS and cls.min_head_dim <= request.head_dim \
+                <= cls.max_head_dim:
+            r.append(f"head_dim {request.head_dim} not supported (64 or 128)")
+        return r
+
+    @classmethod
+    def is_deterministic(cls, device: str) -> bool:
+        return False  # dQ is summed with atomics in varying order (the emulator repeats exactly)
+
+    def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
+        self._check_dropout(dropout_p)
+        scale = default_scale(q.size(-1), scale)
+        o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.kernels)
+        return o
+
+
 class Emulated:
     """Mixin: the CUDA kernels run on CPU tensors by the emulator; never picked by auto."""
 
@@ -190,3 +222,11 @@ class EmulatedFlash(Emulated, FlashAttention):
     @classmethod
     def is_deterministic(cls, device: str) -> bool:
         return False  # as on the GPU it stands for (the emulator itself repeats exactly)
+
+
+class EmulatedTensorCoreFlash(Emulated, TensorCoreFlash):
+    name = "flash-tc-emu"
+    description = ("the tensor-core flash forward (flash_tc.cu) run on the CPU by the CUDA "
+                   "emulator")
+    dtypes = TensorCoreFlash.dtypes
+    min_head_dim, max_head_dim = TensorCoreFlash.min_head_dim, TensorCoreFlash.max_head_dim

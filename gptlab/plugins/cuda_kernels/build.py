@@ -104,8 +104,8 @@ CPU = Flavour(
            "-fno-math-errno", "-Wall", "-Wextra", "-Werror"),
     native_cpu=True, install_hint="install gcc or set CC",
 )
-CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu", "cuda/layernorm.cu",
-                "cuda/cross_entropy.cu", "cuda/bias_gelu.cu")
+CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu", "cuda/flash_tc.cu",
+                "cuda/layernorm.cu", "cuda/cross_entropy.cu", "cuda/bias_gelu.cu")
 CUDA_HEADERS = ("cuda/*.cuh", "emu/*.h")
 #: SASS for Ampere (sm_80) and Hopper (sm_90), and PTX that later GPUs compile when loading.
 CUDA_ARCH_FLAGS = ("-gencode", "arch=compute_80,code=sm_80",

@@ -320,6 +320,116 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return flash_attn(q, k, v, scale, causal, kernels)[0]
 
 
+# ------------------------------------------------------------------------ tensor-core flash
+# csrc/cuda/flash_tc.cu: the forward on tensor cores, bfloat16 or float16 q, k, v (one dtype),
+# float32 accumulation and lse; head dims 64 and 128. CUDA tensors, or CPU tensors through the
+# emulator (kernels="cuda-emu"); the backward (gptlab::flash_attn_tc_backward) recomputes P.
+TC_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
+TC_HEAD_DIMS = (64, 128)
+
+
+def _tc_library(kernels: str, name: str, *tensors: torch.Tensor):
+    device = tensors[0].device
+    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
+    if flavour.name == "cpu":
+        raise KernelError(f"{name}: the tensor-core kernels are CUDA's: CUDA tensors, or CPU "
+                          f"tensors with kernels='cuda-emu'")
+    for t in tensors:
+        if t.device != device:
+            raise KernelError(f"{name}: tensors on different devices ({device} and {t.device})")
+        if t.dtype != tensors[0].dtype or t.dtype not in TC_DTYPES:
+            got = ", ".join(sorted({_dtype_name(x.dtype) for x in tensors}))
+            raise KernelError(f"{name}: the tensor-core kernels take bfloat16 or float16 (one "
+                              f"dtype for q, k, v), got {got}")
+    return _open(flavour, name, device)
+
+
+def _tc_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a (b, nh, T, d) view the kernel can cp.async from: head dim contiguous, 16-byte
+    aligned, batch/head/row strides multiples of 8 elements (of dims longer than 1); else a
+    contiguous copy."""
+    if t.dim() != 4:
+        t = t.reshape(1, -1, t.shape[-2], t.shape[-1])
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+          and all(n == 1 or s % 8 == 0 for n, s in zip(t.shape[:3], t.stride()[:3])))
+    return t if ok else t.contiguous()
+
+
+def _tc_strides(lib: NativeLibrary, *tensors: torch.Tensor):
+    """As :func:`_strides`, with 0 for dims of length 1 (whose strides torch leaves free)."""
+    return lib.ffi.new("int64_t[]", [0 if n == 1 else s for t in tensors
+                                     for n, s in zip(t.shape[:3], t.stride()[:3])])
+
+
+@torch.library.custom_op("gptlab::flash_attn_tc", mutates_args=())
+def flash_attn_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                  kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensor-core flash attention forward: (o, lse) as :func:`flash_attn` (o in q's dtype,
+    4-D heads last; lse float32, natural log), for bfloat16 or float16 q, k, v."""
+    lib, stream = _tc_library(kernels, "flash_attn_tc", q, k, v)
+    _check_qkv("flash_attn_tc", q, k, v)
+    if q.shape[-1] not in TC_HEAD_DIMS:
+        raise KernelError(f"flash_attn_tc: head dim {q.shape[-1]} not supported (64 or 128)")
+    qs, ks, vs = _tc_operand(q), _tc_operand(k), _tc_operand(v)
+    b, nh, tq, d = qs.shape
+    tk = ks.shape[2]
+    o = _heads_last(qs)
+    lse = qs.new_empty(b * nh, tq, dtype=torch.float32)
+    lib.call(f"gptlab_flash_forward_{TC_DTYPES[q.dtype]}", lib.ptr(o, "void *"), lib.ptr(lse),
+             lib.ptr(qs, "void *"), lib.ptr(ks, "void *"), lib.ptr(vs, "void *"),
+             _tc_strides(lib, qs, ks, vs, o), b, nh, tq, tk, d, scale, int(causal), stream, 1)
+    return o.view(q.shape), lse.view(q.shape[:-1])
+
+
+@flash_attn_tc.register_fake
+def _(q, k, v, scale, causal, kernels=NATIVE):
+    return _heads_last(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gptlab::flash_attn_tc_backward", mutates_args=())
+def flash_attn_tc_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                           kernels: str = NATIVE
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`flash_attn_tc`, each of its input's shape and dtype (4-D: heads
+    last); dQ is summed in float32 with atomics (on a GPU not bit-deterministic)."""
+    lib, stream = _tc_library(kernels, "flash_attn_tc_backward", do, q, k, v, o)
+    _check_qkv("flash_attn_tc_backward", q, k, v, o=o, do=do, lse=lse)
+    if lse.dtype != torch.float32 or lse.device != q.device:
+        raise KernelError(f"flash_attn_tc_backward: lse must be float32 on {q.device}")
+    if q.shape[-1] not in TC_HEAD_DIMS:
+        raise KernelError(f"flash_attn_tc_backward: head dim {q.shape[-1]} not supported "
+                          f"(64 or 128)")
+    qs, ks, vs, os_, dos = (_tc_operand(t) for t in (q, k, v, o, do))
+    lsef = lse.reshape(-1, q.shape[-2]).contiguous()
+    b, nh, tq, d = qs.shape
+    tk = ks.shape[2]
+    dq, dk, dv = _heads_last(qs), _heads_last(ks), _heads_last(vs)
+    ws_bytes = lib.lib.gptlab_flash_backward_workspace_size(b * nh, tq, tk, d)
+    ws = qs.new_empty(max(1, -(-ws_bytes // 4)), dtype=torch.float32)
+    lib.call(f"gptlab_flash_backward_{TC_DTYPES[q.dtype]}", lib.ptr(dq, "void *"),
+             lib.ptr(dk, "void *"), lib.ptr(dv, "void *"), lib.ptr(ws, "void *"),
+             lib.ptr(qs, "void *"), lib.ptr(ks, "void *"), lib.ptr(vs, "void *"),
+             lib.ptr(os_, "void *"), lib.ptr(lsef), lib.ptr(dos, "void *"),
+             _tc_strides(lib, qs, ks, vs, os_, dos, dq, dk, dv), b, nh, tq, tk, d, scale,
+             int(causal), stream, 1)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+@flash_attn_tc_backward.register_fake
+def _(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
+    return _heads_last(q), _heads_last(k), _heads_last(v)
+
+
+def _flash_tc_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attn_tc_backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.kernels)
+    return dq, dk, dv, None, None, None
+
+
+flash_attn_tc.register_autograd(_flash_tc_backward, setup_context=_flash_setup)
+
+
 # ------------------------------------------------------------------------ row-wise kernels
 # LayerNorm, softmax cross-entropy and bias + GELU (csrc/*/layernorm, cross_entropy, bias_gelu).
 #

@@ -21,7 +21,7 @@
 
 #include <stdint.h>
 
-#define GPTLAB_ABI_VERSION 5
+#define GPTLAB_ABI_VERSION 6
 
 /* error codes */
 #define GPTLAB_OK 0
@@ -59,7 +59,35 @@ int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *
                              int64_t tq, int64_t tk, int64_t d, float scale, int causal,
                              void *stream, int num_threads); /* strides: q, k, v, o */
 
-/* Bytes of caller-allocated workspace gptlab_flash_backward_f32 needs for these sizes. */
+/* The same forward on tensor cores (CUDA, sm_80+): q, k, v, o are bfloat16 (_bf16) or float16
+ * (_f16), lse float32; float32 accumulation. Head dims 64 and 128; every pointer 16-byte aligned
+ * and every stride a multiple of 8 elements (strides in elements). The CPU library has no such
+ * kernels: there they return GPTLAB_EINVAL. */
+int gptlab_flash_forward_bf16(void *o, float *lse, const void *q, const void *k, const void *v,
+                              const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
+                              int64_t tk, int64_t d, float scale, int causal, void *stream,
+                              int num_threads); /* strides: q, k, v, o */
+int gptlab_flash_forward_f16(void *o, float *lse, const void *q, const void *k, const void *v,
+                             const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
+                             int64_t tk, int64_t d, float scale, int causal, void *stream,
+                             int num_threads);
+
+/* Gradients of the tensor-core forward (dq, dk, dv in its dtype; dQ summed in float32 with
+ * atomics: on a GPU its last bits vary between runs). Workspace: as many bytes as
+ * gptlab_flash_backward_workspace_size gives. strides: q, k, v, o, dout, dq, dk, dv. */
+int gptlab_flash_backward_bf16(void *dq, void *dk, void *dv, void *workspace, const void *q,
+                               const void *k, const void *v, const void *o, const float *lse,
+                               const void *dout, const int64_t *strides, int64_t b, int64_t nh,
+                               int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                               void *stream, int num_threads);
+int gptlab_flash_backward_f16(void *dq, void *dk, void *dv, void *workspace, const void *q,
+                              const void *k, const void *v, const void *o, const float *lse,
+                              const void *dout, const int64_t *strides, int64_t b, int64_t nh,
+                              int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                              void *stream, int num_threads);
+
+/* Bytes of caller-allocated workspace gptlab_flash_backward_f32 (and _bf16, _f16) needs for
+ * these sizes. */
 int64_t gptlab_flash_backward_workspace_size(int64_t bh, int64_t tq, int64_t tk, int64_t d);
 
 /* Gradients of the forward above, recomputing P from q, k and lse (no tq x tk buffer).

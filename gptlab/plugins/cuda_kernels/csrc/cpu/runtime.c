@@ -26,6 +26,51 @@ int gptlab_cuda_device_count(int *count) {
     return GPTLAB_OK;
 }
 
+/* The tensor-core kernels are CUDA's (csrc/cuda/flash_tc.cu): the CPU library has none. */
+int gptlab_flash_forward_bf16(void *o, float *lse, const void *q, const void *k, const void *v,
+                              const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
+                              int64_t tk, int64_t d, float scale, int causal, void *stream,
+                              int num_threads) {
+    (void)o, (void)lse, (void)q, (void)k, (void)v, (void)strides, (void)b, (void)nh, (void)tq;
+    (void)tk, (void)d, (void)scale, (void)causal, (void)stream, (void)num_threads;
+    return gl_fail(GPTLAB_EINVAL, "flash_forward_bf16: tensor-core kernels are in the CUDA "
+                   "library only");
+}
+
+int gptlab_flash_forward_f16(void *o, float *lse, const void *q, const void *k, const void *v,
+                             const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
+                             int64_t tk, int64_t d, float scale, int causal, void *stream,
+                             int num_threads) {
+    (void)o, (void)lse, (void)q, (void)k, (void)v, (void)strides, (void)b, (void)nh, (void)tq;
+    (void)tk, (void)d, (void)scale, (void)causal, (void)stream, (void)num_threads;
+    return gl_fail(GPTLAB_EINVAL, "flash_forward_f16: tensor-core kernels are in the CUDA "
+                   "library only");
+}
+
+int gptlab_flash_backward_bf16(void *dq, void *dk, void *dv, void *workspace, const void *q,
+                               const void *k, const void *v, const void *o, const float *lse,
+                               const void *dout, const int64_t *strides, int64_t b, int64_t nh,
+                               int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                               void *stream, int num_threads) {
+    (void)dq, (void)dk, (void)dv, (void)workspace, (void)q, (void)k, (void)v, (void)o, (void)lse;
+    (void)dout, (void)strides, (void)b, (void)nh, (void)tq, (void)tk, (void)d, (void)scale;
+    (void)causal, (void)stream, (void)num_threads;
+    return gl_fail(GPTLAB_EINVAL, "flash_backward_bf16: tensor-core kernels are in the CUDA "
+                   "library only");
+}
+
+int gptlab_flash_backward_f16(void *dq, void *dk, void *dv, void *workspace, const void *q,
+                              const void *k, const void *v, const void *o, const float *lse,
+                              const void *dout, const int64_t *strides, int64_t b, int64_t nh,
+                              int64_t tq, int64_t tk, int64_t d, float scale, int causal,
+                              void *stream, int num_threads) {
+    (void)dq, (void)dk, (void)dv, (void)workspace, (void)q, (void)k, (void)v, (void)o, (void)lse;
+    (void)dout, (void)strides, (void)b, (void)nh, (void)tq, (void)tk, (void)d, (void)scale;
+    (void)causal, (void)stream, (void)num_threads;
+    return gl_fail(GPTLAB_EINVAL, "flash_backward_f16: tensor-core kernels are in the CUDA "
+                   "library only");
+}
+
 void gl_clear_error(void) { last_error[0] = 0; }
 
 int gl_fail(int code, const char *fmt, ...) {

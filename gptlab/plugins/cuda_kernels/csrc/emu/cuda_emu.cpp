@@ -372,6 +372,48 @@ uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int 
     return s.bits;
 }
 
+/* Slots of gather: [warp][parity][lane], GATHER_BYTES each, stamped with the exchange number
+ * and the call site so that a lane at another warp operation is an error, not a silent mix. */
+namespace {
+constexpr size_t GATHER_BYTES = 64;
+struct GatherSlot {
+    unsigned char bytes[GATHER_BYTES];
+    uint64_t gen;
+    const char *file;
+    int line;
+};
+std::vector<GatherSlot> gbuf;
+} /* namespace */
+
+void gather(const char *file, int line, unsigned mask, const void *mine, size_t n, void *all) {
+    Fiber *f = cur;
+    full_mask("warp collective", file, line, mask);
+    if (n > GATHER_BYTES) fail("warp collective (%s:%d): %zu bytes per lane > %zu", base(file),
+                               line, n, GATHER_BYTES);
+    if (gbuf.size() < xbuf.size()) gbuf.resize(xbuf.size()); /* [warp][parity][lane] too */
+    uint64_t gen = f->exchanges++; /* one count with the shuffles: parities stay in step */
+    GatherSlot *slots = &gbuf[(static_cast<size_t>(f->warp) * 2 + (gen & 1)) * WARP];
+    GatherSlot &s = slots[f->lane];
+    std::memcpy(s.bytes, mine, n);
+    s.gen = gen;
+    s.file = file;
+    s.line = line;
+    wait(State::AtWarpBarrier, file, line);
+    int n_lanes = std::min(WARP, L->threads - f->warp * WARP);
+    for (int l = 0; l < n_lanes; l++) {
+        const GatherSlot &o = slots[l];
+        if (o.gen != gen || o.line != line || std::strcmp(o.file, file) != 0)
+            fail("warp collective (%s:%d): lane %d of warp %d is not at the same instruction "
+                 "(PTX .aligned: all lanes must execute it together)", base(file), line, l,
+                 f->warp);
+        std::memcpy(static_cast<unsigned char *>(all) + l * n, o.bytes, n);
+    }
+}
+
+void launch_error(const char *file, int line, const char *what) {
+    fail("%s (%s:%d), thread %d", what, base(file), line, cur->warp * WARP + cur->lane);
+}
+
 void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
             void (*body)(void *), void *ctx) {
     std::lock_guard<std::mutex> guard(launch_mutex);

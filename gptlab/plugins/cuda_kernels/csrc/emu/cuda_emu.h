@@ -83,6 +83,12 @@ void syncthreads(const char *file, int line);
 void syncwarp(const char *file, int line, unsigned mask = 0xffffffffu);
 /* Every lane named in mask deposits bits, waits for the others, and gets src_lane's bits. */
 uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int src_lane);
+/* Every lane named in mask deposits n <= 64 bytes at mine, waits for the others, and gets all
+ * lanes' bytes in all[lane * n]: the building block of warp-collective instructions (mma,
+ * ldmatrix in cuda_emu_tc.h). Every lane must call it from the same site (file:line). */
+void gather(const char *file, int line, unsigned mask, const void *mine, size_t n, void *all);
+/* Fails the launch from inside a kernel: "<what> (file:line)" (for the checks of cuda_emu_tc.h). */
+[[noreturn]] void launch_error(const char *file, int line, const char *what);
 int lane_id();
 void *dynamic_smem();
 void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
