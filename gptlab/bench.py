@@ -38,6 +38,7 @@ class BenchPoint:
     peak_extra_mib: float | None = None
     error: str | None = None
     device: str = "cpu"
+    dtype: str = "float32"
 
 
 def _status_kib(field: str) -> int:
@@ -48,7 +49,7 @@ def _status_kib(field: str) -> int:
 
 
 def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
-            device: str = "cpu") -> BenchPoint:
+            device: str = "cpu", dtype: str = "float32") -> BenchPoint:
     """Measure one point in this process (called in a subprocess by :func:`run`)."""
     import torch
 
@@ -60,12 +61,13 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     reg = load_registry()
-    req = AttentionRequest(device=dev.type, head_dim=D, q_len=T, k_len=T)
+    dt = getattr(torch, dtype)
+    req = AttentionRequest(device=dev.type, dtype=dt, head_dim=D, q_len=T, k_len=T)
     attn = select_attention(reg, backend, req)
     gen = torch.Generator().manual_seed(0)
 
     def inputs(t):
-        return [torch.randn(B, H, t, D, generator=gen).to(dev).requires_grad_()
+        return [torch.randn(B, H, t, D, generator=gen).to(dev, dt).requires_grad_()
                 for _ in range(3)]
 
     def sync():
@@ -79,9 +81,9 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
 
     # warm up on a tiny problem (library load, lazy init) so that the measured step is the
     # first one of this size: memory freed by a full-size warm-up would hide its peak
-    step(*inputs(8), torch.randn(B, H, 8, D).to(dev))
+    step(*inputs(8), torch.randn(B, H, 8, D).to(dev, dt))
     q, k, v = inputs(T)
-    dout = torch.randn(B, H, T, D, generator=gen).to(dev)
+    dout = torch.randn(B, H, T, D, generator=gen).to(dev, dt)
     peak = None
     sync()
     if cuda:
@@ -106,23 +108,24 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
         sync()
         times.append(time.perf_counter() - t0)
     return BenchPoint(backend, B, H, T, D, statistics.median(times) * 1e3, peak,
-                      device=dev.type)
+                      device=dev.type, dtype=dtype)
 
 
 def run(backends, seq_lens=SEQ_LENS, *, B=8, H=4, D=32, reps=None, device="cpu",
-        on_point=None) -> list[BenchPoint]:
+        dtype="float32", on_point=None) -> list[BenchPoint]:
     points = []
     for T in seq_lens:
         for name in backends:
             n = reps or (3 if T >= 2048 else 5)
-            cmd = [sys.executable, "-m", "gptlab.bench", device, name, str(B), str(H), str(T),
-                   str(D), str(n)]
+            cmd = [sys.executable, "-m", "gptlab.bench", device, dtype, name, str(B), str(H),
+                   str(T), str(D), str(n)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode == 0:
                 point = BenchPoint(**json.loads(proc.stdout.strip().splitlines()[-1]))
             else:
                 err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                point = BenchPoint(name, B, H, T, D, error=err[:200], device=device)
+                point = BenchPoint(name, B, H, T, D, error=err[:200], device=device,
+                                   dtype=dtype)
             points.append(point)
             if on_point:
                 on_point(point)
@@ -233,5 +236,5 @@ if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    device, name, *nums = sys.argv[1:]
-    print(json.dumps(attrs.asdict(measure(name, *map(int, nums), device=device))))
+    device, dtype, name, *nums = sys.argv[1:]
+    print(json.dumps(attrs.asdict(measure(name, *map(int, nums), device=device, dtype=dtype))))

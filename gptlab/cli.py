@@ -549,9 +549,14 @@ def bench():
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N (times bracketed by synchronize, memory from "
                    "torch.cuda.max_memory_allocated).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", show_default=True,
+              help="dtype of q, k, v (the tensor-core backends take bfloat16 and float16).")
 @click.pass_context
-def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
+def bench_attention(ctx, names, seq_lens, B, H, D, reps, device, dtype):
     """Causal forward+backward time and peak extra memory per backend and T, vs sdpa."""
+    import torch
+
     from gptlab import bench as benchmod
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.devices import resolve_device
@@ -565,7 +570,7 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
         for n in chosen:
             reg.attention_backend(n)
     else:
-        req = AttentionRequest(device=dev.type, head_dim=D)
+        req = AttentionRequest(device=dev.type, dtype=getattr(torch, dtype), head_dim=D)
         table = backend_table(reg, req)
         chosen = sorted(cls.name for cls, reasons in table if not reasons)
         # those made for this device that cannot run here (a missing compiler, a driver too old
@@ -579,11 +584,9 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
         lens = []
     if not lens or min(lens) < 1:
         raise click.BadParameter("comma-separated integers >= 1", param_hint="--seq-lens")
-    import torch
-
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"{torch.get_num_threads()} threads")
-    click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, float32, {dev}, {where}")
+    click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, {dtype}, {dev}, {where}")
     for name, reasons in skipped:
         click.echo(f"{name}: not run: {'; '.join(reasons)}")
     click.echo(f"{'backend':<10}{'T':>6}{'time ms':>11}{'x sdpa':>8}{'peak MiB':>11}{'x sdpa':>8}")
@@ -605,7 +608,8 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
             click.echo(f"{p.backend:<10}{p.T:>6}{p.time_ms:>11.2f}{rt:>8}{mem:>11}{rm:>8}")
         pending.clear()
 
-    benchmod.run(chosen, lens, B=B, H=H, D=D, reps=reps, device=str(dev), on_point=show)
+    benchmod.run(chosen, lens, B=B, H=H, D=D, reps=reps, device=str(dev), dtype=dtype,
+                 on_point=show)
 
 
 @bench.command("train")

@@ -162,6 +162,15 @@ def test_bench_attention_reports_every_backend_against_sdpa(cli):
     assert bad.exit_code == 1 and "unknown attention backend 'nosuch'" in bad.output
 
 
+def test_bench_attention_in_bfloat16(cli):
+    result = invoke(cli, ["bench", "attention", "--backends", "flash", "--seq-lens", "16",
+                          "--reps", "1", "--batch", "1", "--heads", "2", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert ", bfloat16, cpu," in result.output.splitlines()[0]
+    rows = [ln.split() for ln in result.output.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["sdpa", "flash"] and all(float(r[2]) > 0 for r in rows)
+
+
 def test_bench_attention_names_the_backends_that_cannot_run_here(cli, monkeypatch):
     """Left out of the default set, but said (e.g. on a GPU whose driver is too old for nvcc)."""
     monkeypatch.setenv("CC", "/nonexistent/cc")

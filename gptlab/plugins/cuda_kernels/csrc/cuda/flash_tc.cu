@@ -33,8 +33,9 @@
  * Reference: gptlab.testing.reference_attention (float64); conformance by FlashAttention's rule
  * in tests/kernels/test_flash_tc_emulated.py (error <= 2x that of torch in the same dtype).
  * Check:     pytest tests/kernels/test_flash_tc_emulated.py (the emulator, on the CPU)
- * Benchmark: none yet (`gpt bench attention` times float32 only; flash-tc takes bf16/fp16):
- *            never run on a GPU, hence its priority below sdpa.
+ * Benchmark: gpt bench attention --device cuda --dtype bfloat16 --backends flash-tc (vs sdpa in
+ *            the same dtype), and gpt kernels gpucheck; never run on a GPU yet, hence its
+ *            priority below sdpa.
  */
 #include <algorithm>
 
