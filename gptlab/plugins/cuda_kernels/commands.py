@@ -85,9 +85,10 @@ def info_cmd():
     if build.find_compiler(build.CUDA):
         report = build.resource_report(build.build(build.CUDA))
         click.echo(f"cuda kernels ({_resources_summary(report)}):")
-        click.echo(f"    {'kernel':<34}{'arch':<7}{'regs':>5}{'spill st/ld':>13}{'smem':>6}")
+        w = max([len("kernel"), *(len(r.kernel) for r in report)]) + 2
+        click.echo(f"    {'kernel':<{w}}{'arch':<7}{'regs':>5}{'spill st/ld':>13}{'smem':>6}")
         for r in sorted(report, key=lambda r: (r.kernel, r.arch)):
-            click.echo(f"    {r.kernel:<34}{r.arch:<7}{r.registers:>5}"
+            click.echo(f"    {r.kernel:<{w}}{r.arch:<7}{r.registers:>5}"
                        f"{f'{r.spill_stores}/{r.spill_loads}':>13}{r.static_smem:>6}")
 
 
