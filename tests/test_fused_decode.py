@@ -107,44 +107,49 @@ def test_other_parts_decode_op_by_op(registry, parts, reason):
 def test_fused_step_declines_with_gradients_or_in_training(registry):
     model = make_model(registry)
     cache = model.new_cache()
-    x = torch.randn(1, 1, 24)
+    idx = torch.tensor([[3]])
     model.blocks[0].ln_1.weight.requires_grad_(True)
-    assert cache.decoder(x, cache) is None  # autograd wants the modules' graph
+    assert cache.decoder(idx, cache) is None  # autograd wants the modules' graph
     model.blocks[0].ln_1.weight.requires_grad_(False)
     model.train()
-    assert cache.decoder(x, cache) is None  # dropout belongs to the modules
+    assert cache.decoder(idx, cache) is None  # dropout belongs to the modules
     model.eval()
     with torch.inference_mode():
-        assert cache.decoder(x, cache) is not None
-    assert cache.layers[0].length == 1
+        assert cache.decoder(idx, cache).shape == (1, 1, 13)
+    assert [layer.length for layer in cache.layers] == [1, 1]
 
 
-def test_decode_block_errors_are_one_line():
+def test_decode_step_errors_are_one_line():
     lib = load("cpu")
-    x, kv, ws = torch.zeros(24), torch.zeros(1, 3, 4, 8), torch.zeros(4096)
+    ffi, ptr = lib.ffi, lib.ptr
+    kv, ws, logits = torch.zeros(1, 3, 4, 8), torch.zeros(4096), torch.zeros(13)
+    ids, wte = torch.tensor([2]), torch.ones(13, 24)
     w = [torch.ones(24), None, torch.ones(72, 24), None, torch.ones(24, 24), None,
          torch.ones(24), None, torch.ones(96, 24), None, torch.ones(24, 96), None]
-    params = lib.ffi.new("float *[]", [lib.ptr(t) for t in w])
-    spec = lib.ffi.new("gptlab_decode_spec *", {"eps": 1e-5})
+    params = ffi.new("float *[]", [ptr(t) for t in w])
+    caches = ffi.new("float *[]", [ptr(kv)])
+    spec = ffi.new("gptlab_decode_spec *", {"eps": 1e-5})
 
-    def call(pos, c=24, nh=3, ptrs=params):
-        return lib.call("gptlab_decode_block_f32", lib.ptr(x), lib.ptr(kv), lib.ptr(kv),
-                        lib.ptr(ws, "void *"), ptrs, spec, 1, c, nh, pos, 4, 1)
+    def call(pos, c=24, nh=3, vocab=13):
+        return lib.call("gptlab_decode_step_f32", ptr(logits), caches, caches,
+                        ptr(ws, "void *"), ptr(ids, "int64_t *"), ptr(wte), ffi.NULL, params,
+                        ptr(w[0]), ffi.NULL, ptr(wte), spec, 1, 1, c, nh, vocab, pos, 4, 1)
 
-    assert call(3) == 0
-    spec.rope_cos = lib.ptr(torch.ones(4))
+    assert call(3) == 0 and torch.isfinite(logits).all()
+    with pytest.raises(KernelError, match=r"token id 2 outside \[0, 2\)"):
+        call(0, vocab=2)
+    spec.rope_cos = ptr(torch.ones(4))
     with pytest.raises(KernelError, match="rotary needs both cos and sin"):
         call(0)
-    spec.rope_cos = lib.ffi.NULL
+    spec.rope_cos = ffi.NULL
     with pytest.raises(KernelError, match=r"position 4 outside the cache's 4 rows"):
         call(4)
-    with pytest.raises(KernelError, match=r"nh dividing c \(b=1 c=24 nh=5\)"):
+    with pytest.raises(KernelError, match=r"nh dividing c \(n_layer=1 b=1 c=24 nh=5 vocab=13\)"):
         call(0, nh=5)
-    params[2] = lib.ffi.NULL
+    params[2] = ffi.NULL
     with pytest.raises(KernelError, match="a weight pointer is NULL"):
         call(0)
     emu = load("cuda-emu")
     with pytest.raises(KernelError, match="runs on the CPU only"):
-        emu.call("gptlab_decode_block_f32", emu.ptr(x), emu.ptr(kv), emu.ptr(kv),
-                 emu.ptr(ws, "void *"), emu.ffi.new("float *[]", 12),
-                 emu.ffi.new("gptlab_decode_spec *"), 1, 24, 3, 0, 4, 1)
+        emu.call("gptlab_decode_step_f32", *[emu.ffi.NULL] * 11,
+                 emu.ffi.new("gptlab_decode_spec *"), 1, 1, 24, 3, 13, 0, 4, 1)

@@ -90,10 +90,11 @@ class LayerKernels:
         return F.cross_entropy(logits, targets)
 
     def decoder(self, model: nn.Module):
-        """A fused decoding step for ``model``'s blocks, or None (the default): the blocks then
-        decode op by op. When not None, ``decoder(x, cache)`` takes the new token's embeddings
-        (B, 1, C) and a :class:`~gptlab.plugins.models.transformer.KVCache`, runs every block
-        (appending to the cache) and returns (B, 1, C), or returns None to decline that step."""
+        """A fused decoding step for ``model``, or None (the default): the model then decodes
+        op by op. When not None, ``decoder(idx, cache)`` takes the new tokens (B, 1) and a
+        :class:`~gptlab.plugins.models.transformer.KVCache`, appends every layer's keys and
+        values (advancing each layer of the cache) and returns the logits (B, 1, vocab), or
+        returns None to decline that step."""
         return None
 
 

@@ -1,5 +1,5 @@
-"""The fused decoding step: generation with the KV cache runs each block of a GPT-2 model for the
-new token in one C call (``csrc/cpu/decode.c``) instead of ~20 torch calls and 4 kernel calls.
+"""The fused decoding step: generation with the KV cache runs the whole model for the new token in
+one C call (``csrc/cpu/decode.c``) instead of ~100 torch calls and ~17 kernel calls.
 
 Decoding one token is b rows of work per block: op by op, every call's fixed cost (Python,
 the dispatcher, allocating outputs: tens of microseconds each on a 2-core CPU) outweighs its
@@ -73,6 +73,9 @@ def fused_decode_reasons(model: nn.Module) -> list[str]:
                      f"throughout")
         if r:
             break
+    if not r and (type(getattr(model, "ln_f", None)) is not type(first.ln_1)
+                  or getattr(model.lm_head, "bias", None) is not None):
+        r.append("the final norm is not the blocks' kind, or the head has a bias")
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dtype != torch.float32:
             r.append(f"{name} is {str(p.dtype).replace('torch.', '')} on {p.device}, not "
@@ -82,7 +85,8 @@ def fused_decode_reasons(model: nn.Module) -> list[str]:
 
 
 class FusedDecoder:
-    """Runs every block of ``model`` for one new token per sequence, one C call per block.
+    """Runs ``model`` for one new token per sequence in one C call: embeddings, every block
+    (appending to the KV cache), the final norm and the head.
 
     Made per generation window (:meth:`gptlab.plugins.models.transformer.Transformer.new_cache`),
     so the parameters' addresses are taken once per window; it keeps the parameters alive.
@@ -93,8 +97,10 @@ class FusedDecoder:
 
         self.lib = lib or load("cpu")
         self.model = model
-        self.c, self.nh = model.config.n_embd, model.config.n_head
-        ffi = self.lib.ffi
+        cfg = model.config
+        self.n_layer, self.c, self.nh, self.vocab = (cfg.n_layer, cfg.n_embd, cfg.n_head,
+                                                     cfg.vocab_size)
+        ffi, ptr = self.lib.ffi, self.lib.ptr
         first = model.blocks[0]
         qk_norm, rotary = _seam(first.attn)
         self.spec = ffi.new("gptlab_decode_spec *")
@@ -105,46 +111,63 @@ class FusedDecoder:
         self.spec.qk_eps = 0.0 if qk_norm is None else qk_norm.eps
         # rotary: the rows of its (max_len, hs/2) cos and sin tables, pointed at per step
         self.rope = None if rotary is None else (rotary.cos.contiguous(), rotary.sin.contiguous())
+
+        def pointer(t):
+            if t is not None:
+                self.tensors.append(t.detach().contiguous())
+                return ptr(self.tensors[-1])
+            return ffi.NULL
+
         self.tensors = []  # what the pointers point into
-        self.params = []  # per block: a float *[12] for the C call
-        for block in model.blocks:
-            named = dict(block.named_parameters())
-            ts = [named.get(n) for n in _PARAMS]
-            ts = [None if t is None else t.detach().contiguous() for t in ts]
-            self.tensors.append(ts)
-            self.params.append(ffi.new("float *[]", [self.lib.ptr(t) for t in ts]))
-        self._ws = None
+        named = [dict(b.named_parameters()) for b in model.blocks]
+        self.params = ffi.new("float *[]", [pointer(p.get(n)) for p in named for n in _PARAMS])
+        wpe = getattr(model, "wpe", None)
+        self.wte, self.wpe = pointer(model.wte.weight), pointer(None if wpe is None else wpe.weight)
+        self.norm = pointer(model.ln_f.weight), pointer(getattr(model.ln_f, "bias", None))
+        self.head = pointer(model.lm_head.weight)
+        self._ws = self._kv = None
 
     def usable(self) -> bool:
         """In inference only: a step with gradients, or in training mode, goes op by op."""
         return not self.model.training and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()))
 
-    def __call__(self, x: torch.Tensor, cache) -> torch.Tensor | None:
-        """x (B, 1, C), the new token's embeddings; returns the blocks' output (B, 1, C) with
-        the token's keys and values appended to ``cache``, or None where the step cannot run
-        here (the caller then runs the blocks one by one)."""
-        if x.dim() != 3 or x.size(1) != 1 or x.dtype != torch.float32 or not self.usable():
+    def _caches(self, cache, B: int, hs: int, like: torch.Tensor):
+        """The float *[n_layer] arrays of the layers' key and value storage (made again only
+        when a layer's storage changed)."""
+        storage = [layer.storage(B, self.nh, hs, like) for layer in cache.layers]
+        if self._kv is None or any(k is not k0 for (k, _), k0 in zip(storage, self._kv[0])):
+            ffi, ptr = self.lib.ffi, self.lib.ptr
+            self._kv = ([k for k, _ in storage],
+                        ffi.new("float *[]", [ptr(k) for k, _ in storage]),
+                        ffi.new("float *[]", [ptr(v) for _, v in storage]),
+                        storage[0][0].size(2), storage)  # (keeps the storage alive)
+        return self._kv[1:4]
+
+    def __call__(self, idx: torch.Tensor, cache) -> torch.Tensor | None:
+        """idx (B, 1), the new tokens; returns their logits (B, 1, vocab) with every layer's
+        keys and values appended to ``cache`` (its layers advanced; ``cache.length`` is the
+        caller's), or None where the step cannot run here (the caller then runs the model op
+        by op)."""
+        if idx.dim() != 2 or idx.size(1) != 1 or not self.usable():
             return None
-        B, _, C = x.shape
-        hs = C // self.nh
-        x = x.reshape(B, C).clone()  # the residual stream, updated in place by each block
-        lib = self.lib
-        if self._ws is None or self._ws[0] != B:
-            nbytes = lib.lib.gptlab_decode_block_workspace_size(B, C, self.nh)
-            self._ws = (B, x.new_empty(-(-nbytes // 4)))
-        ws = lib.ptr(self._ws[1], "void *")
-        xp = lib.ptr(x)
-        threads = _threads(12 * C * C * B)  # a block's multiply-adds: one thread below ~1M
+        B, C, lib = idx.size(0), self.c, self.lib
         pos = cache.layers[0].length
         if self.rope is not None:
             cos, sin = self.rope
             if pos >= cos.size(0):
                 return None
             self.spec.rope_cos, self.spec.rope_sin = lib.ptr(cos[pos]), lib.ptr(sin[pos])
-        for params, layer in zip(self.params, cache.layers):
-            k, v = layer.storage(B, self.nh, hs, x)  # (B, nh, capacity, hs), room for one more
-            lib.call("gptlab_decode_block_f32", xp, lib.ptr(k), lib.ptr(v), ws, params,
-                     self.spec, B, C, self.nh, layer.length, k.size(2), threads)
+        logits = torch.empty(B, 1, self.vocab)
+        if self._ws is None or self._ws[0] != B:
+            nbytes = lib.lib.gptlab_decode_step_workspace_size(B, C, self.nh)
+            self._ws = (B, logits.new_empty(-(-nbytes // 4)))
+        ks, vs, max_t = self._caches(cache, B, C // self.nh, logits)
+        ids = idx.contiguous()
+        lib.call("gptlab_decode_step_f32", lib.ptr(logits), ks, vs, lib.ptr(self._ws[1], "void *"),
+                 lib.ptr(ids, "int64_t *"), self.wte, self.wpe, self.params, *self.norm,
+                 self.head, self.spec, self.n_layer, B, C, self.nh, self.vocab, pos, max_t,
+                 _threads(12 * C * C * B))  # a block's multiply-adds: one thread below ~1M
+        for layer in cache.layers:
             layer.length += 1
-        return x.view(B, 1, C)
+        return logits

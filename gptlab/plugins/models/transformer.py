@@ -126,15 +126,16 @@ class Transformer(LanguageModel):
         if cache.length + T > self.config.block_size:
             raise ConfigError(f"KV cache would hold {cache.length + T} tokens, more than "
                               f"block_size {self.config.block_size}")
+        if T == 1 and cache.decoder is not None:  # the layer kernels' fused step, if it runs
+            logits = cache.decoder(idx, cache)
+            if logits is not None:
+                cache.length += 1
+                return logits
         # positions length .. length + T - 1: wpe's rows, sliced (no position tensor per token)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe.weight[cache.length:cache.length + T]
-        y = cache.decoder(x, cache) if T == 1 and cache.decoder is not None else None
-        if y is None:  # op by op
-            for block, layer_cache in zip(self.blocks, cache.layers):
-                x = block(x, layer_cache)
-        else:  # one fused call per block (one new token)
-            x = y
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, layer_cache)
         cache.length += T
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)

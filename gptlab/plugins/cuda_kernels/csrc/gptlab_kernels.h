@@ -143,19 +143,23 @@ typedef struct {
     const float *rope_sin; /* applied to q and k after QK-norm; both NULL: no rotation */
 } gptlab_decode_spec;
 
-/* One decoding step of a pre-norm block for b sequences of one new token each (CPU only; the
- * CUDA library returns GPTLAB_EINVAL): x (b, c) is the residual stream, updated in place; the
- * new keys and values go to row `pos` of k_cache, v_cache (b, nh, max_t, c / nh), and the token
- * attends over rows [0, pos]. params: 12 pointers, in order: norm 1 weight, norm 1 bias, qkv
- * weight (3c, c), qkv bias, attention projection weight (c, c), its bias, norm 2 weight, norm 2
- * bias, MLP fc weight (4c, c), its bias, MLP projection weight (c, 4c), its bias; biases may be
- * NULL. Attention scale 1 / sqrt(c / nh), causal. The matrix-vector products use num_threads
- * threads (the row operations one). */
-int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh);
-int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *workspace,
-                            const float *const *params, const gptlab_decode_spec *spec,
-                            int64_t b, int64_t c, int64_t nh, int64_t pos, int64_t max_t,
-                            int num_threads);
+/* One decoding step of a pre-norm transformer for b sequences of one new token each (CPU only;
+ * the CUDA library returns GPTLAB_EINVAL): the embeddings wte[ids] (+ wpe[pos], if wpe is not
+ * NULL), n_layer blocks, the final norm and the head; logits (b, vocab). Each layer's new keys
+ * and values go to row `pos` of its k_caches[l], v_caches[l] (b, nh, max_t, c / nh), and the
+ * token attends over rows [0, pos]. params: 12 pointers per layer, in order: norm 1 weight,
+ * norm 1 bias, qkv weight (3c, c), qkv bias, attention projection weight (c, c), its bias,
+ * norm 2 weight, norm 2 bias, MLP fc weight (4c, c), its bias, MLP projection weight (c, 4c),
+ * its bias (biases may be NULL); norm_w, norm_b: the final norm's; head_w (vocab, c). Attention
+ * scale 1 / sqrt(c / nh), causal. The matrix-vector products use num_threads threads. */
+int64_t gptlab_decode_step_workspace_size(int64_t b, int64_t c, int64_t nh);
+int gptlab_decode_step_f32(float *logits, float *const *k_caches, float *const *v_caches,
+                           void *workspace, const int64_t *ids, const float *wte,
+                           const float *wpe, const float *const *params, const float *norm_w,
+                           const float *norm_b, const float *head_w,
+                           const gptlab_decode_spec *spec, int64_t n_layer, int64_t b, int64_t c,
+                           int64_t nh, int64_t vocab, int64_t pos, int64_t max_t,
+                           int num_threads);
 
 /* y = gelu(x + bias) over x (rows, f), bias (f), with the exact (erf) GELU of Hendrycks &
  * Gimpel 2016: gelu(u) = u * Phi(u) = u / 2 * (1 + erf(u / sqrt 2)). */

@@ -1,5 +1,6 @@
-/* A fused decoding step on the CPU: one new token per sequence through one pre-norm block
- * (Radford et al. 2019), in one call:
+/* A fused decoding step on the CPU: one new token per sequence through the whole model in one
+ * call: its embedding (+ the learned position's row), then each pre-norm block (Radford et al.
+ * 2019),
  *
  *   h = N1(x);  q, k, v = h Wqkv^T + bqkv;  q, k = seam(q, k)   k, v appended to the KV cache
  *   x += attention(q, K[0..pos], V[0..pos]) Wo^T + bo
@@ -7,7 +8,7 @@
  *
  * with the parts gptlab builds by name (gptlab_decode_spec): N LayerNorm or RMSNorm, act GELU
  * or ReLU^2, and at the position seam QK-norm and/or rotary embeddings (in that order, as the
- * model chains them); learned positions are added to x before the first block.
+ * model chains them); then the final norm and the head give the logits.
  *
  * Why: with a KV cache each step is b rows of work, and done op by op from Python it costs ~20
  * torch calls and 4 kernel calls per block, each dominated by its per-call overhead (tens of
@@ -22,9 +23,9 @@
  * stores it, four outputs at a time, the dot product over `in` in vectors; and the few-row
  * RMSNorm, ReLU^2, QK-norm and rotation, written as plainly as their formulas.
  *
- * Layouts: x (b, c) contiguous; k_cache, v_cache (b, nh, max_t, hs) contiguous, the step writes
- * row `pos` and attends over rows [0, pos]; params: 12 pointers in the order the header gives
- * (biases may be NULL); workspace: gptlab_decode_block_workspace_size().
+ * Layouts: the caches (b, nh, max_t, hs) contiguous, one per layer: the step writes row `pos`
+ * and attends over rows [0, pos]; params: 12 pointers per layer in the order the header gives
+ * (biases may be NULL); workspace: gptlab_decode_step_workspace_size().
  *
  * Reference: the same block run module by module (gptlab.nn.PreNormBlock with the native
  *            kernels), tests/test_fused_decode.py; greedy generation equals generation without
@@ -142,35 +143,26 @@ static int norm_rows(float *y, float *mean, float *rstd, const float *x, const f
     return gptlab_layernorm_forward_f32(y, mean, rstd, x, w, bias, b, c, spec->eps, NULL, 1);
 }
 
-int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh) {
-    if (b < 1 || c < 1 || nh < 1) return 0;
-    /* per row: h (c), qkv (3c), attention output (c), the hidden layer and its GELU (2 * 4c),
-     * mean and rstd (1 each), lse (nh); once: a zero bias (4c) */
-    return (b * (c + 3 * c + c + 8 * c + 2 + nh) + 4 * c) * (int64_t)sizeof(float);
+/* Floats of one block's scratch: per row h (c), qkv (3c), attention output (c), the hidden
+ * layer and its activation (2 * 4c), mean and rstd (1 each), lse (nh); once a zero bias (4c). */
+static int64_t block_scratch(int64_t b, int64_t c, int64_t nh) {
+    return b * (c + 3 * c + c + 8 * c + 2 + nh) + 4 * c;
 }
 
-int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *workspace,
-                            const float *const *params, const gptlab_decode_spec *spec,
-                            int64_t b, int64_t c, int64_t nh, int64_t pos, int64_t max_t,
-                            int num_threads) {
-    gl_clear_error();
-    if (!x || !k_cache || !v_cache || !workspace || !params || !spec)
-        return gl_fail(GPTLAB_EINVAL, "decode_block: null pointer");
-    if (b < 1 || c < 1 || nh < 1 || c % nh)
-        return gl_fail(GPTLAB_EINVAL, "decode_block: need b, c, nh >= 1 and nh dividing c "
-                       "(b=%lld c=%lld nh=%lld)", (long long)b, (long long)c, (long long)nh);
-    if (pos < 0 || pos >= max_t)
-        return gl_fail(GPTLAB_EINVAL, "decode_block: position %lld outside the cache's %lld rows",
-                       (long long)pos, (long long)max_t);
-    enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, PR_W, PR_B };
+enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, PR_W, PR_B,
+       N_PARAMS };
+
+/* One block for the new token: x (b, c) updated in place, k and v written to row pos. */
+static int block_step(float *x, float *k_cache, float *v_cache, float *ws,
+                      const float *const *params, const gptlab_decode_spec *spec, int64_t b,
+                      int64_t c, int64_t nh, int64_t pos, int64_t max_t, int num_threads) {
+    if (!k_cache || !v_cache)
+        return gl_fail(GPTLAB_EINVAL, "decode_step: a KV cache pointer is NULL");
     if (!params[LN1_W] || !params[QKV_W] || !params[PROJ_W] || !params[LN2_W] || !params[FC_W]
         || !params[PR_W])
-        return gl_fail(GPTLAB_EINVAL, "decode_block: a weight pointer is NULL");
+        return gl_fail(GPTLAB_EINVAL, "decode_step: a weight pointer is NULL");
     const int64_t hs = c / nh, f = 4 * c;
-    if ((spec->rope_cos == NULL) != (spec->rope_sin == NULL) || (spec->rope_cos && hs % 2))
-        return gl_fail(GPTLAB_EINVAL, "decode_block: rotary needs both cos and sin and an even "
-                       "head dim (hs=%lld)", (long long)hs);
-    float *h = workspace, *qkv = h + b * c, *att = qkv + b * 3 * c, *hid = att + b * c;
+    float *h = ws, *qkv = h + b * c, *att = qkv + b * 3 * c, *hid = att + b * c;
     float *act = hid + b * f, *zero = act + b * f, *mean = zero + f, *rstd = mean + b;
     float *lse = rstd + b;
     int rc;
@@ -216,4 +208,49 @@ int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *work
     }
     if ((rc = gptlab_bias_gelu_forward_f32(act, hid, fc_bias, b, f, NULL, 1))) return rc;
     return gemv(x, act, params[PR_W], params[PR_B], b, f, c, 1, num_threads);
+}
+
+int64_t gptlab_decode_step_workspace_size(int64_t b, int64_t c, int64_t nh) {
+    if (b < 1 || c < 1 || nh < 1) return 0;
+    return (b * c + block_scratch(b, c, nh)) * (int64_t)sizeof(float); /* x, then a block's */
+}
+
+int gptlab_decode_step_f32(float *logits, float *const *k_caches, float *const *v_caches,
+                           void *workspace, const int64_t *ids, const float *wte,
+                           const float *wpe, const float *const *params, const float *norm_w,
+                           const float *norm_b, const float *head_w,
+                           const gptlab_decode_spec *spec, int64_t n_layer, int64_t b, int64_t c,
+                           int64_t nh, int64_t vocab, int64_t pos, int64_t max_t,
+                           int num_threads) {
+    gl_clear_error();
+    if (!logits || !k_caches || !v_caches || !workspace || !ids || !wte || !params || !norm_w
+        || !head_w || !spec)
+        return gl_fail(GPTLAB_EINVAL, "decode_step: null pointer");
+    if (n_layer < 1 || b < 1 || c < 1 || nh < 1 || c % nh || vocab < 1)
+        return gl_fail(GPTLAB_EINVAL, "decode_step: need n_layer, b, c, nh, vocab >= 1 and nh "
+                       "dividing c (n_layer=%lld b=%lld c=%lld nh=%lld vocab=%lld)",
+                       (long long)n_layer, (long long)b, (long long)c, (long long)nh,
+                       (long long)vocab);
+    if (pos < 0 || pos >= max_t)
+        return gl_fail(GPTLAB_EINVAL, "decode_step: position %lld outside the cache's %lld rows",
+                       (long long)pos, (long long)max_t);
+    if ((spec->rope_cos == NULL) != (spec->rope_sin == NULL) || (spec->rope_cos && (c / nh) % 2))
+        return gl_fail(GPTLAB_EINVAL, "decode_step: rotary needs both cos and sin and an even "
+                       "head dim (hs=%lld)", (long long)(c / nh));
+    float *x = workspace, *ws = x + b * c;
+    for (int64_t r = 0; r < b; r++) { /* token embedding (+ the learned position's row) */
+        if (ids[r] < 0 || ids[r] >= vocab)
+            return gl_fail(GPTLAB_EINVAL, "decode_step: token id %lld outside [0, %lld)",
+                           (long long)ids[r], (long long)vocab);
+        const float *e = wte + ids[r] * c;
+        for (int64_t j = 0; j < c; j++) x[r * c + j] = wpe ? e[j] + wpe[pos * c + j] : e[j];
+    }
+    int rc;
+    for (int64_t l = 0; l < n_layer; l++)
+        if ((rc = block_step(x, k_caches[l], v_caches[l], ws, params + l * N_PARAMS, spec, b, c,
+                             nh, pos, max_t, num_threads)))
+            return rc;
+    float *h = ws, *mean = ws + b * c, *rstd = mean + b; /* the final norm, then the head */
+    if ((rc = norm_rows(h, mean, rstd, x, norm_w, norm_b, b, c, spec))) return rc;
+    return gemv(logits, h, head_w, NULL, b, c, vocab, 0, num_threads);
 }

@@ -106,10 +106,13 @@ DeviceGuard::~DeviceGuard() {
 } /* namespace gl */
 
 /* The fused decoding step is CPU only (csrc/cpu/decode.c): on a GPU, decoding runs op by op. */
-extern "C" int64_t gptlab_decode_block_workspace_size(int64_t, int64_t, int64_t) { return 0; }
-extern "C" int gptlab_decode_block_f32(float *, float *, float *, void *, const float *const *,
-                                       const gptlab_decode_spec *, int64_t, int64_t, int64_t,
-                                       int64_t, int64_t, int) {
+extern "C" int64_t gptlab_decode_step_workspace_size(int64_t, int64_t, int64_t) { return 0; }
+extern "C" int gptlab_decode_step_f32(float *, float *const *, float *const *, void *,
+                                      const int64_t *, const float *, const float *,
+                                      const float *const *, const float *, const float *,
+                                      const float *, const gptlab_decode_spec *, int64_t,
+                                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                      int) {
     gl::clear_error();
-    return gl::fail(GPTLAB_EINVAL, "decode_block: the fused decoding step runs on the CPU only");
+    return gl::fail(GPTLAB_EINVAL, "decode_step: the fused decoding step runs on the CPU only");
 }
