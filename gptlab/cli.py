@@ -666,9 +666,12 @@ def bench_train(ctx, preset, variants, steps, rounds, warmup, data, device, peer
 @click.option("--tokens", type=click.IntRange(min=1), default=500, show_default=True,
               help="Tokens to generate, with and without the cache.")
 @click.option("--prompt", default="", help="Prompt (default: start from token 0).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds (without, then with the cache); medians are reported.")
 @click.pass_context
-def bench_generate(ctx, checkpoint, tokens, prompt):
+def bench_generate(ctx, checkpoint, tokens, prompt, rounds):
     """Greedy generation speed with and without the KV cache, and whether outputs match."""
+    import statistics
     import time
 
     import torch
@@ -678,14 +681,19 @@ def bench_generate(ctx, checkpoint, tokens, prompt):
     model, tokenizer, _ = load_model(_registry(ctx), checkpoint)
     ids = tokenizer.encode(prompt) if prompt else [0]
     idx = torch.tensor([ids], dtype=torch.long)
-    outs, speeds = {}, {}
-    for use_cache in (False, True):
-        t0 = time.perf_counter()
-        outs[use_cache] = model.generate(idx, tokens, temperature=0, use_cache=use_cache)
-        speeds[use_cache] = tokens / (time.perf_counter() - t0)
-    same = torch.equal(outs[False], outs[True])
-    click.echo(f"without cache: {speeds[False]:,.1f} tok/s")
-    click.echo(f"with cache:    {speeds[True]:,.1f} tok/s  ({speeds[True] / speeds[False]:.1f}x)")
+    outs, speeds = [], {False: [], True: []}
+    for r in range(rounds):
+        for use_cache in (False, True):
+            t0 = time.perf_counter()
+            outs.append(model.generate(idx, tokens, temperature=0, use_cache=use_cache))
+            speeds[use_cache].append(tokens / (time.perf_counter() - t0))
+        click.echo(f"  round {r + 1}/{rounds}: {speeds[False][-1]:,.1f} and "
+                   f"{speeds[True][-1]:,.1f} tok/s", err=True)
+    same = all(torch.equal(outs[0], o) for o in outs)
+    off, on = statistics.median(speeds[False]), statistics.median(speeds[True])
+    click.echo(f"without cache: {off:,.1f} tok/s")
+    click.echo(f"with cache:    {on:,.1f} tok/s  ({on / off:.1f}x)  (medians of {rounds} "
+               f"interleaved rounds)")
     click.echo(f"greedy outputs identical: {'yes' if same else 'NO'} ({tokens} tokens)")
 
 

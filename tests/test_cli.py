@@ -107,6 +107,22 @@ def test_run_then_sample(cli, small_text, tmp_path):
     assert "character 'Z' (U+005A LATIN CAPITAL LETTER Z) at position 0" in bad.output
 
 
+def test_bench_generate_interleaves_rounds_and_checks_outputs(cli, small_text, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(cli, ["run", "--preset", "tiny", "--data", str(small_text), "--iters", "4",
+                          "--block-size", "16", "--eval-interval", "2", "--attention", "flash",
+                          "--sample-tokens", "0", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    result = invoke(cli, ["bench", "generate", str(out), "--tokens", "40", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()  # progress (stderr) and the result (stdout)
+    assert [ln.split(":")[0] for ln in lines if "round" in ln[:9]] == ["  round 1/2",
+                                                                     "  round 2/2"]
+    assert lines[-3].startswith("without cache: ") and lines[-2].startswith("with cache: ")
+    assert "(medians of 2 interleaved rounds)" in lines[-2]
+    assert lines[-1] == "greedy outputs identical: yes (40 tokens)"
+
+
 def test_sample_errors(cli, tmp_path):
     result = invoke(cli, ["sample", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "does not exist" in result.output
