@@ -1,12 +1,11 @@
 """The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under two
-schedules, odd head dims, a planted missing barrier that must fail, typed errors."""
+schedules, odd head dims, a removed barrier that must fail, typed errors."""
 
-import attrs
 import pytest
 import torch
 
 from gptlab.core.attention import AttentionRequest
-from gptlab.plugins.cuda_kernels import backends, build, emulator
+from gptlab.plugins.cuda_kernels import backends, emulator, mutations
 from gptlab.testing import Case, default_cases, run_conformance
 
 SCHEDULES = ("inorder", "random:1")
@@ -35,26 +34,22 @@ def test_emulated_cuda_kernels_at_odd_and_edge_head_dims(cls):
         run_conformance(cls(), cases=cases)
 
 
-@pytest.fixture
-def planted_flash(monkeypatch):
-    """flash-emu built with GL_PLANT_MISSING_SYNC: no barrier between staging K/V and using it."""
-    flavour = attrs.evolve(build.CUDA_EMU, name="cuda-emu-planted",
-                           flags=(*build.CUDA_EMU.flags, "-DGL_PLANT_MISSING_SYNC"))
-    monkeypatch.setitem(build.FLAVOURS, flavour.name, flavour)
-
-    class Planted(backends.EmulatedFlash):
-        name = "flash-emu-planted"
-        kernels = flavour.name
-
-    return Planted()
+def kv_tile_barrier() -> str:
+    """flash.cu's __syncthreads between staging a K/V tile and reading it, as FILE:LINE."""
+    (site,) = [s for s in mutations.find_sites()
+               if s.file == "flash.cu" and "the K, V tile is complete" in s.code]
+    return str(site)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_planted_missing_syncthreads_fails_the_suite(planted_flash, schedule):
+def test_a_removed_syncthreads_fails_the_suite(schedule):
+    """The barrier between staging K/V and reading it, removed ($GPTLAB_EMU_MUTATE): every case
+    fails. (tests/kernels/test_mutations.py removes every barrier and atomic in turn.)"""
     cases = [Case(1, 1, 7, 7, 8, True), Case(2, 3, 65, 65, 32, True),
              Case(1, 2, 97, 97, 80, False)]
-    with emulator.schedule(schedule), pytest.raises(AssertionError, match="3/3 cases failed"):
-        run_conformance(planted_flash, cases=cases)
+    with emulator.schedule(schedule), emulator.mutate(kv_tile_barrier()), \
+            pytest.raises(AssertionError, match="3/3 cases failed"):
+        run_conformance(backends.EmulatedFlash(), cases=cases)
 
 
 def test_emulated_kernels_give_typed_errors():
