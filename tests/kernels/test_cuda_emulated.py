@@ -1,5 +1,6 @@
-"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under two
-schedules, odd head dims, a removed barrier that must fail, typed errors."""
+"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under four
+schedules (every default case under inorder and random, a subset under reverse and greedy), odd
+head dims, a removed barrier that must fail, typed errors."""
 
 import pytest
 import torch
@@ -21,6 +22,18 @@ def test_conformance_on_emulated_cuda_kernels(cls, schedule):
     with emulator.schedule(schedule):
         results = run_conformance(cls(), cases=cases)  # raises, listing every failed case
     assert len(results) == len(cases)
+
+
+@pytest.mark.parametrize("schedule", ("reverse", "greedy"))
+@pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],
+                         ids=lambda c: c.name)
+def test_conformance_under_reverse_and_greedy_schedules(cls, schedule):
+    """The other two schedules on a subset (every case under four schedules would take the
+    emulated suites over their time budget): one and several tiles, partial tiles, the smallest
+    and an odd head dim, and the special cases (q_scale 20, fewer and more queries than keys)."""
+    cases = default_cases(cls, seq_lens=(1, 7, 65, 97), head_dims=(8, 80))
+    with emulator.schedule(schedule):
+        assert len(run_conformance(cls(), cases=cases)) == len(cases) == 39
 
 
 @pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],

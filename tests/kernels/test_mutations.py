@@ -5,7 +5,9 @@ reason it is harmless. Small cases only: the whole module takes about 15 s once 
 libraries are built."""
 
 import pytest
+from click.testing import CliRunner
 
+from gptlab.cli import build_cli
 from gptlab.plugins.cuda_kernels import mutations
 
 
@@ -80,3 +82,21 @@ def test_the_table_lists_every_site(outcomes):
     assert text.splitlines()[0] == "| site | code | removal caught by |"
     assert len(text.splitlines()) == 2 + len(outcomes)
     assert "| `flash.cu:" in text and "racecheck |" in text and "**nothing**" not in text
+
+
+def test_kernels_mutations_command_prints_the_table(registry):
+    """With racecheck alone (it catches every removal here); a detector that misses some fails."""
+    res = CliRunner().invoke(build_cli(registry), ["kernels", "mutations", "--detector",
+                                                   "racecheck"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == "| site | code | removal caught by |"
+    assert len(lines) == 2 + len(mutations.find_sites())
+    assert all(line.endswith("| racecheck |") for line in lines[2:])
+    res = CliRunner().invoke(build_cli(registry), ["kernels", "mutations", "--detector",
+                                                   "reverse"])
+    missed = [line.split("`")[1] for line in res.output.splitlines()[2:-1]
+              if line.endswith("| **nothing** |")]
+    assert res.exit_code == 1 and _site("atomicAdd(&dq_acc") in missed
+    assert res.output.splitlines()[-1] == f"Error: removing {', '.join(missed)} is caught by " \
+                                          f"nothing"

@@ -455,8 +455,10 @@ bool parse_schedule(Order &order, uint64_t &seed) {
     order = Order::InOrder;
     seed = 0;
     if (!s || !*s || strcmp(s, "inorder") == 0) return true;
-    if (strcmp(s, "reverse") == 0) return (order = Order::Reverse), true;
-    if (strcmp(s, "greedy") == 0) return (order = Order::Greedy), true;
+    if (strcmp(s, "reverse") == 0 || strcmp(s, "greedy") == 0) {
+        order = s[0] == 'r' ? Order::Reverse : Order::Greedy;
+        return true;
+    }
     if (strncmp(s, "random", 6) != 0) return false;
     order = Order::Random;
     if (s[6] == 0) return true;
