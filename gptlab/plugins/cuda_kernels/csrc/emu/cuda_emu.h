@@ -110,9 +110,6 @@ extern dim3 block_dim, grid_dim;
 extern const uint3 *thread_idx; /* the running fiber's threadIdx */
 
 void syncthreads(const char *file, int line);
-/* Racecheck (cuda_emu_racecheck.h): record a load, store or atomicAdd by the running thread. */
-enum class Access { Read, Write, Atomic };
-void race_access(const void *p, size_t bytes, Access kind, const char *file, int line);
 void syncwarp(const char *file, int line, unsigned mask = 0xffffffffu);
 /* Every lane named in mask deposits bits, waits for the others, and gets src_lane's bits. */
 uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int src_lane);
@@ -128,6 +125,10 @@ void launch_fn(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaS
     launch(name, grid, block, smem_bytes, stream, [](void *ctx) { (*static_cast<Fn *>(ctx))(); },
            static_cast<void *>(&f));
 }
+
+/* Racecheck (cuda_emu_racecheck.h): record a load, store or atomicAdd by the running thread. */
+enum class Access { Read, Write, Atomic };
+void race_access(const void *p, size_t bytes, Access kind, const char *file, int line);
 
 template <class T>
 T shfl_from(const char *file, int line, unsigned mask, T v, int src) {
