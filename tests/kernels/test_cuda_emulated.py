@@ -1,12 +1,12 @@
 """The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under four
 schedules (every default case under inorder and random, a subset under reverse and greedy), odd
-head dims, a removed barrier that must fail, typed errors."""
+head dims, a removed barrier that must fail, no race found by the race detector, typed errors."""
 
 import pytest
 import torch
 
 from gptlab.core.attention import AttentionRequest
-from gptlab.plugins.cuda_kernels import backends, emulator, mutations
+from gptlab.plugins.cuda_kernels import backends, build, emulator, mutations
 from gptlab.testing import Case, default_cases, run_conformance
 
 SCHEDULES = ("inorder", "random:1")
@@ -63,6 +63,25 @@ def test_a_removed_syncthreads_fails_the_suite(schedule):
     with emulator.schedule(schedule), emulator.mutate(kv_tile_barrier()), \
             pytest.raises(AssertionError, match="3/3 cases failed"):
         run_conformance(backends.EmulatedFlash(), cases=cases)
+
+
+def test_racecheck_finds_no_race_in_the_kernels():
+    """The race detector (flavour cuda-emu-racecheck) on the correct kernels, blocks interleaved:
+    partial and whole tiles, head dims 8 to 128, fewer and more queries than keys, several
+    heads; and the row-wise kernels (more than one chunk and column strip)."""
+    from test_rowwise_kernels import (_assert_within, check_bias_gelu, check_cross_entropy,
+                                      check_layer_norm)
+
+    racecheck = build.CUDA_EMU_RACECHECK.name
+    cases = [Case(1, 2, 65, 65, hs, causal) for hs in (8, 33, 128) for causal in (True, False)]
+    cases += [Case(1, 2, 7, 97, 32, True), Case(1, 2, 9, 4, 32, False), Case(2, 3, 1, 65, 32, True)]
+    with emulator.schedule("random:1"):
+        for base in (backends.EmulatedFlash, backends.EmulatedFused):
+            run_conformance(mutations.emulated_backend(base, racecheck)(), cases=cases)
+        for rows, C in ((1, 3), (33, 65)):
+            _assert_within("layer_norm", check_layer_norm(racecheck, rows, C), (rows, C))
+            _assert_within("bias_gelu", check_bias_gelu(racecheck, rows, C), (rows, C))
+            _assert_within("cross_entropy", check_cross_entropy(racecheck, rows, C), (rows, C))
 
 
 def test_emulated_kernels_give_typed_errors():

@@ -138,7 +138,8 @@ def _inputs(*shapes, seed: int = 0) -> list[torch.Tensor]:
 
 
 @functools.cache
-def _attention_backend(base: type, kernels: str) -> type:
+def emulated_backend(base: type, kernels: str) -> type:
+    """``base`` (EmulatedFlash or EmulatedFused) on another emulator flavour, e.g. racecheck."""
     return type(f"{base.__name__}On{kernels.title().replace('-', '')}", (base,),
                 {"name": f"{base.name}[{kernels}]", "kernels": kernels})
 
@@ -151,7 +152,7 @@ ATTENTION_CASES = ((1, 1, 40, 40, 8, True), (1, 2, 33, 33, 16, False))
 def _attention(base: type, kernels: str) -> str | None:
     from gptlab.testing import Case, check_case
 
-    backend = _attention_backend(base, kernels)()
+    backend = emulated_backend(base, kernels)()
     for args in ATTENTION_CASES:
         r = check_case(backend, Case(*args))
         if not r.ok:
