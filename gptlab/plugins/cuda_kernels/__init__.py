@@ -7,11 +7,12 @@ cross-entropy) and the ``gpt kernels`` command group. Layout:
 - ``csrc/gptlab_kernels.h``: the one C ABI (also the cffi cdef), read by ``abi.py``;
 - ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``); ``csrc/cuda/``: their CUDA twins
   (``softmax.cu``, ``flash.cu``); ``csrc/emu/``: the CUDA emulator that runs the ``.cu`` files
-  on the CPU (schedules chosen from ``emulator.py``);
-- ``build.py``: cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu`` flavours;
-  ``loader.py``: cffi; ``ops.py``: torch custom ops with autograd; ``backends.py``: the
-  attention backends; ``layer_kernels.py``: the layer kernels; ``commands.py``:
-  ``gpt kernels build / info / check``.
+  on the CPU (schedules and mutation chosen from ``emulator.py``; a race detector);
+- ``build.py``: cached, locked compilation of the ``cpu``, ``cuda``, ``cuda-emu`` and
+  ``cuda-emu-racecheck`` flavours; ``loader.py``: cffi; ``ops.py``: torch custom ops with
+  autograd; ``backends.py``: the attention backends; ``layer_kernels.py``: the layer kernels;
+  ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
+  catches it; ``commands.py``: ``gpt kernels build / info / check / mutations``.
 
 Each kernel source file names, in its header comment, the reference it is checked against, the
 command that checks it and the one that benchmarks it.

@@ -29,13 +29,14 @@ def _resources_summary(report) -> str:
 @kernels.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached library exists.")
 @click.option("--flavour", "names", multiple=True, metavar="NAME",
-              help="Build only this flavour (cpu, cuda, cuda-emu); repeatable. Default: all.")
+              help="Build only this flavour (cpu, cuda, cuda-emu, cuda-emu-racecheck); "
+                   "repeatable. Default: all.")
 def build_cmd(force, names):
     """Compile the kernel libraries now (otherwise each is built on first use).
 
     cpu: the C kernels (by $CC). cuda: the .cu kernels by nvcc ($NVCC) for sm_80 and sm_90.
-    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU. Without
-    --flavour, a flavour whose compiler is missing is skipped with the reason; a flavour named
+    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU;
+    cuda-emu-racecheck: the same with the emulator's race detector. Without --flavour, a flavour whose compiler is missing is skipped with the reason; a flavour named
     with --flavour that cannot be built is an error. A cached library that fails verification
     (truncated, replaced, or built by an older gptlab) is rebuilt, and said so.
     """

@@ -676,6 +676,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
 /* Racecheck: record an access by the running thread (called by the watched pointers of
  * cuda_emu_racecheck.h and by atomicAdd); a race with a recorded access fails the launch. */
 void race_access(const void *p, size_t bytes, Access kind, const char *file, int line) {
+    if (!cur) return; /* host code: no thread to record */
     if (kind == Access::Atomic && mutated(file, line)) { /* removed: a plain read and write */
         race_access(p, bytes, Access::Read, file, line);
         kind = Access::Write;
