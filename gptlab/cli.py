@@ -559,13 +559,19 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
 
     reg = _registry(ctx)
     dev = resolve_device(device)
+    skipped = []
     if names:
         chosen = [n.strip() for n in names.split(",") if n.strip()]
         for n in chosen:
             reg.attention_backend(n)
     else:
         req = AttentionRequest(device=dev.type, head_dim=D)
-        chosen = sorted(cls.name for cls, reasons in backend_table(reg, req) if not reasons)
+        table = backend_table(reg, req)
+        chosen = sorted(cls.name for cls, reasons in table if not reasons)
+        # those made for this device that cannot run here (a missing compiler, a driver too old
+        # for nvcc's CUDA): said once, not left out silently
+        skipped = [(cls.name, reasons) for cls, reasons in table
+                   if reasons and dev.type in cls.devices]
     chosen = ["sdpa", *(n for n in chosen if n != "sdpa")]  # the baseline first
     try:
         lens = [int(t) for t in seq_lens.split(",")]
@@ -578,6 +584,8 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device):
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"{torch.get_num_threads()} threads")
     click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, float32, {dev}, {where}")
+    for name, reasons in skipped:
+        click.echo(f"{name}: not run: {'; '.join(reasons)}")
     click.echo(f"{'backend':<10}{'T':>6}{'time ms':>11}{'x sdpa':>8}{'peak MiB':>11}{'x sdpa':>8}")
     pending = []
 

@@ -140,6 +140,20 @@ def test_cli_trains_and_samples_with_the_parts(cli, registry, tmp_path):
     assert result.exit_code == 0 and len(result.output) >= 20
 
 
+def test_transformer_parts_named_for_the_bigram_are_an_error_before_anything_is_written(
+        cli, tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text(SMALL)
+    out = tmp_path / "run"
+    result = invoke(cli, ["run", "--preset", "bigram", "--data", str(text), "--out-dir",
+                          str(out), "--position", "rotary", "--qk-norm", "--attention", "flash"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the bigram model has no attention or blocks, so --attention flash, --position "
+        "rotary, --qk-norm would do nothing; drop them or use --model transformer")
+    assert not out.exists()
+
+
 @pytest.fixture
 def cli(registry):
     return build_cli(registry)

@@ -55,11 +55,24 @@ class RunPlan:
         return None if self.layer_kernels is None else self.layer_kernels.name
 
 
+#: What a model without attention (the bigram) has no use for: naming any of them is an error.
+TRANSFORMER_PARTS = ("block", "attention", "norm", "mlp", "position", "qk_norm", "untied_head",
+                     "zero_init")
+
+
 def model_parts(reg: Registry, config: ModelConfig) -> dict:
     """The norm, MLP and position classes ``config`` names, looked up in the registry and
     checked against it (unknown names and impossible combinations are one-line errors), as
     keyword arguments of :class:`Components`; empty for models without attention."""
     if not reg.model(config.model).uses_attention:
+        ignored = [f"{f.metadata['flag']} {getattr(config, f.name)}".replace(" True", "")
+                   for f in attrs.fields(ModelConfig)
+                   if f.name in TRANSFORMER_PARTS and getattr(config, f.name) != f.default]
+        if ignored:
+            raise ConfigError(f"the {config.model} model has no attention or blocks, so "
+                              f"{', '.join(ignored)} would do nothing; drop "
+                              f"{'it' if len(ignored) == 1 else 'them'} or use --model "
+                              f"transformer")
         return {}
     position = reg.get("positions", config.position)
     position.check(config)

@@ -89,6 +89,13 @@ class LayerKernels:
         """Mean cross-entropy of ``logits`` (N, V) against ``targets`` (N,)."""
         return F.cross_entropy(logits, targets)
 
+    def decoder(self, model: nn.Module):
+        """A fused decoding step for ``model``'s blocks, or None (the default): the blocks then
+        decode op by op. When not None, ``decoder(x, cache)`` takes the new token's embeddings
+        (B, 1, C) and a :class:`~gptlab.plugins.models.transformer.KVCache`, runs every block
+        (appending to the cache) and returns (B, 1, C), or returns None to decline that step."""
+        return None
+
 
 class TorchKernels(LayerKernels):
     name = "torch"

@@ -49,6 +49,16 @@ class LayerKV:
         self.length = end
         return self._k[:, :, :end], self._v[:, :, :end]  # (B, nh, end, hs) views
 
+    def storage(self, B: int, nh: int, hs: int, like: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole storage, keys and values (B, nh, capacity, hs) each, with room for one
+        more token: for a step that writes row :attr:`length` itself and then advances
+        :attr:`length` (the fused decoding kernel)."""
+        if self._k is None or self.length + 1 > self._k.size(2):
+            new = like.new_empty(B, nh, 1, hs)
+            self._grow(new, new, self.length + 1)
+        return self._k, self._v
+
     def _grow(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
         """New storage for at least ``needed`` tokens (``max_len``, or twice what there was),
         holding the tokens cached so far."""

@@ -77,7 +77,7 @@ def test_racecheck_finds_no_race_in_the_kernels():
     cases += [Case(1, 2, 7, 97, 32, True), Case(1, 2, 9, 4, 32, False), Case(2, 3, 1, 65, 32, True)]
     with emulator.schedule("random:1"):
         for base in (backends.EmulatedFlash, backends.EmulatedFused):
-            run_conformance(mutations.emulated_backend(base, racecheck)(), cases=cases)
+            run_conformance(mutations.emulated_backend(base, racecheck), cases=cases)
         for rows, C in ((1, 3), (33, 65)):
             _assert_within("layer_norm", check_layer_norm(racecheck, rows, C), (rows, C))
             _assert_within("bias_gelu", check_bias_gelu(racecheck, rows, C), (rows, C))

@@ -100,3 +100,17 @@ def test_kernels_mutations_command_prints_the_table(registry):
     assert res.exit_code == 1 and _site("atomicAdd(&dq_acc") in missed
     assert res.output.splitlines()[-1] == f"Error: removing {', '.join(missed)} is caught by " \
                                           f"nothing"
+
+
+def test_the_checks_leave_no_backend_class_behind(outcomes):
+    """gpucheck's emulated target lists the subclasses of backends.Emulated: running the checks
+    on the racecheck flavour must not add one."""
+    from gptlab.plugins.cuda_kernels import backends
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    assert outcomes and not [c for c in subclasses(backends.Emulated)
+                             if c.__module__ == mutations.__name__]

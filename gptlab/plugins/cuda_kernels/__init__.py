@@ -12,7 +12,9 @@ cross-entropy) and the ``gpt kernels`` command group. Layout:
   ``cuda-emu-racecheck`` flavours; ``loader.py``: cffi; ``ops.py``: torch custom ops with
   autograd; ``backends.py``: the attention backends; ``layer_kernels.py``: the layer kernels;
   ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
-  catches it; ``commands.py``: ``gpt kernels build / info / check / mutations``.
+  catches it; ``commands.py``: ``gpt kernels build / info / check / mutations / bench-ops /
+  gpucheck``; ``gpucheck.py``: the one-command check of the CUDA kernels on a GPU machine (its
+  markdown report).
 
 Each kernel source file names, in its header comment, the reference it is checked against, the
 command that checks it and the one that benchmarks it.

@@ -33,7 +33,9 @@ CUDA_MAX_HEAD_DIM = 128
 def cuda_unavailable_reasons() -> tuple[str, ...]:
     """Why the CUDA kernels cannot run here (empty when they can).
 
-    Asks the nvcc library's runtime for GPUs (cudart is linked statically, so the library loads
+    First, whether the driver can run nvcc's CUDA runtime at all
+    (:func:`.build.cuda_version_mismatch`: one line naming both versions). Then asks the nvcc
+    library's runtime for GPUs (cudart is linked statically, so the library loads
     without a driver). Where torch itself can use CUDA the library is built for that if needed;
     where torch cannot (torch's reason is reported anyway), only an already built library is
     asked, so explaining costs no nvcc build. Cached per compiler and cache folder.
@@ -47,6 +49,9 @@ def _cuda_reasons(compiler: str, cache: str, torch_has_cuda: bool) -> tuple[str,
     missing = build.missing_compiler_reason(build.CUDA)
     if missing:
         return (missing,)
+    mismatch = build.cuda_version_mismatch()
+    if mismatch:
+        return (mismatch,)
     try:
         if torch_has_cuda:
             lib = load("cuda")
@@ -160,8 +165,7 @@ class FlashAttention(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        o, _ = torch.ops.gptlab.flash_attn(q, k, v, scale, causal, self.kernels)
-        return o
+        return ops.flash_attention(q, k, v, scale, causal, self.kernels)
 
 
 class Emulated:

@@ -5,7 +5,7 @@ Four *flavours* share this machinery:
 - ``cpu``: the C kernels in ``csrc/cpu/``, by ``$CC`` (default ``cc``);
 - ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), for sm_80 and
   sm_90 (plus compute_90 PTX that newer GPUs compile on load), with cudart linked statically so
-  the library loads on a machine without a driver;
+  the library loads on a machine without a driver (see "CUDA versions" below);
 - ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against
   ``csrc/emu/cuda_emu.h``: the CUDA kernels run on the CPU, for verification without a GPU;
   ``cuda-emu-racecheck``: the same with the emulator's race detector (``-DGL_EMU_RACECHECK``).
@@ -27,6 +27,20 @@ naming it and gives up after :data:`LOCK_TIMEOUT_S`. Under the lock it removes t
 a killed build left, compiles into a temporary file, fsyncs it and renames it into place, then
 writes the record. Any ``OSError`` from the cache (a file where a folder must be, a lock that is a
 folder, a read-only disk) is a one-line :class:`KernelBuildError`, so ``auto`` moves on.
+
+CUDA versions. The library carries the CUDA runtime of the nvcc that built it (static cudart), and
+a CUDA runtime needs a driver that supports its CUDA major version (CUDA 13 needs a Linux driver
+>= 580); torch's CUDA build carries its own runtime, so torch can work where our library cannot
+(torch built for CUDA 12.x on a 550 driver, nvcc 13.0 here). Linking against torch's runtime
+instead would not help: a library compiled by nvcc 13 needs a CUDA 13 runtime whichever copy it
+uses, and torch's is CUDA 12 in that case; the remedy is an nvcc of the driver's major version
+(``$NVCC``) or a newer driver. So the runtime stays static (the library loads anywhere and
+reports instead of failing to load), and :func:`cuda_version_mismatch` names the mismatch in one
+line before anything is loaded (nvcc's CUDA version against the driver's, read from torch or from
+``libcuda``): the CUDA backends give it as their reason, so ``gpt backends --device cuda`` and a
+named backend say so instead of "no usable GPU". Within one major version the runtime's
+minor-version compatibility runs the sm_80 / sm_90 code on an older driver; only the compute_90
+PTX (GPUs newer than sm_90) needs a driver at least as new as nvcc.
 """
 
 from __future__ import annotations
@@ -67,7 +81,7 @@ class KernelBuildError(GptlabError):
     """A native library could not be compiled or loaded."""
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a key of loader's dict, looked up on every kernel call
 class Flavour:
     name: str
     compiler_env: str  # environment variable naming the compiler
@@ -86,7 +100,7 @@ class Flavour:
 CPU = Flavour(
     name="cpu", compiler_env="CC", default_compiler="cc",
     sources=("cpu/runtime.c", "cpu/softmax.c", "cpu/flash.c", "cpu/layernorm.c",
-             "cpu/cross_entropy.c", "cpu/bias_gelu.c"), headers=("cpu/*.h",),
+             "cpu/cross_entropy.c", "cpu/bias_gelu.c", "cpu/decode.c"), headers=("cpu/*.h",),
     flags=("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fopenmp",
            "-fno-math-errno", "-Wall", "-Wextra", "-Werror"),
     native_cpu=True, install_hint="install gcc or set CC",
@@ -336,6 +350,71 @@ def _compile(flavour: Flavour, lib: Path) -> None:
                                    f"{lib.parent / 'build.log'})")
         record = _digest(tmp)
     atomic_write(lib.with_name(RECORD), json.dumps(record))
+
+
+# ------------------------------------------------------------------ CUDA versions
+#: The oldest Linux driver of each CUDA major version (NVIDIA's CUDA toolkit release notes).
+MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+_RELEASE = re.compile(r"release (\d+)\.(\d+)")
+
+
+def parse_nvcc_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) from ``nvcc --version`` ("Cuda compilation tools, release 13.0, ...")."""
+    m = _RELEASE.search(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def nvcc_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version of ``$NVCC``; None if it is missing or says none."""
+    if find_compiler(CUDA) is None:
+        return None
+    try:
+        return parse_nvcc_version(_compiler_version(CUDA))
+    except KernelBuildError:
+        return None
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed driver supports (cudaDriverGetVersion, through torch
+    where torch is a CUDA build, else through ``libcuda.so.1``); None where there is no driver.
+    Needs no GPU and never raises."""
+    import torch
+
+    version = 0
+    getter = getattr(torch._C, "_cuda_getDriverVersion", None)
+    if getter is not None and torch.version.cuda:
+        try:
+            version = int(getter())
+        except Exception:  # torch without a usable driver
+            version = 0
+    if not version:
+        import ctypes
+
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+            out = ctypes.c_int(0)
+            if libcuda.cuDriverGetVersion(ctypes.byref(out)) == 0:
+                version = out.value
+        except (OSError, AttributeError):
+            version = 0
+    return (version // 1000, version % 1000 // 10) if version > 0 else None
+
+
+def cuda_version_mismatch() -> str | None:
+    """One line if the driver cannot run the CUDA runtime that nvcc links into the library (its
+    CUDA major version is newer than the driver's), else None (also when either is unknown)."""
+    nvcc, driver = nvcc_cuda_version(), driver_cuda_version()
+    if nvcc is None or driver is None or nvcc[0] <= driver[0]:
+        return None
+    import torch
+
+    torch_cuda = f"; torch {torch.__version__} uses CUDA {torch.version.cuda}" \
+        if torch.version.cuda else ""
+    need = MIN_DRIVER.get(nvcc[0])
+    return (f"the CUDA kernels are built by nvcc {nvcc[0]}.{nvcc[1]} (CUDA {nvcc[0]} runtime) but "
+            f"the driver supports CUDA {driver[0]}.{driver[1]}{torch_cuda}: set NVCC to a CUDA "
+            f"{driver[0]}.x nvcc, or update the driver"
+            + (f" to >= {need}" if need else ""))
 
 
 # ------------------------------------------------------------------ ptxas resource report

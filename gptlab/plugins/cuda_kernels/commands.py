@@ -36,9 +36,10 @@ def build_cmd(force, names):
 
     cpu: the C kernels (by $CC). cuda: the .cu kernels by nvcc ($NVCC) for sm_80 and sm_90.
     cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU;
-    cuda-emu-racecheck: the same with the emulator's race detector. Without --flavour, a flavour whose compiler is missing is skipped with the reason; a flavour named
-    with --flavour that cannot be built is an error. A cached library that fails verification
-    (truncated, replaced, or built by an older gptlab) is rebuilt, and said so.
+    cuda-emu-racecheck: the same with the emulator's race detector. Without --flavour, a flavour
+    whose compiler is missing is skipped with the reason; a flavour named with --flavour that
+    cannot be built is an error. A cached library that fails verification (truncated, replaced,
+    or built by an older gptlab) is rebuilt, and said so.
     """
     from gptlab.core.errors import GptlabError
     from gptlab.plugins.cuda_kernels import build, loader
@@ -238,3 +239,104 @@ def bench_ops_cmd(op_names, B, T, C, V, rounds, threads, device, clock):
         base = next(t for t in rows if t.baseline)
         for t in rows:
             click.echo(f"{t.op:<15}{t.impl:<25}{t.time_ms:>9.3f}{t.time_ms / base.time_ms:>9.2f}")
+
+
+def _int_list(value: str, param: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"comma-separated integers >= 1, got {value!r}",
+                                 param_hint=param)
+    return out
+
+
+@kernels.command("gpucheck")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Markdown report to write. Default: benchmarks/results/gpucheck-<gpu>.md "
+                   "(gpucheck-emulated.md with --emulate).")
+@click.option("--emulate", is_flag=True,
+              help="Rehearse on the CPU: the .cu kernels run by the CUDA emulator, small "
+                   "shapes, sdpa on the CPU as the baseline (no GPU numbers).")
+@click.option("--sections", default="environment,conformance,sanitizer,benchmark",
+              show_default=True,
+              help="Comma-separated sections to run.")
+@click.option("--batch", "B", type=click.IntRange(min=1), default=None,
+              help="Benchmark batch B (default 8; 1 with --emulate).")
+@click.option("--heads", "H", type=click.IntRange(min=1), default=None,
+              help="Benchmark heads H (default 12; 2 with --emulate).")
+@click.option("--seq-len", "T", type=click.IntRange(min=1), default=None,
+              help="Benchmark sequence length T (default 2048; 64 with --emulate).")
+@click.option("--head-dims", default=None, metavar="D,D",
+              help="Benchmark head dims (default 64,128; 32 with --emulate).")
+@click.option("--reps", type=click.IntRange(min=1), default=None,
+              help="Timed runs per benchmark point, the median reported (default 10; 3 with "
+                   "--emulate).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Untimed runs before them (default 3; 1 with --emulate).")
+@click.option("--rule-seq-len", type=click.IntRange(min=1), default=None,
+              help="T of the precision rule's long causal case (default 2048; 256 with "
+                   "--emulate).")
+@click.option("--quick", is_flag=True,
+              help="Conformance on T in {1, 7, 65} and head dims {16, 80} only (31 cases per "
+                   "backend instead of 147).")
+@click.option("--sanitizer-timeout", type=click.FloatRange(min=1), default=120.0,
+              show_default=True, help="Seconds each compute-sanitizer tool may take.")
+@click.pass_context
+def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, warmup,
+                 rule_seq_len, quick, sanitizer_timeout):
+    """Check the CUDA kernels on this GPU and write one markdown report (under 10 minutes on
+    an H100).
+
+    Sections: environment (GPU, driver, torch, nvcc, the cuda build, ptxas registers / spills /
+    shared memory and the occupancy each implies here); conformance (every CUDA attention
+    backend and layer kernel of gptlab, per dtype each declares, and FlashAttention's precision
+    rule at a long causal sequence); sanitizer (compute-sanitizer memcheck, racecheck, synccheck
+    on a small run of every kernel, where compute-sanitizer is on PATH); benchmark (forward and
+    forward+backward vs sdpa: median CUDA-event time, TFLOP/s, peak memory). A section that
+    raises is one line in the report and the next one runs; the exit code is 1 if any check
+    failed. Without a GPU (and without --emulate) it stops with one line saying why.
+    """
+    from pathlib import Path
+
+    import attrs
+
+    from gptlab.cli import _registry
+    from gptlab.plugins.cuda_kernels import gpucheck
+
+    chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in gpucheck.SECTIONS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown section(s) {', '.join(unknown) or '(none)'}; known: "
+                                 f"{', '.join(gpucheck.SECTIONS)}", param_hint="--sections")
+    overrides = {k: v for k, v in {
+        "B": B, "H": H, "T": T, "reps": reps, "warmup": warmup, "rule_T": rule_seq_len,
+        "head_dims": _int_list(head_dims, "--head-dims") if head_dims else None,
+    }.items() if v is not None}
+    overrides.update(sections=chosen, sanitizer_timeout_s=sanitizer_timeout, quick=quick)
+    options = (gpucheck.Options.emulated(**overrides) if emulate
+               else attrs.evolve(gpucheck.Options(), **overrides))
+    reg = _registry(ctx)
+    if not emulate:
+        gpucheck.require_gpu()
+    target = gpucheck.emulated_target(reg) if emulate else gpucheck.cuda_target(reg)
+    path = Path(out_path) if out_path else gpucheck.default_out(target)
+
+    def progress(message):
+        click.echo(f"gpucheck {message}", err=True)
+
+    progress(f"checking {', '.join(c.name for c in target.attention)} and layer kernels "
+             f"{', '.join(c.name for c in target.layer_kernels)} on {target.device}"
+             + (" (emulated)" if emulate else "") + f"; report: {path}")
+    report = gpucheck.GpuCheck(reg, target, options, progress).run(
+        " ".join(["gpt", *ctx.command_path.split()[1:]]) + (" --emulate" if emulate else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.markdown())
+    for section in report.sections:
+        click.echo(f"{section.title}: {'FAIL' if section.failed else 'pass'} "
+                   f"({section.seconds:.1f}s)")
+    click.echo(f"report: {path}")
+    if report.failed:
+        raise click.ClickException(f"{len(report.failed)} of {len(report.sections)} sections "
+                                   f"failed ({', '.join(report.failed)}); see {path}")

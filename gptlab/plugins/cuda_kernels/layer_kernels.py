@@ -6,15 +6,21 @@ The kernels compute in float32. Under ``--dtype bfloat16`` the matrix products g
 activations: the bias + GELU kernel takes them on the CPU (widened, result rounded back), the
 loss widens bfloat16 logits to float32 first (as autocast does for ``F.cross_entropy``), and the
 residual stream LayerNorm reads stays float32.
+
+:class:`EmulatedNativeKernels` runs the same operations' ``.cu`` kernels on CPU tensors through
+the CUDA emulator; like the emulated attention backends it is not registered (it stands for the
+GPU in ``gpt kernels gpucheck --emulate`` and in tests).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from gptlab.core.layer_kernels import LayerKernels
-from gptlab.plugins.cuda_kernels import ops
+from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.backends import cuda_dtype_reasons, native_unavailable_reasons
 from gptlab.plugins.cuda_kernels.loader import load
 
@@ -25,9 +31,12 @@ class NativeKernels(LayerKernels):
     description = "C/CUDA kernels: one-pass LayerNorm, fused bias+GELU, one-pass cross-entropy"
     devices = frozenset({"cpu", "cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16})
+    kernels: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
+        if cls.kernels != ops.NATIVE:
+            return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
         return native_unavailable_reasons(device)
 
     @classmethod
@@ -36,18 +45,39 @@ class NativeKernels(LayerKernels):
 
     @classmethod
     def prepare(cls, request):
-        load(ops.native_flavour(request.device))
+        load(ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels)
 
     def layer_norm(self, x, weight, bias, eps):
         if x.dtype != weight.dtype:  # autocast activations: normalise as the reference does
             return super().layer_norm(x, weight, bias, eps)
-        return ops.layer_norm(x, weight, bias, eps)[0]
+        return ops.layer_norm(x, weight, bias, eps, self.kernels)[0]
 
     def linear_gelu(self, x, linear):
         if linear.bias is None:
             return F.gelu(linear(x))
         h = F.linear(x, linear.weight)  # (..., 4C); the bias is added by the kernel
-        return ops.bias_gelu(h, linear.bias.to(h.dtype))
+        return ops.bias_gelu(h, linear.bias.to(h.dtype), self.kernels)
 
     def cross_entropy(self, logits, targets):
-        return ops.cross_entropy(logits.float(), targets)
+        return ops.cross_entropy(logits.float(), targets, self.kernels)
+
+    def decoder(self, model):
+        """One C call per block for each decoded token (:mod:`.decode`), for the parts it
+        computes on the C library; None for any other model or kernels."""
+        from gptlab.plugins.cuda_kernels.decode import FusedDecoder, fused_decode_reasons
+
+        if self.kernels != ops.NATIVE or fused_decode_reasons(model):
+            return None
+        return FusedDecoder(model)
+
+
+class EmulatedNativeKernels(NativeKernels):
+    """The CUDA layer kernels (layernorm.cu, bias_gelu.cu, cross_entropy.cu) on CPU tensors, run
+    by the CUDA emulator; never picked by auto."""
+
+    name = "native-emu"
+    priority = -100
+    description = "the CUDA layer kernels run on the CPU by the CUDA emulator"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32})
+    kernels = build.CUDA_EMU.name

@@ -137,11 +137,13 @@ def _inputs(*shapes, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(*s, generator=gen) for s in shapes]
 
 
-@functools.cache
-def emulated_backend(base: type, kernels: str) -> type:
-    """``base`` (EmulatedFlash or EmulatedFused) on another emulator flavour, e.g. racecheck."""
-    return type(f"{base.__name__}On{kernels.title().replace('-', '')}", (base,),
-                {"name": f"{base.name}[{kernels}]", "kernels": kernels})
+def emulated_backend(base: type, kernels: str):
+    """A ``base`` (EmulatedFlash or EmulatedFused) whose kernels run on another emulator flavour
+    (e.g. racecheck). An instance, not a subclass: tools that list the subclasses of
+    ``backends.Emulated`` (gpucheck's emulated target) must not find it."""
+    backend = base()
+    backend.kernels, backend.name = kernels, f"{base.name}[{kernels}]"
+    return backend
 
 
 #: Small attention cases: two query tiles and two key tiles in the forward (a K/V tile is
@@ -152,7 +154,7 @@ ATTENTION_CASES = ((1, 1, 40, 40, 8, True), (1, 2, 33, 33, 16, False))
 def _attention(base: type, kernels: str) -> str | None:
     from gptlab.testing import Case, check_case
 
-    backend = emulated_backend(base, kernels)()
+    backend = emulated_backend(base, kernels)
     for args in ATTENTION_CASES:
         r = check_case(backend, Case(*args))
         if not r.ok:

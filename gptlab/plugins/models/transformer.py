@@ -35,11 +35,14 @@ class KVCache:
     """Per-layer keys and values of the tokens seen so far, for one generation window.
 
     Each layer's storage holds ``max_len`` tokens (the model's ``block_size``: a window never
-    holds more), allocated once, on the first forward."""
+    holds more), allocated once, on the first forward. ``decoder``: the layer kernels' fused
+    decoding step for this window (see :meth:`gptlab.core.layer_kernels.LayerKernels.decoder`),
+    or None."""
 
-    def __init__(self, n_layer: int, max_len: int | None = None):
+    def __init__(self, n_layer: int, max_len: int | None = None, decoder=None):
         self.layers = [LayerKV(max_len) for _ in range(n_layer)]
         self.length = 0
+        self.decoder = decoder
 
 
 class Transformer(LanguageModel):
@@ -114,7 +117,9 @@ class Transformer(LanguageModel):
             return False
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.block_size)
+        kernels = getattr(self, "layer_kernels", None)
+        return KVCache(self.config.n_layer, self.config.block_size,
+                       decoder=kernels.decoder(self) if kernels is not None else None)
 
     def forward_cached(self, idx, cache: KVCache):
         T = idx.size(1)
@@ -125,7 +130,11 @@ class Transformer(LanguageModel):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe.weight[cache.length:cache.length + T]
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, layer_cache)
+        y = cache.decoder(x, cache) if T == 1 and cache.decoder is not None else None
+        if y is None:  # op by op
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, layer_cache)
+        else:  # one fused call per block (one new token)
+            x = y
         cache.length += T
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)

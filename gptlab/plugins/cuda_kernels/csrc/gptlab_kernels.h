@@ -21,7 +21,7 @@
 
 #include <stdint.h>
 
-#define GPTLAB_ABI_VERSION 4
+#define GPTLAB_ABI_VERSION 5
 
 /* error codes */
 #define GPTLAB_OK 0
@@ -103,6 +103,19 @@ int gptlab_cross_entropy_forward_f32(float *loss, float *losses, float *dlogits,
  * a GPU); dx may alias dlogits. */
 int gptlab_cross_entropy_backward_f32(float *dx, const float *dlogits, const float *dloss,
                                       int64_t n, int64_t v, void *stream, int num_threads);
+
+/* One decoding step of a GPT-2 pre-norm block for b sequences of one new token each (CPU only;
+ * the CUDA library returns GPTLAB_EINVAL): x (b, c) is the residual stream, updated in place;
+ * the new keys and values go to row `pos` of k_cache, v_cache (b, nh, max_t, c / nh), and the
+ * token attends over rows [0, pos]. params: 12 pointers, in order: ln1 weight, ln1 bias, qkv
+ * weight (3c, c), qkv bias, attention projection weight (c, c), its bias, ln2 weight, ln2 bias,
+ * MLP fc weight (4c, c), its bias, MLP projection weight (c, 4c), its bias; biases may be NULL.
+ * Attention scale 1 / sqrt(c / nh), causal; GELU in its erf form. The matrix-vector products
+ * use num_threads threads (the row operations one). */
+int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh);
+int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *workspace,
+                            const float *const *params, int64_t b, int64_t c, int64_t nh,
+                            int64_t pos, int64_t max_t, float eps, int num_threads);
 
 /* y = gelu(x + bias) over x (rows, f), bias (f), with the exact (erf) GELU of Hendrycks &
  * Gimpel 2016: gelu(u) = u * Phi(u) = u / 2 * (1 + erf(u / sqrt 2)). */

@@ -22,9 +22,11 @@
  * for the 16 vector registers of AVX2 (XS = XA = 2) or the 32 of AVX-512 (XS = XA = 4).
  * Vectors are of the machine's native width (common.h): GCC splits wider vectors badly.
  *
- * Forward work items are (slice, 64-query chunk), backward items are slices (each slice owns its
- * dq, dk, dv rows, so no atomics and the result is deterministic). Per-thread scratch is
- * allocated once per call: O((tq + tk) * d) floats per thread, never tq x tk.
+ * Forward work items are (slice, 64-query chunk); with fewer than R query rows (decoding with
+ * a KV cache) each row instead reads k and v in place, with no scratch (decode_task). Backward
+ * items are slices (each slice owns its dq, dk, dv rows, so no atomics and the result is
+ * deterministic). Per-thread scratch is allocated once per call: O((tq + tk) * d) floats per
+ * thread, never tq x tk.
  *
  * Precision (FlashAttention's rule: error vs float64 within 2x that of float32 torch attention,
  * checked at T = 2048 in tests/kernels/test_conformance.py): sums whose length grows with the
@@ -321,6 +323,76 @@ static int fwd_task(void *vctx, int64_t item, int thread) {
     DISPATCH_NV(fwd_item, (flash_ctx *)vctx, item, thread);
 }
 
+/* ----------------------------------------------------------------- forward, few query rows */
+/* With fewer than R query rows (decoding with a KV cache: one new token per step), the tiled
+ * path would pad the group to R rows and copy the whole slice's K^T and V into scratch for one
+ * row. Here each row reads k and v in place (strided rows, head dim contiguous): scores for a
+ * block of DBLK keys, the online softmax across blocks, O += p_j v_j. No scratch and no copies,
+ * so the cost is the row's 2 * tk * d multiply-adds. Work items are (batch, head) slices. */
+#define DBLK 64
+
+GL_INLINE float dot_row(const float *a, const float *b, int64_t d) {
+    vf s = vset1(0.f);
+    int64_t j = 0;
+    for (; j + VL <= d; j += VL) s += vload(a + j) * vload(b + j);
+    float t = vhsum(s);
+    for (; j < d; j++) t += a[j] * b[j];
+    return t;
+}
+
+GL_INLINE void axpy_row(float *y, float a, const float *x, int64_t d) { /* y += a x */
+    const vf va = vset1(a);
+    int64_t j = 0;
+    for (; j + VL <= d; j += VL) vstore(y + j, vload(y + j) + va * vload(x + j));
+    for (; j < d; j++) y[j] += a * x[j];
+}
+
+static int decode_task(void *vctx, int64_t bh, int thread) {
+    (void)thread;
+    const flash_ctx *c = vctx;
+    const int64_t d = c->d;
+    const float *q = slice_of(c->q, c->lq, bh, c->nh), *k = slice_of(c->k, c->lk, bh, c->nh);
+    const float *v = slice_of(c->v, c->lv, bh, c->nh);
+    float *o = slice_out(c->o, c->lo, bh, c->nh);
+    const float s2 = c->scale * LOG2E;
+    float acc[MAX_D], s[DBLK] __attribute__((aligned(64)));
+    for (int64_t row = 0; row < c->tq; row++) {
+        const float *qr = q + row * c->lq.t;
+        const int64_t n = last_visible(c, row) + 1; /* keys [0, n) are visible */
+        float m = -INFINITY, l = 0.f;
+        memset(acc, 0, (size_t)d * sizeof(float));
+        for (int64_t j0 = 0; j0 < n; j0 += DBLK) {
+            const int nb = (int)(n - j0 < DBLK ? n - j0 : DBLK);
+            float mt = -INFINITY;
+            for (int j = 0; j < nb; j++) {
+                s[j] = dot_row(qr, k + (j0 + j) * c->lk.t, d) * s2;
+                mt = s[j] > mt ? s[j] : mt;
+            }
+            for (int j = nb; j < DBLK; j++) s[j] = -INFINITY;
+            const float mnew = mt > m ? mt : m;
+            const float alpha = m == -INFINITY ? 0.f : exp2f(m - mnew);
+            const vf vm = vset1(mnew);
+            vf sum = vset1(0.f);
+            for (int j = 0; j < DBLK; j += VL) { /* s becomes p = 2^(s - m) */
+                vf e = vexp2(vload(s + j) - vm);
+                vstore(s + j, e);
+                sum += e;
+            }
+            if (alpha != 1.f)
+                for (int64_t j = 0; j < d; j++) acc[j] *= alpha;
+            l = alpha * l + vhsum(sum);
+            m = mnew;
+            for (int j = 0; j < nb; j++) axpy_row(acc, s[j], v + (j0 + j) * c->lv.t, d);
+        }
+        float *orow = o + row * c->lo.t;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t j = 0; j < d; j++) orow[j] = acc[j] * inv;
+        c->lse[bh * c->tq + row] =
+            l > 0.f ? (float)(((double)m + log2((double)l)) * LN2_D) : INFINITY;
+    }
+    return GPTLAB_OK;
+}
+
 /* ------------------------------------------------------------------------------- backward */
 GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
     const int64_t d = c->d, dp = c->dp, tq = c->tq, tk = c->tk, nh = c->nh;
@@ -496,6 +568,8 @@ int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *
     c.lq = layout_at(strides, 0); c.lk = layout_at(strides, 1); c.lv = layout_at(strides, 2);
     c.lo = layout_at(strides, 3);
     set_sizes(&c, b, nh, tq, tk, d, scale, causal);
+    if (tq < R) /* decoding: rows read k and v in place, no scratch */
+        return gl_parallel_for(c.bh, clamp_threads(num_threads, c.bh), decode_task, &c);
     const int64_t items = c.bh * ((tq + QCHUNK - 1) / QCHUNK);
     const int threads = clamp_threads(num_threads, items);
     rc = alloc_scratch(&c, threads, 2 * c.tk_pad * c.dp + 2 * R * c.dp);

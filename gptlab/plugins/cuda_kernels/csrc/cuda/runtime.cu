@@ -106,3 +106,11 @@ DeviceGuard::~DeviceGuard() {
 }
 
 } /* namespace gl */
+
+/* The fused decoding step is CPU only (csrc/cpu/decode.c): on a GPU, decoding runs op by op. */
+extern "C" int64_t gptlab_decode_block_workspace_size(int64_t, int64_t, int64_t) { return 0; }
+extern "C" int gptlab_decode_block_f32(float *, float *, float *, void *, const float *const *,
+                                       int64_t, int64_t, int64_t, int64_t, int64_t, float, int) {
+    gl::clear_error();
+    return gl::fail(GPTLAB_EINVAL, "decode_block: the fused decoding step runs on the CPU only");
+}

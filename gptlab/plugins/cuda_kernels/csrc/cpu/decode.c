@@ -1,0 +1,169 @@
+/* A fused decoding step on the CPU: one new token per sequence through one GPT-2 pre-norm block
+ * (Radford et al. 2019), in one call:
+ *
+ *   h = LN1(x);  q, k, v = h Wqkv^T + bqkv          k, v appended to the block's KV cache
+ *   x += attention(q, K[0..pos], V[0..pos]) Wo^T + bo
+ *   h = LN2(x);  x += gelu(h Wfc^T + bfc) Wpr^T + bpr
+ *
+ * Why: with a KV cache each step is b rows of work, and done op by op from Python it costs ~20
+ * torch calls and 4 kernel calls per block, each dominated by its per-call overhead (tens of
+ * microseconds on a 2-core CPU, against ~1 us of arithmetic for a row). Here the weights are
+ * read once per step (matrix-vector products, bound by memory bandwidth) and nothing is
+ * allocated but the caller's workspace.
+ *
+ * The row operations are this library's own kernels, called in place: LayerNorm
+ * (layernorm.c), bias + GELU (bias_gelu.c) and attention (flash.c, whose path for fewer than 4
+ * query rows reads k and v where they are: here straight from the cache). Only the
+ * matrix-vector products are new: y = x W^T (+ bias) (+ y), with W (out, in) row-major as
+ * nn.Linear stores it, four outputs at a time, the dot product over `in` in vectors.
+ *
+ * Layouts: x (b, c) contiguous; k_cache, v_cache (b, nh, max_t, hs) contiguous, the step writes
+ * row `pos` and attends over rows [0, pos]; params: 12 pointers in the order of
+ * GPTLAB_DECODE_PARAMS (biases may be NULL); workspace: gptlab_decode_block_workspace_size().
+ *
+ * Reference: the same block run module by module (gptlab.nn.PreNormBlock with the native
+ *            kernels), tests/test_fused_decode.py; greedy generation equals generation without
+ *            the cache (gpt bench generate).
+ * CUDA: none; on a GPU the step runs op by op (the Python path).
+ */
+#include <math.h>
+
+#include "common.h"
+#include "../gptlab_kernels.h"
+
+/* y[r][o] = (accumulate ? y[r][o] : 0) + (sum_i w[o][i] x[r][i] + bias[o]) for r < b: the
+ * residual added last, as x + sublayer(x) in the module. */
+static void gemv_rows(float *y, const float *x, const float *w, const float *bias, int64_t b,
+                      int64_t in, int64_t out, int accumulate) {
+    int64_t o = 0;
+    for (; o + 4 <= out; o += 4) {
+        const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+        for (int64_t r = 0; r < b; r++) {
+            const float *xr = x + r * in;
+            vf a0 = vset1(0.f), a1 = a0, a2 = a0, a3 = a0;
+            int64_t i = 0;
+            for (; i + VL <= in; i += VL) {
+                vf xv = vload(xr + i);
+                a0 += vload(w0 + i) * xv;
+                a1 += vload(w1 + i) * xv;
+                a2 += vload(w2 + i) * xv;
+                a3 += vload(w3 + i) * xv;
+            }
+            float s[4] = {vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3)};
+            for (; i < in; i++) {
+                s[0] += w0[i] * xr[i];
+                s[1] += w1[i] * xr[i];
+                s[2] += w2[i] * xr[i];
+                s[3] += w3[i] * xr[i];
+            }
+            float *yr = y + r * out + o;
+            for (int j = 0; j < 4; j++) {
+                const float t = bias ? s[j] + bias[o + j] : s[j];
+                yr[j] = accumulate ? yr[j] + t : t;
+            }
+        }
+    }
+    for (; o < out; o++) {
+        const float *wo = w + o * in;
+        for (int64_t r = 0; r < b; r++) {
+            const float *xr = x + r * in;
+            vf a = vset1(0.f);
+            int64_t i = 0;
+            for (; i + VL <= in; i += VL) a += vload(wo + i) * vload(xr + i);
+            float s = vhsum(a);
+            for (; i < in; i++) s += wo[i] * xr[i];
+            const float t = bias ? s + bias[o] : s;
+            y[r * out + o] = accumulate ? y[r * out + o] + t : t;
+        }
+    }
+}
+
+/* The matrix-vector products on several threads: work items are blocks of GEMV_BLOCK outputs. */
+#define GEMV_BLOCK 64
+typedef struct {
+    float *y;
+    const float *x, *w, *bias;
+    int64_t b, in, out;
+    int accumulate;
+} gemv_ctx;
+
+static int gemv_task(void *vctx, int64_t item, int thread) {
+    (void)thread;
+    const gemv_ctx *g = vctx;
+    const int64_t o0 = item * GEMV_BLOCK, n = g->out - o0 < GEMV_BLOCK ? g->out - o0 : GEMV_BLOCK;
+    /* outputs [o0, o0 + n) of every row: y and bias offset, w's rows o0.., y's row stride kept */
+    for (int64_t r = 0; r < g->b; r++)
+        gemv_rows(g->y + r * g->out + o0, g->x + r * g->in, g->w + o0 * g->in,
+                  g->bias ? g->bias + o0 : NULL, 1, g->in, n, g->accumulate);
+    return GPTLAB_OK;
+}
+
+static int gemv(float *y, const float *x, const float *w, const float *bias, int64_t b,
+                int64_t in, int64_t out, int accumulate, int num_threads) {
+    gemv_ctx g = {y, x, w, bias, b, in, out, accumulate};
+    return gl_parallel_for((out + GEMV_BLOCK - 1) / GEMV_BLOCK, num_threads, gemv_task, &g);
+}
+
+int64_t gptlab_decode_block_workspace_size(int64_t b, int64_t c, int64_t nh) {
+    if (b < 1 || c < 1 || nh < 1) return 0;
+    /* per row: h (c), qkv (3c), attention output (c), the hidden layer and its GELU (2 * 4c),
+     * mean and rstd (1 each), lse (nh); once: a zero bias (4c) */
+    return (b * (c + 3 * c + c + 8 * c + 2 + nh) + 4 * c) * (int64_t)sizeof(float);
+}
+
+int gptlab_decode_block_f32(float *x, float *k_cache, float *v_cache, void *workspace,
+                            const float *const *params, int64_t b, int64_t c, int64_t nh,
+                            int64_t pos, int64_t max_t, float eps, int num_threads) {
+    gl_clear_error();
+    if (!x || !k_cache || !v_cache || !workspace || !params)
+        return gl_fail(GPTLAB_EINVAL, "decode_block: null pointer");
+    if (b < 1 || c < 1 || nh < 1 || c % nh)
+        return gl_fail(GPTLAB_EINVAL, "decode_block: need b, c, nh >= 1 and nh dividing c "
+                       "(b=%lld c=%lld nh=%lld)", (long long)b, (long long)c, (long long)nh);
+    if (pos < 0 || pos >= max_t)
+        return gl_fail(GPTLAB_EINVAL, "decode_block: position %lld outside the cache's %lld rows",
+                       (long long)pos, (long long)max_t);
+    enum { LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, PR_W, PR_B };
+    if (!params[LN1_W] || !params[QKV_W] || !params[PROJ_W] || !params[LN2_W] || !params[FC_W]
+        || !params[PR_W])
+        return gl_fail(GPTLAB_EINVAL, "decode_block: a weight pointer is NULL");
+    const int64_t hs = c / nh, f = 4 * c;
+    float *h = workspace, *qkv = h + b * c, *att = qkv + b * 3 * c, *hid = att + b * c;
+    float *act = hid + b * f, *zero = act + b * f, *mean = zero + f, *rstd = mean + b;
+    float *lse = rstd + b;
+    int rc;
+
+    /* attention sub-layer */
+    if ((rc = gptlab_layernorm_forward_f32(h, mean, rstd, x, params[LN1_W], params[LN1_B], b, c,
+                                           eps, NULL, 1)))
+        return rc;
+    if ((rc = gemv(qkv, h, params[QKV_W], params[QKV_B], b, c, 3 * c, 0, num_threads)))
+        return rc;
+    for (int64_t r = 0; r < b; r++)
+        for (int64_t hd = 0; hd < nh; hd++) {
+            const int64_t row = ((r * nh + hd) * max_t + pos) * hs;
+            memcpy(k_cache + row, qkv + r * 3 * c + c + hd * hs, (size_t)hs * sizeof(float));
+            memcpy(v_cache + row, qkv + r * 3 * c + 2 * c + hd * hs, (size_t)hs * sizeof(float));
+        }
+    /* (batch, head, row) strides in floats: q is the first third of each qkv row, the caches
+     * (b, nh, max_t, hs), the output (b, 1, nh, hs), i.e. heads concatenated */
+    const int64_t strides[12] = {3 * c, hs, 3 * c, nh * max_t * hs, max_t * hs, hs,
+                                 nh * max_t * hs, max_t * hs, hs, c, hs, c};
+    if ((rc = gptlab_flash_forward_f32(att, lse, qkv, k_cache, v_cache, strides, b, nh, 1,
+                                       pos + 1, hs, 1.f / sqrtf((float)hs), 1, NULL, 1)))
+        return rc;
+    if ((rc = gemv(x, att, params[PROJ_W], params[PROJ_B], b, c, c, 1, num_threads))) return rc;
+
+    /* MLP sub-layer */
+    if ((rc = gptlab_layernorm_forward_f32(h, mean, rstd, x, params[LN2_W], params[LN2_B], b, c,
+                                           eps, NULL, 1)))
+        return rc;
+    if ((rc = gemv(hid, h, params[FC_W], NULL, b, c, f, 0, num_threads))) return rc;
+    const float *fc_bias = params[FC_B];
+    if (!fc_bias) {
+        memset(zero, 0, (size_t)f * sizeof(float));
+        fc_bias = zero;
+    }
+    if ((rc = gptlab_bias_gelu_forward_f32(act, hid, fc_bias, b, f, NULL, 1))) return rc;
+    return gemv(x, act, params[PR_W], params[PR_B], b, f, c, 1, num_threads);
+}
