@@ -1,12 +1,12 @@
-"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under two
-schedules, odd head dims, a planted missing barrier that must fail, typed errors."""
+"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under four
+schedules (every default case under inorder and random, a subset under reverse and greedy), odd
+head dims, a removed barrier that must fail, no race found by the race detector, typed errors."""
 
-import attrs
 import pytest
 import torch
 
 from gptlab.core.attention import AttentionRequest
-from gptlab.plugins.cuda_kernels import backends, build, emulator
+from gptlab.plugins.cuda_kernels import backends, build, emulator, mutations
 from gptlab.testing import Case, default_cases, run_conformance
 
 SCHEDULES = ("inorder", "random:1")
@@ -24,6 +24,17 @@ def test_conformance_on_emulated_cuda_kernels(cls, schedule):
     assert len(results) == len(cases)
 
 
+@pytest.mark.parametrize("schedule", ("reverse", "greedy"))
+def test_flash_conformance_under_reverse_and_greedy_schedules(schedule):
+    """The other two schedules on a subset (every case under four schedules would take the
+    emulated suites over their time budget): one and several tiles, partial tiles, the smallest
+    and an odd head dim, and the special cases (q_scale 20, fewer and more queries than keys).
+    Flash only: softmax.cu has no shared memory and no barrier, so no schedule changes it."""
+    cases = default_cases(backends.EmulatedFlash, seq_lens=(1, 7, 65, 97), head_dims=(8, 80))
+    with emulator.schedule(schedule):
+        assert len(run_conformance(backends.EmulatedFlash(), cases=cases)) == len(cases) > 30
+
+
 @pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],
                          ids=lambda c: c.name)
 def test_emulated_cuda_kernels_at_odd_and_edge_head_dims(cls):
@@ -35,26 +46,41 @@ def test_emulated_cuda_kernels_at_odd_and_edge_head_dims(cls):
         run_conformance(cls(), cases=cases)
 
 
-@pytest.fixture
-def planted_flash(monkeypatch):
-    """flash-emu built with GL_PLANT_MISSING_SYNC: no barrier between staging K/V and using it."""
-    flavour = attrs.evolve(build.CUDA_EMU, name="cuda-emu-planted",
-                           flags=(*build.CUDA_EMU.flags, "-DGL_PLANT_MISSING_SYNC"))
-    monkeypatch.setitem(build.FLAVOURS, flavour.name, flavour)
-
-    class Planted(backends.EmulatedFlash):
-        name = "flash-emu-planted"
-        kernels = flavour.name
-
-    return Planted()
+def kv_tile_barrier() -> str:
+    """flash.cu's __syncthreads between staging a K/V tile and reading it, as FILE:LINE."""
+    (site,) = [s for s in mutations.find_sites()
+               if s.file == "flash.cu" and "the K, V tile is complete" in s.code]
+    return str(site)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_planted_missing_syncthreads_fails_the_suite(planted_flash, schedule):
+def test_a_removed_syncthreads_fails_the_suite(schedule):
+    """The barrier between staging K/V and reading it, removed ($GPTLAB_EMU_MUTATE): every case
+    fails. (tests/kernels/test_mutations.py removes every barrier and atomic in turn.)"""
     cases = [Case(1, 1, 7, 7, 8, True), Case(2, 3, 65, 65, 32, True),
              Case(1, 2, 97, 97, 80, False)]
-    with emulator.schedule(schedule), pytest.raises(AssertionError, match="3/3 cases failed"):
-        run_conformance(planted_flash, cases=cases)
+    with emulator.schedule(schedule), emulator.mutate(kv_tile_barrier()), \
+            pytest.raises(AssertionError, match="3/3 cases failed"):
+        run_conformance(backends.EmulatedFlash(), cases=cases)
+
+
+def test_racecheck_finds_no_race_in_the_kernels():
+    """The race detector (flavour cuda-emu-racecheck) on the correct kernels, blocks interleaved:
+    partial and whole tiles, head dims 8 to 128, fewer and more queries than keys, several
+    heads; and the row-wise kernels (more than one chunk and column strip)."""
+    from test_rowwise_kernels import (_assert_within, check_bias_gelu, check_cross_entropy,
+                                      check_layer_norm)
+
+    racecheck = build.CUDA_EMU_RACECHECK.name
+    cases = [Case(1, 2, 65, 65, hs, causal) for hs in (8, 33, 128) for causal in (True, False)]
+    cases += [Case(1, 2, 7, 97, 32, True), Case(1, 2, 9, 4, 32, False), Case(2, 3, 1, 65, 32, True)]
+    with emulator.schedule("random:1"):
+        for base in (backends.EmulatedFlash, backends.EmulatedFused):
+            run_conformance(mutations.emulated_backend(base, racecheck), cases=cases)
+        for rows, C in ((1, 3), (33, 65)):
+            _assert_within("layer_norm", check_layer_norm(racecheck, rows, C), (rows, C))
+            _assert_within("bias_gelu", check_bias_gelu(racecheck, rows, C), (rows, C))
+            _assert_within("cross_entropy", check_cross_entropy(racecheck, rows, C), (rows, C))
 
 
 def test_emulated_kernels_give_typed_errors():

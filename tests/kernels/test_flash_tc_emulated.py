@@ -1,7 +1,8 @@
 """The tensor-core flash attention (csrc/cuda/flash_tc.cu) on the emulator: FlashAttention's
-accuracy rule for the forward and the backward in bfloat16 and float16 under two schedules, head
-dims 64 and 128, odd lengths, causal or not, fewer (and more) queries than keys, strided views; a
-planted missing cp.async wait fails; typed errors and honest backend capabilities."""
+accuracy rule for the forward and the backward in bfloat16 and float16 under two schedules (and
+fewer cases under greedy and reverse), head dims 64 and 128, odd lengths, causal or not, fewer
+(and more) queries than keys, strided views; the race detector finds no race; a planted missing
+cp.async wait fails; typed errors and honest backend capabilities."""
 
 import math
 
@@ -193,6 +194,37 @@ def test_tc_backward_within_2x_of_torch(schedule):
                                                   grad_errors(dtype, *case)):
                     assert err <= FACTOR * base + SLACK * top, \
                         f"{dtype} {case} {name}: error {err:.3e} > 2 x torch's {base:.3e}"
+
+
+@pytest.mark.parametrize("schedule", ("greedy", "reverse"))
+def test_tc_under_greedy_and_reverse(schedule):
+    """The other schedules, on fewer cases (both also keep up to 4 blocks in flight,
+    interleaved): greedy runs each warp on to its next __syncthreads, which shows a barrier
+    missing between warps that issue the same warp instructions; reverse runs warps, lanes and
+    blocks from the last."""
+    with emulator.schedule(schedule):
+        for case in [(2, 1, 65, 65, 64, True), (1, 1, 97, 97, 128, False),
+                     (1, 1, 7, 97, 64, True)]:
+            check(torch.bfloat16, *case)
+        for case in [(2, 1, 65, 65, 64, True), (1, 1, 65, 130, 64, False)]:
+            for name, (err, base, top) in zip(("o", "dq", "dk", "dv"),
+                                              grad_errors(torch.bfloat16, *case)):
+                assert err <= FACTOR * base + SLACK * top, f"{case} {name}: error {err:.3e}"
+
+
+def test_racecheck_finds_no_race_in_flash_tc():
+    """The race detector sees every shared access of these kernels (ldmatrix, cp.async, the dSᵀ
+    and L, Dvec stores) and dQ's atomics: silent on the correct kernels, blocks interleaved,
+    both head dims, several key and query tiles, causal or not."""
+    from gptlab.plugins.cuda_kernels import mutations
+    from gptlab.testing import check_precision
+
+    tc = mutations.emulated_backend(backends.EmulatedTensorCoreFlash,
+                                    build.CUDA_EMU_RACECHECK.name)
+    with emulator.schedule("random:1"):
+        for T, D, causal in ((130, 64, True), (97, 128, False), (7, 64, False)):
+            r = check_precision(tc, T=T, D=D, causal=causal, dtype=torch.bfloat16)
+            assert r.ok, str(r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the emulated "

@@ -9,10 +9,12 @@ SM80_16x8x16_F32BF16BF16F32_TN / F16; include/cute/atom/copy_traits_sm75.hpp: Co
 SM75_U32x{1,2,4}_LDSM_N and SM75_U16x{2,4,8}_LDSM_T), encoded here as (shape, stride) and
 evaluated by a small CuTe-style layout function. Then the emulated instructions themselves:
 ldmatrix against memory, mma against a float64 matmul of the rounded inputs, bfloat16 / float16
-rounding against torch's, cp.async's completion at the wait, and the launch errors of a lane
+rounding against torch's, cp.async's completion at the wait, what a barrier makes visible to
+ldmatrix and cp.async (and the race detector's view of them), and the launch errors of a lane
 that is missing or at another instruction.
 """
 
+import re
 from pathlib import Path
 
 import cffi
@@ -25,12 +27,12 @@ from gptlab.plugins.cuda_kernels import build, emulator
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def tc():
+def selftest(racecheck: bool = False):
+    base = build.CUDA_EMU_RACECHECK if racecheck else build.CUDA_EMU
     flavour = build.Flavour(
-        name="emu-tc-selftest", compiler_env="CXX", default_compiler="c++",
-        sources=(str(HERE / "emu" / "tc_selftest.cu"), "emu/cuda_emu.cpp"),
-        headers=("emu/*.h", "cuda/*.cuh"), flags=build.CUDA_EMU.flags)
+        name="emu-tc-selftest" + ("-racecheck" if racecheck else ""), compiler_env="CXX",
+        default_compiler="c++", sources=(str(HERE / "emu" / "tc_selftest.cu"), "emu/cuda_emu.cpp"),
+        headers=("emu/*.h", "cuda/*.cuh"), flags=base.flags)
     ffi = cffi.FFI()
     ffi.cdef("""
         int tc_layout(int kind, int lane, int i, int *row, int *col);
@@ -41,6 +43,16 @@ def tc():
         int tc_scenario(const char *name, float *out, const float *src, char *msg, int len);
     """)
     return Lib(ffi, ffi.dlopen(str(build.build(flavour))))
+
+
+@pytest.fixture(scope="module")
+def tc():
+    return selftest()
+
+
+@pytest.fixture(scope="module")
+def tc_racecheck():
+    return selftest(racecheck=True)
 
 
 class Lib:
@@ -316,3 +328,27 @@ def test_warp_collectives_need_every_lane_at_the_same_instruction(tc):
     assert rc == 719 and "not 16-byte aligned" in msg
     rc, msg, _ = scenario(tc, "ldmatrix_from_global")
     assert rc == 719 and "not in shared memory" in msg
+
+
+def test_ldmatrix_needs_a_barrier_after_another_warp_writes(tc):
+    rc, msg, out = scenario(tc, "ldmatrix_visibility", n=32)
+    assert rc == 0 and torch.equal(out, torch.arange(32.0, 64.0)), msg
+    # each lane reads its row when it arrives: in warp order, before warp 1 has written; so
+    # every half is the poison's (0x7fc0dead, shared memory before the block) low half
+    rc, msg, out = scenario(tc, "ldmatrix_no_barrier", n=32)
+    assert rc == 0 and torch.equal(out, torch.full((32,), float(0xDEAD))), msg
+
+
+def test_racecheck_sees_shared_memory_through_ldmatrix_and_cp_async(tc_racecheck):
+    """ldmatrix records a read of each row by the lane that names it; cp.async a write of its
+    destination at the issue and at the wait that completes it."""
+    for name in ("ldmatrix_visibility", "cp_async_visibility"):
+        rc, msg, _ = scenario(tc_racecheck, name, n=128)
+        assert rc == 0, msg
+    rc, msg, _ = scenario(tc_racecheck, "ldmatrix_no_barrier", n=32)
+    assert rc == 719 and re.search(r"race on shared memory, float 0: a write by thread "
+                                   r"\(32, 0, 0\) at tc_selftest.cu:\d+ and a read by thread "
+                                   r"\(0, 0, 0\) at tc_selftest.cu:\d+", msg), msg
+    rc, msg, _ = scenario(tc_racecheck, "cp_async_no_barrier", n=128)
+    assert rc == 719 and "race on shared memory" in msg and "a write by thread (0, 0, 0)" in msg, \
+        msg

@@ -8,12 +8,15 @@ cross-entropy) and the ``gpt kernels`` command group. Layout:
 - ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``); ``csrc/cuda/``: their CUDA twins
   (``softmax.cu``, ``flash.cu``) and flash attention on tensor cores (``flash_tc.cu``, bfloat16
   and float16, the ``flash-tc`` backend); ``csrc/emu/``: the CUDA emulator that runs the ``.cu``
-  files on the CPU (schedules chosen from ``emulator.py``; tensor cores in ``cuda_emu_tc.h``);
-- ``build.py``: cached, locked compilation of the ``cpu``, ``cuda`` and ``cuda-emu`` flavours;
-  ``loader.py``: cffi; ``ops.py``: torch custom ops with autograd; ``backends.py``: the
-  attention backends; ``layer_kernels.py``: the layer kernels; ``commands.py``:
-  ``gpt kernels build / info / check / bench-ops / gpucheck``; ``gpucheck.py``: the one-command
-  check of the CUDA kernels on a GPU machine (its markdown report).
+  files on the CPU (schedules and mutation chosen from ``emulator.py``; a race detector; tensor
+  cores in ``cuda_emu_tc.h``);
+- ``build.py``: cached, locked compilation of the ``cpu``, ``cuda``, ``cuda-emu`` and
+  ``cuda-emu-racecheck`` flavours; ``loader.py``: cffi; ``ops.py``: torch custom ops with
+  autograd; ``backends.py``: the attention backends; ``layer_kernels.py``: the layer kernels;
+  ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
+  catches it; ``commands.py``: ``gpt kernels build / info / check / mutations / bench-ops /
+  gpucheck``; ``gpucheck.py``: the one-command check of the CUDA kernels on a GPU machine (its
+  markdown report).
 
 Each kernel source file names, in its header comment, the reference it is checked against, the
 command that checks it and the one that benchmarks it.

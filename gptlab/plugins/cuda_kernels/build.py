@@ -1,13 +1,14 @@
 """Build the native kernel libraries on first use, into a content-addressed cache.
 
-Three *flavours* share this machinery:
+Four *flavours* share this machinery:
 
 - ``cpu``: the C kernels in ``csrc/cpu/``, by ``$CC`` (default ``cc``);
 - ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), for sm_80 and
   sm_90 (plus compute_90 PTX that newer GPUs compile on load), with cudart linked statically so
   the library loads on a machine without a driver (see "CUDA versions" below);
 - ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against
-  ``csrc/emu/cuda_emu.h``: the CUDA kernels run on the CPU, for verification without a GPU.
+  ``csrc/emu/cuda_emu.h``: the CUDA kernels run on the CPU, for verification without a GPU;
+  ``cuda-emu-racecheck``: the same with the emulator's race detector (``-DGL_EMU_RACECHECK``).
 
 Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
 sources and headers, the flags, the compiler's version, torch's version, the ABI version and (for
@@ -124,7 +125,11 @@ CUDA_EMU = Flavour(
            "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"),
     install_hint="install g++ or set CXX",
 )
-FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU)}
+#: The emulator with its race detector (GL_SMEM_PTR / GL_GLOBAL_PTR become watched pointers):
+#: several times slower than cuda-emu, for small cases (tests/kernels/test_mutations.py).
+CUDA_EMU_RACECHECK = attrs.evolve(CUDA_EMU, name="cuda-emu-racecheck",
+                                  flags=(*CUDA_EMU.flags, "-DGL_EMU_RACECHECK"))
+FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU, CUDA_EMU_RACECHECK)}
 
 
 def cache_root() -> Path:

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from gptlab.plugins.cuda_kernels.emulator import ALL_SCHEDULES
+
 
 @click.group("kernels")
 def kernels():
@@ -27,15 +29,17 @@ def _resources_summary(report) -> str:
 @kernels.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached library exists.")
 @click.option("--flavour", "names", multiple=True, metavar="NAME",
-              help="Build only this flavour (cpu, cuda, cuda-emu); repeatable. Default: all.")
+              help="Build only this flavour (cpu, cuda, cuda-emu, cuda-emu-racecheck); "
+                   "repeatable. Default: all.")
 def build_cmd(force, names):
     """Compile the kernel libraries now (otherwise each is built on first use).
 
     cpu: the C kernels (by $CC). cuda: the .cu kernels by nvcc ($NVCC) for sm_80 and sm_90.
-    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU. Without
-    --flavour, a flavour whose compiler is missing is skipped with the reason; a flavour named
-    with --flavour that cannot be built is an error. A cached library that fails verification
-    (truncated, replaced, or built by an older gptlab) is rebuilt, and said so.
+    cuda-emu: the same .cu kernels by $CXX against the CUDA emulator, to run on the CPU;
+    cuda-emu-racecheck: the same with the emulator's race detector. Without --flavour, a flavour
+    whose compiler is missing is skipped with the reason; a flavour named with --flavour that
+    cannot be built is an error. A cached library that fails verification (truncated, replaced,
+    or built by an older gptlab) is rebuilt, and said so.
     """
     from gptlab.core.errors import GptlabError
     from gptlab.plugins.cuda_kernels import build, loader
@@ -98,8 +102,8 @@ def info_cmd():
               help="cpu: the C kernels; cuda: the nvcc kernels on the GPU (CUDA tensors); "
                    "cuda-emu: the .cu kernels on the CPU under the emulator.")
 @click.option("--schedule", "schedules", multiple=True, metavar="SPEC",
-              help="cuda-emu only: inorder, random or random:SEED; repeatable. "
-                   "Default: inorder and random:1.")
+              help="cuda-emu only: inorder, reverse, greedy, random or random:SEED; "
+                   "repeatable. Default: inorder and random:1.")
 def check_cmd(flavour, schedules):
     """Run the conformance suite (gptlab.testing) on the fused and flash kernels.
 
@@ -157,6 +161,28 @@ def check_cmd(flavour, schedules):
         torch.cuda.synchronize()
     if failures:
         raise click.ClickException(f"{failures} conformance run(s) failed")
+
+
+@kernels.command("mutations")
+@click.option("--detector", "detectors", multiple=True,
+              type=click.Choice([*ALL_SCHEDULES, "racecheck"]),
+              help="Run only this detector; repeatable. Default: all five.")
+def mutations_cmd(detectors):
+    """Remove each __syncthreads, __syncwarp and atomicAdd of the CUDA kernels in turn and show
+    what catches it (a Markdown table).
+
+    Each removal ($GPTLAB_EMU_MUTATE=FILE:LINE) runs small cases of the kernels of its file on
+    the emulator under each schedule (caught: results out of tolerance or a launch error) and
+    under the race detector (flavour cuda-emu-racecheck; caught: a race report). Fails if some
+    removal is caught by nothing and not allowlisted (mutations.ALLOWLIST). About 30 s.
+    """
+    from gptlab.plugins.cuda_kernels import mutations
+
+    outcomes = mutations.run_all(detectors or mutations.DETECTORS)
+    click.echo(mutations.table(outcomes))
+    missed = [str(o.site) for o in outcomes if not o.caught_by and not o.allowed]
+    if missed:
+        raise click.ClickException(f"removing {', '.join(missed)} is caught by nothing")
 
 
 @kernels.command("bench-ops")

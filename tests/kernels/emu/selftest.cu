@@ -1,6 +1,8 @@
 /* Kernels that exercise the CUDA emulator itself (csrc/emu/cuda_emu.h): barrier deadlocks,
- * shared-memory poisoning and bounds, warp shuffles, schedule-dependent races, launch limits.
- * Built by tests/kernels/test_emulator.py with g++ against the emulator, and called through cffi:
+ * shared-memory poisoning and bounds, warp shuffles, schedule-dependent races, interleaved blocks,
+ * the race detector, mutation of barrier sites, launch limits.
+ * Built by tests/kernels/test_emulator.py with g++ against the emulator (also with
+ * -DGL_EMU_RACECHECK), and called through cffi:
  *
  *     int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);
  *
@@ -62,7 +64,7 @@ __global__ void neighbour(float *out) {
     smem[t] = 0.f;
     __syncthreads();
     smem[t] = float(t + 1);
-    if (BARRIER) __syncthreads();
+    if (BARRIER) __syncthreads(); /* neighbour's second barrier */
     out[blockIdx.x * n + t] = smem[(t + 32) % n];
 }
 
@@ -79,6 +81,64 @@ __global__ void smem_per_block(float *out) {
 __global__ void smem_overrun(float *) {
     GL_DYNAMIC_SMEM(float, smem);
     smem[threadIdx.x + 32] = 0.f;
+}
+
+/* each warp reads the next warp's tile, then (with BARRIER) waits before overwriting its own:
+ * without that barrier, warps in lockstep still read before anyone writes (the __syncwarp ends
+ * every warp's reads in one round), but a warp that runs on (greedy) overwrites its tile before
+ * the previous warp read it: flash.cu's K/V restaging */
+template <bool BARRIER>
+__global__ void tile_reuse(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    const int t = threadIdx.x, n = blockDim.x;
+    float acc = 0.f;
+    for (int it = 0; it < 2; it++) {
+        if (BARRIER) __syncthreads();
+        smem[t] = float(it * n + t);
+        __syncthreads();
+        acc += smem[(t + 32) % n];
+        __syncwarp();
+    }
+    out[blockIdx.x * n + t] = acc;
+}
+
+/* each thread reads what the thread before it wrote, with no barrier: right when threads run in
+ * index order, wrong in reverse */
+__global__ void read_previous(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    const int t = threadIdx.x;
+    smem[t] = float(t);
+    out[t] = t > 0 ? smem[t - 1] : -1.f;
+}
+
+/* lanes publish to shared memory, meet at a shuffle, and read a neighbour's value: a shuffle
+ * orders nothing on the hardware, so SYNC (__syncwarp) is needed; the emulator's results are
+ * right either way (lanes park at the shuffle), only racecheck tells */
+template <bool SYNC>
+__global__ void publish_then_shuffle(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    const int t = threadIdx.x, lane = t % 32;
+    smem[t] = float(lane);
+    const float one = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+    if (SYNC) __syncwarp();
+    out[blockIdx.x * blockDim.x + t] = smem[t - lane + (lane + 1) % 32] * one;
+}
+
+/* every block adds 1 to out[threadIdx.x]: a plain += from several blocks is a race the results
+ * do not show here (a fiber never switches inside it); atomicAdd is right */
+template <bool ATOMIC>
+__global__ void cross_block_add(GL_GLOBAL_PTR(float) out) {
+    if (ATOMIC) atomicAdd(&out[threadIdx.x], 1.f);
+    else out[threadIdx.x] += 1.f;
+}
+
+/* thread 0 of each block takes a ticket when the block starts and another after its barrier:
+ * blocks run one after another iff the tickets of each block are consecutive */
+int ticket = 0;
+__global__ void tickets(float *out) {
+    if (threadIdx.x == 0) out[2 * blockIdx.x] = float(ticket++);
+    __syncthreads();
+    if (threadIdx.x == 0) out[2 * blockIdx.x + 1] = float(ticket++);
 }
 
 /* a warp operation over half a warp: legal CUDA, outside what the emulator supports */
@@ -112,7 +172,24 @@ extern "C" int selftest(const char *scenario, float *out, int n, char *msg, int 
         GL_LAUNCH(smem_overrun, dim3(1), dim3(32), 128, nullptr, out);
     else if (!strcmp(scenario, "half_warp_sync"))
         GL_LAUNCH(half_warp_sync, dim3(1), dim3(32), 0, nullptr, out);
-    else if (!strcmp(scenario, "nothing"))
+    else if (!strcmp(scenario, "tile_reuse"))
+        GL_LAUNCH(tile_reuse<true>, dim3(2), dim3(128), smem, nullptr, out);
+    else if (!strcmp(scenario, "tile_reuse_unsynced"))
+        GL_LAUNCH(tile_reuse<false>, dim3(2), dim3(128), smem, nullptr, out);
+    else if (!strcmp(scenario, "read_previous"))
+        GL_LAUNCH(read_previous, dim3(1), dim3(64), smem, nullptr, out);
+    else if (!strcmp(scenario, "publish_then_shuffle"))
+        GL_LAUNCH(publish_then_shuffle<true>, dim3(2), dim3(64), smem, nullptr, out);
+    else if (!strcmp(scenario, "publish_then_shuffle_unsynced"))
+        GL_LAUNCH(publish_then_shuffle<false>, dim3(2), dim3(64), smem, nullptr, out);
+    else if (!strcmp(scenario, "cross_block_atomic"))
+        GL_LAUNCH(cross_block_add<true>, dim3(4), dim3(32), 0, nullptr, out);
+    else if (!strcmp(scenario, "cross_block_plain"))
+        GL_LAUNCH(cross_block_add<false>, dim3(4), dim3(32), 0, nullptr, out);
+    else if (!strcmp(scenario, "tickets")) {
+        ticket = 0;
+        GL_LAUNCH(tickets, dim3(8), dim3(64), 0, nullptr, out);
+    } else if (!strcmp(scenario, "nothing"))
         GL_LAUNCH(nothing, dim3(1), dim3(32), 0, nullptr, out);
     else if (!strcmp(scenario, "too_many_threads"))
         GL_LAUNCH(nothing, dim3(1), dim3(2048), 0, nullptr, out);

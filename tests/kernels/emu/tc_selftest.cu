@@ -11,7 +11,8 @@
  *   tc_ldmatrix(num, trans, out, mat)      mat: 32 rows x 8 b16 (matrix j = rows 8j..8j+7) put
  *                                          in shared memory, lane l giving row l's address;
  *                                          out (32 lanes x 4 registers) = ldmatrix's result
- *   tc_scenario(name, out, n, msg, len)    cp.async timing and the collectives' launch errors
+ *   tc_scenario(name, out, n, msg, len)    cp.async timing, what a barrier makes visible (also
+ *                                          under racecheck) and the collectives' launch errors
  * Each returns the cudaError_t of its launch (0 = success), the message in msg where given.
  */
 #include <cstdio>
@@ -43,7 +44,7 @@ __global__ void ldmatrix_kernel(uint32_t *out, const uint16_t *mat, int num, int
     for (int j = 0; j < 8; j++) smem[lane * LD_STRIDE + j] = mat[lane * 8 + j];
     __syncwarp();
     uint32_t r[4] = {0, 0, 0, 0};
-    const uint16_t *row = smem + lane * LD_STRIDE;
+    GL_SMEM_PTR(const uint16_t) row = smem + lane * LD_STRIDE;
     if (num == 1 && !trans) gl::tc::ldmatrix_x1(reinterpret_cast<uint32_t(&)[1]>(r), row);
     if (num == 2 && !trans) gl::tc::ldmatrix_x2(reinterpret_cast<uint32_t(&)[2]>(r), row);
     if (num == 4 && !trans) gl::tc::ldmatrix_x4(r, row);
@@ -85,6 +86,21 @@ __global__ void cp_async_visibility(float *out, const float *src) {
     }
     if (BARRIER) __syncthreads();
     out[t] = smem[t];
+}
+
+/* warp 1 writes an 8x8 matrix (element e = 32 + e / 2), warp 0 reads it by ldmatrix after a
+ * barrier (or, planted, none): lane l's low half is element (l / 4, 2 (l % 4)), i.e. 32 + l */
+template <bool BARRIER>
+__global__ void ldmatrix_visibility(float *out) {
+    GL_DYNAMIC_SMEM(uint16_t, smem);
+    const int t = threadIdx.x;
+    if (t >= 32) smem[2 * (t - 32)] = smem[2 * (t - 32) + 1] = uint16_t(t);
+    if (BARRIER) __syncthreads();
+    if (t < 32) {
+        uint32_t r[1];
+        gl::tc::ldmatrix_x1(r, smem + (t % 8) * 8);
+        out[t] = float(r[0] & 0xffffu);
+    }
 }
 
 __global__ void mma_lane_exited(float *out) {
@@ -170,6 +186,10 @@ extern "C" int tc_scenario(const char *name, float *out, const float *src, char 
         GL_LAUNCH(cp_async_visibility<true>, dim3(1), dim3(128), 128 * 4, nullptr, out, src);
     else if (!strcmp(name, "cp_async_no_barrier"))
         GL_LAUNCH(cp_async_visibility<false>, dim3(1), dim3(128), 128 * 4, nullptr, out, src);
+    else if (!strcmp(name, "ldmatrix_visibility"))
+        GL_LAUNCH(ldmatrix_visibility<true>, dim3(1), dim3(64), 64 * 2, nullptr, out);
+    else if (!strcmp(name, "ldmatrix_no_barrier"))
+        GL_LAUNCH(ldmatrix_visibility<false>, dim3(1), dim3(64), 64 * 2, nullptr, out);
     else if (!strcmp(name, "mma_lane_exited"))
         GL_LAUNCH(mma_lane_exited, dim3(1), dim3(32), 0, nullptr, out);
     else if (!strcmp(name, "mma_two_sites"))

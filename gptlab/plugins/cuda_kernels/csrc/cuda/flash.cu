@@ -84,7 +84,8 @@ __host__ __device__ __forceinline__ int64_t bwd_smem_floats(int d) {
  * backward that error in dP = dO·Vᵀ does not cancel against D = rowsum(dO ⊙ O) (computed apart),
  * and on rows with a peaked softmax it made dQ's error twice that of float32 softmax(QKᵀ) V in
  * torch. Blocking costs one add per DOT_BLOCK multiply-adds. */
-__device__ __forceinline__ float blocked_dot(const float *a, const float *b, int d) {
+__device__ __forceinline__ float blocked_dot(GL_SMEM_PTR(const float) a,
+                                             GL_SMEM_PTR(const float) b, int d) {
     float sum = 0.f;
     for (int j0 = 0; j0 < d; j0 += DOT_BLOCK) {
         const int j1 = gl::imin(j0 + DOT_BLOCK, d);
@@ -97,8 +98,8 @@ __device__ __forceinline__ float blocked_dot(const float *a, const float *b, int
 
 /* Copy rows [row0, row0 + rows) of an (n, d) matrix with row stride `st` into shared memory
  * with row stride `stride`, zero-filling rows >= n. All threads of the block take part. */
-__device__ __forceinline__ void stage(float *dst, int stride, const float *src, int64_t st,
-                                      int row0, int rows, int n, int d) {
+__device__ __forceinline__ void stage(GL_SMEM_PTR(float) dst, int stride, const float *src,
+                                      int64_t st, int row0, int rows, int n, int d) {
     for (int i = threadIdx.y * gl::WARP + threadIdx.x; i < rows * d; i += THREADS) {
         int r = i / d, j = i - r * d;
         dst[r * stride + j] = row0 + r < n ? src[int64_t(row0 + r) * st + j] : 0.f;
@@ -114,10 +115,10 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
                      float scale_log2, int causal) {
     GL_DYNAMIC_SMEM(float, smem);
     const int ks = gl::odd_stride(d);
-    float *q_s = smem;                    /* (FWD_ROWS, d) */
-    float *k_s = q_s + FWD_ROWS * d;      /* (KEYS, ks) */
-    float *v_s = k_s + KEYS * ks;         /* (KEYS, d) */
-    float *p_s = v_s + KEYS * d;          /* (WARPS, KEYS) */
+    GL_SMEM_PTR(float) q_s = smem;                /* (FWD_ROWS, d) */
+    GL_SMEM_PTR(float) k_s = q_s + FWD_ROWS * d;  /* (KEYS, ks) */
+    GL_SMEM_PTR(float) v_s = k_s + KEYS * ks;     /* (KEYS, d) */
+    GL_SMEM_PTR(float) p_s = v_s + KEYS * d;      /* (WARPS, KEYS) */
     const int lane = threadIdx.x, warp = threadIdx.y;
     const int tiles = (tq + FWD_ROWS - 1) / FWD_ROWS;
     const int64_t bh = blockIdx.x / tiles;
@@ -145,9 +146,7 @@ flash_forward_kernel(float *__restrict__ o, float *__restrict__ lse, const float
         __syncthreads(); /* q_s is complete; nobody still reads the previous K, V tile */
         stage(k_s, ks, k, lk.t, k0, KEYS, tk, d);
         stage(v_s, d, v, lv.t, k0, KEYS, tk, d);
-#ifndef GL_PLANT_MISSING_SYNC /* tests/kernels/test_cuda_emulated.py plants this bug on purpose */
         __syncthreads(); /* the K, V tile is complete before anyone reads it */
-#endif
 #pragma unroll
         for (int i = 0; i < FWD_ROWS_PER_WARP; i++) {
             const int rl = warp + WARPS * i, r = q0 + rl, c = k0 + lane;
@@ -215,23 +214,24 @@ flash_backward_prep_kernel(float *__restrict__ dq_acc, float *__restrict__ dvec,
 
 template <int DPL>
 __global__ void __launch_bounds__(THREADS)
-flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv, float *dq_acc,
-                      const float *__restrict__ dvec, const float *__restrict__ q,
-                      const float *__restrict__ k, const float *__restrict__ v,
-                      const float *__restrict__ lse, const float *__restrict__ dout, Layout lq,
-                      Layout lk, Layout lv, Layout ldo, Layout ldk, Layout ldv, int64_t nh,
-                      int tq, int tk, int d, float scale, int causal) {
+flash_backward_kernel(float *__restrict__ dk, float *__restrict__ dv,
+                      GL_GLOBAL_PTR(float) dq_acc, const float *__restrict__ dvec,
+                      const float *__restrict__ q, const float *__restrict__ k,
+                      const float *__restrict__ v, const float *__restrict__ lse,
+                      const float *__restrict__ dout, Layout lq, Layout lk, Layout lv, Layout ldo,
+                      Layout ldk, Layout ldv, int64_t nh, int tq, int tk, int d, float scale,
+                      int causal) {
     GL_DYNAMIC_SMEM(float, smem);
     const int ks = gl::odd_stride(d);
-    float *q_s = smem;                          /* (BWD_ROWS, d) */
-    float *do_s = q_s + BWD_ROWS * d;           /* (BWD_ROWS, d) */
-    float *k_s = do_s + BWD_ROWS * d;           /* (KEYS, ks) */
-    float *v_s = k_s + KEYS * ks;               /* (KEYS, ks) */
-    float *p_s = v_s + KEYS * ks;               /* (BWD_ROWS, KEYS + 1) */
-    float *ds_s = p_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS, KEYS + 1) */
-    float *l_s = ds_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS): logsumexp in base 2, hi */
-    float *d_s = l_s + BWD_ROWS;                /* (BWD_ROWS): D */
-    float *llo_s = d_s + BWD_ROWS;              /* (BWD_ROWS): logsumexp in base 2, lo */
+    GL_SMEM_PTR(float) q_s = smem;                          /* (BWD_ROWS, d) */
+    GL_SMEM_PTR(float) do_s = q_s + BWD_ROWS * d;           /* (BWD_ROWS, d) */
+    GL_SMEM_PTR(float) k_s = do_s + BWD_ROWS * d;           /* (KEYS, ks) */
+    GL_SMEM_PTR(float) v_s = k_s + KEYS * ks;               /* (KEYS, ks) */
+    GL_SMEM_PTR(float) p_s = v_s + KEYS * ks;               /* (BWD_ROWS, KEYS + 1) */
+    GL_SMEM_PTR(float) ds_s = p_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS, KEYS + 1) */
+    GL_SMEM_PTR(float) l_s = ds_s + BWD_ROWS * (KEYS + 1);  /* (BWD_ROWS): log2-sum-exp, hi */
+    GL_SMEM_PTR(float) d_s = l_s + BWD_ROWS;                /* (BWD_ROWS): D */
+    GL_SMEM_PTR(float) llo_s = d_s + BWD_ROWS;              /* (BWD_ROWS): log2-sum-exp, lo */
     const int lane = threadIdx.x, warp = threadIdx.y, tid = warp * gl::WARP + lane;
     const int tiles = (tk + KEYS - 1) / KEYS;
     const int64_t bh = blockIdx.x / tiles;

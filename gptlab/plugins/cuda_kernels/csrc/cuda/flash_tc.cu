@@ -79,7 +79,7 @@ __device__ __forceinline__ bool visible(int r, int c, int tq, int tk, int causal
 /* Rows [row0, row0 + rows) of an (n, D) matrix (row stride st) into shared memory (row stride
  * D + PAD) by cp.async, 16 bytes per copy; rows >= n are zero-filled. All threads take part. */
 template <class T, int D>
-__device__ __forceinline__ void load_rows(T *dst, const T *src, int64_t st, int row0, int rows,
+__device__ __forceinline__ void load_rows(GL_SMEM_PTR(T) dst, const T *src, int64_t st, int row0, int rows,
                                           int n) {
     constexpr int CHUNKS = D / 8; /* 16-byte chunks per row */
     for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
@@ -103,7 +103,7 @@ flash_tc_forward_kernel(T *__restrict__ o, float *__restrict__ lse, const T *__r
     constexpr int KP = BC / 16; /* k-steps of P V */
     constexpr int NO = D / 8;   /* n-tiles of O (8 dims each) */
     GL_DYNAMIC_SMEM(T, smem);
-    T *const q_s = smem + Tl::STAGE; /* (BR, S): in stage 1 until the loop starts */
+    GL_SMEM_PTR(T) q_s = smem + Tl::STAGE; /* (BR, S): in stage 1 until the loop starts */
     const int lane = threadIdx.x % gl::WARP, warp = threadIdx.x / gl::WARP;
     const int tiles = (tq + BR - 1) / BR;
     const int64_t bh = blockIdx.x % bh_count;
@@ -143,9 +143,10 @@ flash_tc_forward_kernel(T *__restrict__ o, float *__restrict__ lse, const T *__r
 
     for (int j = 0; j < n_tiles; j++) {
         const int k0 = j * BC;
-        const T *k_s = smem + (j & 1) * Tl::STAGE, *v_s = k_s + BC * S;
+        GL_SMEM_PTR(const T) k_s = smem + (j & 1) * Tl::STAGE;
+        GL_SMEM_PTR(const T) v_s = k_s + BC * S;
         if (j + 1 < n_tiles) { /* prefetch tile j + 1 into the other stage */
-            T *next = smem + ((j + 1) & 1) * Tl::STAGE;
+            GL_SMEM_PTR(T) next = smem + ((j + 1) & 1) * Tl::STAGE;
             load_rows<T, D>(next, k, lk.t, k0 + BC, BC, tk);
             load_rows<T, D>(next + BC * S, v, lv.t, k0 + BC, BC, tk);
         }
@@ -322,13 +323,13 @@ flash_tc_backward_kernel(T *__restrict__ dk, T *__restrict__ dv, float *dq_acc,
     constexpr int NQ = DW / 8;     /* n-tiles of dQ per warp */
     static_assert(NQ % 2 == 0, "ldmatrix.x4 gives two n-tiles");
     GL_DYNAMIC_SMEM(T, smem);
-    T *const k_s = smem;               /* (KB, S) */
-    T *const v_s = k_s + KB * S;       /* (KB, S) */
-    T *const q_s = v_s + KB * S;       /* (QB, S) */
-    T *const do_s = q_s + QB * S;      /* (QB, S) */
-    T *const ds_s = do_s + QB * S;     /* (KB, DS_STRIDE): dSᵀ, keys x queries */
-    float *const l_s = reinterpret_cast<float *>(ds_s + KB * DS_STRIDE); /* (QB): L·log2 e */
-    float *const d_s = l_s + QB;                                         /* (QB): Dvec */
+    GL_SMEM_PTR(T) k_s = smem;           /* (KB, S) */
+    GL_SMEM_PTR(T) v_s = k_s + KB * S;   /* (KB, S) */
+    GL_SMEM_PTR(T) q_s = v_s + KB * S;   /* (QB, S) */
+    GL_SMEM_PTR(T) do_s = q_s + QB * S;  /* (QB, S) */
+    GL_SMEM_PTR(T) ds_s = do_s + QB * S; /* (KB, DS_STRIDE): dSᵀ, keys x queries */
+    GL_SMEM_PTR(float) l_s = GL_SMEM_CAST(float, ds_s + KB * DS_STRIDE); /* (QB): L·log2 e */
+    GL_SMEM_PTR(float) d_s = l_s + QB;                                   /* (QB): Dvec */
     const int lane = threadIdx.x % gl::WARP, warp = threadIdx.x / gl::WARP;
     const int64_t bh = blockIdx.x % bh_count;
     const int k0 = int(blockIdx.x / bh_count) * KB; /* causal: the first key tiles, seen by the
@@ -427,8 +428,8 @@ flash_tc_backward_kernel(T *__restrict__ dk, T *__restrict__ dv, float *dq_acc,
         for (int t = 0; t < 2; t++)
 #pragma unroll
             for (int h = 0; h < 2; h++)
-                *reinterpret_cast<uint32_t *>(ds_s + (16 * warp + lane / 4 + 8 * h) * DS_STRIDE +
-                                              8 * t + 2 * (lane % 4)) = dsa[2 * t + h];
+                GL_SMEM_CAST(uint32_t, ds_s + (16 * warp + lane / 4 + 8 * h) * DS_STRIDE +
+                                           8 * t + 2 * (lane % 4))[0] = dsa[2 * t + h];
         __syncthreads();
         /* dQ (16 queries, dims [w·DW, (w+1)·DW)) += dS K over the block's 64 keys */
         float dq[NQ][4] = {};

@@ -26,7 +26,7 @@ inline int64_t num_chunks(int64_t rows) { return ceil_div(rows, CHUNK_ROWS); }
 
 /* Stage 1's last step: add the SLICES values in sm[0 .. SLICES*COLS) (slice-major) in slice
  * order; called by every thread of the block (it holds a barrier); returns the sum to ty == 0. */
-__device__ __forceinline__ float sum_slices(float *sm, float v) {
+__device__ __forceinline__ float sum_slices(GL_SMEM_PTR(float) sm, float v) {
     sm[threadIdx.y * COLS + threadIdx.x] = v;
     __syncthreads();
     float total = 0.f;

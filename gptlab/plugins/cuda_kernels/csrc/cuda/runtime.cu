@@ -12,8 +12,10 @@ extern "C" int gptlab_abi_version(void) { return GPTLAB_ABI_VERSION; }
 extern "C" const char *gptlab_last_error(void) { return last_error; }
 
 extern "C" const char *gptlab_flavour(void) {
-#ifdef __CUDACC__
+#if defined(__CUDACC__)
     return "cuda";
+#elif defined(GL_EMU_RACECHECK)
+    return "cuda-emu-racecheck";
 #else
     return "cuda-emu";
 #endif

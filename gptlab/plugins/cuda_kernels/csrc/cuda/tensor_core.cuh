@@ -127,32 +127,40 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
 }
 
-#else /* the emulator */
+#else /* the emulator: the shared-memory operand P is a raw pointer or, under racecheck, a
+       * watched one (GL_SMEM_PTR), whose accesses cuda_emu_tc.h records */
 
 template <class T>
 inline void mma(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2] GL_TC_SITE_PARAM) {
     gl_emu::mma_m16n8k16<T>(GL_TC_SITE, acc, a, b);
 }
-inline void ldmatrix_x1(uint32_t (&r)[1], const void *row GL_TC_SITE_PARAM) {
-    gl_emu::ldmatrix(GL_TC_SITE, 1, false, r, row);
+template <class P>
+inline void ldmatrix_x1(uint32_t (&r)[1], P row GL_TC_SITE_PARAM) {
+    gl_emu::ldmatrix(GL_TC_SITE, 1, false, r, gl_emu::raw(row));
 }
-inline void ldmatrix_x2(uint32_t (&r)[2], const void *row GL_TC_SITE_PARAM) {
-    gl_emu::ldmatrix(GL_TC_SITE, 2, false, r, row);
+template <class P>
+inline void ldmatrix_x2(uint32_t (&r)[2], P row GL_TC_SITE_PARAM) {
+    gl_emu::ldmatrix(GL_TC_SITE, 2, false, r, gl_emu::raw(row));
 }
-inline void ldmatrix_x4(uint32_t (&r)[4], const void *row GL_TC_SITE_PARAM) {
-    gl_emu::ldmatrix(GL_TC_SITE, 4, false, r, row);
+template <class P>
+inline void ldmatrix_x4(uint32_t (&r)[4], P row GL_TC_SITE_PARAM) {
+    gl_emu::ldmatrix(GL_TC_SITE, 4, false, r, gl_emu::raw(row));
 }
-inline void ldmatrix_x1_trans(uint32_t (&r)[1], const void *row GL_TC_SITE_PARAM) {
-    gl_emu::ldmatrix(GL_TC_SITE, 1, true, r, row);
+template <class P>
+inline void ldmatrix_x1_trans(uint32_t (&r)[1], P row GL_TC_SITE_PARAM) {
+    gl_emu::ldmatrix(GL_TC_SITE, 1, true, r, gl_emu::raw(row));
 }
-inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void *row GL_TC_SITE_PARAM) {
-    gl_emu::ldmatrix(GL_TC_SITE, 2, true, r, row);
+template <class P>
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], P row GL_TC_SITE_PARAM) {
+    gl_emu::ldmatrix(GL_TC_SITE, 2, true, r, gl_emu::raw(row));
 }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row GL_TC_SITE_PARAM) {
-    gl_emu::ldmatrix(GL_TC_SITE, 4, true, r, row);
+template <class P>
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], P row GL_TC_SITE_PARAM) {
+    gl_emu::ldmatrix(GL_TC_SITE, 4, true, r, gl_emu::raw(row));
 }
-inline void cp_async16(void *dst, const void *src, int src_bytes GL_TC_SITE_PARAM) {
-    gl_emu::cp_async16(GL_TC_SITE, dst, src, src_bytes);
+template <class P>
+inline void cp_async16(P dst, const void *src, int src_bytes GL_TC_SITE_PARAM) {
+    gl_emu::cp_async16(GL_TC_SITE, gl_emu::raw(dst), src, src_bytes);
 }
 inline void cp_async_commit() { gl_emu::cp_async_commit(); }
 template <int N>

@@ -1,15 +1,26 @@
-/* The CUDA emulator behind cuda_emu.h: fibers per block, checked barriers, two schedules.
+/* The CUDA emulator behind cuda_emu.h: fibers per block, checked barriers, schedules, mutation
+ * of barrier sites, and the race detector's bookkeeping.
  *
- * A launch takes a process-wide mutex, then runs the grid's blocks one after another on the
- * calling thread. Each thread of a block is a fiber with its own mmap'ed stack (a guard page
- * below it). Fibers start through ucontext (makecontext/setcontext, once per fiber per launch)
- * and then switch with _setjmp/_longjmp, which save no signal mask (no system call per switch).
+ * A launch takes a process-wide mutex, then runs the grid's blocks on the calling thread: one
+ * after another (inorder), or up to RESIDENT at once, each in its own slot (a Block: fibers,
+ * shared memory, shuffle and gather buffers, barrier epochs), their rounds interleaved. Each thread of a
+ * block is a fiber with its own mmap'ed stack (a guard page below it). Fibers start through
+ * ucontext (makecontext/setcontext, once per fiber per launch) and then switch with
+ * _setjmp/_longjmp, which save no signal mask (no system call per switch).
  *
- * The scheduler runs in rounds: every Ready fiber (warps in index order, or in a seeded random
- * order) runs until it parks at a barrier or finishes. Then warps whose lanes all wait at a warp
- * barrier are released; otherwise, if every thread of the block waits at the same
- * __syncthreads, the block barrier is released; anything else is a deadlock and fails the launch
- * with a description of where each thread range is.
+ * A block advances in rounds: every Ready fiber (warps and lanes in the schedule's order) runs
+ * until it parks at a barrier or finishes; under greedy a warp's round goes on, releasing its
+ * own warp barriers, until its lanes wait at a __syncthreads or exit. Then warps whose lanes
+ * all wait at a warp barrier are released; otherwise, if every thread of the block waits at the
+ * same __syncthreads, the block barrier is released; anything else is a deadlock and fails the
+ * launch with a description of where each thread range is.
+ *
+ * Racecheck: each block counts the __syncthreads it passed (bar_epoch) and each warp the
+ * __syncwarps (warp_epoch; a shuffle does not count). An access records its thread and these
+ * counts; a later access by another thread of the block is ordered after it iff a count moved
+ * since (the warp's only for two threads of one warp). Accesses from different blocks are never
+ * ordered. Shadow words: per slot for shared memory (reset with the block), in a hash map for
+ * global memory (reset at each launch).
  */
 #ifdef _FORTIFY_SOURCE
 #error "build the CUDA emulator with -U_FORTIFY_SOURCE: fibers switch stacks with _longjmp"
@@ -30,11 +41,12 @@
 #include <mutex>
 #include <numeric>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace gl_emu {
 
-uint3 block_idx;
+const uint3 *block_idx;
 dim3 block_dim, grid_dim;
 const uint3 *thread_idx;
 
@@ -43,9 +55,19 @@ namespace {
 constexpr size_t STACK_BYTES = 256 * 1024;
 constexpr size_t MAX_DYNAMIC_SMEM = 48 * 1024;
 constexpr int WARP = 32;
+constexpr int RESIDENT = 4; /* blocks in flight at once, under every schedule but inorder */
+static_assert(RESIDENT * 1024 == MAX_RESIDENT_THREADS);
 constexpr uint64_t NO_GEN = std::numeric_limits<uint64_t>::max();
+#ifdef GL_EMU_RACECHECK
+constexpr bool RACECHECK = true;
+#else
+constexpr bool RACECHECK = false;
+#endif
 
 enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Done };
+enum class Order { InOrder, Reverse, Greedy, Random };
+
+struct Block;
 
 struct Fiber {
     ucontext_t start;   /* fresh context at the top of the stack */
@@ -58,6 +80,9 @@ struct Fiber {
     const char *file = "";
     int line = 0;
     uint64_t exchanges = 0; /* warp exchanges taken part in this block */
+    int tid = 0;            /* index in the block */
+    bool fence = false;     /* waits at a __syncwarp (orders memory), not at a shuffle */
+    Block *block = nullptr;
 };
 
 struct Slot {
@@ -65,20 +90,62 @@ struct Slot {
     uint64_t gen;
 };
 
+/* A lane's deposit for gather, stamped with the exchange number and the call site so that a
+ * lane at another warp operation is an error, not a silent mix. */
+constexpr size_t GATHER_BYTES = 64;
+struct GatherSlot {
+    unsigned char bytes[GATHER_BYTES];
+    uint64_t gen;
+    const char *file;
+    int line;
+};
+
+/* Racecheck: one access of a 4-byte word (block == NO_BLOCK: none). */
+constexpr uint64_t NO_BLOCK = std::numeric_limits<uint64_t>::max();
+struct Record {
+    uint64_t block = NO_BLOCK; /* linear index in the grid */
+    int tid = 0;
+    uint64_t bar_epoch = 0, warp_epoch = 0;
+    const char *file = "";
+    int line = 0;
+    Access kind = Access::Read;
+};
+struct Shadow {
+    Record write, read, read2; /* the last write; the last read and an unordered one before it */
+};
+
+/* A resident block: its threads, shared memory and barrier state. */
+struct Block {
+    uint64_t id = 0;     /* linear index in the grid */
+    uint64_t serial = 0; /* which stay in this slot: new at every block start in the process */
+    uint3 idx{};
+    bool active = false;
+    std::vector<Fiber *> fibers;
+    std::vector<float> smem = std::vector<float>(MAX_DYNAMIC_SMEM / sizeof(float));
+    std::vector<Slot> xbuf;            /* shuffles: [warp][parity][lane] */
+    std::vector<GatherSlot> gbuf;      /* warp collectives (gather): [warp][parity][lane] */
+    uint64_t bar_epoch = 0;            /* __syncthreads passed */
+    std::vector<uint64_t> warp_epoch;  /* __syncwarp passed, per warp */
+    std::vector<Shadow> shadow;        /* racecheck: per word of smem */
+};
+
 struct Launch {
     void (*body)(void *) = nullptr;
     void *ctx = nullptr;
     int threads = 0, warps = 0;
-    bool random = false;
+    Order order = Order::InOrder;
     uint64_t rng = 0;
     bool failed = false;
     std::string error;
+    std::vector<int> warp_order, lane_order; /* scratch, per round */
 };
 
 std::mutex launch_mutex;
 std::vector<Fiber *> pool;
-std::vector<Slot> xbuf;                 /* [warp][parity][lane] */
-std::vector<float> smem(MAX_DYNAMIC_SMEM / sizeof(float));
+std::vector<Block> slots(RESIDENT);
+std::unordered_map<uintptr_t, Shadow> global_shadow; /* racecheck: per word, this launch */
+char mutate_file[256];                               /* $GPTLAB_EMU_MUTATE: base name, */
+int mutate_line = 0;                                 /* and line (0: no mutation) */
 Launch *L = nullptr;
 Fiber *cur = nullptr;
 jmp_buf scheduler;
@@ -174,6 +241,7 @@ bool reset(Fiber *f) {
 void run(Fiber *f) {
     cur = f;
     thread_idx = &f->idx;
+    block_idx = &f->block->idx;
     if (_setjmp(scheduler) == 0) {
         if (f->fresh) {
             f->fresh = false;
@@ -221,42 +289,43 @@ std::string describe(const std::vector<Fiber *> &fibers) {
 }
 
 /* ---------------------------------------------------------------- one block */
-/* Release every warp whose lanes all wait at a warp barrier (every warp operation names the
- * whole warp: see full_mask). A lane that exited while others wait is an error. */
-bool release_warps(const std::vector<Fiber *> &fibers) {
-    bool released = false;
-    for (int w = 0; w < L->warps; w++) {
-        int first = w * WARP, n = std::min(WARP, L->threads - first);
-        const Fiber *waiter = nullptr, *exited = nullptr;
-        bool all = true;
-        for (int l = 0; l < n; l++) {
-            const Fiber *f = fibers[first + l];
-            if (f->state == State::AtWarpBarrier) waiter = f;
-            else all = false;
-            if (f->state == State::Done && !exited) exited = f;
-        }
-        if (!waiter) continue;
-        if (exited) {
-            L->failed = true;
-            L->error = format("warp barrier (%s:%d) waits for lane %d of warp %d, which exited",
-                              base(waiter->file), waiter->line, exited->lane, w);
-            return false;
-        }
-        if (!all) continue; /* some lanes still wait at a block barrier: see run_block */
-        for (int l = 0; l < n; l++) fibers[first + l]->state = State::Ready;
-        released = true;
+enum class Warp { Waiting, Released, Failed };
+
+/* Release warp w if all its lanes wait at a warp barrier (every warp operation names the whole
+ * warp: see full_mask); a __syncwarp (not a shuffle) also moves the warp's epoch. A lane that
+ * exited while others wait is an error. */
+Warp release_warp(Block &b, int w) {
+    int first = w * WARP, n = std::min(WARP, L->threads - first);
+    const Fiber *waiter = nullptr, *exited = nullptr;
+    bool all = true, fence = true;
+    for (int l = 0; l < n; l++) {
+        const Fiber *f = b.fibers[first + l];
+        if (f->state == State::AtWarpBarrier) waiter = f;
+        else all = false;
+        if (f->state == State::Done && !exited) exited = f;
+        fence &= f->fence;
     }
-    return released;
+    if (!waiter) return Warp::Waiting;
+    if (exited) {
+        L->failed = true;
+        L->error = format("warp barrier (%s:%d) waits for lane %d of warp %d, which exited",
+                          base(waiter->file), waiter->line, exited->lane, w);
+        return Warp::Failed;
+    }
+    if (!all) return Warp::Waiting; /* some lanes still wait at a block barrier: see step */
+    for (int l = 0; l < n; l++) b.fibers[first + l]->state = State::Ready;
+    if (fence) b.warp_epoch[w]++;
+    return Warp::Released;
 }
 
 /* Dynamic shared memory past the launch's smem_bytes keeps this pattern; a kernel that wrote
  * there asked for too little (on a GPU it would corrupt another block's memory or fault). */
 constexpr uint32_t CANARY = 0x7fc0dead; /* a quiet NaN, so reading it also shows */
 
-bool canary_intact(size_t smem_bytes) {
-    for (size_t i = (smem_bytes + 3) / 4; i < smem.size(); i++) {
+bool canary_intact(const Block &b, size_t smem_bytes) {
+    for (size_t i = (smem_bytes + 3) / 4; i < b.smem.size(); i++) {
         uint32_t bits;
-        std::memcpy(&bits, &smem[i], 4);
+        std::memcpy(&bits, &b.smem[i], 4);
         if (bits != CANARY) {
             L->failed = true;
             L->error = format("wrote float %zu of dynamic shared memory, past the %zu bytes the "
@@ -267,63 +336,148 @@ bool canary_intact(size_t smem_bytes) {
     return true;
 }
 
-bool run_block(const std::vector<Fiber *> &fibers, size_t smem_bytes) {
+/* Put block `id` into slot b: poisoned shared memory, every thread Ready at the kernel's top. */
+void start_block(Block &b, uint64_t id) {
+    const dim3 g = grid_dim;
+    static uint64_t serials = 0;
+    b.id = id;
+    b.serial = ++serials;
+    b.idx = {unsigned(id % g.x), unsigned(id / g.x % g.y), unsigned(id / (uint64_t(g.x) * g.y))};
+    b.active = true;
     float canary;
     std::memcpy(&canary, &CANARY, 4);
-    std::fill(smem.begin(), smem.end(), canary);
-    for (auto &s : xbuf) s = {0, NO_GEN};
-    for (Fiber *f : fibers) {
+    std::fill(b.smem.begin(), b.smem.end(), canary);
+    b.xbuf.assign(size_t(L->warps) * 2 * WARP, Slot{0, NO_GEN});
+    b.gbuf.resize(b.xbuf.size()); /* stale slots are told apart by gen: exchanges restart at 0 */
+    for (GatherSlot &g : b.gbuf) g.gen = NO_GEN;
+    b.bar_epoch = 0;
+    b.warp_epoch.assign(L->warps, 0);
+    if (RACECHECK) b.shadow.assign(b.smem.size(), Shadow{});
+    for (Fiber *f : b.fibers) {
         f->state = State::Ready;
         f->exchanges = 0;
     }
-    std::vector<int> order(L->warps);
-    std::iota(order.begin(), order.end(), 0);
-    for (;;) {
-        if (L->random) shuffle(order);
-        for (int w : order) {
-            int first = w * WARP, n = std::min(WARP, L->threads - first);
-            for (int l = 0; l < n; l++) {
-                Fiber *f = fibers[first + l];
-                if (f->state != State::Ready) continue;
-                run(f);
-                if (L->failed) return false;
-            }
-        }
-        if (release_warps(fibers)) continue;
-        if (L->failed) return false;
-        int done = 0, at_block = 0;
-        for (const Fiber *f : fibers) {
-            done += f->state == State::Done;
-            at_block += f->state == State::AtBlockBarrier;
-        }
-        if (done == L->threads) return canary_intact(smem_bytes);
-        const Fiber *first = nullptr;
-        bool same_site = true;
-        for (const Fiber *f : fibers) {
-            if (f->state != State::AtBlockBarrier) continue;
-            if (!first) first = f;
-            same_site &= f->file == first->file && f->line == first->line;
-        }
-        if (at_block != L->threads || !same_site) {
-            L->failed = true;
-            L->error = first && at_block + done == L->threads && same_site
-                ? format("__syncthreads (%s:%d) reached by %d of %d threads: ",
-                         base(first->file), first->line, at_block, L->threads)
-                : std::string("barrier deadlock: ");
-            L->error += describe(fibers);
-            return false;
-        }
-        for (Fiber *f : fibers) f->state = State::Ready;
-    }
 }
 
-bool parse_schedule(bool &random, uint64_t &seed) {
+/* The order of 0..n-1 for this round under the launch's schedule, into v. */
+void round_order(std::vector<int> &v, int n) {
+    v.resize(n);
+    std::iota(v.begin(), v.end(), 0);
+    if (L->order == Order::Reverse) std::reverse(v.begin(), v.end());
+    else if (L->order == Order::Random) shuffle(v);
+}
+
+bool run_lanes(Block &b, int w) {
+    int first = w * WARP, n = std::min(WARP, L->threads - first);
+    round_order(L->lane_order, n);
+    for (int l : L->lane_order) {
+        Fiber *f = b.fibers[first + l];
+        if (f->state != State::Ready) continue;
+        run(f);
+        if (L->failed) return false;
+    }
+    return true;
+}
+
+enum class Step { Continue, Finished, Failed };
+
+/* One round of block b. */
+Step step(Block &b) {
+    round_order(L->warp_order, L->warps);
+    for (int w : L->warp_order) {
+        if (!run_lanes(b, w)) return Step::Failed;
+        while (L->order == Order::Greedy) { /* on to the warp's next __syncthreads */
+            Warp r = release_warp(b, w);
+            if (r == Warp::Failed) return Step::Failed;
+            if (r == Warp::Waiting) break;
+            if (!run_lanes(b, w)) return Step::Failed;
+        }
+    }
+    bool released = false;
+    for (int w = 0; w < L->warps; w++) {
+        Warp r = release_warp(b, w);
+        if (r == Warp::Failed) return Step::Failed;
+        released |= r == Warp::Released;
+    }
+    if (released) return Step::Continue;
+    int done = 0, at_block = 0;
+    for (const Fiber *f : b.fibers) {
+        done += f->state == State::Done;
+        at_block += f->state == State::AtBlockBarrier;
+    }
+    if (done == L->threads) return Step::Finished;
+    const Fiber *first = nullptr;
+    bool same_site = true;
+    for (const Fiber *f : b.fibers) {
+        if (f->state != State::AtBlockBarrier) continue;
+        if (!first) first = f;
+        same_site &= f->file == first->file && f->line == first->line;
+    }
+    if (at_block != L->threads || !same_site) {
+        L->failed = true;
+        L->error = first && at_block + done == L->threads && same_site
+            ? format("__syncthreads (%s:%d) reached by %d of %d threads: ",
+                     base(first->file), first->line, at_block, L->threads)
+            : std::string("barrier deadlock: ");
+        L->error += describe(b.fibers);
+        return Step::Failed;
+    }
+    for (Fiber *f : b.fibers) f->state = State::Ready;
+    b.bar_epoch++;
+    return Step::Continue;
+}
+
+/* Runs every block of the launch; false (with L->error) on the first failure, whose block is
+ * then in *failed. */
+bool run_grid(size_t smem_bytes, int nslots, const Block **failed) {
+    const uint64_t blocks = uint64_t(grid_dim.x) * grid_dim.y * grid_dim.z;
+    std::vector<uint64_t> order; /* random: the order in which blocks become resident */
+    if (L->order == Order::Random) {
+        order.resize(blocks);
+        std::iota(order.begin(), order.end(), 0);
+        shuffle(order);
+    }
+    uint64_t next = 0;
+    auto next_id = [&] {
+        uint64_t i = next++;
+        return L->order == Order::Random ? order[i]
+               : L->order == Order::Reverse ? blocks - 1 - i : i;
+    };
+    int active = 0;
+    for (int s = 0; s < nslots; s++) {
+        start_block(slots[s], next_id());
+        active++;
+    }
+    for (int s = 0; active > 0; s = (s + 1) % nslots) {
+        if (L->order == Order::Random) s = int(next_random() % nslots);
+        Block &b = slots[s];
+        if (!b.active) continue;
+        *failed = &b;
+        Step r = step(b);
+        if (r == Step::Failed) return false;
+        if (r == Step::Continue) continue;
+        if (!canary_intact(b, smem_bytes)) return false;
+        if (next < blocks) {
+            start_block(b, next_id());
+        } else {
+            b.active = false;
+            active--;
+        }
+    }
+    return true;
+}
+
+bool parse_schedule(Order &order, uint64_t &seed) {
     const char *s = getenv("GPTLAB_EMU_SCHEDULE");
-    random = false;
+    order = Order::InOrder;
     seed = 0;
     if (!s || !*s || strcmp(s, "inorder") == 0) return true;
+    if (strcmp(s, "reverse") == 0 || strcmp(s, "greedy") == 0) {
+        order = s[0] == 'r' ? Order::Reverse : Order::Greedy;
+        return true;
+    }
     if (strncmp(s, "random", 6) != 0) return false;
-    random = true;
+    order = Order::Random;
     if (s[6] == 0) return true;
     if (s[6] != ':' || !s[7]) return false;
     char *end = nullptr;
@@ -331,14 +485,103 @@ bool parse_schedule(bool &random, uint64_t &seed) {
     return *end == 0;
 }
 
+/* $GPTLAB_EMU_MUTATE: "FILE:LINE" (a base name), or unset / empty for none. */
+bool parse_mutation() {
+    const char *s = getenv("GPTLAB_EMU_MUTATE");
+    mutate_line = 0;
+    if (!s || !*s) return true;
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || size_t(colon - s) >= sizeof mutate_file) return false;
+    char *end = nullptr;
+    long line = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || *end || line < 1 || line > std::numeric_limits<int>::max())
+        return false;
+    std::memcpy(mutate_file, s, size_t(colon - s));
+    mutate_file[colon - s] = 0;
+    mutate_line = int(line);
+    return true;
+}
+
+bool mutated(const char *file, int line) {
+    return line == mutate_line && strcmp(base(file), mutate_file) == 0;
+}
+
+/* ---------------------------------------------------------------- racecheck */
+/* threadIdx of thread tid, blockIdx of block id, as "(x, y, z)" into buf. */
+const char *coords(char *buf, size_t n, uint64_t i, dim3 d) {
+    snprintf(buf, n, "(%llu, %llu, %llu)", (unsigned long long)(i % d.x),
+             (unsigned long long)(i / d.x % d.y),
+             (unsigned long long)(i / (uint64_t(d.x) * d.y)));
+    return buf;
+}
+
+/* Is access r (of the running block's word) ordered before an access by the running thread? */
+bool ordered(const Record &r) {
+    const Block &b = *cur->block;
+    if (r.block == NO_BLOCK) return true;
+    if (r.block != b.id) return false;
+    if (r.tid == cur->tid || b.bar_epoch > r.bar_epoch) return true;
+    return r.tid / WARP == cur->warp && b.warp_epoch[cur->warp] > r.warp_epoch;
+}
+
+const char *kind_name(Access k) {
+    return k == Access::Read ? "a read" : k == Access::Write ? "a write" : "an atomicAdd";
+}
+
+/* Fails the launch: `now` (by the running thread) and `before` touch one word unordered;
+ * `where` names the word. No object with a destructor lives here: fail() _longjmps out. */
+[[noreturn]] void race(const char *where, const Record &now, const Record &before) {
+    char me[64], other[64], blk[64], who[160];
+    coords(me, sizeof me, uint64_t(now.tid), block_dim);
+    coords(other, sizeof other, uint64_t(before.tid), block_dim);
+    if (before.block == now.block)
+        snprintf(who, sizeof who, "thread %s", other);
+    else
+        snprintf(who, sizeof who, "block %s thread %s",
+                 coords(blk, sizeof blk, before.block, grid_dim), other);
+    fail("race on %s: %s by thread %s at %s:%d and %s by %s at %s:%d, with no %s", where,
+         kind_name(now.kind), me, base(now.file), now.line, kind_name(before.kind), who,
+         base(before.file), before.line,
+         before.block != now.block ? "order between blocks of a launch (only atomicAdd may meet "
+                                     "atomicAdd)"
+                                   : "__syncthreads (or __syncwarp, in one warp) between them");
+}
+
+/* The recorded access that `now` races with, or null. */
+const Record *conflict(const Shadow &sh, const Record &now) {
+    if (!ordered(sh.write) && !(now.kind == Access::Atomic && sh.write.kind == Access::Atomic))
+        return &sh.write;
+    if (now.kind == Access::Read) return nullptr;
+    if (!ordered(sh.read)) return &sh.read;
+    if (!ordered(sh.read2)) return &sh.read2;
+    return nullptr;
+}
+
+void update(Shadow &sh, const Record &now) {
+    if (now.kind == Access::Read) {
+        if (!ordered(sh.read)) sh.read2 = sh.read; /* keep an unordered earlier reader */
+        sh.read = now;
+    } else {
+        sh.write = now;
+        sh.read = sh.read2 = Record{};
+    }
+}
+
 } /* namespace */
 
 /* ---------------------------------------------------------------- device-side API */
 int lane_id() { return cur->lane; }
 
-void *dynamic_smem() { return smem.data(); }
+void *dynamic_smem() { return cur->block->smem.data(); }
 
-void syncthreads(const char *file, int line) { wait(State::AtBlockBarrier, file, line); }
+int resident_thread() { return int(cur->block - slots.data()) * L->threads + cur->tid; }
+
+uint64_t residency() { return cur->block->serial; }
+
+void syncthreads(const char *file, int line) {
+    if (mutated(file, line)) return; /* removed by $GPTLAB_EMU_MUTATE */
+    wait(State::AtBlockBarrier, file, line);
+}
 
 /* The emulator supports warp operations over the whole warp only (every lane the block has in
  * that warp), which is all the kernels use; anything else is reported, not guessed at. */
@@ -351,7 +594,9 @@ static void full_mask(const char *what, const char *file, int line, unsigned mas
 }
 
 void syncwarp(const char *file, int line, unsigned mask) {
+    if (mutated(file, line)) return; /* removed by $GPTLAB_EMU_MUTATE */
     full_mask("__syncwarp", file, line, mask);
+    cur->fence = true;
     wait(State::AtWarpBarrier, file, line);
 }
 
@@ -359,8 +604,9 @@ uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int 
     Fiber *f = cur;
     full_mask("warp shuffle", file, line, mask);
     uint64_t gen = f->exchanges++;
-    Slot *slots = &xbuf[(static_cast<size_t>(f->warp) * 2 + (gen & 1)) * WARP];
+    Slot *slots = &f->block->xbuf[(static_cast<size_t>(f->warp) * 2 + (gen & 1)) * WARP];
     slots[f->lane] = {bits, gen};
+    f->fence = false; /* a shuffle does not order memory */
     wait(State::AtWarpBarrier, file, line);
     /* Double-buffered by parity: a lane that runs ahead writes the other half, and cannot get
      * two exchanges ahead because the next barrier needs every lane. */
@@ -372,27 +618,13 @@ uint64_t exchange(const char *file, int line, unsigned mask, uint64_t bits, int 
     return s.bits;
 }
 
-/* Slots of gather: [warp][parity][lane], GATHER_BYTES each, stamped with the exchange number
- * and the call site so that a lane at another warp operation is an error, not a silent mix. */
-namespace {
-constexpr size_t GATHER_BYTES = 64;
-struct GatherSlot {
-    unsigned char bytes[GATHER_BYTES];
-    uint64_t gen;
-    const char *file;
-    int line;
-};
-std::vector<GatherSlot> gbuf;
-} /* namespace */
-
 void gather(const char *file, int line, unsigned mask, const void *mine, size_t n, void *all) {
     Fiber *f = cur;
     full_mask("warp collective", file, line, mask);
     if (n > GATHER_BYTES) fail("warp collective (%s:%d): %zu bytes per lane > %zu", base(file),
                                line, n, GATHER_BYTES);
-    if (gbuf.size() < xbuf.size()) gbuf.resize(xbuf.size()); /* [warp][parity][lane] too */
     uint64_t gen = f->exchanges++; /* one count with the shuffles: parities stay in step */
-    GatherSlot *slots = &gbuf[(static_cast<size_t>(f->warp) * 2 + (gen & 1)) * WARP];
+    GatherSlot *slots = &f->block->gbuf[(static_cast<size_t>(f->warp) * 2 + (gen & 1)) * WARP];
     GatherSlot &s = slots[f->lane];
     std::memcpy(s.bytes, mine, n);
     s.gen = gen;
@@ -438,53 +670,81 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
     launch.threads = int(threads);
     launch.warps = int((threads + WARP - 1) / WARP);
     uint64_t seed;
-    if (!parse_schedule(launch.random, seed)) {
-        set_error(cudaErrorInvalidValue, format("GPTLAB_EMU_SCHEDULE must be inorder, random or "
-                                                "random:SEED, got '%s'",
+    if (!parse_schedule(launch.order, seed)) {
+        set_error(cudaErrorInvalidValue, format("GPTLAB_EMU_SCHEDULE must be inorder, reverse, "
+                                                "greedy, random or random:SEED, got '%s'",
                                                 getenv("GPTLAB_EMU_SCHEDULE")));
+        return;
+    }
+    if (!parse_mutation()) {
+        set_error(cudaErrorInvalidValue, format("GPTLAB_EMU_MUTATE must be FILE:LINE (e.g. "
+                                                "flash.cu:149), got '%s'",
+                                                getenv("GPTLAB_EMU_MUTATE")));
         return;
     }
     for (const char *c = name; *c; c++) seed = seed * 131 + uint8_t(*c); /* per kernel */
     launch.rng = seed;
-    while (pool.size() < threads) pool.push_back(new Fiber());
-    std::vector<Fiber *> fibers(pool.begin(), pool.begin() + threads);
-    for (int i = 0; i < launch.threads; i++) {
-        Fiber *f = fibers[i];
-        if (!reset(f)) {
-            set_error(cudaErrorMemoryAllocation,
-                      format("kernel %s: cannot allocate fiber stacks", name));
-            return;
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    const int nslots =
+        launch.order == Order::InOrder ? 1 : int(std::min<uint64_t>(RESIDENT, blocks));
+    while (pool.size() < threads * nslots) pool.push_back(new Fiber());
+    for (int s = 0; s < nslots; s++) {
+        Block &b = slots[s];
+        b.active = false;
+        b.fibers.assign(pool.begin() + s * threads, pool.begin() + (s + 1) * threads);
+        for (int i = 0; i < launch.threads; i++) {
+            Fiber *f = b.fibers[i];
+            if (!reset(f)) {
+                set_error(cudaErrorMemoryAllocation,
+                          format("kernel %s: cannot allocate fiber stacks", name));
+                return;
+            }
+            f->tid = i;
+            f->lane = i % WARP;
+            f->warp = i / WARP;
+            f->idx = {unsigned(i) % block.x, unsigned(i) / block.x % block.y,
+                      unsigned(i) / (block.x * block.y)};
+            f->block = &b;
         }
-        f->lane = i % WARP;
-        f->warp = i / WARP;
-        f->idx = {unsigned(i) % block.x, unsigned(i) / block.x % block.y,
-                  unsigned(i) / (block.x * block.y)};
     }
-    xbuf.assign(size_t(launch.warps) * 2 * WARP, Slot{0, NO_GEN});
+    if (RACECHECK) global_shadow.clear();
     L = &launch;
     block_dim = block;
     grid_dim = grid;
-    uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
-    std::vector<uint64_t> order;
-    if (launch.random) {
-        order.resize(blocks);
-        std::iota(order.begin(), order.end(), 0);
-        shuffle(order);
-    }
-    for (uint64_t i = 0; i < blocks; i++) {
-        uint64_t b = launch.random ? order[i] : i;
-        block_idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
-                     unsigned(b / (uint64_t(grid.x) * grid.y))};
-        if (!run_block(fibers, smem_bytes)) {
-            set_error(cudaErrorLaunchFailure,
-                      format("kernel %s, block (%u, %u, %u): %s", name, block_idx.x, block_idx.y,
-                             block_idx.z, launch.error.c_str()));
-            break;
-        }
-    }
+    const Block *failed = nullptr;
+    if (!run_grid(smem_bytes, nslots, &failed))
+        set_error(cudaErrorLaunchFailure,
+                  format("kernel %s, block (%u, %u, %u): %s", name, failed->idx.x, failed->idx.y,
+                         failed->idx.z, launch.error.c_str()));
     L = nullptr;
     cur = nullptr;
     thread_idx = nullptr;
+    block_idx = nullptr;
+}
+
+/* Racecheck: record an access by the running thread (called by the watched pointers of
+ * cuda_emu_racecheck.h and by atomicAdd); a race with a recorded access fails the launch. */
+void race_access(const void *p, size_t bytes, Access kind, const char *file, int line) {
+    if (!cur) return; /* host code: no thread to record */
+    if (kind == Access::Atomic && mutated(file, line)) { /* removed: a plain read and write */
+        race_access(p, bytes, Access::Read, file, line);
+        kind = Access::Write;
+    }
+    Block &b = *cur->block;
+    const Record now{b.id, cur->tid, b.bar_epoch, b.warp_epoch[cur->warp], file, line, kind};
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t s0 = reinterpret_cast<uintptr_t>(b.smem.data()), s1 = s0 + MAX_DYNAMIC_SMEM;
+    for (uintptr_t w = a / 4 * 4; w < a + bytes; w += 4) {
+        bool shared = w >= s0 && w < s1;
+        Shadow &sh = shared ? b.shadow[(w - s0) / 4] : global_shadow[w];
+        if (const Record *clash = conflict(sh, now)) {
+            char where[64];
+            if (shared) snprintf(where, sizeof where, "shared memory, float %zu", (w - s0) / 4);
+            else snprintf(where, sizeof where, "global memory at %p", reinterpret_cast<void *>(w));
+            race(where, now, *clash);
+        }
+        update(sh, now);
+    }
 }
 
 } /* namespace gl_emu */

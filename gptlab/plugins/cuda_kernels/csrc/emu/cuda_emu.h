@@ -1,32 +1,61 @@
 /* CUDA portability layer for the kernels in csrc/cuda/: the real thing under nvcc, an emulator
  * on the CPU under a host C++ compiler (g++ -x c++ -std=c++20).
  *
- * Under nvcc (__CUDACC__) this header only includes <cuda_runtime.h> and defines two macros:
+ * Under nvcc (__CUDACC__) this header only includes <cuda_runtime.h> and defines four macros:
  *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
  *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
  *   GL_DYNAMIC_SMEM(type, name)
  *       -> extern __shared__ storage; type *name = (the block's dynamic shared memory)
+ *   GL_SMEM_PTR(type)    -> type *   (a pointer into shared memory)
+ *   GL_GLOBAL_PTR(type)  -> type *   (a pointer into global memory that several blocks write)
+ *   GL_SMEM_CAST(type, p) -> reinterpret_cast<type *>(p)   (p a GL_SMEM_PTR: a view as type)
+ * The last three only name what the race detector watches (see racecheck below); under nvcc
+ * and the plain emulator they are the raw pointer, so the compiled code is the same.
  *
  * Under a host compiler it *is* the subset of CUDA the kernels use, run on the calling CPU
  * thread, so the same .cu source can be tested without a GPU (implementation: cuda_emu.cpp):
  * - Each block's threads are cooperative fibers (own stacks; switched with _setjmp/_longjmp, so
- *   build with -U_FORTIFY_SOURCE). A fiber runs until it reaches __syncthreads, __syncwarp or a
- *   warp shuffle, then the next one runs; blocks run one after another.
+ *   build with -U_FORTIFY_SOURCE). A fiber runs until it reaches __syncthreads, __syncwarp, a
+ *   warp shuffle or a warp collective (gather: mma, ldmatrix), then the next one runs.
  * - Barriers are checked: a __syncthreads that some threads of the block never reach (they
  *   exited, or wait elsewhere), __syncthreads at different lines, or a warp operation that a
  *   lane of the warp exited before is a launch error (cudaErrorLaunchFailure, with a message
  *   naming the lines and thread ranges) instead of a hang. Warp operations (__syncwarp, the
  *   shuffles) must name the whole warp: other masks are reported as unsupported.
- * - Schedules, from $GPTLAB_EMU_SCHEDULE at each launch: "inorder" (default: warps in index
- *   order, lanes in order) or "random" / "random:SEED" (blocks, and the warps in every round, in
- *   a seeded random order), so that a missing barrier changes the results.
+ * - Schedules, from $GPTLAB_EMU_SCHEDULE at each launch, so that a missing barrier changes the
+ *   results under at least one of them:
+ *     inorder        (default) blocks one after another; in each round every warp, in index
+ *                    order, runs its lanes in order to their next barrier or shuffle (warps
+ *                    advance in lockstep, one segment per round);
+ *     reverse        warps, and lanes within a warp, in reverse order;
+ *     greedy         each warp runs on to its next __syncthreads before the next warp starts
+ *                    (its lanes still meet at __syncwarp and shuffles): a warp that overwrites
+ *                    a shared tile others still read shows;
+ *     random[:SEED]  blocks, warps and lanes in a seeded random order, every round.
+ *   Under every schedule but inorder, up to 4 blocks are resident at once (each with its own
+ *   shared memory) and their rounds interleave (reverse: blocks from the last; random: a random
+ *   resident block each round), as blocks share a GPU.
  * - Dynamic shared memory is filled with NaN before each block, so reading an element nobody
  *   wrote shows up as NaN; writing past the launch's smem_bytes is a launch error (checked after
- *   each block). Static __shared__ variables are plain statics (one copy reused by each
- *   block in turn, not poisoned): the kernels keep their tiles in dynamic shared memory.
+ *   each block). Static __shared__ variables are plain statics (one copy for all blocks, also
+ *   when blocks interleave, not poisoned): the kernels keep their tiles in dynamic shared memory.
  * - Launch limits as on the hardware: <= 1024 threads per block, block.z <= 64, grid.y and
  *   grid.z <= 65535, <= 48 KiB of dynamic shared memory.
- * - Launches are serialised by a process-wide mutex; atomics are plain read-modify-writes.
+ * - Launches are serialised by a process-wide mutex; atomics are plain read-modify-writes (a
+ *   fiber never switches inside one).
+ * - Mutation: $GPTLAB_EMU_MUTATE=FILE:LINE (e.g. flash.cu:149, read at each launch) removes the
+ *   __syncthreads or __syncwarp at that line of that file (base name): it returns at once. An
+ *   atomicAdd there becomes a plain read-modify-write (the same arithmetic here; racecheck sees
+ *   a read and a write). tests/kernels/test_mutations.py removes every site in turn.
+ * - Racecheck (built with -DGL_EMU_RACECHECK: flavour cuda-emu-racecheck; slow, for small
+ *   cases): GL_SMEM_PTR / GL_GLOBAL_PTR (and so GL_DYNAMIC_SMEM) become watched pointers, whose
+ *   loads and stores (through [], which keeps the source line) record per 4-byte word the last
+ *   write and the last two reads: thread, block and barrier epochs (cuda_emu_racecheck.h). Two
+ *   accesses of a word by different threads, at least one a write, are a race (a launch error
+ *   naming both threads and file:line) unless a __syncthreads of their block, or a __syncwarp
+ *   of their warp when both are in one warp, lies between them. Shuffles do not order memory.
+ *   Blocks are never ordered within a launch: only atomicAdd may meet atomicAdd (atomicAdd is
+ *   always recorded, watched pointer or not).
  */
 #ifndef GPTLAB_CUDA_EMU_H
 #define GPTLAB_CUDA_EMU_H
@@ -40,6 +69,9 @@
 #define GL_DYNAMIC_SMEM(type, name)                  \
     extern __shared__ float4 gl_dynamic_smem_[];     \
     type *name = reinterpret_cast<type *>(gl_dynamic_smem_)
+#define GL_SMEM_PTR(type) type *
+#define GL_GLOBAL_PTR(type) type *
+#define GL_SMEM_CAST(type, p) reinterpret_cast<type *>(p)
 
 #else /* the emulator */
 
@@ -75,7 +107,7 @@ enum cudaError_t {
 
 namespace gl_emu {
 
-extern uint3 block_idx;
+extern const uint3 *block_idx; /* the running fiber's blockIdx */
 extern dim3 block_dim, grid_dim;
 extern const uint3 *thread_idx; /* the running fiber's threadIdx */
 
@@ -91,6 +123,12 @@ void gather(const char *file, int line, unsigned mask, const void *mine, size_t 
 [[noreturn]] void launch_error(const char *file, int line, const char *what);
 int lane_id();
 void *dynamic_smem();
+/* For per-thread state kept outside the emulator (cp.async in cuda_emu_tc.h): the running
+ * thread's index among all threads in flight (< MAX_RESIDENT_THREADS, stable while its block
+ * runs), and a number naming its block's stay in its slot (new at every block start). */
+constexpr int MAX_RESIDENT_THREADS = 4 * 1024; /* RESIDENT blocks of up to 1024 threads */
+int resident_thread();
+uint64_t residency();
 void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
             void (*body)(void *), void *ctx);
 
@@ -101,6 +139,10 @@ void launch_fn(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaS
     launch(name, grid, block, smem_bytes, stream, [](void *ctx) { (*static_cast<Fn *>(ctx))(); },
            static_cast<void *>(&f));
 }
+
+/* Racecheck (cuda_emu_racecheck.h): record a load, store or atomicAdd by the running thread. */
+enum class Access { Read, Write, Atomic };
+void race_access(const void *p, size_t bytes, Access kind, const char *file, int line);
 
 template <class T>
 T shfl_from(const char *file, int line, unsigned mask, T v, int src) {
@@ -132,7 +174,7 @@ T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta,
 } /* namespace gl_emu */
 
 #define threadIdx (*gl_emu::thread_idx)
-#define blockIdx (gl_emu::block_idx)
+#define blockIdx (*gl_emu::block_idx)
 #define blockDim (gl_emu::block_dim)
 #define gridDim (gl_emu::grid_dim)
 #define warpSize 32
@@ -146,11 +188,33 @@ T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta,
 #define GL_LAUNCH(kernel, grid, block, smem, stream, ...)                              \
     gl_emu::launch_fn(#kernel, (grid), (block), (smem), static_cast<cudaStream_t>(stream), \
                       [&] { kernel(__VA_ARGS__); })
-#define GL_DYNAMIC_SMEM(type, name) type *name = static_cast<type *>(gl_emu::dynamic_smem())
+#ifdef GL_EMU_RACECHECK
+#include "cuda_emu_racecheck.h" /* GL_SMEM_PTR, GL_GLOBAL_PTR: watched pointers */
+#else
+#define GL_SMEM_PTR(type) type *
+#define GL_GLOBAL_PTR(type) type *
+#define GL_SMEM_CAST(type, p) reinterpret_cast<type *>(p)
+#endif
+#define GL_DYNAMIC_SMEM(type, name) \
+    GL_SMEM_PTR(type) name = static_cast<type *>(gl_emu::dynamic_smem())
 
-/* Atomics: launches run on one OS thread, so a read-modify-write is atomic. */
-inline float atomicAdd(float *p, float v) { float old = *p; *p = old + v; return old; }
-inline int atomicAdd(int *p, int v) { int old = *p; *p = old + v; return old; }
+/* Atomics: launches run on one OS thread, so a read-modify-write is atomic. The site is passed
+ * for racecheck, which records it (or, when $GPTLAB_EMU_MUTATE removes it, a plain read and
+ * write). */
+#define atomicAdd(...) gl_emu::atomic_add(__FILE__, __LINE__, __VA_ARGS__)
+namespace gl_emu {
+template <class T>
+T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
+             std::type_identity_t<T> v) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, int>, "atomicAdd: float or int");
+#ifdef GL_EMU_RACECHECK
+    race_access(p, sizeof(T), Access::Atomic, file, line);
+#endif
+    T old = *p;
+    *p = old + v;
+    return old;
+}
+} /* namespace gl_emu */
 
 /* The runtime API subset the launchers use. */
 cudaError_t cudaGetLastError(void);

@@ -41,7 +41,10 @@
  *   missing wait reads NaN; the source is read when the copy is issued. Only the 16-byte .cg
  *   form (with src-size for zero fill) is modelled. Pending copies belong to one thread of one
  *   block; a block that exits with copies pending loses them (they are dropped when the same
- *   thread slot next issues or waits in another block).
+ *   resident thread next issues or waits in another block).
+ * - Racecheck (-DGL_EMU_RACECHECK): the shared-memory operands may be watched pointers
+ *   (GL_SMEM_PTR); ldmatrix records a read of each 16-byte row by the lane that names it,
+ *   cp.async a write of its destination at the issue and at the completing wait.
  * - bfloat16 / float16 conversions from float round to nearest even (subnormals, overflow to
  *   inf, NaN kept NaN), as __float2bfloat16_rn / __float2half_rn.
  */
@@ -176,30 +179,47 @@ void mma_m16n8k16(const char *file, int line, float (&acc)[4], const uint32_t (&
     }
 }
 
-/* ------------------------------------------------------------------ ldmatrix */
+/* ------------------------------------------------------------------ shared-memory operands */
+/* The tc primitives take a raw pointer or, under racecheck, a watched one (GL_SMEM_PTR): they
+ * read and write through the raw address and record the access themselves (race_access). */
+inline void *raw(const void *p) { return const_cast<void *>(p); }
+#ifdef GL_EMU_RACECHECK
+template <class T>
+void *raw(watched_ptr<T> p) {
+    return const_cast<void *>(static_cast<const void *>(p.get()));
+}
+#endif
+
 inline bool in_dynamic_smem(const void *p, size_t bytes) {
     const char *base = static_cast<const char *>(dynamic_smem()), *c = static_cast<const char *>(p);
     return c >= base && c + bytes <= base + 48 * 1024;
 }
 
-/* regs[j] = this lane's piece of matrix j (j < num: 1, 2 or 4); row_addr: this lane's row. */
+/* ------------------------------------------------------------------ ldmatrix */
+/* regs[j] = this lane's piece of matrix j (j < num: 1, 2 or 4); row_addr: this lane's row.
+ * Each lane that gives a row (lanes 0 .. 8 num - 1) reads its 16 bytes when it arrives, and the
+ * warp exchanges them: so the data is what the lanes saw at the instruction, whatever the
+ * lanes do after it, and racecheck records each row as read by the lane that named it. */
 inline void ldmatrix(const char *file, int line, int num, bool trans, uint32_t *regs,
                      const void *row_addr) {
-    const void *rows[32];
-    gather(file, line, 0xffffffffu, &row_addr, sizeof row_addr, rows);
     const int lane = lane_id();
-    for (int l = 0; l < 8 * num; l++) {
-        const uintptr_t p = reinterpret_cast<uintptr_t>(rows[l]);
-        if (p % 16 != 0 || !in_dynamic_smem(rows[l], 16)) {
+    unsigned char mine[16] = {}, rows[32][16];
+    if (lane < 8 * num) {
+        const uintptr_t p = reinterpret_cast<uintptr_t>(row_addr);
+        if (p % 16 != 0 || !in_dynamic_smem(row_addr, 16))
             launch_error(file, line, p % 16 ? "ldmatrix: a row address is not 16-byte aligned"
                                             : "ldmatrix: a row address is not in shared memory");
-        }
+#ifdef GL_EMU_RACECHECK
+        race_access(row_addr, 16, Access::Read, file, line);
+#endif
+        std::memcpy(mine, row_addr, 16);
     }
+    gather(file, line, 0xffffffffu, mine, sizeof mine, rows);
     for (int j = 0; j < num; j++) {
         uint32_t reg = 0;
         for (int h = 0; h < 2; h++) {
             uint16_t v;
-            const char *row = static_cast<const char *>(rows[8 * j + frag::ld_row(lane, h, trans)]);
+            const unsigned char *row = rows[8 * j + frag::ld_row(lane, h, trans)];
             std::memcpy(&v, row + 2 * frag::ld_col(lane, h, trans), 2);
             reg |= uint32_t(v) << (16 * h);
         }
@@ -211,41 +231,42 @@ inline void ldmatrix(const char *file, int line, int num, bool trans, uint32_t *
 struct CpAsyncCopy {
     void *dst;
     unsigned char bytes[16];
+    int line; /* of the cp.async, for racecheck's record of the completing write */
+    const char *file;
 };
 struct CpAsyncThread {
-    uint3 block;                                  /* the block the pending copies belong to */
-    dim3 grid, dims;
+    uint64_t residency = 0;                       /* the block stay the pending copies belong to */
     std::vector<CpAsyncCopy> open;                /* issued, not yet committed */
     std::vector<std::vector<CpAsyncCopy>> groups; /* committed, oldest first */
 };
-inline CpAsyncThread cp_async_threads[1024];
+/* Per thread in flight (blocks interleave under most schedules, each with its own shared
+ * memory, so the state is per resident thread, not per threadIdx). */
+inline CpAsyncThread cp_async_threads[MAX_RESIDENT_THREADS];
 
 inline CpAsyncThread &cp_async_me() {
-    const uint3 t = *thread_idx;
-    CpAsyncThread &me = cp_async_threads[t.x + block_dim.x * (t.y + block_dim.y * t.z)];
-    const bool same = me.block.x == block_idx.x && me.block.y == block_idx.y &&
-                      me.block.z == block_idx.z && me.grid.x == grid_dim.x &&
-                      me.grid.y == grid_dim.y && me.grid.z == grid_dim.z &&
-                      me.dims.x == block_dim.x && me.dims.y == block_dim.y &&
-                      me.dims.z == block_dim.z;
-    if (!same) { /* another block's leftovers: its shared memory is gone */
+    CpAsyncThread &me = cp_async_threads[resident_thread()];
+    if (me.residency != residency()) { /* an earlier block's leftovers: its shared memory is gone */
         me.open.clear();
         me.groups.clear();
-        me.block = block_idx;
-        me.grid = grid_dim;
-        me.dims = block_dim;
+        me.residency = residency();
     }
     return me;
 }
 
 /* cp.async.cg.shared.global [dst], [src], 16, src_bytes: the first src_bytes (0..16) bytes come
- * from src, the rest are zero. The destination reads NaN (0xff bytes) until the wait. */
+ * from src, the rest are zero. The destination reads NaN (0xff bytes) until the wait. Racecheck
+ * records a write of dst at the issue (whoever still reads the old contents races with it) and
+ * again at the wait that completes it (whoever reads the new contents must be ordered after
+ * that wait, by a barrier). */
 inline void cp_async16(const char *file, int line, void *dst, const void *src, int src_bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16 ||
         !in_dynamic_smem(dst, 16) || src_bytes < 0 || src_bytes > 16)
         launch_error(file, line, "cp.async needs a 16-byte aligned shared destination and global "
                      "source, and 0 <= src-size <= 16");
-    CpAsyncCopy c{dst, {}};
+#ifdef GL_EMU_RACECHECK
+    race_access(dst, 16, Access::Write, file, line);
+#endif
+    CpAsyncCopy c{dst, {}, line, file};
     if (src_bytes) std::memcpy(c.bytes, src, size_t(src_bytes));
     std::memset(dst, 0xff, 16);
     cp_async_me().open.push_back(c);
@@ -260,7 +281,12 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int pending) {
     CpAsyncThread &me = cp_async_me();
     while (int(me.groups.size()) > pending) {
-        for (const CpAsyncCopy &c : me.groups.front()) std::memcpy(c.dst, c.bytes, 16);
+        for (const CpAsyncCopy &c : me.groups.front()) {
+#ifdef GL_EMU_RACECHECK
+            race_access(c.dst, 16, Access::Write, c.file, c.line);
+#endif
+            std::memcpy(c.dst, c.bytes, 16);
+        }
         me.groups.erase(me.groups.begin());
     }
 }
