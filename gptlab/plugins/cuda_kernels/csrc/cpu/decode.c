@@ -44,12 +44,20 @@ static void gemv_rows(float *y, const float *x, const float *w, const float *bia
     int64_t o = 0;
     for (; o + 4 <= out; o += 4) {
         const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+        /* the rows two blocks ahead, prefetched as these are read (4 floats of them per float
+         * of a row): decoding is bound by streaming the weights from memory, and the hardware
+         * prefetcher alone left the step at ~60% of the bandwidth a plain sum reaches */
+        const float *ahead = o + 16 <= out ? w0 + 8 * in : NULL; /* (+16: its last prefetch) */
         for (int64_t r = 0; r < b; r++) {
             const float *xr = x + r * in;
             vf a0 = vset1(0.f), a1 = a0, a2 = a0, a3 = a0;
             int64_t i = 0;
             for (; i + VL <= in; i += VL) {
                 vf xv = vload(xr + i);
+                if (ahead && r == 0) {
+                    __builtin_prefetch(ahead + 4 * i);
+                    __builtin_prefetch(ahead + 4 * i + 16);
+                }
                 a0 += vload(w0 + i) * xv;
                 a1 += vload(w1 + i) * xv;
                 a2 += vload(w2 + i) * xv;
