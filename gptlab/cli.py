@@ -303,7 +303,8 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
     # the one pre-flight: names, device, attention, the run folder (before touching the data)
     plan = plan_run(reg, model_cfg, train_cfg,
                     prefer_attention=resume.metrics.get("attention") if resume else None,
-                    prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None)
+                    prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None,
+                    new_run=resume is None)
     folder = None
     if world.is_main:
         same = resume_dir is not None and Path(resume_dir).resolve() == Path(out_dir).resolve()

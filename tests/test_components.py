@@ -141,7 +141,7 @@ def test_cli_trains_and_samples_with_the_parts(cli, registry, tmp_path):
 
 
 def test_transformer_parts_named_for_the_bigram_are_an_error_before_anything_is_written(
-        cli, tmp_path):
+        cli, registry, tmp_path):
     text = tmp_path / "small.txt"
     text.write_text(SMALL)
     out = tmp_path / "run"
@@ -152,6 +152,9 @@ def test_transformer_parts_named_for_the_bigram_are_an_error_before_anything_is_
         "Error: the bigram model has no attention or blocks, so --attention flash, --position "
         "rotary, --qk-norm would do nothing; drop them or use --model transformer")
     assert not out.exists()
+    # a model built from a saved config (a checkpoint from before this check) is not refused
+    cfg = ModelConfig(model="bigram", vocab_size=5, block_size=4, attention="flash")
+    assert build_model(registry, cfg).config.attention == "flash"
 
 
 @pytest.fixture

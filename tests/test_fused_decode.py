@@ -1,5 +1,5 @@
-"""The fused decoding step (csrc/cpu/decode.c): one C call per block for each decoded token,
-checked against the same blocks run module by module, and greedy generation against
+"""The fused decoding step (csrc/cpu/decode.c): one C call per decoded token for the whole
+model, checked against the same model run module by module, and greedy generation against
 generation without the cache."""
 
 import pytest
@@ -119,6 +119,30 @@ def test_fused_step_declines_with_gradients_or_in_training(registry):
     assert [layer.length for layer in cache.layers] == [1, 1]
 
 
+def test_fused_step_declines_what_it_would_misread(registry):
+    """A cache filled under autocast (bfloat16 storage) or for another batch, and autocast
+    itself: op by op, as the modules would; int32 token ids are read as such."""
+    model = make_model(registry)
+    prompt = torch.tensor([[3, 9, 0]])
+    with torch.inference_mode():
+        cache = model.new_cache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.forward_cached(prompt, cache)
+            assert cache.decoder(prompt[:, :1], cache) is None  # autocast on
+        assert cache.layers[0].k.dtype == torch.bfloat16
+        assert cache.decoder(prompt[:, :1], cache) is None  # bfloat16 storage
+        cache, plain = model.new_cache(), model.new_cache()
+        plain.decoder = None
+        model.forward_cached(prompt, cache)
+        model.forward_cached(prompt, plain)
+        assert cache.decoder(torch.tensor([[1], [2]]), cache) is None  # cache for batch 1
+        got = cache.decoder(torch.tensor([[4]], dtype=torch.int32), cache)
+        want = model.forward_cached(torch.tensor([[4]]), plain)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(model.generate(prompt.int(), 20, temperature=0),
+                       model.generate(prompt, 20, temperature=0, use_cache=False))
+
+
 def test_decode_step_errors_are_one_line():
     lib = load("cpu")
     ffi, ptr = lib.ffi, lib.ptr
@@ -136,16 +160,23 @@ def test_decode_step_errors_are_one_line():
                         ptr(w[0]), ffi.NULL, ptr(wte), spec, 1, 1, c, nh, vocab, pos, 4, 1)
 
     assert call(3) == 0 and torch.isfinite(logits).all()
-    with pytest.raises(KernelError, match=r"token id 2 outside \[0, 2\)"):
-        call(0, vocab=2)
-    spec.rope_cos = ptr(torch.ones(4))
-    with pytest.raises(KernelError, match="rotary needs both cos and sin"):
-        call(0)
-    spec.rope_cos = ffi.NULL
-    with pytest.raises(KernelError, match=r"position 4 outside the cache's 4 rows"):
-        call(4)
-    with pytest.raises(KernelError, match=r"nh dividing c \(n_layer=1 b=1 c=24 nh=5 vocab=13\)"):
-        call(0, nh=5)
+    cos = torch.ones(4)
+
+    def with_cos_only():
+        spec.rope_cos = ptr(cos)
+        try:
+            call(0)
+        finally:
+            spec.rope_cos = ffi.NULL
+
+    fails = [(lambda: call(0, vocab=2), r"token id 2 outside \[0, 2\)"),
+             (with_cos_only, "rotary needs both cos and sin"),
+             (lambda: call(4), r"position 4 outside the cache's 4 rows"),
+             (lambda: call(0, nh=5), r"nh dividing c \(n_layer=1 b=1 c=24 nh=5 vocab=13\)")]
+    for fail, message in fails:
+        with pytest.raises(KernelError, match=message) as e:
+            fail()
+        assert "\n" not in str(e.value)  # one line
     params[2] = ffi.NULL
     with pytest.raises(KernelError, match="a weight pointer is NULL"):
         call(0)

@@ -65,14 +65,6 @@ def model_parts(reg: Registry, config: ModelConfig) -> dict:
     checked against it (unknown names and impossible combinations are one-line errors), as
     keyword arguments of :class:`Components`; empty for models without attention."""
     if not reg.model(config.model).uses_attention:
-        ignored = [f"{f.metadata['flag']} {getattr(config, f.name)}".replace(" True", "")
-                   for f in attrs.fields(ModelConfig)
-                   if f.name in TRANSFORMER_PARTS and getattr(config, f.name) != f.default]
-        if ignored:
-            raise ConfigError(f"the {config.model} model has no attention or blocks, so "
-                              f"{', '.join(ignored)} would do nothing; drop "
-                              f"{'it' if len(ignored) == 1 else 'them'} or use --model "
-                              f"transformer")
         return {}
     position = reg.get("positions", config.position)
     position.check(config)
@@ -80,9 +72,23 @@ def model_parts(reg: Registry, config: ModelConfig) -> dict:
                 position=position)
 
 
+def check_no_unused_parts(reg: Registry, config: ModelConfig) -> None:
+    """A one-line error if a model without attention (the bigram) is given transformer parts,
+    which it would silently ignore (new runs only: a checkpoint saved so still loads)."""
+    if reg.model(config.model).uses_attention:
+        return
+    ignored = [f"{f.metadata['flag']} {getattr(config, f.name)}".replace(" True", "")
+               for f in attrs.fields(ModelConfig)
+               if f.name in TRANSFORMER_PARTS and getattr(config, f.name) != f.default]
+    if ignored:
+        raise ConfigError(f"the {config.model} model has no attention or blocks, so "
+                          f"{', '.join(ignored)} would do nothing; drop "
+                          f"{'it' if len(ignored) == 1 else 'them'} or use --model transformer")
+
+
 def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
              requires_grad: bool = True, prefer_attention: str | None = None,
-             prefer_kernels: str | None = None) -> RunPlan:
+             prefer_kernels: str | None = None, new_run: bool = True) -> RunPlan:
     """Check names, device and attention choice once; return the :class:`RunPlan`.
 
     A backend named for a device that is not available here is reported in the backend's own
@@ -91,7 +97,10 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     ``prefer_attention`` (a resumed run's backend) if it runs; likewise ``prefer_kernels`` for
     ``--kernels auto`` (a checkpoint from before layer kernels resumes on ``torch``, the formulas
     it was trained with). Under torchrun only rank 0 measures and every rank takes its choice.
+    ``new_run``: also refuse options the model would ignore (:func:`check_no_unused_parts`).
     """
+    if new_run:
+        check_no_unused_parts(reg, model_config)
     model_cls = reg.model(model_config.model)
     tokenizer_cls = reg.tokenizer(train_config.tokenizer)
     uses_attention = model_cls.uses_attention

@@ -174,7 +174,8 @@ class Trainer:
         self.plan = plan or plan_run(
             reg, model_config, train_config,
             prefer_attention=resume.metrics.get("attention") if resume else None,
-            prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None)
+            prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None,
+            new_run=resume is None)
         if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")

@@ -287,6 +287,38 @@ def test_a_failing_section_does_not_stop_the_next(registry, tmp_path, monkeypatc
     assert "| benchmark | pass |" in md and "| `flash-emu` | float32 | 32 | yes |" in md
 
 
+def test_a_backend_that_raises_is_one_fail_line_and_the_others_still_run():
+    """Conformance on a borrowed GPU: an error from one backend (a launch failure, say) is its
+    FAIL line; the backends and layer kernels after it are still checked."""
+    from gptlab.core.layer_kernels import TorchKernels
+    from gptlab.plugins.attention.naive import NaiveAttention
+
+    class Naive(NaiveAttention):
+        dtypes = frozenset({torch.float32})
+
+    class Crashing(Naive):
+        name = "crashing"
+
+        def forward(self, q, k, v, **kw):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    class Torch32(TorchKernels):
+        dtypes = frozenset({torch.float32})
+
+    target = gpucheck.Target(device="cpu", emulated=False, attention=(Crashing, Naive),
+                             layer_kernels=(Torch32,), baseline=Naive)
+    check = gpucheck.GpuCheck(None, target, gpucheck.Options.emulated(rule_T=64, quick=True))
+    s = gpucheck.Section("conformance")
+    check.conformance(s)
+    text = "\n".join(s.lines)
+    assert s.failed
+    assert "- FAIL `crashing` float32: (RuntimeError) CUDA error: an illegal memory access " \
+           "was encountered" in text
+    assert "- pass `naive` float32:" in text
+    assert "- FAIL precision rule, causal T=64 D=64: `crashing` float32: (RuntimeError)" in text
+    assert "- pass layer kernels `torch` float32:" in text
+
+
 def test_unknown_section_is_a_usage_error(registry):
     res = CliRunner().invoke(build_cli(registry), ["kernels", "gpucheck", "--emulate",
                                                    "--sections", "environment,speed"])

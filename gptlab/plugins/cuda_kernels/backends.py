@@ -226,7 +226,7 @@ class EmulatedFlash(Emulated, FlashAttention):
 
 class EmulatedTensorCoreFlash(Emulated, TensorCoreFlash):
     name = "flash-tc-emu"
-    description = ("the tensor-core flash forward (flash_tc.cu) run on the CPU by the CUDA "
+    description = ("the tensor-core flash attention (flash_tc.cu) run on the CPU by the CUDA "
                    "emulator")
     dtypes = TensorCoreFlash.dtypes
     min_head_dim, max_head_dim = TensorCoreFlash.min_head_dim, TensorCoreFlash.max_head_dim

@@ -280,8 +280,8 @@ def _int_list(value: str, param: str) -> tuple[int, ...]:
               help="T of the precision rule's long causal case (default 2048; 256 with "
                    "--emulate).")
 @click.option("--quick", is_flag=True,
-              help="Conformance on T in {1, 7, 65} and head dims {16, 80} only (31 cases per "
-                   "backend instead of 147).")
+              help="Conformance on T in {1, 7, 65} and head dims {16, 80} only (35 cases per "
+                   "backend instead of 151).")
 @click.option("--sanitizer-timeout", type=click.FloatRange(min=1), default=120.0,
               show_default=True, help="Seconds each compute-sanitizer tool may take.")
 @click.pass_context

@@ -1,5 +1,5 @@
 """The fused decoding step: generation with the KV cache runs the whole model for the new token in
-one C call (``csrc/cpu/decode.c``) instead of ~100 torch calls and ~17 kernel calls.
+one C call (``csrc/cpu/decode.c``) instead of ~100 calls, 17 of them kernel calls.
 
 Decoding one token is b rows of work per block: op by op, every call's fixed cost (Python,
 the dispatcher, allocating outputs: tens of microseconds each on a 2-core CPU) outweighs its
@@ -57,6 +57,7 @@ def fused_decode_reasons(model: nn.Module) -> list[str]:
     if type(getattr(model, "attention_backend", None)) is not FlashAttention:
         r.append("attention is not the flash backend on the native kernels")
     first = blocks[0]
+    eps = getattr(first.ln_1, "eps", None)
     for i, b in enumerate(blocks):
         if type(b) is not PreNormBlock:
             r.append(f"block {i} is {type(b).__name__}, not PreNormBlock")
@@ -65,17 +66,20 @@ def fused_decode_reasons(model: nn.Module) -> list[str]:
                 or type(b.ln_1) is not type(first.ln_1):
             r.append(f"block {i}'s norms are {type(b.ln_1).__name__}, {type(b.ln_2).__name__}, "
                      f"not one of LayerNorm or RMSNorm throughout")
-        if type(b.attn) is not MultiHeadAttention or _seam(b.attn) is None:
+        elif {b.ln_1.eps, b.ln_2.eps} != {eps}:
+            r.append(f"block {i}'s norms have another eps than block 0's ln_1")
+        if type(b.attn) is not MultiHeadAttention or _seam(b.attn) is None \
+                or b.attn.qk_positions is not first.attn.qk_positions:
             r.append(f"block {i}'s attention is not MultiHeadAttention with QK-norm and/or "
-                     f"rotary (or nothing) at the position seam")
+                     f"rotary (or nothing) at the position seam, the same module as block 0's")
         if type(b.mlp) not in (MLP, ReLU2MLP) or type(b.mlp) is not type(first.mlp):
             r.append(f"block {i}'s MLP is {type(b.mlp).__name__}, not the GELU or ReLU^2 MLP "
                      f"throughout")
         if r:
             break
     if not r and (type(getattr(model, "ln_f", None)) is not type(first.ln_1)
-                  or getattr(model.lm_head, "bias", None) is not None):
-        r.append("the final norm is not the blocks' kind, or the head has a bias")
+                  or model.ln_f.eps != eps or getattr(model.lm_head, "bias", None) is not None):
+        r.append("the final norm is not the blocks' kind with their eps, or the head has a bias")
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dtype != torch.float32:
             r.append(f"{name} is {str(p.dtype).replace('torch.', '')} on {p.device}, not "
@@ -128,15 +132,22 @@ class FusedDecoder:
         self._ws = self._kv = None
 
     def usable(self) -> bool:
-        """In inference only: a step with gradients, or in training mode, goes op by op."""
-        return not self.model.training and not (
+        """In float32 inference only: a step with gradients, in training mode or under autocast
+        goes op by op."""
+        return not self.model.training and not torch.is_autocast_enabled("cpu") and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()))
 
     def _caches(self, cache, B: int, hs: int, like: torch.Tensor):
         """The float *[n_layer] arrays of the layers' key and value storage (made again only
-        when a layer's storage changed)."""
+        when a layer's storage changed), or None if any is not float32 (B, nh, capacity, hs)
+        and contiguous, as the C step writes it (a cache filled under autocast, or for
+        another batch)."""
         storage = [layer.storage(B, self.nh, hs, like) for layer in cache.layers]
         if self._kv is None or any(k is not k0 for (k, _), k0 in zip(storage, self._kv[0])):
+            cap = storage[0][0].size(2)
+            if any(t.dtype != torch.float32 or t.shape != (B, self.nh, cap, hs)
+                   or not t.is_contiguous() for kv in storage for t in kv):
+                return None
             ffi, ptr = self.lib.ffi, self.lib.ptr
             self._kv = ([k for k, _ in storage],
                         ffi.new("float *[]", [ptr(k) for k, _ in storage]),
@@ -158,12 +169,15 @@ class FusedDecoder:
             if pos >= cos.size(0):
                 return None
             self.spec.rope_cos, self.spec.rope_sin = lib.ptr(cos[pos]), lib.ptr(sin[pos])
-        logits = torch.empty(B, 1, self.vocab)
+        logits = torch.empty(B, 1, self.vocab, dtype=torch.float32)
+        kv = self._caches(cache, B, C // self.nh, logits)
+        if kv is None:
+            return None
+        ks, vs, max_t = kv
         if self._ws is None or self._ws[0] != B:
             nbytes = lib.lib.gptlab_decode_step_workspace_size(B, C, self.nh)
             self._ws = (B, logits.new_empty(-(-nbytes // 4)))
-        ks, vs, max_t = self._caches(cache, B, C // self.nh, logits)
-        ids = idx.contiguous()
+        ids = idx.to(torch.int64).contiguous()  # (an int32 prompt works with nn.Embedding)
         lib.call("gptlab_decode_step_f32", lib.ptr(logits), ks, vs, lib.ptr(self._ws[1], "void *"),
                  lib.ptr(ids, "int64_t *"), self.wte, self.wpe, self.params, *self.norm,
                  self.head, self.spec, self.n_layer, B, C, self.nh, self.vocab, pos, max_t,

@@ -537,9 +537,10 @@ class GpuCheck:
                                                  f"precision rule:\n" + "\n".join(map(str, bad)))
                         s.add(f"- pass {label}: precision rule on {len(results)} shapes, worst "
                               f"error / torch's {max(r.worst_ratio for r in results):.2f}")
-                except AssertionError as e:
-                    lines = str(e).splitlines()
-                    s.fail(f"- FAIL {label}: {lines[0]}")
+                except Exception as e:  # a wrong result, or an error: the next one still runs
+                    lines = str(e).splitlines() or [""]
+                    kind = "" if isinstance(e, AssertionError) else f"({type(e).__name__}) "
+                    s.fail(f"- FAIL {label}: {kind}{lines[0]}")
                     s.lines += [f"    - {ln}" for ln in lines[1:11]]
         s.add()
         for cls in t.attention:
@@ -548,8 +549,14 @@ class GpuCheck:
                     continue
                 self.progress(f"precision rule at T={self.opts.rule_T}: {cls.name} "
                               f"{_dtype_name(dtype)}")
-                r = check_precision(cls(), T=self.opts.rule_T, D=64, causal=True, device=dev,
-                                    dtype=dtype)
+                try:
+                    r = check_precision(cls(), T=self.opts.rule_T, D=64, causal=True,
+                                        device=dev, dtype=dtype)
+                except Exception as e:
+                    s.fail(f"- FAIL precision rule, causal T={self.opts.rule_T} D=64: "
+                           f"`{cls.name}` {_dtype_name(dtype)}: ({type(e).__name__}) "
+                           f"{first_line(e)}")
+                    continue
                 line = f"precision rule, causal T={self.opts.rule_T} D=64: {r}"
                 if r.ok:
                     s.add(f"- pass {line}")
@@ -564,7 +571,11 @@ class GpuCheck:
                     s.add(f"- skip {label}: {'; '.join(reasons)}")
                     continue
                 self.progress(f"conformance: layer kernels {cls.name} {_dtype_name(dtype)}")
-                results = check_layer_kernels(cls(), device=dev, dtype=dtype)
+                try:
+                    results = check_layer_kernels(cls(), device=dev, dtype=dtype)
+                except Exception as e:
+                    s.fail(f"- FAIL {label}: ({type(e).__name__}) {first_line(e)}")
+                    continue
                 bad = [r for r in results if not r.ok]
                 if bad:
                     s.fail(f"- FAIL {label}: {len(bad)}/{len(results)} cases")

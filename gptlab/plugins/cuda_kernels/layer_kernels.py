@@ -62,8 +62,8 @@ class NativeKernels(LayerKernels):
         return ops.cross_entropy(logits.float(), targets, self.kernels)
 
     def decoder(self, model):
-        """One C call per block for each decoded token (:mod:`.decode`), for the parts it
-        computes on the C library; None for any other model or kernels."""
+        """One C call per decoded token for the whole model (:mod:`.decode`), for the parts
+        it computes, on the C library; None for any other model or kernels."""
         from gptlab.plugins.cuda_kernels.decode import FusedDecoder, fused_decode_reasons
 
         if self.kernels != ops.NATIVE or fused_decode_reasons(model):

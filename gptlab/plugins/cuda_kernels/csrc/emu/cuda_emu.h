@@ -1,7 +1,7 @@
 /* CUDA portability layer for the kernels in csrc/cuda/: the real thing under nvcc, an emulator
  * on the CPU under a host C++ compiler (g++ -x c++ -std=c++20).
  *
- * Under nvcc (__CUDACC__) this header only includes <cuda_runtime.h> and defines four macros:
+ * Under nvcc (__CUDACC__) this header only includes <cuda_runtime.h> and defines five macros:
  *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
  *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
  *   GL_DYNAMIC_SMEM(type, name)
