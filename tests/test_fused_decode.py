@@ -135,9 +135,9 @@ def test_fused_step_declines_what_it_would_misread(registry):
         plain.decoder = None
         model.forward_cached(prompt, cache)
         model.forward_cached(prompt, plain)
-        assert cache.decoder(torch.tensor([[1], [2]]), cache) is None  # cache for batch 1
         got = cache.decoder(torch.tensor([[4]], dtype=torch.int32), cache)
         want = model.forward_cached(torch.tensor([[4]]), plain)
+        assert cache.decoder(torch.tensor([[1], [2]]), cache) is None  # a cache for batch 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(model.generate(prompt.int(), 20, temperature=0),
                        model.generate(prompt, 20, temperature=0, use_cache=False))

@@ -143,7 +143,8 @@ class FusedDecoder:
         and contiguous, as the C step writes it (a cache filled under autocast, or for
         another batch)."""
         storage = [layer.storage(B, self.nh, hs, like) for layer in cache.layers]
-        if self._kv is None or any(k is not k0 for (k, _), k0 in zip(storage, self._kv[0])):
+        if self._kv is None or self._kv[4] != B \
+                or any(k is not k0 for (k, _), k0 in zip(storage, self._kv[0])):
             cap = storage[0][0].size(2)
             if any(t.dtype != torch.float32 or t.shape != (B, self.nh, cap, hs)
                    or not t.is_contiguous() for kv in storage for t in kv):
@@ -152,7 +153,7 @@ class FusedDecoder:
             self._kv = ([k for k, _ in storage],
                         ffi.new("float *[]", [ptr(k) for k, _ in storage]),
                         ffi.new("float *[]", [ptr(v) for _, v in storage]),
-                        storage[0][0].size(2), storage)  # (keeps the storage alive)
+                        storage[0][0].size(2), B, storage)  # (keeps the storage alive)
         return self._kv[1:4]
 
     def __call__(self, idx: torch.Tensor, cache) -> torch.Tensor | None:
