@@ -37,10 +37,11 @@
 #include "common.h"
 #include "../gptlab_kernels.h"
 
-/* y[r][o] = (accumulate ? y[r][o] : 0) + (sum_i w[o][i] x[r][i] + bias[o]) for r < b: the
- * residual added last, as x + sublayer(x) in the module. */
-static void gemv_rows(float *y, const float *x, const float *w, const float *bias, int64_t b,
-                      int64_t in, int64_t out, int accumulate) {
+/* y[r][o] = (accumulate ? y[r][o] : 0) + (sum_i w[o][i] x[r][i] + bias[o]) for r < b, o < out
+ * (y's rows ldy apart): the residual added last, as x + sublayer(x) in the module. Each block of
+ * 4 weight rows is read from memory once for all b rows. */
+static void gemv_rows(float *y, int64_t ldy, const float *x, const float *w, const float *bias,
+                      int64_t b, int64_t in, int64_t out, int accumulate) {
     int64_t o = 0;
     for (; o + 4 <= out; o += 4) {
         const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
@@ -70,7 +71,7 @@ static void gemv_rows(float *y, const float *x, const float *w, const float *bia
                 s[2] += w2[i] * xr[i];
                 s[3] += w3[i] * xr[i];
             }
-            float *yr = y + r * out + o;
+            float *yr = y + r * ldy + o;
             for (int j = 0; j < 4; j++) {
                 const float t = bias ? s[j] + bias[o + j] : s[j];
                 yr[j] = accumulate ? yr[j] + t : t;
@@ -87,7 +88,7 @@ static void gemv_rows(float *y, const float *x, const float *w, const float *bia
             float s = vhsum(a);
             for (; i < in; i++) s += wo[i] * xr[i];
             const float t = bias ? s + bias[o] : s;
-            y[r * out + o] = accumulate ? y[r * out + o] + t : t;
+            y[r * ldy + o] = accumulate ? y[r * ldy + o] + t : t;
         }
     }
 }
@@ -105,10 +106,9 @@ static int gemv_task(void *vctx, int64_t item, int thread) {
     (void)thread;
     const gemv_ctx *g = vctx;
     const int64_t o0 = item * GEMV_BLOCK, n = g->out - o0 < GEMV_BLOCK ? g->out - o0 : GEMV_BLOCK;
-    /* outputs [o0, o0 + n) of every row: y and bias offset, w's rows o0.., y's row stride kept */
-    for (int64_t r = 0; r < g->b; r++)
-        gemv_rows(g->y + r * g->out + o0, g->x + r * g->in, g->w + o0 * g->in,
-                  g->bias ? g->bias + o0 : NULL, 1, g->in, n, g->accumulate);
+    /* outputs [o0, o0 + n) of every row */
+    gemv_rows(g->y + o0, g->out, g->x, g->w + o0 * g->in, g->bias ? g->bias + o0 : NULL, g->b,
+              g->in, n, g->accumulate);
     return GPTLAB_OK;
 }
 
