@@ -251,9 +251,17 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 flash_attn = torch.library.custom_op("gptlab::flash_attn", _flash_attn, mutates_args=())
 
 
-@flash_attn.register_fake
-def _(q, k, v, scale, causal, kernels=NATIVE):
+def _flash_fake(q, k, v, scale, causal, kernels=NATIVE):
+    """What the forward ops (float32 and tensor-core) return: o heads last, lse float32."""
     return _heads_last(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _flash_backward_fake(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
+    """What the backward ops return: dq, dk, dv heads last."""
+    return _heads_last(q), _heads_last(k), _heads_last(v)
+
+
+flash_attn.register_fake(_flash_fake)
 
 
 @torch.library.custom_op("gptlab::flash_attn_backward", mutates_args=())
@@ -280,9 +288,7 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             _like(dv.view(v.shape), v.dtype))
 
 
-@flash_attn_backward.register_fake
-def _(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
-    return _heads_last(q), _heads_last(k), _heads_last(v)
+flash_attn_backward.register_fake(_flash_backward_fake)
 
 
 def _flash_setup(ctx, inputs, output):
@@ -292,13 +298,16 @@ def _flash_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse)  # O(T * hs): no T x T tensor is kept
 
 
-def _flash_backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attn_backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.kernels)
-    return dq, dk, dv, None, None, None
+def _flash_grads(backward_op):
+    """The autograd formula of a forward op whose backward op is ``backward_op``."""
+    def grads(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.kernels)
+        return dq, dk, dv, None, None, None
+    return grads
 
 
-flash_attn.register_autograd(_flash_backward, setup_context=_flash_setup)
+flash_attn.register_autograd(_flash_grads(flash_attn_backward), setup_context=_flash_setup)
 
 
 def _no_grad_needed(*tensors: torch.Tensor | None) -> bool:
@@ -381,9 +390,7 @@ def flash_attn_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return o.view(q.shape), lse.view(q.shape[:-1])
 
 
-@flash_attn_tc.register_fake
-def _(q, k, v, scale, causal, kernels=NATIVE):
-    return _heads_last(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+flash_attn_tc.register_fake(_flash_fake)
 
 
 @torch.library.custom_op("gptlab::flash_attn_tc_backward", mutates_args=())
@@ -416,18 +423,8 @@ def flash_attn_tc_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
-@flash_attn_tc_backward.register_fake
-def _(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
-    return _heads_last(q), _heads_last(k), _heads_last(v)
-
-
-def _flash_tc_backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attn_tc_backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.kernels)
-    return dq, dk, dv, None, None, None
-
-
-flash_attn_tc.register_autograd(_flash_tc_backward, setup_context=_flash_setup)
+flash_attn_tc_backward.register_fake(_flash_backward_fake)
+flash_attn_tc.register_autograd(_flash_grads(flash_attn_tc_backward), setup_context=_flash_setup)
 
 
 # ------------------------------------------------------------------------ row-wise kernels
