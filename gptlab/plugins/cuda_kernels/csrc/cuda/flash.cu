@@ -36,9 +36,15 @@
  */
 #include <algorithm>
 
+#include "attention.cuh"
 #include "common.cuh"
 
 namespace {
+
+using gl::Layout;
+using gl::layout_at;
+using gl::slice_offset;
+using gl::visible;
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * gl::WARP;
@@ -53,20 +59,6 @@ constexpr int DOT_BLOCK = 16;                     /* terms per partial sum of a 
 constexpr double LOG2E_D = 1.4426950408889634074, LN2_D = 0.6931471805599453094;
 static_assert(KEYS == gl::WARP, "one key per lane");
 static_assert(QBLOCK % BWD_ROWS == 0, "a block of queries is whole query tiles");
-
-/* One tensor's strides in floats: batch, head, row (the head dim is contiguous). */
-struct Layout {
-    int64_t b, h, t;
-};
-
-/* Offset of the (batch, head) slice bh of a tensor of layout l, with nh heads. */
-__device__ __forceinline__ int64_t slice_offset(Layout l, int64_t bh, int64_t nh) {
-    return (bh / nh) * l.b + (bh % nh) * l.h;
-}
-
-__device__ __forceinline__ bool visible(int r, int c, int tq, int tk, int causal) {
-    return r < tq && c < tk && (!causal || c <= r + (tk - tq)); /* bottom-right causal mask */
-}
 
 /* Shared-memory layout in floats (at d = 128: 41.6 KB forward, 43.4 KB backward, under the
  * 48 KB a launch may take without opting in). Rows read by lane = key use an odd stride. */
@@ -352,10 +344,6 @@ flash_backward_dq_kernel(float *__restrict__ dq, const float *__restrict__ dq_ac
         const int64_t row = i / d, bh = row / tq, r = row - bh * tq;
         dq[slice_offset(ldq, bh, nh) + r * ldq.t + (i - row * d)] = scale * dq_acc[i];
     }
-}
-
-Layout layout_at(const int64_t *strides, int i) {
-    return Layout{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
 }
 
 int check_sizes(const char *fn, int64_t nb, int64_t nh, int64_t tq, int64_t tk, int64_t d,

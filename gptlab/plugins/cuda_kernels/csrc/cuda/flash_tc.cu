@@ -38,11 +38,18 @@
  *            priority below sdpa.
  */
 #include <algorithm>
+#include <initializer_list>
 
+#include "attention.cuh"
 #include "common.cuh"
 #include "tensor_core.cuh"
 
 namespace {
+
+using gl::Layout;
+using gl::layout_at;
+using gl::slice_offset;
+using gl::visible;
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * gl::WARP;
@@ -62,18 +69,6 @@ struct Tiles {
 template <int D>
 constexpr size_t smem_bytes() {
     return size_t(2) * Tiles<D>::STAGE * 2;
-}
-
-struct Layout {
-    int64_t b, h, t;
-};
-
-__device__ __forceinline__ int64_t slice_offset(Layout l, int64_t bh, int64_t nh) {
-    return (bh / nh) * l.b + (bh % nh) * l.h;
-}
-
-__device__ __forceinline__ bool visible(int r, int c, int tq, int tk, int causal) {
-    return r < tq && c < tk && (!causal || c <= r + (tk - tq)); /* bottom-right causal mask */
 }
 
 /* Rows [row0, row0 + rows) of an (n, D) matrix (row stride st) into shared memory (row stride
@@ -486,10 +481,6 @@ flash_tc_backward_dq_kernel(T *__restrict__ dq, const float *__restrict__ dq_acc
     }
 }
 
-Layout layout_at(const int64_t *strides, int i) {
-    return Layout{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
-}
-
 int check(const char *fn, int64_t b, int64_t nh, int64_t tq, int64_t tk, int64_t d,
           float scale) {
     if (b < 1 || nh < 1 || tq < 1 || tk < 1)
@@ -507,6 +498,20 @@ int check(const char *fn, int64_t b, int64_t nh, int64_t tq, int64_t tk, int64_t
     return GPTLAB_OK;
 }
 
+/* cp.async moves 16 bytes: every operand 16-byte aligned, every stride of the n_tensors layouts
+ * a multiple of 8 elements. */
+int check_cp_async(const char *fn, std::initializer_list<const void *> operands,
+                   const char *which, const int64_t *strides, int n_tensors) {
+    for (const void *p : operands)
+        if (reinterpret_cast<uintptr_t>(p) % 16)
+            return gl::fail(GPTLAB_EINVAL, "%s: %s must be 16-byte aligned", fn, which);
+    for (int i = 0; i < 3 * n_tensors; i++)
+        if (strides[i] % 8)
+            return gl::fail(GPTLAB_EINVAL, "%s: strides must be multiples of 8 elements, got "
+                            "%lld", fn, (long long)strides[i]);
+    return GPTLAB_OK;
+}
+
 template <class T>
 int forward(const char *fn, void *o, float *lse, const void *q, const void *k, const void *v,
             const int64_t *strides, int64_t b, int64_t nh, int64_t tq, int64_t tk, int64_t d,
@@ -514,13 +519,7 @@ int forward(const char *fn, void *o, float *lse, const void *q, const void *k, c
     gl::clear_error();
     if (!o || !lse || !q || !k || !v || !strides) return gl::fail(GPTLAB_EINVAL, "%s: null pointer", fn);
     if (int rc = check(fn, b, nh, tq, tk, d, scale)) return rc;
-    for (const void *p : {static_cast<const void *>(o), q, k, v})
-        if (reinterpret_cast<uintptr_t>(p) % 16)
-            return gl::fail(GPTLAB_EINVAL, "%s: q, k, v, o must be 16-byte aligned", fn);
-    for (int i = 0; i < 12; i++)
-        if (strides[i] % 8)
-            return gl::fail(GPTLAB_EINVAL, "%s: strides must be multiples of 8 elements, got "
-                            "%lld", fn, (long long)strides[i]);
+    if (int rc = check_cp_async(fn, {o, q, k, v}, "q, k, v, o", strides, 4)) return rc;
     const int64_t bh = b * nh;
     gl::DeviceGuard device;
     if (int rc = device.bind(o, fn)) return rc;
@@ -551,14 +550,8 @@ int backward(const char *fn, void *dq, void *dk, void *dv, void *workspace, cons
     if (int rc = check(fn, b, nh, tq, tk, d, scale)) return rc;
     if (b * nh * gl::ceil_div(tk, KB) > INT32_MAX || gl::ceil_div(b * nh * tq, WARPS) > INT32_MAX)
         return gl::fail(GPTLAB_EINVAL, "%s: b*nh*tk too large for one launch", fn);
-    for (const void *p : {static_cast<const void *>(dq), static_cast<const void *>(dk),
-                          static_cast<const void *>(dv), q, k, v, o, dout})
-        if (reinterpret_cast<uintptr_t>(p) % 16)
-            return gl::fail(GPTLAB_EINVAL, "%s: tensors must be 16-byte aligned", fn);
-    for (int i = 0; i < 24; i++)
-        if (strides[i] % 8)
-            return gl::fail(GPTLAB_EINVAL, "%s: strides must be multiples of 8 elements, got "
-                            "%lld", fn, (long long)strides[i]);
+    if (int rc = check_cp_async(fn, {dq, dk, dv, q, k, v, o, dout}, "tensors", strides, 8))
+        return rc;
     const int64_t bh = b * nh, rows = bh * tq;
     /* strides: q, k, v, o, dout, dq, dk, dv */
     const Layout lq = layout_at(strides, 0), lk = layout_at(strides, 1), lv = layout_at(strides, 2),
