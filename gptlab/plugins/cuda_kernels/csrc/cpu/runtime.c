@@ -26,25 +26,26 @@ int gptlab_cuda_device_count(int *count) {
     return GPTLAB_OK;
 }
 
-/* The tensor-core kernels are CUDA's (csrc/cuda/flash_tc.cu): the CPU library has none. */
+/* The tensor-core kernels are CUDA's (csrc/cuda/flash_tc.cu): the CPU library answers every
+ * call with the same error (its arguments unused). */
+static int cuda_only(const char *fn) {
+    return gl_fail(GPTLAB_EINVAL, "%s: tensor-core kernels are in the CUDA library only", fn);
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
 int gptlab_flash_forward_bf16(void *o, float *lse, const void *q, const void *k, const void *v,
                               const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
                               int64_t tk, int64_t d, float scale, int causal, void *stream,
                               int num_threads) {
-    (void)o, (void)lse, (void)q, (void)k, (void)v, (void)strides, (void)b, (void)nh, (void)tq;
-    (void)tk, (void)d, (void)scale, (void)causal, (void)stream, (void)num_threads;
-    return gl_fail(GPTLAB_EINVAL, "flash_forward_bf16: tensor-core kernels are in the CUDA "
-                   "library only");
+    return cuda_only("flash_forward_bf16");
 }
 
 int gptlab_flash_forward_f16(void *o, float *lse, const void *q, const void *k, const void *v,
                              const int64_t *strides, int64_t b, int64_t nh, int64_t tq,
                              int64_t tk, int64_t d, float scale, int causal, void *stream,
                              int num_threads) {
-    (void)o, (void)lse, (void)q, (void)k, (void)v, (void)strides, (void)b, (void)nh, (void)tq;
-    (void)tk, (void)d, (void)scale, (void)causal, (void)stream, (void)num_threads;
-    return gl_fail(GPTLAB_EINVAL, "flash_forward_f16: tensor-core kernels are in the CUDA "
-                   "library only");
+    return cuda_only("flash_forward_f16");
 }
 
 int gptlab_flash_backward_bf16(void *dq, void *dk, void *dv, void *workspace, const void *q,
@@ -52,11 +53,7 @@ int gptlab_flash_backward_bf16(void *dq, void *dk, void *dv, void *workspace, co
                                const void *dout, const int64_t *strides, int64_t b, int64_t nh,
                                int64_t tq, int64_t tk, int64_t d, float scale, int causal,
                                void *stream, int num_threads) {
-    (void)dq, (void)dk, (void)dv, (void)workspace, (void)q, (void)k, (void)v, (void)o, (void)lse;
-    (void)dout, (void)strides, (void)b, (void)nh, (void)tq, (void)tk, (void)d, (void)scale;
-    (void)causal, (void)stream, (void)num_threads;
-    return gl_fail(GPTLAB_EINVAL, "flash_backward_bf16: tensor-core kernels are in the CUDA "
-                   "library only");
+    return cuda_only("flash_backward_bf16");
 }
 
 int gptlab_flash_backward_f16(void *dq, void *dk, void *dv, void *workspace, const void *q,
@@ -64,12 +61,9 @@ int gptlab_flash_backward_f16(void *dq, void *dk, void *dv, void *workspace, con
                               const void *dout, const int64_t *strides, int64_t b, int64_t nh,
                               int64_t tq, int64_t tk, int64_t d, float scale, int causal,
                               void *stream, int num_threads) {
-    (void)dq, (void)dk, (void)dv, (void)workspace, (void)q, (void)k, (void)v, (void)o, (void)lse;
-    (void)dout, (void)strides, (void)b, (void)nh, (void)tq, (void)tk, (void)d, (void)scale;
-    (void)causal, (void)stream, (void)num_threads;
-    return gl_fail(GPTLAB_EINVAL, "flash_backward_f16: tensor-core kernels are in the CUDA "
-                   "library only");
+    return cuda_only("flash_backward_f16");
 }
+#pragma GCC diagnostic pop
 
 void gl_clear_error(void) { last_error[0] = 0; }
 
