@@ -506,42 +506,36 @@ class GpuCheck:
                                     check_precision, default_cases, run_conformance)
 
         t, dev = self.target, self.target.device
-        for cls in t.attention:
-            for dtype in _dtypes(cls):
-                label = f"`{cls.name}` {_dtype_name(dtype)}"
-                reasons = cls.not_supported_reasons(t.attention_request(dtype))
-                if reasons:
-                    s.add(f"- skip {label}: {'; '.join(reasons)}")
-                    continue
-                self.progress(f"conformance: {cls.name} {_dtype_name(dtype)}")
-                start = time.perf_counter()
-                try:
-                    if dtype == torch.float32:
-                        cases = (default_cases(cls, seq_lens=QUICK_SEQ_LENS,
-                                               head_dims=QUICK_HEAD_DIMS)
-                                 if self.opts.quick else None)
-                        results = run_conformance(cls(), device=dev, cases=cases)
-                        s.add(f"- pass {label}: {len(results)} cases, worst out err "
-                              f"{max(r.out_error for r in results):.1e} (tol {OUT_TOL:g}), "
-                              f"grad err {max(r.grad_error for r in results):.1e} (tol "
-                              f"{GRAD_TOL:g}), {time.perf_counter() - start:.1f} s")
-                    else:  # below float32: the precision rule on a few shapes
-                        shapes = [Case(1, 1, T, T, D, c) for T in (65, 255)
-                                  for D in (64, 128) if cls.min_head_dim <= D <= cls.max_head_dim
-                                  for c in (True, False)]
-                        results = [check_precision(cls(), T=c.tq, D=c.hs, causal=c.causal,
-                                                   device=dev, dtype=dtype) for c in shapes]
-                        bad = [r for r in results if not r.ok]
-                        if bad:
-                            raise AssertionError(f"{len(bad)}/{len(results)} shapes fail the "
-                                                 f"precision rule:\n" + "\n".join(map(str, bad)))
-                        s.add(f"- pass {label}: precision rule on {len(results)} shapes, worst "
-                              f"error / torch's {max(r.worst_ratio for r in results):.2f}")
-                except Exception as e:  # a wrong result, or an error: the next one still runs
-                    lines = str(e).splitlines() or [""]
-                    kind = "" if isinstance(e, AssertionError) else f"({type(e).__name__}) "
-                    s.fail(f"- FAIL {label}: {kind}{lines[0]}")
-                    s.lines += [f"    - {ln}" for ln in lines[1:11]]
+        for cls, dtype, label in self._runnable(s, t.attention, t.attention_request, ""):
+            self.progress(f"conformance: {cls.name} {_dtype_name(dtype)}")
+            start = time.perf_counter()
+            try:
+                if dtype == torch.float32:
+                    cases = (default_cases(cls, seq_lens=QUICK_SEQ_LENS,
+                                           head_dims=QUICK_HEAD_DIMS)
+                             if self.opts.quick else None)
+                    results = run_conformance(cls(), device=dev, cases=cases)
+                    s.add(f"- pass {label}: {len(results)} cases, worst out err "
+                          f"{max(r.out_error for r in results):.1e} (tol {OUT_TOL:g}), "
+                          f"grad err {max(r.grad_error for r in results):.1e} (tol "
+                          f"{GRAD_TOL:g}), {time.perf_counter() - start:.1f} s")
+                else:  # below float32: the precision rule on a few shapes
+                    shapes = [Case(1, 1, T, T, D, c) for T in (65, 255)
+                              for D in (64, 128) if cls.min_head_dim <= D <= cls.max_head_dim
+                              for c in (True, False)]
+                    results = [check_precision(cls(), T=c.tq, D=c.hs, causal=c.causal,
+                                               device=dev, dtype=dtype) for c in shapes]
+                    bad = [r for r in results if not r.ok]
+                    if bad:
+                        raise AssertionError(f"{len(bad)}/{len(results)} shapes fail the "
+                                             f"precision rule:\n" + "\n".join(map(str, bad)))
+                    s.add(f"- pass {label}: precision rule on {len(results)} shapes, worst "
+                          f"error / torch's {max(r.worst_ratio for r in results):.2f}")
+            except Exception as e:  # a wrong result, or an error: the next one still runs
+                lines = str(e).splitlines() or [""]
+                kind = "" if isinstance(e, AssertionError) else f"({type(e).__name__}) "
+                s.fail(f"- FAIL {label}: {kind}{lines[0]}")
+                s.lines += [f"    - {ln}" for ln in lines[1:11]]
         s.add()
         for cls in t.attention:
             for dtype in _dtypes(cls):
@@ -563,27 +557,35 @@ class GpuCheck:
                 else:
                     s.fail(f"- FAIL {line}")
         s.add()
-        for cls in t.layer_kernels:
+        for cls, dtype, label in self._runnable(s, t.layer_kernels, t.kernel_request,
+                                                "layer kernels "):
+            self.progress(f"conformance: layer kernels {cls.name} {_dtype_name(dtype)}")
+            try:
+                results = check_layer_kernels(cls(), device=dev, dtype=dtype)
+            except Exception as e:
+                s.fail(f"- FAIL {label}: ({type(e).__name__}) {first_line(e)}")
+                continue
+            bad = [r for r in results if not r.ok]
+            if bad:
+                s.fail(f"- FAIL {label}: {len(bad)}/{len(results)} cases")
+                s.lines += [f"    - {r}" for r in bad[:10]]
+            else:
+                worst = max(results, key=lambda r: r.grad_error / r.grad_tol)
+                s.add(f"- pass {label}: {len(results)} cases (LayerNorm, linear + GELU, "
+                      f"cross-entropy), worst: {worst}")
+
+    @staticmethod
+    def _runnable(s: Section, classes, request, kind: str):
+        """(cls, dtype, label) for each class and each dtype it declares that runs on the
+        target; a skip line with the reasons for each that does not."""
+        for cls in classes:
             for dtype in _dtypes(cls):
-                label = f"layer kernels `{cls.name}` {_dtype_name(dtype)}"
-                reasons = cls.not_supported_reasons(t.kernel_request(dtype))
+                label = f"{kind}`{cls.name}` {_dtype_name(dtype)}"
+                reasons = cls.not_supported_reasons(request(dtype))
                 if reasons:
                     s.add(f"- skip {label}: {'; '.join(reasons)}")
-                    continue
-                self.progress(f"conformance: layer kernels {cls.name} {_dtype_name(dtype)}")
-                try:
-                    results = check_layer_kernels(cls(), device=dev, dtype=dtype)
-                except Exception as e:
-                    s.fail(f"- FAIL {label}: ({type(e).__name__}) {first_line(e)}")
-                    continue
-                bad = [r for r in results if not r.ok]
-                if bad:
-                    s.fail(f"- FAIL {label}: {len(bad)}/{len(results)} cases")
-                    s.lines += [f"    - {r}" for r in bad[:10]]
                 else:
-                    worst = max(results, key=lambda r: r.grad_error / r.grad_tol)
-                    s.add(f"- pass {label}: {len(results)} cases (LayerNorm, linear + GELU, "
-                          f"cross-entropy), worst: {worst}")
+                    yield cls, dtype, label
 
     # ---------------------------------------------------------------- sanitizer
     def sanitizer(self, s: Section) -> None:
