@@ -305,8 +305,12 @@ def test_a_backend_that_raises_is_one_fail_line_and_the_others_still_run():
     class Torch32(TorchKernels):
         dtypes = frozenset({torch.float32})
 
+    class GpuOnly(Torch32):
+        name = "gpu-only"
+        devices = frozenset({"cuda"})
+
     target = gpucheck.Target(device="cpu", emulated=False, attention=(Crashing, Naive),
-                             layer_kernels=(Torch32,), baseline=Naive)
+                             layer_kernels=(GpuOnly, Torch32), baseline=Naive)
     check = gpucheck.GpuCheck(None, target, gpucheck.Options.emulated(rule_T=64, quick=True))
     s = gpucheck.Section("conformance")
     check.conformance(s)
@@ -316,6 +320,8 @@ def test_a_backend_that_raises_is_one_fail_line_and_the_others_still_run():
            "was encountered" in text
     assert "- pass `naive` float32:" in text
     assert "- FAIL precision rule, causal T=64 D=64: `crashing` float32: (RuntimeError)" in text
+    assert "- skip layer kernels `gpu-only` float32: device 'cpu' not supported (supports: " \
+           "cuda)" in text
     assert "- pass layer kernels `torch` float32:" in text
 
 
