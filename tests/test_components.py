@@ -184,6 +184,23 @@ def test_newton_schulz_is_close_to_orthogonal_with_the_same_singular_vectors(sha
     assert (o - U @ Vh).norm() < 0.3 * (U @ Vh).norm()
 
 
+def test_muon_orthogonalises_same_shape_matrices_as_one_stack_each_on_its_own():
+    gen = torch.Generator().manual_seed(1)
+    gs = [torch.randn(24, 40, generator=gen) * s for s in (1.0, 1e-3, 30.0)]  # norms apart
+    stacked = newton_schulz(torch.stack(gs))
+    for g, o in zip(gs, stacked):
+        assert torch.allclose(o, newton_schulz(g), atol=1e-5)
+    ps = [torch.nn.Parameter(g.clone()) for g in gs] + [torch.nn.Parameter(torch.randn(40, 24))]
+    opt = Muon(ps, lr=0.1, momentum=0.9)
+    for p in ps:
+        p.grad = p.detach().clone()
+    want = [p.detach() - 0.1 * max(1, p.size(0) / p.size(1)) ** 0.5
+            * newton_schulz(1.9 * p.detach()) for p in ps]  # buf = g; g + 0.9 buf
+    opt.step()
+    for p, w in zip(ps, want):
+        assert torch.allclose(p.detach(), w, atol=1e-5)
+
+
 def test_muon_step_follows_its_formula_and_the_split_of_parameters(registry):
     p = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
     opt = Muon([p], lr=0.1, momentum=0.9)

@@ -58,22 +58,28 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """An approximately semi-orthogonal matrix with g's singular vectors: ``U V^T`` of
     ``g = U S V^T``, by ``steps`` iterations of ``X <- a X + (b A + c A^2) X``, ``A = X X^T``,
-    starting from ``g / ||g||_F`` (so every singular value starts <= 1)."""
+    starting from ``g / ||g||_F`` (so every singular value starts <= 1). ``g`` is one matrix
+    ``(rows, cols)`` or a stack of them ``(n, rows, cols)``, each orthogonalised on its own (one
+    batched product per stage instead of n small ones)."""
     a, b, c = NS_COEFFS
-    x = g.float() / (g.norm() + eps)
-    tall = x.size(0) > x.size(1)
+    x = g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide side: A is the smaller Gram matrix
-        x = x.T
+        x = x.mT
+    fma = torch.addmm if x.dim() == 2 else torch.baddbmm  # beta * input + alpha * (m1 @ m2)
     for _ in range(steps):
-        A = x @ x.T
-        x = a * x + (b * A + c * A @ A) @ x
-    return x.T if tall else x
+        A = x @ x.mT
+        x = fma(x, fma(A, A, A, beta=b, alpha=c), x, beta=a)  # a x + (b A + c A A) x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters: ``buf = momentum * buf + grad``; the update direction
     ``grad + momentum * buf`` (Nesterov) is orthogonalised by :func:`newton_schulz` and applied
     as ``p -= lr * sqrt(max(1, rows / cols)) * O`` (with decoupled weight decay ``lr * wd * p``).
+    Parameters of one shape in a group (the same matrix of every block) are orthogonalised
+    together, as one stack.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95,
@@ -94,6 +100,7 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -102,10 +109,16 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.mul_(mom).add_(p.grad)
-                update = newton_schulz(p.grad.add(buf, alpha=mom), group["ns_steps"])
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                by_shape.setdefault((p.shape, p.dtype, p.device), []).append(
+                    (p, p.grad.add(buf, alpha=mom)))
+            for (shape, _, _), items in by_shape.items():
+                ps, directions = zip(*items)
+                updates = newton_schulz(torch.stack(directions), group["ns_steps"])
+                scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
+                for p, update in zip(ps, updates):
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(update.to(p.dtype), alpha=scale)
         return loss
 
 
