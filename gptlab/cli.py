@@ -193,7 +193,11 @@ def _download_progress():
 @click.option("--n-embd", type=int, default=None, help="Embedding width (multiple of n-head).")
 @click.option("--dropout", type=float, default=None, help="Dropout probability in [0, 1).")
 @click.option("--lr", "learning_rate", type=float, default=None,
-              help="Peak learning rate (warmup, then cosine decay to 10%).")
+              help="Peak learning rate (warmup, then the --schedule's decay).")
+@click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default=None,
+              help="Learning-rate decay after warmup: cosine (to 10% by the end; the default) "
+                   "or wsd (held at the peak, then linear over the last 40% of the run; the "
+                   "speedrun preset's, to 0).")
 @click.option("--eval-interval", type=int, default=None,
               help="Steps between train/val loss estimates.")
 @click.option("--sample-tokens", type=int, default=None,
@@ -214,8 +218,8 @@ def _download_progress():
               help="torch.compile the model (the first steps compile it).")
 @click.option("--time-budget", type=float, default=None, metavar="SECONDS",
               help="Train for this many seconds of optimiser steps (evaluations not counted); "
-                   "the cosine schedule follows the time used, so a slower machine takes fewer "
-                   "steps and still finishes on time. --iters is then a cap.")
+                   "the learning-rate schedule follows the time used, so a slower machine takes "
+                   "fewer steps and still finishes on time. --iters is then a cap.")
 @click.option("--optimizer", default=None, metavar="NAME",
               help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest), or "
                    "a plugin's.")

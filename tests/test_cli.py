@@ -149,7 +149,7 @@ def test_plugins_backends_presets(cli):
     assert result.output == "Error: unknown device 'tpu'; use cpu, cuda, cuda:N or auto\n"
     result = invoke(cli, ["presets"])
     assert "bigram:" in result.output and "tiny:" in result.output and "default:" in result.output
-    assert "speedrun:" in result.output and "time_budget=470.0" in result.output
+    assert "speedrun:" in result.output and "time_budget=530.0" in result.output
 
 
 def test_the_speedrun_preset_stops_on_its_time_budget(cli, small_text, tmp_path):

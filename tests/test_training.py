@@ -1,11 +1,12 @@
 """Real (short) training on War and Peace, checkpoints, and the schedule."""
 
+import attrs
 import pytest
 import torch
 
 from gptlab.core.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.errors import CheckpointError
+from gptlab.core.errors import CheckpointError, ConfigError
 from gptlab.core.trainer import lr_at, train
 from gptlab.data.batches import get_batch
 from gptlab.data.corpora import load_text
@@ -62,6 +63,20 @@ def test_lr_schedule_follows_the_time_used_under_a_time_budget():
     assert lr_at(10, tc, train_time=50.0) == pytest.approx(0.55)  # half the budget: the middle
     assert lr_at(99999, tc, train_time=50.0) == pytest.approx(0.55)  # whatever the step
     assert lr_at(20, tc, train_time=150.0) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_the_warmdown():
+    tc = TrainConfig(max_iters=110, learning_rate=1.0, warmup_iters=10, min_lr_ratio=0.0,
+                     schedule="wsd", warmdown=0.4)
+    assert lr_at(0, tc) == pytest.approx(0.1)  # the same warmup
+    assert [lr_at(s, tc) for s in (10, 40, 70)] == pytest.approx([1.0, 1.0, 1.0])  # stable
+    assert lr_at(90, tc) == pytest.approx(0.5)  # halfway through the last 40 steps
+    assert lr_at(110, tc) == pytest.approx(0.0)
+    timed = attrs.evolve(tc, max_iters=10**6, time_budget=100.0, min_lr_ratio=0.1)
+    assert lr_at(50, timed, train_time=50.0) == pytest.approx(1.0)
+    assert lr_at(50, timed, train_time=80.0) == pytest.approx(0.55)  # the time used, not steps
+    with pytest.raises(ConfigError, match=r"schedule \(--schedule\) must be one of cosine, wsd"):
+        TrainConfig(schedule="linear")
 
 
 def test_a_time_budget_stops_training_and_ends_the_schedule(registry, tmp_path):

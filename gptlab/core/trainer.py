@@ -82,10 +82,13 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: TrainConfig, train_time: float = 0.0) -> float:
-    """Linear warmup to ``learning_rate`` over ``warmup_iters`` steps, then cosine decay to
+    """Linear warmup to ``learning_rate`` over ``warmup_iters`` steps, then a decay to
     ``min_lr_ratio * learning_rate`` by ``max_iters`` or, with a ``time_budget``, by the time
     the budget is spent (``train_time`` seconds of steps so far): a run on a slower machine
-    takes fewer steps but still ends its schedule (and its training) on time."""
+    takes fewer steps but still ends its schedule (and its training) on time. The decay is
+    ``cfg.schedule``: ``cosine`` (Loshchilov & Hutter 2017) over everything after warmup, or
+    ``wsd`` (warmup-stable-decay, Hu et al. 2024): the peak held, then a linear decay over the
+    last ``warmdown`` fraction of the run."""
     lr, min_lr = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     if step < cfg.warmup_iters:
         return lr * (step + 1) / cfg.warmup_iters
@@ -94,6 +97,9 @@ def lr_at(step: int, cfg: TrainConfig, train_time: float = 0.0) -> float:
     else:
         span = max(1, cfg.max_iters - cfg.warmup_iters)
         progress = min(1.0, (step - cfg.warmup_iters) / span)
+    if cfg.schedule == "wsd":
+        left = 1.0 - progress  # fraction of the run still to go
+        return lr if left >= cfg.warmdown else min_lr + left / cfg.warmdown * (lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
