@@ -33,6 +33,8 @@ VARIANTS = {
     "untied head": ["--untied-head"],
     "zero-init": ["--zero-init"],
     "muon": ["--optimizer", "muon"],
+    "wsd schedule": ["--schedule", "wsd"],
+    "narrower (C=128), more steps": ["--n-embd", "128", "--n-head", "4"],
 }
 
 
