@@ -195,9 +195,9 @@ def _download_progress():
 @click.option("--lr", "learning_rate", type=float, default=None,
               help="Peak learning rate (warmup, then the --schedule's decay).")
 @click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default=None,
-              help="Learning-rate decay after warmup: cosine (to 10% by the end; the default) "
-                   "or wsd (held at the peak, then linear over the last 40% of the run; the "
-                   "speedrun preset's, to 0).")
+              help="Learning-rate decay after warmup: cosine (the default) or wsd (held at "
+                   "the peak, then linear over the last 40% of the run; the speedrun preset's). "
+                   "Both end at the preset's floor (10% of the peak; the speedrun's, 0).")
 @click.option("--eval-interval", type=int, default=None,
               help="Steps between train/val loss estimates.")
 @click.option("--sample-tokens", type=int, default=None,
