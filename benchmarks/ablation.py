@@ -1,7 +1,7 @@
 """Ablation at equal wall-clock: the default recipe, then each modern component on its own.
 
 Every variant trains the ``default`` preset's model for the same ``--time-budget`` (seconds of
-optimiser steps; the cosine schedule follows the time used), then ``gpt eval`` scores its
+optimiser steps; the learning-rate schedule follows the time used), then ``gpt eval`` scores its
 checkpoint on the WHOLE val split. Printed: a markdown table (steps done, mean tokens/s,
 whole-split val loss, the change against the baseline) and ``gpt plot`` of every run.
 
