@@ -20,6 +20,7 @@ import click
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from gptlab import __version__
+from gptlab.core.config import DTYPES, SCHEDULES
 from gptlab.core.errors import GptlabError, PluginError
 from gptlab.core.plugins import Registry, load_registry, register_commands
 
@@ -194,7 +195,7 @@ def _download_progress():
 @click.option("--dropout", type=float, default=None, help="Dropout probability in [0, 1).")
 @click.option("--lr", "learning_rate", type=float, default=None,
               help="Peak learning rate (warmup, then the --schedule's decay).")
-@click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default=None,
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Learning-rate decay after warmup: cosine (the default) or wsd (held at "
                    "the peak, then linear over the last 40% of the run; the speedrun preset's). "
                    "Both end at the preset's floor (10% of the peak; the speedrun's, 0).")
@@ -211,7 +212,7 @@ def _download_progress():
                    "--lr, which may change (e.g. lower, after a divergence).")
 @click.option("--grad-accum", type=int, default=None,
               help="Micro-batches of --batch-size per optimiser step (gradient accumulation).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Precision of the forward passes (torch.autocast); weights, gradients and "
                    "optimizer state stay float32. float16 (with a GradScaler) is for GPUs.")
 @click.option("--compile/--no-compile", "compile", default=None,
@@ -554,7 +555,7 @@ def bench():
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N (times bracketed by synchronize, memory from "
                    "torch.cuda.max_memory_allocated).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+@click.option("--dtype", type=click.Choice(DTYPES),
               default="float32", show_default=True,
               help="dtype of q, k, v (the tensor-core backends take bfloat16 and float16).")
 @click.pass_context

@@ -51,22 +51,17 @@ def _non_negative_float(instance, attribute, value):
         raise ConfigError(f"{_label(attribute)} must be a finite number >= 0, got {value!r}")
 
 
+def _one_of(choices: tuple[str, ...]):
+    """A validator: the value must be one of ``choices`` (the CLI offers the same tuple)."""
+    def check(instance, attribute, value):
+        if value not in choices:
+            raise ConfigError(f"{_label(attribute)} must be one of {', '.join(choices)}, got "
+                              f"{value!r}")
+    return check
+
+
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _dtype(instance, attribute, value):
-    if value not in DTYPES:
-        raise ConfigError(f"{_label(attribute)} must be one of {', '.join(DTYPES)}, got "
-                          f"{value!r}")
-
-
 SCHEDULES = ("cosine", "wsd")
-
-
-def _schedule(instance, attribute, value):
-    if value not in SCHEDULES:
-        raise ConfigError(f"{_label(attribute)} must be one of {', '.join(SCHEDULES)}, got "
-                          f"{value!r}")
 
 
 def _bool(instance, attribute, value):
@@ -144,7 +139,7 @@ class TrainConfig:
     min_lr_ratio: float = _field(0.1, _fraction)  # floor of the decay, x lr
     # after warmup: "cosine" decay to the floor, or "wsd" (warmup-stable-decay: constant, then
     # a linear decay to the floor over the last ``warmdown`` fraction of the run)
-    schedule: str = _field("cosine", _schedule, "--schedule")
+    schedule: str = _field("cosine", _one_of(SCHEDULES), "--schedule")
     warmdown: float = _field(0.4, _fraction)
     warmup_iters: int = _field(50, _non_negative)
     weight_decay: float = _field(0.1, _fraction)
@@ -157,7 +152,7 @@ class TrainConfig:
     val_fraction: float = _field(0.1, _fraction)
     sample_tokens: int = _field(300, _non_negative, "--sample-tokens")
     grad_accum: int = _field(1, _positive, "--grad-accum")  # micro-batches per optimiser step
-    dtype: str = _field("float32", _dtype, "--dtype")  # autocast dtype of forward passes
+    dtype: str = _field("float32", _one_of(DTYPES), "--dtype")  # autocast dtype of forward passes
     compile: bool = False  # torch.compile the model (--compile)
     # seconds of training steps (evaluations excluded): > 0 stops there, and the
     # schedule follows the fraction of it used instead of steps (max_iters is then a cap)
