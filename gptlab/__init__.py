@@ -1,8 +1,9 @@
 """gptlab: build a GPT-style language model from scratch, part by swappable part.
 
-The public API for plugin authors is this package, :mod:`gptlab.nn` (building blocks) and
-:mod:`gptlab.functional` (gptlab's attention as a drop-in for
-``F.scaled_dot_product_attention``); nothing else needs importing. A plugin implements the hooks of :mod:`gptlab.core.hookspecs`::
+The public API for plugin authors is this package (the base classes and configs below),
+:mod:`gptlab.nn` (the building blocks) and :mod:`gptlab.functional` (gptlab's attention as a
+drop-in for ``F.scaled_dot_product_attention``); nothing else needs importing. A plugin
+implements the hooks of :mod:`gptlab.core.hookspecs`::
 
     from gptlab import AttentionBackend, hookimpl
 
@@ -22,18 +23,28 @@ import importlib
 
 import pluggy
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: Marker for plugin hook implementations (``@hookimpl def register_models(): ...``).
 hookimpl = pluggy.HookimplMarker("gptlab")
 
 _LAZY = {
-    "AttentionBackend": "gptlab.core.attention",
-    "AttentionRequest": "gptlab.core.attention",
-    "Block": "gptlab.core.interfaces",
-    "Components": "gptlab.core.interfaces",
-    "LanguageModel": "gptlab.core.interfaces",
+    # the base classes a plugin implements (one hook each, see gptlab.core.hookspecs)
     "Tokenizer": "gptlab.core.interfaces",
+    "LanguageModel": "gptlab.core.interfaces",
+    "Block": "gptlab.core.interfaces",
+    "Norm": "gptlab.core.interfaces",
+    "FeedForward": "gptlab.core.interfaces",
+    "PositionScheme": "gptlab.core.interfaces",
+    "Decoder": "gptlab.core.interfaces",
+    "AttentionBackend": "gptlab.core.attention",
+    "LayerKernels": "gptlab.core.layer_kernels",
+    "OptimizerRecipe": "gptlab.core.optimizers",
+    # what they are built from and asked for
+    "Components": "gptlab.core.interfaces",
+    "AttentionRequest": "gptlab.core.attention",
+    "KernelRequest": "gptlab.core.layer_kernels",
+    "DecodeRequest": "gptlab.core.interfaces",
     "ModelConfig": "gptlab.core.config",
     "TrainConfig": "gptlab.core.config",
     "GptlabError": "gptlab.core.errors",

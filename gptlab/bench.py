@@ -55,7 +55,7 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
 
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.devices import resolve_device
-    from gptlab.core.dispatch import select_attention
+    from gptlab.core.selection import select
     from gptlab.core.plugins import load_registry
 
     dev = resolve_device(device)
@@ -63,7 +63,7 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
     reg = load_registry()
     dt = getattr(torch, dtype)
     req = AttentionRequest(device=dev.type, dtype=dt, head_dim=D, q_len=T, k_len=T)
-    attn = select_attention(reg, backend, req)
+    attn = select(reg, "attention_backends", backend, req)()
     gen = torch.Generator().manual_seed(0)
 
     def inputs(t):

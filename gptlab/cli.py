@@ -260,7 +260,7 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, opts):
     from click.core import ParameterSource
 
     from gptlab.core import distributed
-    from gptlab.core.build import plan_run
+    from gptlab.core.planning import plan_run
     from gptlab.core.devices import device_type
     from gptlab.core.checkpoint import load_checkpoint
     from gptlab.core.config import TrainConfig, resolve_configs
@@ -486,14 +486,14 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.layer_kernels import KernelRequest
     from gptlab.core.devices import device_type, device_unavailable_reason
-    from gptlab.core.dispatch import backend_table
+    from gptlab.core.selection import candidates
 
     reg = _registry(ctx)
     dev = device_type(device)
     request = AttentionRequest(device=dev, dtype=getattr(torch, dtype), head_dim=head_dim,
                                q_len=seq_len, k_len=seq_len, dropout_p=dropout,
                                requires_grad=not inference)
-    rows = backend_table(reg, request)
+    rows = candidates(reg, "attention_backends", request)
     missing = device_unavailable_reason(dev)
     if missing:
         click.echo(f"note: {dev} is not available on this machine: {missing}")
@@ -503,13 +503,13 @@ def backends(ctx, device, dtype, head_dim, seq_len, dropout, inference):
                    "its shape and takes the fastest, see GPTLAB_AUTO in the README)")
     kernel_request = KernelRequest(device=dev, dtype=getattr(torch, dtype))
     click.echo(f"layer kernels (--kernels; {kernel_request.describe()}):")
-    _show_table(backend_table(reg, kernel_request, kind="layer_kernels"), kernel_request)
+    _show_table(candidates(reg, "layer_kernels", kernel_request), kernel_request)
 
 
 def _show_table(rows, request) -> None:
     """One line per backend (priority for the request, available, which auto takes), then its
     reasons."""
-    from gptlab.core.dispatch import priority_of
+    from gptlab.core.selection import priority_of
 
     auto = next((cls.name for cls, r in rows if not r), None)
     for cls, reasons in rows:
@@ -566,7 +566,7 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device, dtype):
     from gptlab import bench as benchmod
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.devices import resolve_device
-    from gptlab.core.dispatch import backend_table
+    from gptlab.core.selection import candidates
 
     reg = _registry(ctx)
     dev = resolve_device(device)
@@ -577,7 +577,7 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device, dtype):
             reg.attention_backend(n)
     else:
         req = AttentionRequest(device=dev.type, dtype=getattr(torch, dtype), head_dim=D)
-        table = backend_table(reg, req)
+        table = candidates(reg, "attention_backends", req)
         chosen = sorted(cls.name for cls, reasons in table if not reasons)
         # those made for this device that cannot run here (a missing compiler, a driver too old
         # for nvcc's CUDA): said once, not left out silently

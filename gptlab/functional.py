@@ -42,9 +42,9 @@ def _registry():
 
 @functools.lru_cache(maxsize=1024)
 def _select(name: str, request: AttentionRequest) -> AttentionBackend:
-    from gptlab.core.dispatch import select_attention
+    from gptlab.core.selection import select
 
-    return select_attention(_registry(), name, request)
+    return select(_registry(), "attention_backends", name, request)()
 
 
 @torch.compiler.disable  # dispatch is Python bookkeeping: run it eagerly, trace the kernel

@@ -327,11 +327,11 @@ def check_layer_kernels(kernels, *, device: str = "cpu", dtype: torch.dtype = to
 
     float32: fixed tolerances :data:`LAYER_OUT_TOL`, :data:`LAYER_GRAD_TOL`. Other dtypes: the
     precision rule, each error at most :data:`PRECISION_FACTOR` times that of the PyTorch
-    formulas (the base class) in the same dtype, plus one ulp of that dtype (the errors are
+    formulas (:class:`gptlab.nn.TorchKernels`) in the same dtype, plus one ulp of that dtype (the errors are
     relative)."""
-    from gptlab.core.layer_kernels import LayerKernels
+    from gptlab.nn import TorchKernels
 
-    torch_formulas = LayerKernels()
+    torch_formulas = TorchKernels()
     results = []
     for op, shape, fn, leaves, dout in _layer_cases(device, dtype, seed):
         def errors(impl):

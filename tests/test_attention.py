@@ -7,7 +7,7 @@ import torch
 
 from gptlab.core.attention import AttentionBackend, AttentionRequest
 from gptlab.core.devices import device_unavailable_reason
-from gptlab.core.dispatch import backend_table, priority_of, select_attention
+from gptlab.core.selection import candidates, priority_of, select
 from gptlab.core.errors import BackendNotSupportedError, ConfigError, UnknownComponentError
 
 
@@ -55,14 +55,14 @@ def test_auto_picks_highest_priority_that_fits(registry):
     req = AttentionRequest(device="cpu", head_dim=16)
     fitting = [c for c in registry.attention_backends.values() if not c.not_supported_reasons(req)]
     best = max(fitting, key=lambda c: c.priority)
-    assert select_attention(registry, "auto", req).name == best.name
+    assert select(registry, "attention_backends", "auto", req).name == best.name
 
 
 def test_priorities_depend_on_the_device(registry):
     """flash leads on the CPU; on CUDA its scalar float32 kernel ranks below sdpa, so auto never
     takes it there by priority. A plugin whose priority_for raises keeps its plain priority."""
     def order(device):
-        return [c.name for c, _ in backend_table(registry, AttentionRequest(device=device))]
+        return [c.name for c, _ in candidates(registry, "attention_backends", AttentionRequest(device=device))]
 
     cpu, cuda = order("cpu"), order("cuda")
     assert cpu.index("flash") < cpu.index("sdpa")
@@ -81,7 +81,7 @@ def test_priorities_depend_on_the_device(registry):
 
 def test_unknown_backend_lists_available(registry):
     with pytest.raises(UnknownComponentError) as e:
-        select_attention(registry, "nosuch", AttentionRequest())
+        select(registry, "attention_backends", "nosuch", AttentionRequest())
     msg = str(e.value)
     assert "unknown attention backend 'nosuch'" in msg and "naive" in msg and "sdpa" in msg
     assert "\n" not in msg
@@ -104,14 +104,14 @@ def test_explicit_unsupported_backend_raises_with_reasons_never_falls_back(regis
         req = AttentionRequest(device="cpu", dtype=torch.float64, requires_grad=True,
                                dropout_p=0.1)
         with pytest.raises(BackendNotSupportedError) as e:
-            select_attention(registry, "only_cuda", req)
+            select(registry, "attention_backends", "only_cuda", req)
         msg = str(e.value)
         assert "device 'cpu' not supported" in msg
         assert "dtype float64 not supported" in msg
         assert "backward (training) not supported" in msg
         assert "dropout" in msg
         # auto skips it despite its priority
-        assert select_attention(registry, "auto", req).name != "only_cuda"
+        assert select(registry, "attention_backends", "auto", req).name != "only_cuda"
         # on its own device the environment reasons show: torch's, then the backend's
         cuda_req = AttentionRequest(device="cuda", requires_grad=False)
         torch_reason = [] if torch.cuda.is_available() else [
@@ -168,7 +168,7 @@ def test_calling_a_backend_directly_runs_the_dispatch_checks(registry):
 def test_auto_with_nothing_fitting_shows_the_request_and_every_backend(registry):
     req = AttentionRequest(device="cpu", dtype=torch.int32, head_dim=8)
     with pytest.raises(BackendNotSupportedError) as e:
-        select_attention(registry, "auto", req)
+        select(registry, "attention_backends", "auto", req)
     lines = str(e.value).splitlines()
     assert lines[0].startswith("no attention backend can run this request;")
     assert lines[1] == ("  request: device cpu, int32, head_dim 8, q_len 128, k_len 128, causal, "
@@ -189,8 +189,8 @@ def test_a_backend_whose_reasons_raise_is_listed_not_fatal(registry):
 
     registry.attention_backends["buggy"] = Buggy
     try:
-        rows = dict((c.name, r) for c, r in backend_table(registry, AttentionRequest()))
+        rows = dict((c.name, r) for c, r in candidates(registry, "attention_backends", AttentionRequest()))
         assert rows["buggy"] == ["not_supported_reasons() raised ZeroDivisionError: oops"]
-        assert select_attention(registry, "auto", AttentionRequest(head_dim=16)).name != "buggy"
+        assert select(registry, "attention_backends", "auto", AttentionRequest(head_dim=16)).name != "buggy"
     finally:
         del registry.attention_backends["buggy"]

@@ -8,9 +8,9 @@ import torch
 
 from gptlab.core import autotune
 from gptlab.core.attention import AttentionRequest
-from gptlab.core.build import plan_run
+from gptlab.core.planning import plan_run
 from gptlab.core.config import resolve_configs
-from gptlab.core.dispatch import select_attention
+from gptlab.core.selection import select
 
 REQUEST = AttentionRequest(device="cpu", head_dim=8, q_len=16, k_len=16)
 WORK = autotune.Workload(batch=2, heads=2)
@@ -124,7 +124,7 @@ def test_plan_run_measures_auto_unless_told_not_to(tmp_path, monkeypatch, regist
     assert plan_run(registry, mc, tc).attention_name == "sdpa"  # measured
     assert plan_run(registry, mc, tc, prefer_attention="naive").attention_name == "naive"
     monkeypatch.setenv("GPTLAB_AUTO", "priority")
-    highest = select_attention(registry, "auto", REQUEST).name
+    highest = select(registry, "attention_backends", "auto", REQUEST).name
     assert highest != "sdpa"
     assert plan_run(registry, mc, tc).attention_name == highest
 
@@ -139,7 +139,8 @@ def test_a_named_backend_is_never_measured(monkeypatch, registry):
 def test_measured_choice_on_this_machine_is_one_that_runs(tmp_path, monkeypatch, registry):
     monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / autotune.CACHE_FILE)
     monkeypatch.delenv("GPTLAB_AUTO", raising=False)
-    backend = select_attention(registry, "auto", REQUEST, work=WORK)
+    backend = select(registry, "attention_backends", "auto", REQUEST,
+                     measure=lambda ready: autotune.measured_choice(ready, REQUEST, WORK))()
     q = torch.randn(2, 2, 16, 8)
     torch.testing.assert_close(backend(q, q, q, causal=True),
                                registry.attention_backends["naive"]()(q, q, q, causal=True))

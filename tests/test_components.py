@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab.cli import build_cli
-from gptlab.core.build import build_model
+from gptlab.core.planning import build_model
 from gptlab.core.checkpoint import load_model
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.optimizers import Muon, MuonRecipe, muon_params, newton_schulz

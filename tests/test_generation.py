@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gptlab.core.build import build_model
+from gptlab.core.planning import build_model
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
 from gptlab.core.generation import sample_next, sample_text

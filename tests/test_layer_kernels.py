@@ -10,19 +10,26 @@ from click.testing import CliRunner
 
 from gptlab import hookimpl
 from gptlab.cli import build_cli
-from gptlab.core.build import build_model
+import attrs
+
+from gptlab.core.planning import build_model, choose_components
 from gptlab.core.config import resolve_configs
-from gptlab.core.dispatch import select_layer_kernels
+from gptlab.core.selection import select
 from gptlab.core.errors import BackendNotSupportedError, UnknownComponentError
-from gptlab.core.layer_kernels import KernelRequest, TorchKernels, set_layer_kernels
+from gptlab import KernelRequest
+from gptlab.nn import TorchKernels
 from gptlab.core.plugins import load_registry
 
 
-def small_model(registry, kernels, bias=True):
+def small_model(registry, kernels, bias=True, formulas=False):
+    """The tiny preset's model on ``kernels``; ``formulas``: its modules given no layer kernels
+    at all (each computes its own PyTorch formula)."""
     mc, _ = resolve_configs("tiny", {"attention": "naive", "kernels": kernels}, {})
     mc = type(mc).from_dict({**mc.to_dict(), "vocab_size": 37, "bias": bias})
+    parts = choose_components(registry, mc)
     torch.manual_seed(0)
-    return build_model(registry, mc)
+    return build_model(registry, mc, components=attrs.evolve(parts, kernels=None) if formulas
+                       else parts)
 
 
 def batch():
@@ -31,11 +38,13 @@ def batch():
 
 
 def test_torch_kernels_are_the_formulas_bit_for_bit(registry):
-    model = small_model(registry, "torch")
+    model, formulas = small_model(registry, "torch"), small_model(registry, "torch", formulas=True)
+    assert sum(m.kernels is model.kernels for m in model.modules()
+               if hasattr(m, "kernels")) == 1 + 2 * 3 + 1  # the model, 2 x (ln_1, ln_2, mlp), ln_f
+    assert all(m.kernels is None for m in formulas.modules() if hasattr(m, "kernels"))
     x, y = batch()
     logits, loss = model(x, y)
-    assert set_layer_kernels(model, None) == 2 * 3 + 1  # 2 blocks x (ln_1, ln_2, mlp) + ln_f
-    logits0, loss0 = model(x, y)
+    logits0, loss0 = formulas(x, y)
     assert torch.equal(logits, logits0) and torch.equal(loss, loss0)
 
 
@@ -43,7 +52,7 @@ def test_torch_kernels_are_the_formulas_bit_for_bit(registry):
 def test_native_kernels_train_like_the_formulas(registry, bias):
     native, ref = small_model(registry, "native", bias), small_model(registry, "torch", bias)
     ref.load_state_dict(native.state_dict())
-    assert type(native.layer_kernels).__name__ == "NativeKernels"
+    assert type(native.kernels).__name__ == "NativeKernels"
     x, y = batch()
     (la, lb) = native(x, y)[1], ref(x, y)[1]
     la.backward()
@@ -73,7 +82,7 @@ def test_auto_takes_the_highest_priority_that_runs_and_a_plugin_is_used_everywhe
 
     reg = load_registry([("counting", types.SimpleNamespace(
         register_layer_kernels=hookimpl(lambda: Counting)))])
-    assert select_layer_kernels(reg, "auto", KernelRequest()).name == "counting"
+    assert select(reg, "layer_kernels", "auto", KernelRequest()).name == "counting"
     model = small_model(reg, "auto")
     model(*batch())
     assert calls.count("layer_norm") == 5 and calls.count("linear_gelu") == 2
@@ -82,10 +91,10 @@ def test_auto_takes_the_highest_priority_that_runs_and_a_plugin_is_used_everywhe
 
 def test_named_kernels_that_cannot_run_are_errors(registry):
     with pytest.raises(UnknownComponentError, match=r"unknown layer kernels 'nope'; "
-                                                    r"available: native, torch"):
-        select_layer_kernels(registry, "nope", KernelRequest())
+                                                    r"available: auto, native, torch"):
+        select(registry, "layer_kernels", "nope", KernelRequest())
     with pytest.raises(BackendNotSupportedError) as e:
-        select_layer_kernels(registry, "native", KernelRequest(device="mps"))
+        select(registry, "layer_kernels", "native", KernelRequest(device="mps"))
     assert str(e.value).splitlines() == [
         "layer kernels 'native' cannot run this request; pick another with --kernels (see "
         "`gpt backends`)",
@@ -105,7 +114,7 @@ def test_cli_lists_and_takes_layer_kernels(registry, tmp_path):
                                  "--block-size", "8", "--kernels", "nope", "--out-dir",
                                  str(tmp_path / "o")])
     assert r.exit_code != 0
-    assert "Error: unknown layer kernels 'nope'; available: native, torch" in r.output
+    assert "Error: unknown layer kernels 'nope'; available: auto, native, torch" in r.output
 
 
 def test_a_resumed_run_keeps_its_layer_kernels(registry, tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gptlab.core.build import build_model
+from gptlab.core.planning import build_model
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
 from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, SingleHeadAttention

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from conftest import make_dist, write_module
 from gptlab.cli import build_cli
 from gptlab.core.attention import AttentionRequest
-from gptlab.core.build import build_model
+from gptlab.core.planning import build_model, choose_components
 from gptlab.core.config import ModelConfig
-from gptlab.core.dispatch import select_attention
+from gptlab.core.selection import select
 from gptlab.core.errors import BackendNotSupportedError
 from gptlab.core.plugins import load_registry
 
@@ -160,11 +160,11 @@ def test_backends_whose_classmethods_raise_are_listed_and_passed_over(bad_backen
     assert result.exit_code == 0 and "sdpa" in result.stdout
     assert "    - not_supported_reasons() raised RuntimeError: boom\n" in result.stdout
     req = AttentionRequest(head_dim=16)
-    assert select_attention(reg, "auto", req).name not in {"badreasons", "badprepare"}
+    assert select(reg, "attention_backends", "auto", req).name not in {"badreasons", "badprepare"}
     for name, reason in [("badreasons", "not_supported_reasons() raised RuntimeError: boom"),
                          ("badprepare", "prepare() raised RuntimeError: no compiler")]:
         with pytest.raises(BackendNotSupportedError) as e:
-            select_attention(reg, name, req)
+            select(reg, "attention_backends", name, req)
         assert str(e.value).splitlines()[-1] == f"  {name}: {reason}"
         result = CliRunner().invoke(build_cli(reg), [
             "run", "--preset", "tiny", "--attention", name, "--out-dir", str(tmp_path)])
@@ -183,6 +183,7 @@ def test_call_time_check_and_kv_cache_survive_raising_reasons(bad_backends):
     with pytest.raises(BackendNotSupportedError) as e:
         cls()(q, q, q)
     assert str(e.value).endswith("  badreasons: not_supported_reasons() raised RuntimeError: boom")
-    model = build_model(bad_backends, ModelConfig(vocab_size=5, block_size=4, n_layer=1,
-                                                  n_head=1, n_embd=8), attention=cls())
+    config = ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8)
+    model = build_model(bad_backends, config, components=choose_components(
+        bad_backends, config, attention=cls()))
     assert type(model.attention_backend) is cls and not model.kv_cache_usable()

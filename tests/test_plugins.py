@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import EXAMPLE_PLUGIN, make_dist, write_module
 from gptlab.cli import build_cli
 from gptlab.core import hookspecs
-from gptlab.core.build import build_model
+from gptlab.core.planning import build_model
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import PluginError
 from gptlab.core.plugins import load_registry
@@ -38,7 +38,7 @@ def test_every_hook_has_a_docstring():
     specs = [n for n in dir(hookspecs) if n.startswith("register_")]
     assert set(specs) == {"register_tokenizers", "register_models", "register_blocks",
                           "register_attention_backends", "register_layer_kernels",
-                          "register_norms", "register_mlps", "register_positions",
+                          "register_decoders", "register_norms", "register_mlps", "register_positions",
                           "register_optimizers", "register_commands"}
     for name in specs:
         assert len(getattr(hookspecs, name).__doc__.strip()) > 20

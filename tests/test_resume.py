@@ -110,7 +110,7 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(registry, tmp_path
 
 
 def test_evaluate_split_covers_every_token_once(registry):
-    from gptlab.core.build import build_model
+    from gptlab.core.planning import build_model
 
     torch.manual_seed(0)
     model = build_model(registry, ModelConfig(vocab_size=7, block_size=8, n_layer=1, n_head=1,

@@ -100,7 +100,7 @@ def test_batches_are_shifted_windows():
 
 
 def test_checkpoint_is_atomic_and_foreign_files_are_refused(registry, tmp_path):
-    from gptlab.core.build import build_model
+    from gptlab.core.planning import build_model
     from gptlab.plugins.tokenizers.char import CharTokenizer
 
     tok = CharTokenizer()

@@ -2,11 +2,11 @@
 (:class:`AttentionBackend`), plus the causal mask and the default scale.
 
 Attention is scaled dot-product attention (Vaswani et al. 2017, "Attention Is All You Need",
-eq. 1): ``softmax(scale * Q K^T + mask) V`` with ``scale = 1/sqrt(head_dim)``. Backends follow
-the xformers ``fmha`` pattern: each declares what it supports (devices, dtypes, head dims,
-backward, dropout, decoding) and answers ``not_supported_reasons(request)`` in readable strings,
-so dispatch (:mod:`gptlab.core.dispatch`) can pick one (``auto``) or explain why a named one
-cannot run.
+eq. 1): ``softmax(scale * Q K^T + mask) V`` with ``scale = 1/sqrt(head_dim)``. A backend is an
+:class:`~gptlab.core.selection.Implementation`: it declares what it supports (devices, dtypes,
+head dims, backward, dropout, decoding) and answers ``not_supported_reasons(request)`` in
+readable strings, so :func:`gptlab.core.selection.select` can pick one (``auto``) or explain
+why a named one cannot run.
 
 Causal masks follow FlashAttention's convention (Dao 2023): with ``q_len`` queries and
 ``k_len`` keys the mask is aligned bottom-right, so query ``i`` sees keys
@@ -22,20 +22,16 @@ from typing import ClassVar
 import attrs
 import torch
 
-from gptlab.core.devices import device_unavailable_reason
 from gptlab.core.errors import BackendNotSupportedError, ConfigError
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+from gptlab.core.selection import (Implementation, Request, dtype_name, not_supported_message,
+                                   reasons_of)
 
 
 @attrs.frozen(kw_only=True)
-class AttentionRequest:
-    """What a model will ask of an attention backend; used for dispatch."""
+class AttentionRequest(Request):
+    """What a model will ask of an attention backend: device and dtype of q, k, v, and the
+    shape and kind of the call."""
 
-    device: str = "cpu"  # torch device type: "cpu", "cuda", ...
-    dtype: torch.dtype = torch.float32
     head_dim: int = 64
     q_len: int = 128
     k_len: int = 128
@@ -55,7 +51,7 @@ class AttentionRequest:
 
     def describe(self) -> str:
         """One line: ``device cpu, float32, head_dim 32, q_len 128, k_len 128, causal, ...``."""
-        parts = [f"device {self.device}", _dtype_name(self.dtype), f"head_dim {self.head_dim}",
+        parts = [f"device {self.device}", dtype_name(self.dtype), f"head_dim {self.head_dim}",
                  f"q_len {self.q_len}", f"k_len {self.k_len}",
                  "causal" if self.causal else "not causal",
                  "with backward" if self.requires_grad else "forward only"]
@@ -75,27 +71,23 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                           f"{tuple(k.shape)}, v {tuple(v.shape)}; k and v need q's batch, heads "
                           f"and head_dim, and one length")
     if not q.dtype == k.dtype == v.dtype:
-        raise ConfigError(f"q, k, v have different dtypes ({_dtype_name(q.dtype)}, "
-                          f"{_dtype_name(k.dtype)}, {_dtype_name(v.dtype)}); cast them to one")
+        raise ConfigError(f"q, k, v have different dtypes ({dtype_name(q.dtype)}, "
+                          f"{dtype_name(k.dtype)}, {dtype_name(v.dtype)}); cast them to one")
     if not q.device == k.device == v.device:
         raise ConfigError(f"q, k, v are on different devices ({q.device}, {k.device}, "
                           f"{v.device}); move them to one")
 
 
-class AttentionBackend:
+class AttentionBackend(Implementation):
     """Computes ``softmax(scale * q @ k^T [+ causal mask]) @ v`` on ``(B, n_head, T, head_dim)``.
 
-    Subclasses set the capability attributes and implement :meth:`forward`. The default
-    :meth:`not_supported_reasons` checks the declared capabilities; override
-    :meth:`unavailable_reasons` for environment problems (library missing, compiler missing).
-    Calling an instance (``backend(q, k, v)``) runs the same checks as dispatch first.
+    Subclasses set the capability constants and implement :meth:`forward`; the default
+    :meth:`not_supported_reasons` checks them (override
+    :meth:`~gptlab.core.selection.Implementation.unavailable_reasons` for environment problems:
+    a library or compiler missing). Calling an instance (``backend(q, k, v)``) runs the same
+    checks as selection first.
     """
 
-    name: ClassVar[str]
-    priority: ClassVar[int] = 0  # ``auto`` picks the highest priority that fits
-    description: ClassVar[str] = ""
-    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
-    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset({torch.float32})
     min_head_dim: ClassVar[int] = 1
     max_head_dim: ClassVar[int] = 1 << 16
     supports_backward: ClassVar[bool] = True
@@ -111,38 +103,9 @@ class AttentionBackend:
         return cls.deterministic
 
     @classmethod
-    def priority_for(cls, request: AttentionRequest) -> int:
-        """``auto``'s priority for this request (the device and dtype may change it; by default
-        :attr:`priority`). The highest that can run is taken where nothing is measured, and is
-        the one a measured candidate must beat."""
-        return cls.priority
-
-    @classmethod
-    def unavailable_reasons(cls, device: str) -> list[str]:
-        """Why the backend cannot run at all on ``device`` here (missing library, compiler...)."""
-        return []
-
-    @classmethod
-    def prepare(cls, request: AttentionRequest) -> None:
-        """Called by dispatch before construction, for a request it supports: build or load what
-        the request's device needs. A GptlabError here makes ``auto`` move on."""
-
-    @classmethod
-    def measure_tag(cls, request: AttentionRequest) -> str:
-        """What, besides gptlab's version, decides this backend's speed for ``request`` (e.g. the
-        build of its kernels): ``auto``'s measurements are remembered per tag."""
-        return ""
-
-    @classmethod
     def not_supported_reasons(cls, request: AttentionRequest) -> list[str]:
         """Readable reasons why ``request`` cannot be served; empty means supported."""
-        r = []
-        if request.device not in cls.devices:
-            r.append(f"device {request.device!r} not supported (supports: "
-                     f"{', '.join(sorted(cls.devices))})")
-        if request.dtype not in cls.dtypes:
-            names = ", ".join(sorted(_dtype_name(d) for d in cls.dtypes))
-            r.append(f"dtype {_dtype_name(request.dtype)} not supported (supports: {names})")
+        r = super().not_supported_reasons(request)
         if not cls.min_head_dim <= request.head_dim <= cls.max_head_dim:
             r.append(f"head_dim {request.head_dim} outside [{cls.min_head_dim}, "
                      f"{cls.max_head_dim}]")
@@ -156,11 +119,6 @@ class AttentionBackend:
             r.append("non-causal attention not supported")
         if request.q_len != request.k_len and not cls.supports_q_shorter_than_k:
             r.append("query length different from key length (KV-cache decoding) not supported")
-        if request.device in cls.devices:
-            missing = device_unavailable_reason(request.device)
-            if missing:
-                r.append(missing)
-            r.extend(cls.unavailable_reasons(request.device))
         return r
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -169,7 +127,7 @@ class AttentionBackend:
 
     def __call__(self, q, k, v, *, causal: bool = True, dropout_p: float = 0.0,
                  scale: float | None = None) -> torch.Tensor:
-        """Check the call as dispatch would (shapes, then the backend's reasons), then run it.
+        """Check the call as selection would (shapes, then the backend's reasons), then run it.
 
         The checks are skipped while ``torch.compile`` traces (they ran when the model was built,
         and Python-level checks would break the graph)."""
@@ -181,10 +139,11 @@ class AttentionBackend:
             if key not in _PASSED:  # a call like one that passed before is not checked again
                 request = AttentionRequest.from_tensors(q, k, v, causal=causal,
                                                         dropout_p=dropout_p)
-                reasons = backend_reasons(type(self), request)
+                reasons = reasons_of(type(self), request)
                 if reasons:
-                    raise BackendNotSupportedError(not_supported_message(self.name, request,
-                                                                         reasons))
+                    raise BackendNotSupportedError(not_supported_message(
+                        "attention backend", self.name, request, reasons,
+                        "pick another with --attention (see `gpt backends`)"))
                 if len(_PASSED) >= _PASSED_MAX:
                     _PASSED.clear()
                 _PASSED.add(key)
@@ -194,28 +153,10 @@ class AttentionBackend:
         return f"<attention backend {self.name!r}>"
 
 
-def backend_reasons(cls: type[AttentionBackend], request: AttentionRequest) -> list[str]:
-    """``cls.not_supported_reasons(request)``; if that raises (a plugin's bug), the error is the
-    one reason, so a broken backend is reported and passed over instead of taking dispatch down."""
-    try:
-        return list(cls.not_supported_reasons(request))
-    except Exception as e:
-        return [f"not_supported_reasons() raised {type(e).__name__}: {e}"]
-
-
 #: Calls (backend class and the facts of q, k, v) that passed the checks: a training step or a
 #: decoded token repeats the same few, so the checks cost one set lookup after the first.
 _PASSED: set[tuple] = set()
 _PASSED_MAX = 4096
-
-
-def not_supported_message(name: str, request: AttentionRequest, reasons: list[str], *,
-                          fix: str = "pick another with --attention (see `gpt backends`)") -> str:
-    """The error for a named backend that cannot serve ``request``: a first line that says so
-    and how to go on, then the request and the backend's reasons (as xformers' fmha does)."""
-    return (f"attention backend {name!r} cannot run this request; {fix}\n"
-            f"  request: {request.describe()}\n"
-            f"  {name}: {'; '.join(reasons)}")
 
 
 def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import attrs
 import torch
 
 from gptlab import __version__
-from gptlab.core.build import build_model
+from gptlab.core.planning import build_model
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.errors import CheckpointError, ConfigError, first_line
 from gptlab.core.files import atomic_write

@@ -6,10 +6,10 @@ names match the specs below, advertised in its distribution's ``pyproject.toml``
     [project.entry-points.gptlab]
     my_plugin = "my_package.plugin_module"
 
-The built-in tokenizers, models, blocks and attention backends are registered through these same
-hooks and the same entry-point group. Each ``register_*`` hook returns one class or a list of
-classes; every class carries a unique ``name`` (two plugins registering the same name is an error
-naming both). See the README section "Writing a plugin".
+The built-in parts are registered through these same hooks and the same entry-point group. Each
+``register_*`` hook returns one class or a list of classes, each with a unique ``name`` (two
+plugins registering the same name is an error naming both); the base classes are importable
+from :mod:`gptlab`. See docs/plugins.md.
 """
 
 import pluggy
@@ -19,88 +19,63 @@ hookspec = pluggy.HookspecMarker("gptlab")
 
 @hookspec
 def register_tokenizers():
-    """Return a :class:`gptlab.Tokenizer` subclass, or a list of them.
-
-    Selected with ``gpt run --tokenizer NAME``.
-    """
+    """:class:`gptlab.Tokenizer` subclasses, chosen with ``--tokenizer`` (built in: char)."""
 
 
 @hookspec
 def register_models():
-    """Return a :class:`gptlab.LanguageModel` subclass, or a list of them.
-
-    Selected with ``gpt run --model NAME``. The model is built as ``cls(config, components)``
-    from a :class:`gptlab.core.config.ModelConfig` and the chosen block class and attention
-    backend.
-    """
+    """:class:`gptlab.LanguageModel` subclasses, built as ``cls(config, components)`` and
+    chosen with ``--model`` (built in: bigram, transformer)."""
 
 
 @hookspec
 def register_blocks():
-    """Return a :class:`gptlab.Block` subclass (a transformer block), or a list.
-
-    Selected with ``gpt run --block NAME``; the transformer stacks ``n_layer`` of them.
-    """
+    """:class:`gptlab.Block` subclasses, built as ``cls(config, components)`` ``n_layer`` times
+    by the transformer; chosen with ``--block`` (built in: prenorm, postnorm)."""
 
 
 @hookspec
 def register_attention_backends():
-    """Return an :class:`gptlab.AttentionBackend` subclass, or a list of them.
-
-    Selected with ``gpt run --attention NAME``; ``auto`` picks, among the backends whose
-    ``not_supported_reasons(request)`` is empty, the fastest measured on the run's shape (the
-    highest ``priority`` where nothing is measured; see :mod:`gptlab.core.autotune`).
-    """
+    """:class:`gptlab.AttentionBackend` subclasses, chosen with ``--attention`` (``auto``: the
+    fastest measured among those that fit, see :mod:`gptlab.core.autotune`)."""
 
 
 @hookspec
 def register_layer_kernels():
-    """Return a :class:`gptlab.core.layer_kernels.LayerKernels` subclass, or a list of them:
-    implementations of LayerNorm, bias + GELU and the cross-entropy loss.
+    """:class:`gptlab.LayerKernels` subclasses (LayerNorm, bias + GELU, the loss), chosen with
+    ``--kernels`` (``auto``: the highest priority that fits; built in: torch, native)."""
 
-    Selected with ``gpt run --kernels NAME``; ``auto`` picks the highest ``priority`` one whose
-    ``not_supported_reasons(request)`` is empty (and whose ``prepare(request)`` succeeds).
-    """
+
+@hookspec
+def register_decoders():
+    """:class:`gptlab.Decoder` subclasses: fused steps for cached decoding, the highest
+    priority that fits a model taken when it is built (built in: the native kernels' one)."""
 
 
 @hookspec
 def register_norms():
-    """Return a :class:`gptlab.core.interfaces.Norm` subclass, or a list of them.
-
-    Selected with ``gpt run --norm NAME`` (built in: ``layernorm``, ``rmsnorm``); the
-    transformer uses it for every norm of its blocks and its final norm.
-    """
+    """:class:`gptlab.Norm` subclasses, chosen with ``--norm`` for every block and the final
+    norm (built in: layernorm, rmsnorm)."""
 
 
 @hookspec
 def register_mlps():
-    """Return a :class:`gptlab.core.interfaces.FeedForward` subclass, or a list of them.
-
-    Selected with ``gpt run --mlp NAME`` (built in: ``gelu``, ``relu2``, ``swiglu``); the
-    transformer uses it as every block's MLP.
-    """
+    """:class:`gptlab.FeedForward` subclasses, chosen with ``--mlp`` for every block (built
+    in: gelu, relu2, swiglu)."""
 
 
 @hookspec
 def register_positions():
-    """Return a :class:`gptlab.core.interfaces.PositionScheme` subclass, or a list of them.
-
-    Selected with ``gpt run --position NAME`` (built in: ``learned``, ``rotary``, ``none``).
-    """
+    """:class:`gptlab.PositionScheme` subclasses, chosen with ``--position`` (built in:
+    learned, rotary, none)."""
 
 
 @hookspec
 def register_optimizers():
-    """Return a :class:`gptlab.core.optimizers.OptimizerRecipe` subclass, or a list of them.
-
-    Selected with ``gpt run --optimizer NAME`` (built in: ``adamw``, ``muon``). Parameter
-    groups with a ``base_lr`` follow the learning-rate schedule scaled to it.
-    """
+    """:class:`gptlab.OptimizerRecipe` subclasses, chosen with ``--optimizer`` (built in:
+    adamw, muon)."""
 
 
 @hookspec
 def register_commands(cli):
-    """Add click subcommands to the ``gpt`` command group ``cli`` (``cli.add_command(cmd)``).
-
-    Return value is ignored. A plugin whose hook raises is reported as a warning and skipped.
-    """
+    """Add click subcommands to the ``gpt`` group ``cli`` (``cli.add_command(cmd)``)."""

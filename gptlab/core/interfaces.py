@@ -1,11 +1,13 @@
-"""The base classes plugins implement: :class:`Tokenizer`, :class:`Block`,
-:class:`LanguageModel`, and the parts a transformer is assembled from: :class:`Norm`,
-:class:`FeedForward` and :class:`PositionScheme` (attention backends: :mod:`gptlab.core.attention`).
+"""The base classes plugins implement: :class:`Tokenizer`, :class:`LanguageModel`,
+:class:`Block`, and the parts a transformer is built from: :class:`Norm`, :class:`FeedForward`
+and :class:`PositionScheme` (attention backends: :mod:`gptlab.core.attention`; layer kernels:
+:mod:`gptlab.core.layer_kernels`).
 
 A model is nanoGPT-shaped (Karpathy 2022): ``forward(idx, targets=None) -> (logits, loss)``
-and ``generate(idx, max_new_tokens, ...)``; it is built as ``cls(config, components)`` where
+and ``generate(idx, max_new_tokens, ...)``. It is built as ``cls(config, components)``:
 :class:`Components` carries the parts chosen by name (the block class, the attention backend,
-the norm, the feed-forward and the position scheme).
+the norm, the MLP, the position scheme, the layer kernels, the fused decoder) and builds the
+norms and MLPs a block asks it for, so a block constructs every module it runs itself.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gptlab._compat import moved
 from gptlab.core.attention import AttentionBackend
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
 from gptlab.core.generation import generate as _generate
+from gptlab.core.layer_kernels import LayerKernels
+from gptlab.core.selection import Implementation, Request
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -57,28 +60,16 @@ class Tokenizer(ABC):
         """Rebuild a tokenizer saved by :meth:`state_dict`."""
 
 
-# --------------------------------------------------------------------------- models
-@attrs.frozen
-class Components:
-    """Swappable parts handed to a model's constructor, chosen by name through the registry.
-
-    ``norm``, ``feedforward`` and ``position`` left at ``None`` mean GPT-2's: LayerNorm, the GELU
-    MLP and a learned position table."""
-
-    block: type | None = None  # a Block subclass
-    attention: AttentionBackend | None = None
-    norm: type | None = None  # a Norm subclass (--norm)
-    feedforward: type | None = None  # a FeedForward subclass (--mlp)
-    position: type | None = None  # a PositionScheme subclass (--position)
-
-
+# --------------------------------------------------------------------------- parts
 class Norm(nn.Module):
-    """A normalisation over the last dim: ``(..., ndim) -> (..., ndim)``. Built as
-    ``cls(ndim, bias=..., eps=...)``; the transformer puts the one chosen with ``--norm`` wherever
-    a block or the model uses :class:`gptlab.nn.LayerNorm`."""
+    """A normalisation over the last dim: ``(..., ndim) -> (..., ndim)``, built as
+    ``cls(ndim, bias=...)``; ``--norm`` chooses the one every block and the final norm use. A
+    norm computed by the layer kernels (LayerNorm) sets ``uses_layer_kernels`` and is also given
+    the model's: ``cls(ndim, bias=..., kernels=...)``."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    uses_layer_kernels: ClassVar[bool] = False
 
     def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
         super().__init__()
@@ -86,12 +77,14 @@ class Norm(nn.Module):
 
 class FeedForward(nn.Module):
     """The position-wise MLP of a block: ``(B, T, C) -> (B, T, C)``, built as ``cls(config)``;
-    the transformer puts the one chosen with ``--mlp`` wherever a block uses
-    :class:`gptlab.nn.MLP`. Its last Linear writes into the residual stream and is named
-    ``c_proj`` (so GPT-2's init scales it, and ``--zero-init`` zeroes it)."""
+    ``--mlp`` chooses the one every block uses. Its last Linear writes into the residual stream
+    and is named ``c_proj`` (so GPT-2's init scales it, and ``--zero-init`` zeroes it). An MLP
+    computed in part by the layer kernels (the GELU MLP's bias + GELU) sets
+    ``uses_layer_kernels`` and is also given the model's: ``cls(config, kernels=...)``."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    uses_layer_kernels: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -101,7 +94,7 @@ class PositionScheme:
     """How a transformer knows where each token is (``--position``).
 
     ``learned_table``: the model adds a learned (block_size, C) table to the token embeddings
-    (GPT-2). :meth:`qk_module` returns a module installed at the attention's position seam
+    (GPT-2). :meth:`qk_module` returns a module for the attention's position seam
     (``q, k = module(q, k, pos)``, see :class:`gptlab.nn.MultiHeadAttention`), or None.
     """
 
@@ -118,8 +111,44 @@ class PositionScheme:
         return None
 
 
+@attrs.frozen
+class Components:
+    """The parts a model is built from, chosen by name through the registry, and the factories
+    its blocks build their norms and MLPs with. A model without attention (the bigram) gets
+    only ``kernels``."""
+
+    block: type[Block] | None = None  # --block
+    attention: AttentionBackend | None = None  # --attention
+    norm_class: type[Norm] | None = None  # --norm
+    mlp_class: type[FeedForward] | None = None  # --mlp
+    position: type[PositionScheme] | None = None  # --position
+    kernels: LayerKernels | None = None  # --kernels: LayerNorm, bias + GELU, the loss
+    decoder: type[Decoder] | None = None  # a fused step for cached decoding, or None
+
+    def norm(self, ndim: int, bias: bool = True) -> Norm:
+        """A new norm of the chosen kind over ``ndim`` features."""
+        return self._build(self.norm_class, "norm", ndim, bias=bias)
+
+    def mlp(self, config: ModelConfig) -> FeedForward:
+        """A new MLP of the chosen kind for a block of ``config``."""
+        return self._build(self.mlp_class, "MLP", config)
+
+    def _build(self, cls, what: str, *args, **kwargs):
+        if cls is None:
+            raise ConfigError(f"no {what} was chosen for this model; build it with "
+                              f"gptlab.core.planning.build_model, or give Components a "
+                              f"{what} class")
+        if cls.uses_layer_kernels:
+            kwargs["kernels"] = self.kernels
+        return cls(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- models
 class Block(nn.Module):
-    """A transformer block: ``(B, T, C) -> (B, T, C)``. Built as ``cls(config, attention)``.
+    """A transformer block: ``(B, T, C) -> (B, T, C)``, built as ``cls(config, components)``: it
+    builds its own norms and MLP (``components.norm(C)``, ``components.mlp(config)``) and its
+    attention (:class:`gptlab.nn.MultiHeadAttention` with ``components.attention`` and
+    ``components.position``).
 
     Blocks that set ``supports_kv_cache = True`` accept ``forward(x, kv_cache)`` and pass the
     cache to their attention (see :class:`gptlab.nn.MultiHeadAttention`); others make
@@ -130,7 +159,7 @@ class Block(nn.Module):
     description: ClassVar[str] = ""
     supports_kv_cache: ClassVar[bool] = False
 
-    def __init__(self, config: ModelConfig, attention: AttentionBackend):
+    def __init__(self, config: ModelConfig, components: Components):
         super().__init__()
 
 
@@ -152,6 +181,8 @@ class LanguageModel(nn.Module):
         if config.vocab_size < 1:
             raise ConfigError("vocab_size must be set (from the tokenizer) before building a model")
         self.config = config
+        # the layer kernels compute the loss (None: F.cross_entropy)
+        self.kernels = None if components is None else components.kernels
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -161,9 +192,8 @@ class LanguageModel(nn.Module):
         if targets is None:
             return None
         logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-        kernels = getattr(self, "layer_kernels", None)
-        if kernels is not None:
-            return kernels.cross_entropy(logits, targets)
+        if self.kernels is not None:
+            return self.kernels.cross_entropy(logits, targets)
         return F.cross_entropy(logits, targets)
 
     # ---- generation (the loop lives in gptlab.core.generation) ---------------------------
@@ -188,8 +218,40 @@ class LanguageModel(nn.Module):
                         use_cache, on_token)
 
 
-# gptlab 0.1 kept the attention interface and sampling here
-__getattr__ = moved(__name__, {
-    "AttentionRequest": "gptlab.core.attention",
-    "causal_mask": "gptlab.core.attention", "default_scale": "gptlab.core.attention",
-    "device_unavailable_reason": "gptlab.core.devices", "sample_next": "gptlab.core.generation"})
+# --------------------------------------------------------------------------- decoding
+@attrs.frozen(kw_only=True)
+class DecodeRequest(Request):
+    """What cached decoding of a model asks of a fused decoder: the device and dtype of the
+    model's weights, and what the model is built from."""
+
+    model: type[LanguageModel]
+    config: ModelConfig
+    components: Components
+
+    def describe(self) -> str:
+        c = self.components
+        parts = [super().describe(), f"model {self.model.name}"]
+        if c.block is not None:
+            parts += [f"block {c.block.name}", f"attention {c.attention.name}",
+                      f"norm {c.norm_class.name}", f"mlp {c.mlp_class.name}",
+                      f"position {c.position.name}"]
+        if c.kernels is not None:
+            parts.append(f"kernels {c.kernels.name}")
+        return ", ".join(parts)
+
+
+class Decoder(Implementation):
+    """A fused decoding step: the whole model for one new token per sequence, in one call
+    (``register_decoders``). Chosen when the model is built, among those whose
+    ``not_supported_reasons(DecodeRequest)`` is empty (none fits: the model decodes op by op);
+    made per generation window as ``cls(model)``. ``decoder(idx, cache)`` takes the new tokens
+    (B, 1) and the model's KV cache, appends every layer's keys and values (advancing each layer
+    of the cache) and returns the logits (B, 1, vocab), or None to decline that step (the model
+    then runs it op by op)."""
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+
+    def __call__(self, idx: torch.Tensor, cache) -> torch.Tensor | None:
+        return None
+

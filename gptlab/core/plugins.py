@@ -21,27 +21,46 @@ import pluggy
 
 from gptlab.core import hookspecs
 from gptlab.core.attention import AttentionBackend
+from gptlab.core.devices import AUTO
 from gptlab.core.errors import PluginError, UnknownComponentError
-from gptlab.core.interfaces import (Block, FeedForward, LanguageModel, Norm, PositionScheme,
-                                    Tokenizer)
+from gptlab.core.interfaces import (Block, Decoder, FeedForward, LanguageModel, Norm,
+                                    PositionScheme, Tokenizer)
 from gptlab.core.layer_kernels import LayerKernels
 from gptlab.core.optimizers import OptimizerRecipe
 
 ENTRY_POINT_GROUP = "gptlab"
 BUILTIN_DIST = "gptlab"  # the distribution whose entry points are gptlab's own plugins
 
-#: hook name -> (registry kind, required base class, human label)
-KINDS = {
-    "register_tokenizers": ("tokenizers", Tokenizer, "tokenizer"),
-    "register_models": ("models", LanguageModel, "model"),
-    "register_blocks": ("blocks", Block, "block"),
-    "register_attention_backends": ("attention_backends", AttentionBackend, "attention backend"),
-    "register_layer_kernels": ("layer_kernels", LayerKernels, "layer kernels"),
-    "register_norms": ("norms", Norm, "norm"),
-    "register_mlps": ("mlps", FeedForward, "MLP"),
-    "register_positions": ("positions", PositionScheme, "position scheme"),
-    "register_optimizers": ("optimizers", OptimizerRecipe, "optimizer"),
-}
+
+@attrs.frozen
+class Kind:
+    """One kind of component: the hook that registers it, the registry table holding it, its
+    base class, how messages name it, and (for implementations chosen by
+    :func:`gptlab.core.selection.select`) the flag that names one and what to do when ``auto``
+    finds none."""
+
+    hook: str
+    table: str
+    base: type
+    label: str
+    flag: str | None = None
+    auto_fix: str = ""
+
+
+KINDS = {k.table: k for k in [
+    Kind("register_tokenizers", "tokenizers", Tokenizer, "tokenizer"),
+    Kind("register_models", "models", LanguageModel, "model"),
+    Kind("register_blocks", "blocks", Block, "block"),
+    Kind("register_attention_backends", "attention_backends", AttentionBackend,
+         "attention backend", "--attention",
+         "change the request (device, dropout, head dim) or install a backend that fits"),
+    Kind("register_layer_kernels", "layer_kernels", LayerKernels, "layer kernels", "--kernels"),
+    Kind("register_decoders", "decoders", Decoder, "decoder"),
+    Kind("register_norms", "norms", Norm, "norm"),
+    Kind("register_mlps", "mlps", FeedForward, "MLP"),
+    Kind("register_positions", "positions", PositionScheme, "position scheme"),
+    Kind("register_optimizers", "optimizers", OptimizerRecipe, "optimizer"),
+]}
 
 
 @attrs.define
@@ -64,6 +83,7 @@ class Registry:
     blocks: dict[str, type] = attrs.Factory(dict)
     attention_backends: dict[str, type] = attrs.Factory(dict)
     layer_kernels: dict[str, type] = attrs.Factory(dict)
+    decoders: dict[str, type] = attrs.Factory(dict)
     norms: dict[str, type] = attrs.Factory(dict)
     mlps: dict[str, type] = attrs.Factory(dict)
     positions: dict[str, type] = attrs.Factory(dict)
@@ -77,13 +97,19 @@ class Registry:
         if problem not in self.problems:
             self.problems.append(problem)
 
+    def kind(self, kind: str) -> Kind:
+        """What the registry knows of a kind (a table name: ``attention_backends``, ...)."""
+        return KINDS[kind]
+
     def get(self, kind: str, name: str) -> type:
+        """The class registered as ``name``; else a one-line error listing the names (and
+        ``auto`` where the kind is chosen by a flag)."""
         table = getattr(self, kind)
         if name not in table:
-            label = next(lbl for k, _, lbl in KINDS.values() if k == kind)
+            info = KINDS[kind]
+            names = [AUTO] * bool(info.flag) + sorted(table)
             raise UnknownComponentError(
-                f"unknown {label} {name!r}; available: {', '.join(sorted(table)) or 'none'}"
-            )
+                f"unknown {info.label} {name!r}; available: {', '.join(names) or 'none'}")
         return table[name]
 
     def tokenizer(self, name: str) -> type:
@@ -167,7 +193,8 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = (), *,
              for name, _ in pm.list_name_plugin()}
     reg.plugins = list(infos.values())
 
-    for hook_name, (kind, base, label) in KINDS.items():
+    for info in KINDS.values():
+        hook_name, kind, base, label = info.hook, info.table, info.base, info.label
         table = getattr(reg, kind)
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = impl.plugin_name

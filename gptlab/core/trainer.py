@@ -33,7 +33,7 @@ import attrs
 import torch
 
 from gptlab.core import distributed
-from gptlab.core.build import RunPlan, build_model, plan_run
+from gptlab.core.planning import RunPlan, build_model, plan_run
 from gptlab.core.checkpoint import (Checkpoint, TrainState, non_finite_parameters,
                                     save_checkpoint)
 from gptlab.core.config import ModelConfig, TrainConfig
@@ -164,7 +164,7 @@ class Trainer:
     :class:`~gptlab.core.runs.RunFolder` to hold it earlier, as ``gpt run`` does). ``resume``
     is a :class:`~gptlab.core.checkpoint.Checkpoint` to continue bit-exactly: model, optimizer,
     step, RNG states and data position are restored (the text must be the one it was trained
-    on). ``plan`` is the pre-flight's :class:`~gptlab.core.build.RunPlan` (made here if not
+    on). ``plan`` is the pre-flight's :class:`~gptlab.core.planning.RunPlan` (made here if not
     given). Nothing non-finite is ever saved: a NaN or inf loss or weight raises
     :class:`~gptlab.core.errors.TrainingDiverged` first.
     """
@@ -243,8 +243,7 @@ class Trainer:
         self._check_memory(reg)
         with _out_of_memory("building the model"):
             self.model = build_model(reg, self.model_config, self.device,
-                                     attention=self.plan.attention,
-                                     layer_kernels=self.plan.layer_kernels)
+                                     components=self.plan.components)
             self.optimizer = reg.get("optimizers", cfg.optimizer).build(self.model, cfg)
         log.info("model %s: %.2fM parameters, attention %s, layer kernels %s",
                  self.model_config.model, self.model.num_parameters() / 1e6,
@@ -289,7 +288,7 @@ class Trainer:
     def _check_memory(self, reg) -> None:
         """A one-line error before allocating a run that cannot fit (see gptlab.core.memory)."""
         mc, plan = self.model_config, self.plan
-        n = count_parameters(lambda: plan.model_cls(mc, plan.components()))
+        n = count_parameters(lambda: plan.model_cls(mc, plan.components))
         have = available_bytes(self.device)
         if n is None or have is None:
             return

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 
 from gptlab.core.attention import AttentionBackend
+from gptlab.core.interfaces import PositionScheme
+from gptlab.nn.positions import qk_seam
 
 
 class LayerKV:
@@ -100,15 +102,17 @@ class MultiHeadAttention(nn.Module):
     equals running :class:`SingleHeadAttention` per head and concatenating (tested).
 
     **The position seam.** Between the q/k/v split and the backend call, ``qk_positions`` (a
-    module, ``None`` by default) may transform the new queries and keys given their absolute
-    positions: ``q, k = qk_positions(q, k, pos)`` with q and k ``(B, nh, T, hs)`` and ``pos``
-    ``(T,)`` int64. With the KV cache, ``pos`` continues after the tokens already cached, and
-    the keys are cached after the transform, so a rotary embedding (Su et al. 2021) written as
-    such a module works with and without the cache. Install one with
-    :func:`set_qk_positions`; the attention module itself stays as it is.
+    module, or None) may transform the new queries and keys given their absolute positions:
+    ``q, k = qk_positions(q, k, pos)`` with q and k ``(B, nh, T, hs)`` and ``pos`` ``(T,)``
+    int64. With the KV cache, ``pos`` continues after the tokens already cached, and the keys
+    are cached after the transform, so a rotary embedding (Su et al. 2021) written as such a
+    module works with and without the cache. It is built here from the position scheme
+    (``--position``, its :meth:`~gptlab.core.interfaces.PositionScheme.qk_module`) and
+    ``config.qk_norm`` (:func:`gptlab.nn.positions.qk_seam`).
     """
 
-    def __init__(self, config, attention: AttentionBackend):
+    def __init__(self, config, attention: AttentionBackend,
+                 position: type[PositionScheme] | None = None):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -116,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         self.attention = attention
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.qk_positions: nn.Module | None = None
+        self.qk_positions = qk_seam(config, position)  # None: q and k as projected
 
     def forward(self, x, kv_cache: LayerKV | None = None):
         B, T, C = x.shape
@@ -139,14 +143,3 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.c_proj(y)
         return self.resid_dropout(y) if self.training else y
-
-
-def set_qk_positions(model: nn.Module, module: nn.Module | None) -> int:
-    """Install ``module`` at the position seam of every :class:`MultiHeadAttention` in
-    ``model`` (``None`` removes it); returns how many attention modules it was installed in."""
-    count = 0
-    for m in model.modules():
-        if isinstance(m, MultiHeadAttention):
-            m.qk_positions = module
-            count += 1
-    return count

@@ -1,21 +1,53 @@
-"""Feed-forward variants newer than GPT-2's GELU MLP.
+"""Position-wise feed-forward networks (MLPs), written out: GPT-2's GELU MLP, ReLU² and SwiGLU.
 
+- GELU (Vaswani et al. 2017's feed-forward network with the GELU of Hendrycks & Gimpel 2016,
+  as in GPT-2): ``Linear(C, 4C) -> gelu -> Linear(4C, C)``.
 - ReLU² (So et al. 2021, "Primer"): ``Linear(C, 4C) -> relu(x)^2 -> Linear(4C, C)``; found by
   architecture search, used by the nanoGPT speedrun.
 - SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): ``(silu(x W1) * (x W3)) W2``. It has
   three matrices instead of two, so its hidden width is 2/3 of 4C (rounded up to a multiple of
   8): the parameter count stays close to the GELU MLP's (PaLM and LLaMA do the same).
 
-Both keep the interface of :class:`gptlab.nn.MLP`: built as ``cls(config)``, the last Linear
-(into the residual stream) is ``c_proj``.
+Each is built as ``cls(config)`` (the GELU MLP also takes the model's layer kernels); the last
+Linear (into the residual stream) is ``c_proj``, so GPT-2's init scales it
+(:mod:`gptlab.nn.init`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 from torch.nn import functional as F
 
 from gptlab.core.interfaces import FeedForward
+
+if TYPE_CHECKING:
+    from gptlab.core.layer_kernels import LayerKernels
+
+
+class MLP(FeedForward):
+    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout.
+
+    The first Linear and the GELU are computed by the model's layer kernels when it is given
+    some (``--kernels native``: the bias added and GELU applied in one pass), else by
+    ``F.gelu``."""
+
+    name = "gelu"
+    description = "Linear(C, 4C) -> GELU -> Linear(4C, C)  (GPT-2)"
+    uses_layer_kernels = True
+
+    def __init__(self, config, kernels: LayerKernels | None = None):
+        super().__init__(config)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.kernels = kernels  # None: F.gelu
+
+    def forward(self, x):
+        h = F.gelu(self.c_fc(x)) if self.kernels is None else self.kernels.linear_gelu(x, self.c_fc)
+        y = self.c_proj(h)  # (B, T, C)
+        return self.dropout(y) if self.training else y
 
 
 class ReLU2MLP(FeedForward):

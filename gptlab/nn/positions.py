@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from gptlab.core.errors import ConfigError
 from gptlab.core.interfaces import PositionScheme
+from gptlab.nn.norms import QKNorm
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,17 @@ class QKChain(nn.Module):
         for part in self.parts:
             q, k = part(q, k, pos)
         return q, k
+
+
+def qk_seam(config, position: type[PositionScheme] | None) -> nn.Module | None:
+    """The module for an attention's position seam: QK-norm (``config.qk_norm``), then the
+    position scheme's own (rotary), chained; None if neither applies."""
+    parts = [QKNorm()] if config.qk_norm else []
+    own = None if position is None else position.qk_module(config)
+    parts += [own] if own is not None else []
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else QKChain(*parts)
 
 
 class LearnedPositions(PositionScheme):

@@ -27,15 +27,15 @@ def test_abi_version_and_cdef_come_from_the_header():
 
 
 def test_no_compiler_is_a_reason_and_auto_moves_on(registry, monkeypatch):
-    from gptlab.core.dispatch import select_attention
+    from gptlab.core.selection import select
 
     monkeypatch.setenv("CC", "/nonexistent/cc")
     req = AttentionRequest(device="cpu", head_dim=32)
     assert any("compiler for the cpu kernels not found ('/nonexistent/cc'; install gcc or set CC)"
                in r for r in FlashAttention.not_supported_reasons(req))
-    assert select_attention(registry, "auto", req).name == "sdpa"
+    assert select(registry, "attention_backends", "auto", req).name == "sdpa"
     with pytest.raises(BackendNotSupportedError, match="compiler for the cpu kernels not found"):
-        select_attention(registry, "flash", req)
+        select(registry, "attention_backends", "flash", req)
 
 
 def test_build_is_cached_keyed_and_a_dead_lock_holder_does_not_block(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from gptlab.cli import build_cli
 from gptlab.core.attention import AttentionRequest
-from gptlab.core.dispatch import select_attention
+from gptlab.core.selection import select
 from gptlab.core.errors import GptlabError
 from gptlab.plugins.cuda_kernels import build, loader
 from gptlab.plugins.cuda_kernels.abi import ABI_VERSION, cdef_source
@@ -81,10 +81,10 @@ def assert_unchanged(before):
 
 
 def assert_auto_moves_on_and_flash_says(registry, caplog, line):
-    assert select_attention(registry, "auto", REQUEST).name == "sdpa"
+    assert select(registry, "attention_backends", "auto", REQUEST).name == "sdpa"
     assert f"attention backend 'flash' skipped by auto: {line}" in caplog.messages
     with pytest.raises(GptlabError) as e:  # the line itself, or within BackendNotSupportedError
-        select_attention(registry, "flash", REQUEST)
+        select(registry, "attention_backends", "flash", REQUEST)
     assert line in str(e.value)
 
 
@@ -137,7 +137,7 @@ def test_a_damaged_or_foreign_library_is_rebuilt_not_loaded(stub, damage, reason
 def test_auto_and_kernels_build_rebuild_a_truncated_library(stub, registry):
     size = stub.stat().st_size
     truncate(stub)
-    assert select_attention(registry, "auto", REQUEST).name == "flash"  # rebuilt, then loaded
+    assert select(registry, "attention_backends", "auto", REQUEST).name == "flash"  # rebuilt, then loaded
     assert build.library_problem(stub) is None
     truncate(stub)
     res = CliRunner().invoke(build_cli(registry), ["kernels", "build", "--flavour", "cpu"])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from gptlab.cli import build_cli
 from gptlab.core.attention import AttentionRequest
-from gptlab.core.dispatch import select_attention
+from gptlab.core.selection import select
 from gptlab.core.errors import BackendNotSupportedError
 from gptlab.plugins.cuda_kernels import backends, build, loader
 from gptlab.testing import run_conformance
@@ -42,8 +42,8 @@ def test_cuda_unavailable_is_explained(registry):
     res = runner.invoke(build_cli(registry), ["kernels", "check", "--flavour", "cuda"])
     assert res.exit_code == 1 and "Error: fused cannot run on cuda: " + reason[0] in res.output
     with pytest.raises(BackendNotSupportedError):
-        select_attention(registry, "flash", AttentionRequest(device="cuda"))
-    assert select_attention(registry, "auto", AttentionRequest(device="cpu")).name == "flash"
+        select(registry, "attention_backends", "flash", AttentionRequest(device="cuda"))
+    assert select(registry, "attention_backends", "auto", AttentionRequest(device="cpu")).name == "flash"
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here (CI verifies the emulated build)")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gptlab.cli import build_cli
 from gptlab.core.attention import AttentionRequest
-from gptlab.core.layer_kernels import LayerKernels
+from gptlab.nn import TorchKernels
 from gptlab.plugins.cuda_kernels import backends, build, gpucheck
 from gptlab.testing import check_layer_kernels, default_cases
 
@@ -183,20 +183,20 @@ def test_targets_find_the_packages_cuda_kernels_in_the_registry(registry):
 
 @pytest.mark.filterwarnings("ignore:var\\(\\)")
 def test_layer_kernel_conformance_catches_wrong_kernels():
-    class TanhGelu(LayerKernels):
+    class TanhGelu(TorchKernels):
         name = "tanh-gelu"
 
         def linear_gelu(self, x, linear):
             return torch.nn.functional.gelu(linear(x), approximate="tanh")
 
-    class UnbiasedVariance(LayerKernels):
+    class UnbiasedVariance(TorchKernels):
         name = "unbiased"
 
         def layer_norm(self, x, weight, bias, eps):
             return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) \
                 * weight + bias
 
-    assert all(r.ok for r in check_layer_kernels(LayerKernels()))
+    assert all(r.ok for r in check_layer_kernels(TorchKernels()))
     bad = {r.op for r in check_layer_kernels(TanhGelu()) if not r.ok}
     assert bad == {"linear_gelu"}
     bad = {r.op for r in check_layer_kernels(UnbiasedVariance()) if not r.ok}
@@ -290,7 +290,6 @@ def test_a_failing_section_does_not_stop_the_next(registry, tmp_path, monkeypatc
 def test_a_backend_that_raises_is_one_fail_line_and_the_others_still_run():
     """Conformance on a borrowed GPU: an error from one backend (a launch failure, say) is its
     FAIL line; the backends and layer kernels after it are still checked."""
-    from gptlab.core.layer_kernels import TorchKernels
     from gptlab.plugins.attention.naive import NaiveAttention
 
     class Naive(NaiveAttention):

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from gptlab import AttentionBackend, Block, hookimpl
-from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, causal_mask, default_scale
+from gptlab.nn import MultiHeadAttention, causal_mask, default_scale
 
 
 class ChunkedAttention(AttentionBackend):
@@ -47,11 +47,11 @@ class ParallelBlock(Block):
     supports_kv_cache = True
     description = "example plugin: x + attn(ln(x)) + mlp(ln(x))  (GPT-J)"
 
-    def __init__(self, config, attention):
-        super().__init__(config, attention)
-        self.ln = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(config, attention)
-        self.mlp = MLP(config)
+    def __init__(self, config, components):
+        super().__init__(config, components)
+        self.ln = components.norm(config.n_embd, bias=config.bias)  # --norm
+        self.attn = MultiHeadAttention(config, components.attention, components.position)
+        self.mlp = components.mlp(config)  # --mlp
 
     def forward(self, x, kv_cache=None):
         h = self.ln(x)

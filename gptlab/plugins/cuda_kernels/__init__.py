@@ -42,6 +42,13 @@ def register_layer_kernels():
 
 
 @hookimpl
+def register_decoders():
+    from gptlab.plugins.cuda_kernels.decode import FusedDecoder
+
+    return [FusedDecoder]
+
+
+@hookimpl
 def register_commands(cli):
     from gptlab.plugins.cuda_kernels.commands import kernels
 

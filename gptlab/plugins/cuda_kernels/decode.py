@@ -8,14 +8,14 @@ step reads each weight once (matrix-vector products, bound by memory bandwidth),
 keys and values straight into the cache's storage and attends with the flash kernel's decoding
 path.
 
-It serves exactly the parts it computes: pre-norm blocks of LayerNorm or RMSNorm,
-:class:`gptlab.nn.MultiHeadAttention` with QK-norm and/or rotary embeddings or nothing at the
-position seam (learned positions are added before the blocks), and the GELU or ReLU² MLP (the
-default and speedrun presets' parts), the ``flash`` backend on the native kernels, float32 on
-the CPU, in inference. :func:`fused_decode_reasons` says why any other model decodes op by op
-(its own modules, unchanged). The module path is the reference:
-tests/test_fused_decode.py checks the logits against it, and greedy generation against
-generation without the cache.
+It is a :class:`gptlab.Decoder` (the ``register_decoders`` hook), chosen when a model is built
+if it serves exactly the parts the model is built from: the transformer with pre-norm blocks of
+LayerNorm or RMSNorm, learned, rotary or no positions with or without QK-norm, the GELU or ReLU²
+MLP (the default and speedrun presets' parts), the ``flash`` backend and the ``native`` layer
+kernels, float32 on the CPU; it runs in inference only. ``FusedDecoder.not_supported_reasons``
+says why any other model decodes op by op (its own modules, unchanged). The module path is the
+reference: tests/test_fused_decode.py checks the logits against it, and greedy generation
+against generation without the cache.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from gptlab import Decoder
+from gptlab.nn import (MLP, LayerNorm, LearnedPositions, NoPositions, PreNormBlock, ReLU2MLP,
+                       RMSNorm, RotaryPositions)
+from gptlab.plugins.cuda_kernels import build
 from gptlab.plugins.cuda_kernels.loader import NativeLibrary, load
 from gptlab.plugins.cuda_kernels.ops import _threads
 
@@ -32,63 +36,16 @@ _PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
            "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def _seam(attn) -> tuple[nn.Module | None, nn.Module | None] | None:
-    """(the QKNorm module, the Rotary module), each or None, at an attention's position seam;
-    None if the seam holds anything else."""
+def _seam(attn) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the QKNorm module, the Rotary module), each or None, at an attention's position seam."""
     from gptlab.nn import QKChain, QKNorm, Rotary
 
     parts = attn.qk_positions
     parts = [] if parts is None else list(parts.parts) if type(parts) is QKChain else [parts]
-    kinds = [type(p) for p in parts]
-    if kinds not in ([], [QKNorm], [Rotary], [QKNorm, Rotary]):
-        return None
     return tuple(next((p for p in parts if type(p) is cls), None) for cls in (QKNorm, Rotary))
 
 
-def fused_decode_reasons(model: nn.Module) -> list[str]:
-    """Why the fused step cannot decode ``model`` (empty: it can)."""
-    from gptlab.nn import MLP, LayerNorm, MultiHeadAttention, PreNormBlock, ReLU2MLP, RMSNorm
-    from gptlab.plugins.cuda_kernels.backends import FlashAttention
-
-    blocks = getattr(model, "blocks", None)
-    if not blocks:
-        return ["the model has no transformer blocks"]
-    r = []
-    if type(getattr(model, "attention_backend", None)) is not FlashAttention:
-        r.append("attention is not the flash backend on the native kernels")
-    first = blocks[0]
-    eps = getattr(first.ln_1, "eps", None)
-    for i, b in enumerate(blocks):
-        if type(b) is not PreNormBlock:
-            r.append(f"block {i} is {type(b).__name__}, not PreNormBlock")
-            break
-        if type(b.ln_1) not in (LayerNorm, RMSNorm) or type(b.ln_2) is not type(b.ln_1) \
-                or type(b.ln_1) is not type(first.ln_1):
-            r.append(f"block {i}'s norms are {type(b.ln_1).__name__}, {type(b.ln_2).__name__}, "
-                     f"not one of LayerNorm or RMSNorm throughout")
-        elif {b.ln_1.eps, b.ln_2.eps} != {eps}:
-            r.append(f"block {i}'s norms have another eps than block 0's ln_1")
-        if type(b.attn) is not MultiHeadAttention or _seam(b.attn) is None \
-                or b.attn.qk_positions is not first.attn.qk_positions:
-            r.append(f"block {i}'s attention is not MultiHeadAttention with QK-norm and/or "
-                     f"rotary (or nothing) at the position seam, the same module as block 0's")
-        if type(b.mlp) not in (MLP, ReLU2MLP) or type(b.mlp) is not type(first.mlp):
-            r.append(f"block {i}'s MLP is {type(b.mlp).__name__}, not the GELU or ReLU^2 MLP "
-                     f"throughout")
-        if r:
-            break
-    if not r and (type(getattr(model, "ln_f", None)) is not type(first.ln_1)
-                  or model.ln_f.eps != eps or getattr(model.lm_head, "bias", None) is not None):
-        r.append("the final norm is not the blocks' kind with their eps, or the head has a bias")
-    for name, p in model.named_parameters():
-        if p.device.type != "cpu" or p.dtype != torch.float32:
-            r.append(f"{name} is {str(p.dtype).replace('torch.', '')} on {p.device}, not "
-                     f"float32 on the CPU")
-            break
-    return r
-
-
-class FusedDecoder:
+class FusedDecoder(Decoder):
     """Runs ``model`` for one new token per sequence in one C call: embeddings, every block
     (appending to the KV cache), the final norm and the head.
 
@@ -96,11 +53,50 @@ class FusedDecoder:
     so the parameters' addresses are taken once per window; it keeps the parameters alive.
     """
 
-    def __init__(self, model: nn.Module, lib: NativeLibrary | None = None):
-        from gptlab.nn import RMSNorm, ReLU2MLP
+    name = "fused"
+    priority = 10
+    description = "the whole transformer for one new token in one C call (csrc/cpu/decode.c)"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32})
 
+    @classmethod
+    def unavailable_reasons(cls, device):
+        return [r for r in [build.missing_compiler_reason(build.CPU)] if r]
+
+    @classmethod
+    def not_supported_reasons(cls, request):
+        from gptlab.plugins.cuda_kernels.backends import FlashAttention
+        from gptlab.plugins.cuda_kernels.layer_kernels import NativeKernels
+
+        r = super().not_supported_reasons(request)
+        c = request.components
+        if request.model.name != "transformer":
+            return r + [f"model {request.model.name!r} is not the transformer"]
+        if c.block is not PreNormBlock:
+            r.append(f"block {c.block.name!r} is not prenorm")
+        if c.norm_class not in (LayerNorm, RMSNorm):
+            r.append(f"norm {c.norm_class.name!r} is not layernorm or rmsnorm")
+        if c.mlp_class not in (MLP, ReLU2MLP):
+            r.append(f"mlp {c.mlp_class.name!r} is not gelu or relu2")
+        if c.position not in (LearnedPositions, RotaryPositions, NoPositions):
+            r.append(f"position {c.position.name!r} is not learned, rotary or none")
+        if type(c.attention) is not FlashAttention:
+            r.append(f"attention {c.attention.name!r} is not the flash backend on the native "
+                     f"kernels")
+        if type(c.kernels) is not NativeKernels:
+            r.append(f"layer kernels {getattr(c.kernels, 'name', None)!r} are not native")
+        return r
+
+    @classmethod
+    def prepare(cls, request):
+        load("cpu")
+
+    def __init__(self, model: nn.Module, lib: NativeLibrary | None = None):
+        super().__init__(model)
+        self.lib = None  # None: this model's weights are not float32 on the CPU
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+            return
         self.lib = lib or load("cpu")
-        self.model = model
         cfg = model.config
         self.n_layer, self.c, self.nh, self.vocab = (cfg.n_layer, cfg.n_embd, cfg.n_head,
                                                      cfg.vocab_size)
@@ -134,8 +130,9 @@ class FusedDecoder:
     def usable(self) -> bool:
         """In float32 inference only: a step with gradients, in training mode or under autocast
         goes op by op."""
-        return not self.model.training and not torch.is_autocast_enabled("cpu") and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()))
+        return self.lib is not None and not self.model.training \
+            and not torch.is_autocast_enabled("cpu") and not (
+                torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()))
 
     def _caches(self, cache, B: int, hs: int, like: torch.Tensor):
         """The float *[n_layer] arrays of the layers' key and value storage (made again only

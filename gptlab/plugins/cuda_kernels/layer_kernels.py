@@ -19,13 +19,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from gptlab.core.layer_kernels import LayerKernels
+from gptlab.nn import TorchKernels
 from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.backends import cuda_dtype_reasons, native_unavailable_reasons
 from gptlab.plugins.cuda_kernels.loader import load
 
 
-class NativeKernels(LayerKernels):
+class NativeKernels(TorchKernels):
     name = "native"
     priority = 60
     description = "C/CUDA kernels: one-pass LayerNorm, fused bias+GELU, one-pass cross-entropy"
@@ -60,15 +60,6 @@ class NativeKernels(LayerKernels):
 
     def cross_entropy(self, logits, targets):
         return ops.cross_entropy(logits.float(), targets, self.kernels)
-
-    def decoder(self, model):
-        """One C call per decoded token for the whole model (:mod:`.decode`), for the parts
-        it computes, on the C library; None for any other model or kernels."""
-        from gptlab.plugins.cuda_kernels.decode import FusedDecoder, fused_decode_reasons
-
-        if self.kernels != ops.NATIVE or fused_decode_reasons(model):
-            return None
-        return FusedDecoder(model)
 
 
 class EmulatedNativeKernels(NativeKernels):

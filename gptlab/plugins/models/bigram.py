@@ -15,7 +15,7 @@ class BigramLanguageModel(LanguageModel):
     description = "logits from a (vocab x vocab) embedding table; no context beyond one char"
     uses_attention = False
 
-    def __init__(self, config, components=None):
+    def __init__(self, config, components):
         super().__init__(config, components)
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
 

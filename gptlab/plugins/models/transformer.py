@@ -1,13 +1,12 @@
 """A GPT-style decoder-only transformer (Radford et al. 2018/2019; Vaswani et al. 2017).
 
 token (+ position) embeddings -> dropout -> n_layer blocks -> final norm -> linear to logits.
-The block type, the attention backend, the norm, the MLP and the position scheme are components
-chosen by name (GPT-2's by default: LayerNorm, the GELU MLP, a learned position table); the
-norm and MLP replace :class:`gptlab.nn.LayerNorm` and :class:`gptlab.nn.MLP` wherever a block
-uses them, and a position scheme such as rotary goes in at the attention's position seam. The
-output head shares its weight with the token embedding (Press & Wolf 2017) unless
-``untied_head``. Initialisation is GPT-2's (:func:`gptlab.nn.init_gpt2`); ``zero_init`` starts
-every residual projection (and an untied head) at zero, as the nanoGPT speedrun does.
+The block type, the attention backend, the norm, the MLP, the position scheme and the layer
+kernels are components chosen by name (GPT-2's by default: pre-norm blocks, LayerNorm, the GELU
+MLP, a learned position table); each block builds its own modules from them. The output head
+shares its weight with the token embedding (Press & Wolf 2017) unless ``untied_head``.
+Initialisation is GPT-2's (:func:`gptlab.nn.init_gpt2`); ``zero_init`` starts every residual
+projection (and an untied head) at zero, as the nanoGPT speedrun does.
 """
 
 import torch
@@ -15,29 +14,17 @@ import torch.nn as nn
 
 from gptlab import AttentionRequest, LanguageModel
 from gptlab.core.errors import ConfigError
-from gptlab.nn import (MLP, LayerKV, LayerNorm, LearnedPositions, QKChain, QKNorm, init_gpt2,
-                       set_qk_positions)
+from gptlab.nn import LayerKV, MultiHeadAttention, init_gpt2
 from gptlab.nn.init import RESIDUAL_PROJECTION
-
-
-def replace_modules(root: nn.Module, cls: type, make) -> int:
-    """Replace every submodule of exactly type ``cls`` by ``make(old)``; returns how many."""
-    count = 0
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is cls:
-                setattr(parent, name, make(child))
-                count += 1
-    return count
+from gptlab.nn.positions import qk_seam
 
 
 class KVCache:
     """Per-layer keys and values of the tokens seen so far, for one generation window.
 
     Each layer's storage holds ``max_len`` tokens (the model's ``block_size``: a window never
-    holds more), allocated once, on the first forward. ``decoder``: the layer kernels' fused
-    decoding step for this window (see :meth:`gptlab.core.layer_kernels.LayerKernels.decoder`),
-    or None."""
+    holds more), allocated once, on the first forward. ``decoder``: the fused decoding step for
+    this window (a :class:`gptlab.Decoder`), or None."""
 
     def __init__(self, n_layer: int, max_len: int | None = None, decoder=None):
         self.layers = [LayerKV(max_len) for _ in range(n_layer)]
@@ -55,31 +42,22 @@ class Transformer(LanguageModel):
         if components.block is None or components.attention is None:
             raise ConfigError("the transformer needs a block class and an attention backend")
         self.attention_backend = components.attention
-        norm = components.norm or LayerNorm
-        feedforward = components.feedforward or MLP
-        position = components.position or LearnedPositions
-        position.check(config)
+        self.decoder = components.decoder  # a Decoder class for cached decoding, or None
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         # position embeddings, if the scheme learns a table
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if position.learned_table \
-            else None
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) \
+            if components.position.learned_table else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(components.block(config, components.attention)
+        self.blocks = nn.ModuleList(components.block(config, components)
                                     for _ in range(config.n_layer))
-        if norm is not LayerNorm:
-            replace_modules(self.blocks, LayerNorm,
-                            lambda m: norm(m.weight.numel(), bias=m.bias is not None, eps=m.eps))
-        if feedforward is not MLP:
-            replace_modules(self.blocks, MLP, lambda m: feedforward(config))
-        self.ln_f = norm(config.n_embd, bias=config.bias)
+        self.ln_f = components.norm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if not config.untied_head:
             self.lm_head.weight = self.wte.weight  # weight tying
-        seam = [QKNorm()] if config.qk_norm else []
-        seam += [m for m in [position.qk_module(config)] if m is not None]
-        if seam and not set_qk_positions(self, seam[0] if len(seam) == 1 else QKChain(*seam)):
-            raise ConfigError(f"--position {position.name} / --qk-norm act on q and k inside "
-                              f"gptlab.nn.MultiHeadAttention, which block "
+        if qk_seam(config, components.position) is not None and not any(
+                isinstance(m, MultiHeadAttention) for m in self.blocks.modules()):
+            raise ConfigError(f"--position {components.position.name} / --qk-norm act on q and k "
+                              f"inside gptlab.nn.MultiHeadAttention, which block "
                               f"{components.block.name!r} does not use")
         init_gpt2(self, config.n_layer)
         if config.zero_init:  # residual projections (and an untied head) start at zero
@@ -117,16 +95,15 @@ class Transformer(LanguageModel):
             return False
 
     def new_cache(self) -> KVCache:
-        kernels = getattr(self, "layer_kernels", None)
         return KVCache(self.config.n_layer, self.config.block_size,
-                       decoder=kernels.decoder(self) if kernels is not None else None)
+                       decoder=self.decoder(self) if self.decoder is not None else None)
 
     def forward_cached(self, idx, cache: KVCache):
         T = idx.size(1)
         if cache.length + T > self.config.block_size:
             raise ConfigError(f"KV cache would hold {cache.length + T} tokens, more than "
                               f"block_size {self.config.block_size}")
-        if T == 1 and cache.decoder is not None:  # the layer kernels' fused step, if it runs
+        if T == 1 and cache.decoder is not None:  # the fused step, if it runs
             logits = cache.decoder(idx, cache)
             if logits is not None:
                 cache.length += 1

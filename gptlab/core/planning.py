@@ -1,0 +1,185 @@
+"""From names to objects: the pre-flight check of a run, and model construction.
+
+:func:`plan_run` is the one pre-flight: it checks every name (model, tokenizer, block, norm,
+MLP, position scheme, optimizer), the device, and chooses the attention backend and the layer
+kernels (:func:`gptlab.core.selection.select`), so that choosing and a backend's ``prepare()``
+run once per run; it returns a :class:`RunPlan`. :func:`choose_components` turns a config into
+the :class:`~gptlab.core.interfaces.Components` a model is built from, and :func:`build_model`
+builds the model from them.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from gptlab.core import autotune, distributed
+from gptlab.core.attention import AttentionBackend, AttentionRequest
+from gptlab.core.config import ModelConfig, TrainConfig
+from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
+from gptlab.core.errors import ConfigError
+from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
+from gptlab.core.layer_kernels import KernelRequest, LayerKernels
+from gptlab.core.plugins import Registry
+from gptlab.core.selection import select
+
+
+@attrs.frozen
+class RunPlan:
+    """What a run will use, checked before any data is read or any weight allocated."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    device: torch.device
+    model_cls: type[LanguageModel]
+    tokenizer_cls: type
+    components: Components  # the parts, the attention backend and layer kernels prepared
+
+    @property
+    def attention(self) -> AttentionBackend | None:
+        return self.components.attention
+
+    @property
+    def layer_kernels(self) -> LayerKernels | None:
+        return self.components.kernels
+
+    @property
+    def attention_name(self) -> str | None:
+        return None if self.attention is None else self.attention.name
+
+    @property
+    def kernels_name(self) -> str | None:
+        return None if self.layer_kernels is None else self.layer_kernels.name
+
+
+def attention_request(config: ModelConfig, device: torch.device | str, *,
+                      requires_grad: bool = True,
+                      dtype: torch.dtype = torch.float32) -> AttentionRequest:
+    """The request a model built from ``config`` makes when trained (or run) on ``device``;
+    ``dtype``: what q, k, v are (under autocast, its dtype)."""
+    device = device if isinstance(device, str) else device.type
+    return AttentionRequest(device=device, dtype=dtype, head_dim=config.head_dim,
+                            q_len=config.block_size, k_len=config.block_size, causal=True,
+                            dropout_p=config.dropout, requires_grad=requires_grad)
+
+
+#: What a model without attention (the bigram) has no use for: naming any of them is an error.
+TRANSFORMER_PARTS = ("block", "attention", "norm", "mlp", "position", "qk_norm", "untied_head",
+                     "zero_init")
+
+
+def check_no_unused_parts(reg: Registry, config: ModelConfig) -> None:
+    """A one-line error if a model without attention (the bigram) is given transformer parts,
+    which it would silently ignore (new runs only: a checkpoint saved so still loads)."""
+    if reg.model(config.model).uses_attention:
+        return
+    ignored = [f"{f.metadata['flag']} {getattr(config, f.name)}".replace(" True", "")
+               for f in attrs.fields(ModelConfig)
+               if f.name in TRANSFORMER_PARTS and getattr(config, f.name) != f.default]
+    if ignored:
+        raise ConfigError(f"the {config.model} model has no attention or blocks, so "
+                          f"{', '.join(ignored)} would do nothing; drop "
+                          f"{'it' if len(ignored) == 1 else 'them'} or use --model transformer")
+
+
+def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
+             requires_grad: bool = True, prefer_attention: str | None = None,
+             prefer_kernels: str | None = None, new_run: bool = True) -> RunPlan:
+    """Check names, device and choices once; return the :class:`RunPlan`.
+
+    A backend named for a device that is not available here is reported in the backend's own
+    terms (its reasons, then "use --device cpu"); ``auto`` picks among what runs here the
+    fastest on the run's shape (measured once per machine, :mod:`gptlab.core.autotune`), or
+    ``prefer_attention`` (a resumed run's backend) if it runs; likewise ``prefer_kernels`` for
+    ``--kernels auto`` (a checkpoint from before layer kernels resumes on ``torch``, the formulas
+    it was trained with). Under torchrun only rank 0 measures and every rank takes its choice.
+    ``new_run``: also refuse options the model would ignore (:func:`check_no_unused_parts`).
+    """
+    if new_run:
+        check_no_unused_parts(reg, model_config)
+    model_cls = reg.model(model_config.model)
+    tokenizer_cls = reg.tokenizer(train_config.tokenizer)
+    if model_cls.uses_attention:
+        chosen_parts(reg, model_config)  # unknown names, impossible combinations: one line
+    reg.get("optimizers", train_config.optimizer)
+    dtype = getattr(torch, train_config.dtype)  # of q, k, v and the activations under autocast
+    dev_type = device_type(train_config.device)
+    fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
+    named = {}  # named choices are checked before the device is (their reasons say more)
+    if model_cls.uses_attention and model_config.attention != AUTO:
+        named["attention"] = select(reg, "attention_backends", model_config.attention,
+                                    attention_request(model_config, dev_type, dtype=dtype,
+                                                      requires_grad=requires_grad), fix=fix)
+    if model_config.kernels != AUTO:
+        named["kernels"] = select(reg, "layer_kernels", model_config.kernels,
+                                  KernelRequest(device=dev_type, dtype=dtype))
+    device = resolve_device(train_config.device)
+    if train_config.dtype == "float16" and device.type == "cpu":
+        raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
+                          "matrix products through float32 (slower, no memory saved); use "
+                          "--dtype bfloat16 or float32")
+    attention = named.get("attention")
+    if model_cls.uses_attention and attention is None:
+        request = attention_request(model_config, device, dtype=dtype,
+                                    requires_grad=requires_grad)
+        world = distributed.current()
+        work = autotune.Workload(batch=train_config.batch_size, heads=model_config.n_head)
+        measure = (lambda ready: autotune.measured_choice(ready, request, work)) \
+            if not world.rank and autotune.measuring() else None  # rank 0 measures
+        attention = select(reg, "attention_backends", AUTO, request, prefer=prefer_attention,
+                           measure=measure)
+        agreed = distributed.rank0_choice(attention.name, world)  # every rank takes rank 0's
+        if agreed != attention.name:
+            attention = select(reg, "attention_backends", agreed, request)
+    kernels = named.get("kernels") or select(reg, "layer_kernels", AUTO,
+                                             KernelRequest(device=device.type, dtype=dtype),
+                                             prefer=prefer_kernels)
+    components = choose_components(reg, model_config, device, kernels=kernels(),
+                                   attention=attention() if attention else None)
+    return RunPlan(model_config=model_config, train_config=train_config, device=device,
+                   model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components)
+
+
+def chosen_parts(reg: Registry, config: ModelConfig) -> dict:
+    """The block, norm, MLP and position classes ``config`` names, looked up in the registry
+    and checked against it, as keyword arguments of :class:`Components`."""
+    position = reg.get("positions", config.position)
+    position.check(config)
+    return dict(block=reg.block(config.block), norm_class=reg.get("norms", config.norm),
+                mlp_class=reg.get("mlps", config.mlp), position=position)
+
+
+def choose_components(reg: Registry, config: ModelConfig, device: torch.device | str = "cpu", *,
+                      attention: AttentionBackend | None = None,
+                      kernels: LayerKernels | None = None,
+                      requires_grad: bool = True) -> Components:
+    """The parts ``config`` names, looked up in the registry and checked (unknown names and
+    impossible combinations are one-line errors), with the attention backend and layer kernels
+    given or chosen here for ``device`` (``config.attention``, ``config.kernels``), and the fused
+    decoder that fits them (if any)."""
+    device = torch.device(device)
+    model_cls = reg.model(config.model)
+    if kernels is None:
+        kernels = select(reg, "layer_kernels", config.kernels,
+                         KernelRequest(device=device.type))()
+    if not model_cls.uses_attention:
+        return Components(kernels=kernels)
+    if attention is None:
+        attention = select(reg, "attention_backends", config.attention,
+                           attention_request(config, device, requires_grad=requires_grad))()
+    parts = Components(attention=attention, kernels=kernels, **chosen_parts(reg, config))
+    request = DecodeRequest(device=device.type, dtype=torch.float32, model=model_cls,
+                            config=config, components=parts)
+    decoder = select(reg, "decoders", AUTO, request, required=False)
+    return attrs.evolve(parts, decoder=decoder)
+
+
+def build_model(reg: Registry, config: ModelConfig, device: torch.device | str = "cpu", *,
+                components: Components | None = None,
+                requires_grad: bool = True) -> LanguageModel:
+    """Build ``config.model`` on ``device`` from ``components`` (a :class:`RunPlan`'s), or from
+    the parts :func:`choose_components` chooses for ``device``."""
+    if components is None:
+        components = choose_components(reg, config, device, requires_grad=requires_grad)
+    model = reg.model(config.model)(config, components)
+    return model.to(device)
