@@ -331,7 +331,7 @@ def bench_attention(ctx, names, seq_lens, B, H, D, reps, device, dtype):
     """Causal forward+backward time and peak extra memory per backend and T, vs sdpa."""
     import torch
 
-    from gptlab import bench as benchmod
+    from gptlab.bench import attention as benchmod
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.devices import resolve_device
     from gptlab.core.dispatch import backend_table
@@ -411,7 +411,7 @@ def bench_train(ctx, preset, variants, steps, rounds, warmup, data, device, peer
     measured in the same run (interleaved rounds, same batches)."""
     import torch
 
-    from gptlab import bench_train as bt
+    from gptlab.bench import train as bt
     from gptlab.data.corpora import load_text, resolve_corpus
 
     reg = _registry(ctx)

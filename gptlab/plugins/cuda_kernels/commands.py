@@ -216,7 +216,7 @@ def bench_ops_cmd(op_names, B, T, C, V, rounds, threads, device, clock):
     """
     import torch
 
-    from gptlab import bench as benchmod
+    from gptlab.bench import attention as benchmod
     from gptlab.core.devices import resolve_device
 
     names = [n.strip() for n in op_names.split(",") if n.strip()] if op_names else benchmod.OPS

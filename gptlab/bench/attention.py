@@ -117,8 +117,8 @@ def run(backends, seq_lens=SEQ_LENS, *, B=8, H=4, D=32, reps=None, device="cpu",
     for T in seq_lens:
         for name in backends:
             n = reps or (3 if T >= 2048 else 5)
-            cmd = [sys.executable, "-m", "gptlab.bench", device, dtype, name, str(B), str(H),
-                   str(T), str(D), str(n)]
+            cmd = [sys.executable, "-m", "gptlab.bench.attention", device, dtype, name, str(B),
+                   str(H), str(T), str(D), str(n)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode == 0:
                 point = BenchPoint(**json.loads(proc.stdout.strip().splitlines()[-1]))
