@@ -270,7 +270,48 @@ def test_bench_train_compares_with_a_peer_model_given_by_path(cli, small_text, t
     assert "defines no GPTConfig or GPT; expected nanoGPT's model.py" in bad.output
 
 
+def test_bench_ops_times_each_layer_kernels_against_pytorch(cli):
+    assert "linear_gelu" in invoke(cli, ["bench", "ops", "--help"]).output
+    result = invoke(cli, ["bench", "ops", "--batch", "2", "--block", "4", "--n-embd", "8",
+                          "--vocab", "5", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "rows = 2 x 4 = 8, C = 8, 4C = 32, V = 5" in lines[0]
+    assert lines[1].split() == ["op", "implementation", "time", "ms", "x", "ref"]
+    ratios = {(ln[:15].strip(), ln[15:35].strip()): ln.split()[-1] for ln in lines[2:]}
+    for op, ref in (("layer_norm", "F.layer_norm"), ("linear_gelu", "F.gelu(linear(x))"),
+                    ("cross_entropy", "F.cross_entropy")):
+        assert ratios[op, ref] == "1.00"
+        assert float(ratios[op, "--kernels native"]) > 0
+        assert float(ratios[op, "--kernels torch"]) > 0
+    assert float(ratios["linear_gelu", "linear(x) alone"]) > 0
+    assert len(ratios) == 10
+    bad = invoke(cli, ["bench", "ops", "--ops", "softmax"])
+    assert bad.exit_code == 2 and "unknown op(s) softmax" in bad.output
+
+
+def test_kernels_bench_ops_is_gone(cli):
+    assert invoke(cli, ["kernels", "bench-ops"]).exit_code == 2
+
+
 # ------------------------------------------------------------------ options from the configs
+def test_cli_spells_out_no_model_config_field_name():
+    """gpt run's options come from the configs' own fields: no ModelConfig field name is a
+    string constant of cli.py (no hand-kept list of them)."""
+    import ast
+    from pathlib import Path
+
+    import attrs
+
+    import gptlab.cli
+    from gptlab.core.config import ModelConfig
+
+    tree = ast.parse(Path(gptlab.cli.__file__).read_text())
+    fields = attrs.fields_dict(ModelConfig)
+    assert sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                   and isinstance(node.value, str) and node.value in fields}) == []
+
+
 def test_every_config_flag_is_a_run_option_with_its_help(cli):
     import attrs
 

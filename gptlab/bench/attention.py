@@ -1,15 +1,14 @@
-"""Benchmarks: attention forward+backward median time and peak extra memory per backend
-(:func:`run`, ``gpt bench attention``), and the row-wise kernels against the PyTorch code they
-replace (:func:`run_ops`, ``gpt kernels bench-ops``).
+"""Attention benchmark (``gpt bench attention``): forward+backward median time and peak extra
+memory per backend and sequence length, against ``sdpa`` measured in the same run.
 
-Attention: each (backend, T) point runs in a fresh subprocess so that memory left cached by an
-earlier point cannot hide this one's peak. On the CPU, peak extra memory is the rise of the
-process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) over the
-first forward+backward of that size (after a warm-up on a tiny one), so it counts tensors torch
-allocates (outputs, gradients, saved activations) and the kernels' own scratch alike; on CUDA it
-is the rise of ``torch.cuda.max_memory_allocated`` (every buffer of gptlab's kernels comes from
-torch's allocator). Times are the median of ``reps`` forward+backward runs (on CUDA, bracketed
-by ``synchronize``). Ratios are against ``sdpa`` measured in the same run.
+Each (backend, T) point runs in a fresh subprocess (``python -m gptlab.bench.attention``) so
+that memory left cached by an earlier point cannot hide this one's peak. On the CPU, peak extra
+memory is the rise of the process's resident high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) over the first forward+backward of that size (after a warm-up on a
+tiny one), so it counts tensors torch allocates (outputs, gradients, saved activations) and the
+kernels' own scratch alike; on CUDA it is the rise of ``torch.cuda.max_memory_allocated`` (every
+buffer of gptlab's kernels comes from torch's allocator). Times are the median of ``reps``
+forward+backward runs (on CUDA, bracketed by ``synchronize``).
 """
 
 from __future__ import annotations
@@ -113,6 +112,8 @@ def measure(backend: str, B: int, H: int, T: int, D: int, reps: int,
 
 def run(backends, seq_lens=SEQ_LENS, *, B=8, H=4, D=32, reps=None, device="cpu",
         dtype="float32", on_point=None) -> list[BenchPoint]:
+    """Measure every backend at every T, each point in a subprocess; ``reps`` None: 5, or 3
+    for T >= 2048. ``on_point(point)`` is called as each point is measured."""
     points = []
     for T in seq_lens:
         for name in backends:
@@ -130,106 +131,6 @@ def run(backends, seq_lens=SEQ_LENS, *, B=8, H=4, D=32, reps=None, device="cpu",
             if on_point:
                 on_point(point)
     return points
-
-
-# ------------------------------------------------------------------ row-wise ops
-#: The row-wise kernels (LayerNorm, cross-entropy, bias + GELU) and what each replaces.
-OPS = ("layer_norm", "cross_entropy", "bias_gelu")
-
-
-@attrs.frozen
-class OpTiming:
-    op: str
-    impl: str
-    baseline: bool  # the PyTorch reference the op's ratios are taken against
-    time_ms: float  # median forward+backward over interleaved rounds
-
-
-def _op_impls(op: str, B: int, T: int, C: int, V: int, device):
-    """[(name, is_baseline, step)] for one op: each step runs forward then backward on inputs
-    made once (gradients of leaves reset to None after each step)."""
-    import torch
-    import torch.nn.functional as F
-
-    from gptlab.plugins.cuda_kernels import ops
-
-    gen = torch.Generator().manual_seed(0)
-
-    def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
-
-    def grad(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-
-    def stepper(fn, leaves, dout=None):
-        def step():
-            out = fn()
-            out.backward(dout)
-            for t in leaves:
-                t.grad = None
-        return step
-
-    if op == "layer_norm":
-        from gptlab.nn.layers import LayerNorm
-
-        x, w, b, dy = leaf(B, T, C), leaf(C), leaf(C), grad(B, T, C)
-        hand = LayerNorm(C).to(device)
-        return [("F.layer_norm", True,
-                 stepper(lambda: F.layer_norm(x, (C,), w, b, 1e-5), [x, w, b], dy)),
-                ("gptlab::layer_norm", False,
-                 stepper(lambda: ops.layer_norm(x, w, b, 1e-5)[0], [x, w, b], dy)),
-                ("nn.LayerNorm (by hand)", False,
-                 stepper(lambda: hand(x), [x, *hand.parameters()], dy))]
-    if op == "cross_entropy":
-        logits = leaf(B * T, V, scale=2.0)
-        targets = torch.randint(0, V, (B * T,), generator=gen).to(device)
-        return [("F.cross_entropy", True,
-                 stepper(lambda: F.cross_entropy(logits, targets), [logits])),
-                ("gptlab::cross_entropy", False,
-                 stepper(lambda: ops.cross_entropy(logits, targets), [logits]))]
-    if op == "bias_gelu":
-        x, b, dy = leaf(B, T, 4 * C), leaf(4 * C), grad(B, T, 4 * C)
-        return [("F.gelu(x + b)", True, stepper(lambda: F.gelu(x + b), [x, b], dy)),
-                ("gptlab::bias_gelu", False, stepper(lambda: ops.bias_gelu(x, b), [x, b], dy))]
-    raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
-
-
-def run_ops(op_names=OPS, *, B=32, T=128, C=192, V=111, rounds=30, warmup=3,
-            device="cpu", clock="wall") -> list[OpTiming]:
-    """Forward+backward time of each row-wise kernel and of the PyTorch code it replaces, at a
-    model's sizes: rows = B * T, LayerNorm over C, cross-entropy over V, bias + GELU over 4 * C.
-    Each round runs every implementation of an op once, in turn (interleaved, so that a change
-    in the machine's load hits all of them alike); the time is the median over rounds.
-
-    ``clock="cpu"`` times the process's CPU time (all its threads) instead of wall time: on a
-    machine shared with other work, wall time counts the time other processes ran, and torch's
-    OpenMP threads, which spin while they wait, suffer most from it; CPU time does not."""
-    import torch
-
-    dev = torch.device(device)
-    now = time.process_time if clock == "cpu" else time.perf_counter
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    out = []
-    for op in op_names:
-        impls = _op_impls(op, B, T, C, V, dev)
-        for _, _, step in impls:
-            for _ in range(warmup):
-                step()
-        times = [[] for _ in impls]
-        for _ in range(rounds):
-            for i, (_, _, step) in enumerate(impls):
-                sync()
-                t0 = now()
-                step()
-                sync()
-                times[i].append(now() - t0)
-        out += [OpTiming(op, name, base, statistics.median(ts) * 1e3)
-                for (name, base, _), ts in zip(impls, times)]
-    return out
 
 
 if __name__ == "__main__":
