@@ -268,3 +268,114 @@ def test_bench_train_compares_with_a_peer_model_given_by_path(cli, small_text, t
                        str(small_text)])
     assert bad.exit_code == 1
     assert "defines no GPTConfig or GPT; expected nanoGPT's model.py" in bad.output
+
+
+def test_bench_ops_times_each_layer_kernels_against_pytorch(cli):
+    assert "linear_gelu" in invoke(cli, ["bench", "ops", "--help"]).output
+    result = invoke(cli, ["bench", "ops", "--batch", "2", "--block", "4", "--n-embd", "8",
+                          "--vocab", "5", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "rows = 2 x 4 = 8, C = 8, 4C = 32, V = 5" in lines[0]
+    assert lines[1].split() == ["op", "implementation", "time", "ms", "x", "ref"]
+    ratios = {(ln[:15].strip(), ln[15:35].strip()): ln.split()[-1] for ln in lines[2:]}
+    for op, ref in (("layer_norm", "F.layer_norm"), ("linear_gelu", "F.gelu(linear(x))"),
+                    ("cross_entropy", "F.cross_entropy")):
+        assert ratios[op, ref] == "1.00"
+        assert float(ratios[op, "--kernels native"]) > 0
+        assert float(ratios[op, "--kernels torch"]) > 0
+    assert float(ratios["linear_gelu", "linear(x) alone"]) > 0
+    assert len(ratios) == 10
+    bad = invoke(cli, ["bench", "ops", "--ops", "softmax"])
+    assert bad.exit_code == 2 and "unknown op(s) softmax" in bad.output
+
+
+def test_kernels_bench_ops_is_gone(cli):
+    assert invoke(cli, ["kernels", "bench-ops"]).exit_code == 2
+
+
+# ------------------------------------------------------------------ options from the configs
+def test_cli_spells_out_no_model_config_field_name():
+    """gpt run's options come from the configs' own fields: no ModelConfig field name is a
+    string constant of cli.py (no hand-kept list of them)."""
+    import ast
+    from pathlib import Path
+
+    import attrs
+
+    import gptlab.cli
+    from gptlab.core.config import ModelConfig
+
+    tree = ast.parse(Path(gptlab.cli.__file__).read_text())
+    fields = attrs.fields_dict(ModelConfig)
+    assert sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                   and isinstance(node.value, str) and node.value in fields}) == []
+
+
+def test_every_config_flag_is_a_run_option_with_its_help(cli):
+    import attrs
+
+    from gptlab.core.config import ModelConfig, TrainConfig
+
+    run = cli.commands["run"]
+    params = {p.name: p for p in run.params}
+    text = " ".join(invoke(cli, ["run", "--help"]).output.split())
+    flagged = [f for cls in (ModelConfig, TrainConfig) for f in attrs.fields(cls)
+               if f.metadata.get("flag")]
+    assert sorted(o for p in run.params for o in [*p.opts, *p.secondary_opts]) == sorted([
+        "--preset", "--data", "--model", "--tokenizer", "--attention", "--kernels", "--block",
+        "--norm", "--mlp", "--position", "--qk-norm", "--no-qk-norm", "--untied-head",
+        "--tied-head", "--zero-init", "--no-zero-init", "--device", "--seed", "--iters",
+        "--batch-size", "--block-size", "--n-layer", "--n-head", "--n-embd", "--dropout", "--lr",
+        "--schedule", "--eval-interval", "--sample-tokens", "--out-dir", "--resume",
+        "--grad-accum", "--dtype", "--compile", "--no-compile", "--time-budget", "--optimizer",
+        "--muon-lr", "--overwrite"])  # the flags before they were generated
+    for f in flagged:
+        meta = f.metadata
+        p = params[f.name]
+        assert p.opts[0] == meta["flag"] and p.default is None
+        assert p.help == meta["help"] and " ".join(meta["help"].split()) in text
+    for name in ("bias", "warmup_iters", "vocab_size", "weight_decay"):  # settings, no flag
+        assert name not in params
+    assert "--untied-head / --tied-head" in text and "--compile / --no-compile" in text
+    assert "--schedule [cosine|wsd]" in text and "--dtype [float32|bfloat16|float16]" in text
+    ctx = run.make_context("run", ["--tied-head", "--no-qk-norm", "--compile", "--iters", "3",
+                                   "--lr", "0.5", "--dtype", "bfloat16", "--attention", "naive"])
+    given = {k: v for k, v in ctx.params.items() if v is not None}
+    assert given == {"untied_head": False, "qk_norm": False, "compile": True, "max_iters": 3,
+                     "learning_rate": 0.5, "dtype": "bfloat16", "attention": "naive",
+                     "preset": "default", "out_dir": "out", "overwrite": False}
+    bad = invoke(cli, ["run", "--schedule", "linear"])
+    assert bad.exit_code == 2 and "'linear' is not one of 'cosine', 'wsd'" in bad.output
+
+
+def _events(kind_steps, **kw):
+    from gptlab.core.trainer import TrainEvent
+
+    return [TrainEvent(kind, step, 20, loss=2.0, tokens_per_s=1000.0, train_loss=2.5,
+                       val_loss=2.25, elapsed=step * 1.0, train_time=step * 0.5, **kw)
+            for kind, step in kind_steps]
+
+
+def test_one_progress_printer_for_steps_and_for_a_time_budget(capsys):
+    from gptlab.console import TrainingProgress
+
+    events = _events([("step", 1), ("step", 2), ("step", 4), ("eval", 4), ("step", 6)])
+    shown = TrainingProgress(20, tty=False)  # a line every 2 steps, and the first
+    for ev in events:
+        shown(ev)
+    shown.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "step      1/20  loss 2.000  1,000 tok/s  [1.0s]",
+        "step      2/20  loss 2.000  1,000 tok/s  [2.0s]",
+        "step      4/20  loss 2.000  1,000 tok/s  [4.0s]",
+        "step      4/20  eval: train 2.5000  val 2.2500",
+        "step      6/20  loss 2.000  1,000 tok/s  val 2.250  [6.0s]"]
+    shown = TrainingProgress(20, budget=10.0, tty=False)  # a line per second of steps
+    for ev in events:
+        shown(ev)
+    assert capsys.readouterr().err.splitlines() == [
+        "step      1  loss 2.000  1,000 tok/s  [0.5s of 10.0s of steps, 1.0s in all]",
+        "step      4  loss 2.000  1,000 tok/s  [2.0s of 10.0s of steps, 4.0s in all]",
+        "step      4  eval: train 2.5000  val 2.2500",
+        "step      6  loss 2.000  1,000 tok/s  val 2.250  [3.0s of 10.0s of steps, 6.0s in all]"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import gptlab
 from gptlab.cli import build_cli
 from gptlab.core.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.core.config import ModelConfig, TrainConfig
@@ -346,7 +347,7 @@ def test_a_checkpoint_missing_its_model_config_is_one_line(cli, tmp_path):
     for cmd in ("sample", "eval"):
         r = gpt(cli, cmd, path)
         assert error_line(r) == (f"Error: checkpoint '{path}' is incomplete (missing "
-                                 f"'model_config'); it was not written by gptlab 0.2.0")
+                                 f"'model_config'); it was not written by gptlab {gptlab.__version__}")
 
 
 def test_other_libraries_messages_are_cut_at_a_word():

@@ -10,7 +10,7 @@ It carries a format name and version; a file of another format version is a clea
 
 Format version 2 (gptlab 0.2)::
 
-    {"format": "gptlab.checkpoint", "version": 2, "gptlab_version": "0.2.0",
+    {"format": "gptlab.checkpoint", "version": 2, "gptlab_version": "0.3.0",
      "model_config": {...}, "train_config": {...},
      "tokenizer": {"name": "char", "state": {...}},
      "model": state_dict, "optimizer": state_dict | None,

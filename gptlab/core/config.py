@@ -2,7 +2,9 @@
 
 A run is fully described by a :class:`ModelConfig` (what to build) and a :class:`TrainConfig`
 (how to train it). Invalid values raise :class:`~gptlab.core.errors.ConfigError` with a one-line
-message instead of failing later inside torch.
+message instead of failing later inside torch. A field with a ``flag`` in its metadata is a
+``gpt run`` option: :mod:`gptlab.options` makes it from the field's name, type, default, help,
+``metavar`` and ``choices``, so each setting is declared once, here.
 """
 
 from __future__ import annotations
@@ -78,34 +80,63 @@ def _name(instance, attribute, value):
 MAX_SEED = 2**63 - 1
 
 
-def _field(default, validator, flag: str | None = None):
-    return attrs.field(default=default, validator=validator,
-                       metadata={"flag": flag} if flag else {})
+def _field(default, validator=None, flag: str | None = None, help: str | None = None, **cli):
+    """An attrs field; ``flag`` (with ``help``, and ``metavar``, ``off`` for a boolean's
+    off-switch) makes it a ``gpt run`` option (:mod:`gptlab.options`) and names it in errors."""
+    metadata = {"flag": flag, "help": help, **cli} if flag else {}
+    return attrs.field(default=default, validator=validator, metadata=metadata)
+
+
+def _choice(default: str, choices: tuple[str, ...], flag: str, help: str):
+    """A field whose value is one of ``choices`` (the option offers the same tuple)."""
+    return _field(default, _one_of(choices), flag, help, choices=choices)
 
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """What to build. ``vocab_size`` is set from the tokenizer before the model is built."""
 
-    model: str = _field("transformer", _name, "--model")
+    model: str = _field("transformer", _name, "--model", "Model plugin: bigram or transformer.",
+                        metavar="NAME")
     vocab_size: int = _field(0, _non_negative)
-    block_size: int = _field(128, _positive, "--block-size")  # context length T
-    n_layer: int = _field(4, _positive, "--n-layer")
-    n_head: int = _field(4, _positive, "--n-head")
-    n_embd: int = _field(128, _positive, "--n-embd")
-    dropout: float = _field(0.0, _fraction, "--dropout")
+    block_size: int = _field(128, _positive, "--block-size",  # context length T
+                             "Context length in tokens.")
+    n_layer: int = _field(4, _positive, "--n-layer", "Number of transformer blocks.")
+    n_head: int = _field(4, _positive, "--n-head", "Attention heads per block.")
+    n_embd: int = _field(128, _positive, "--n-embd", "Embedding width (multiple of n-head).")
+    dropout: float = _field(0.0, _fraction, "--dropout", "Dropout probability in [0, 1).")
     bias: bool = True
-    block: str = _field("prenorm", _name, "--block")
-    attention: str = _field("auto", _name, "--attention")
-    kernels: str = _field("auto", _name, "--kernels")  # LayerNorm, bias + GELU, loss
+    block: str = _field("prenorm", _name, "--block",
+                        "Transformer block plugin: prenorm or postnorm.", metavar="NAME")
+    attention: str = _field(
+        "auto", _name, "--attention",
+        "Attention backend: auto picks the fastest on this machine for the run's shape "
+        "(measured once, remembered); see `gpt backends`. A named backend that cannot run is "
+        "an error.", metavar="NAME")
+    kernels: str = _field(  # LayerNorm, bias + GELU, loss
+        "auto", _name, "--kernels",
+        "Layer kernels for LayerNorm, bias+GELU and the loss: native (C/CUDA), torch "
+        "(hand-written PyTorch) or auto (native where it runs); see `gpt backends`.",
+        metavar="NAME")
     # parts of the transformer chosen by name (registered plugins) and switches; the defaults
     # are GPT-2's, and what a checkpoint from before these fields was trained with
-    norm: str = _field("layernorm", _name, "--norm")
-    mlp: str = _field("gelu", _name, "--mlp")
-    position: str = _field("learned", _name, "--position")
-    qk_norm: bool = _field(False, _bool, "--qk-norm")  # RMS-normalise q and k per head
-    untied_head: bool = _field(False, _bool, "--untied-head")  # lm_head not tied to wte
-    zero_init: bool = _field(False, _bool, "--zero-init")  # residual projections start at 0
+    norm: str = _field("layernorm", _name, "--norm",
+                       "Norm of the blocks and the final norm: layernorm (default) or rmsnorm, "
+                       "or a plugin's (see `gpt plugins`).", metavar="NAME")
+    mlp: str = _field("gelu", _name, "--mlp",
+                      "MLP of the blocks: gelu (default), relu2 or swiglu, or a plugin's.",
+                      metavar="NAME")
+    position: str = _field("learned", _name, "--position",
+                           "Position scheme: learned (a table, default), rotary (on q and k) "
+                           "or none, or a plugin's.", metavar="NAME")
+    qk_norm: bool = _field(False, _bool, "--qk-norm",
+                           "RMS-normalise each head's queries and keys before their dot "
+                           "product.")
+    untied_head: bool = _field(False, _bool, "--untied-head",
+                               "An output head of its own instead of the token embedding's "
+                               "weight.", off="--tied-head")
+    zero_init: bool = _field(False, _bool, "--zero-init",
+                             "Start every residual projection (and an untied head) at zero.")
 
     def __attrs_post_init__(self):
         if self.n_embd % self.n_head:
@@ -130,35 +161,57 @@ class ModelConfig:
 class TrainConfig:
     """How to train: optimisation, schedule, evaluation and sampling settings."""
 
-    tokenizer: str = _field("char", _name, "--tokenizer")
-    device: str = _field("cpu", _name, "--device")
-    seed: int = _field(1337, _seed, "--seed")
-    max_iters: int = _field(1000, _positive, "--iters")
-    batch_size: int = _field(32, _positive, "--batch-size")
-    learning_rate: float = _field(1e-3, _positive_float, "--lr")
+    tokenizer: str = _field("char", _name, "--tokenizer", "Tokenizer plugin (default: char).",
+                            metavar="NAME")
+    device: str = _field("cpu", _name, "--device", "cpu, cuda, cuda:N or auto (default: cpu).")
+    seed: int = _field(1337, _seed, "--seed", "Seed for init, batches and the sample.")
+    max_iters: int = _field(1000, _positive, "--iters", "Optimiser steps.")
+    batch_size: int = _field(32, _positive, "--batch-size", "Sequences per step.")
+    learning_rate: float = _field(1e-3, _positive_float, "--lr",
+                                  "Peak learning rate (warmup, then the --schedule's decay).",
+                                  resumable=True)  # --resume may change it
     min_lr_ratio: float = _field(0.1, _fraction)  # floor of the decay, x lr
     # after warmup: "cosine" decay to the floor, or "wsd" (warmup-stable-decay: constant, then
     # a linear decay to the floor over the last ``warmdown`` fraction of the run)
-    schedule: str = _field("cosine", _one_of(SCHEDULES), "--schedule")
+    schedule: str = _choice("cosine", SCHEDULES, "--schedule",
+                            "Learning-rate decay after warmup: cosine (the default) or wsd "
+                            "(held at the peak, then linear over the last 40% of the run; the "
+                            "speedrun preset's). Both end at the preset's floor (10% of the "
+                            "peak; the speedrun's, 0).")
     warmdown: float = _field(0.4, _fraction)
     warmup_iters: int = _field(50, _non_negative)
     weight_decay: float = _field(0.1, _fraction)
     beta1: float = _field(0.9, _fraction)
     beta2: float = _field(0.99, _fraction)
     grad_clip: float = _field(1.0, _non_negative_float)  # 0 disables clipping
-    eval_interval: int = _field(250, _positive, "--eval-interval")
+    eval_interval: int = _field(250, _positive, "--eval-interval",
+                                "Steps between train/val loss estimates.")
     eval_iters: int = _field(20, _positive)  # batches per estimate
     final_eval_iters: int = _field(200, _positive)
     val_fraction: float = _field(0.1, _fraction)
-    sample_tokens: int = _field(300, _non_negative, "--sample-tokens")
-    grad_accum: int = _field(1, _positive, "--grad-accum")  # micro-batches per optimiser step
-    dtype: str = _field("float32", _one_of(DTYPES), "--dtype")  # autocast dtype of forward passes
-    compile: bool = False  # torch.compile the model (--compile)
+    sample_tokens: int = _field(300, _non_negative, "--sample-tokens",
+                                "Characters to generate after training (0: no sample).")
+    grad_accum: int = _field(1, _positive, "--grad-accum",  # micro-batches per optimiser step
+                             "Micro-batches of --batch-size per optimiser step (gradient "
+                             "accumulation).")
+    dtype: str = _choice("float32", DTYPES, "--dtype",  # autocast dtype of forward passes
+                         "Precision of the forward passes (torch.autocast); weights, gradients "
+                         "and optimizer state stay float32. float16 (with a GradScaler) is for "
+                         "GPUs.")
+    compile: bool = _field(False, None, "--compile",
+                           "torch.compile the model (the first steps compile it).")
     # seconds of training steps (evaluations excluded): > 0 stops there, and the
     # schedule follows the fraction of it used instead of steps (max_iters is then a cap)
-    time_budget: float = _field(0.0, _non_negative_float, "--time-budget")
-    optimizer: str = _field("adamw", _name, "--optimizer")
-    muon_lr: float = _field(0.02, _positive_float, "--muon-lr")  # Muon's peak lr
+    time_budget: float = _field(0.0, _non_negative_float, "--time-budget",
+                                "Train for this many seconds of optimiser steps (evaluations "
+                                "not counted); the learning-rate schedule follows the time "
+                                "used, so a slower machine takes fewer steps and still finishes "
+                                "on time. --iters is then a cap.", metavar="SECONDS")
+    optimizer: str = _field("adamw", _name, "--optimizer",
+                            "adamw (default) or muon (Muon for hidden matrices, AdamW for the "
+                            "rest), or a plugin's.", metavar="NAME")
+    muon_lr: float = _field(0.02, _positive_float, "--muon-lr",  # Muon's peak lr
+                            "Muon's peak learning rate (with --optimizer muon; default 0.02).")
     muon_momentum: float = _field(0.95, _fraction)
 
     def to_dict(self) -> dict:
@@ -229,3 +282,13 @@ def resolve_configs(preset: str, model_overrides: dict, train_overrides: dict
     m = {**p.model, **{k: v for k, v in model_overrides.items() if v is not None}}
     t = {**p.train, **{k: v for k, v in train_overrides.items() if v is not None}}
     return ModelConfig(**m), TrainConfig(**t)
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Split settings by field name into :class:`ModelConfig`'s and :class:`TrainConfig`'s."""
+    model_fields, train_fields = attrs.fields_dict(ModelConfig), attrs.fields_dict(TrainConfig)
+    unknown = [k for k in overrides if k not in model_fields and k not in train_fields]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+    return ({k: v for k, v in overrides.items() if k in model_fields},
+            {k: v for k, v in overrides.items() if k in train_fields})

@@ -185,63 +185,6 @@ def mutations_cmd(detectors):
         raise click.ClickException(f"removing {', '.join(missed)} is caught by nothing")
 
 
-@kernels.command("bench-ops")
-@click.option("--ops", "op_names", default=None, metavar="NAMES",
-              help="Comma-separated: layer_norm, cross_entropy, bias_gelu (default: all).")
-@click.option("--batch", "B", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Batch size B (rows = B * T).")
-@click.option("--block", "T", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Block size T.")
-@click.option("--n-embd", "C", type=click.IntRange(min=1), default=192, show_default=True,
-              help="Width C of the LayerNorm; bias + GELU runs on 4 * C.")
-@click.option("--vocab", "V", type=click.IntRange(min=1), default=111, show_default=True,
-              help="Vocabulary V of the cross-entropy.")
-@click.option("--rounds", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Interleaved rounds (each times every implementation once); the median is "
-                   "shown.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch.set_num_threads for the run (both torch and the C kernels follow it).")
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu, or cuda / cuda:N (the nvcc kernels; times bracketed by synchronize).")
-@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
-              help="cpu: the process's CPU time (all threads) instead of wall time, for a "
-                   "machine shared with other work.")
-def bench_ops_cmd(op_names, B, T, C, V, rounds, threads, device, clock):
-    """Forward+backward time of the row-wise kernels vs the PyTorch code they replace.
-
-    gptlab::layer_norm vs F.layer_norm and gptlab.nn.LayerNorm (written out in torch ops),
-    gptlab::cross_entropy vs F.cross_entropy, gptlab::bias_gelu vs F.gelu(x + b), at the default
-    model's sizes (rows = 32 x 128, C = 192, 4C = 768, V = 111). The ratio column is each time
-    over the PyTorch reference's time in the same run (below 1: faster than it).
-    """
-    import torch
-
-    from gptlab import bench as benchmod
-    from gptlab.core.devices import resolve_device
-
-    names = [n.strip() for n in op_names.split(",") if n.strip()] if op_names else benchmod.OPS
-    unknown = [n for n in names if n not in benchmod.OPS]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown op(s) {', '.join(unknown) or '(none)'}; known: "
-                                 f"{', '.join(benchmod.OPS)}", param_hint="--ops")
-    dev = resolve_device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-             else f"{torch.get_num_threads()} threads")
-    click.echo(f"forward+backward, float32, {dev} ({where}); rows = {B} x {T} = {B * T}, "
-               f"C = {C}, 4C = {4 * C}, V = {V}; median {clock} time of {rounds} interleaved "
-               f"rounds")
-    click.echo(f"{'op':<15}{'implementation':<25}{'time ms':>9}{'x torch':>9}")
-    timings = benchmod.run_ops(names, B=B, T=T, C=C, V=V, rounds=rounds, device=str(dev),
-                               clock=clock)
-    for op in names:
-        rows = [t for t in timings if t.op == op]
-        base = next(t for t in rows if t.baseline)
-        for t in rows:
-            click.echo(f"{t.op:<15}{t.impl:<25}{t.time_ms:>9.3f}{t.time_ms / base.time_ms:>9.2f}")
-
-
 def _int_list(value: str, param: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in value.split(",") if v.strip())

@@ -1,5 +1,5 @@
-"""Training-speed benchmark: whole optimiser steps of a preset's model, in variants measured in
-the same run.
+"""Training-speed benchmark (``gpt bench train``): whole optimiser steps of a preset's model, in
+variants measured in the same run.
 
 Each variant (attention backend, dtype, torch.compile) is a :class:`~gptlab.core.trainer.Trainer`
 on the same text, seed and batches. After a warm-up (which includes compilation), the variants
