@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import EXAMPLE_PLUGIN, make_dist, write_module
 from gptlab.cli import build_cli
 from gptlab.core import hookspecs
+from gptlab.core.checkpoint import load_model
 from gptlab.core.planning import build_model
 from gptlab.core.config import ModelConfig
 from gptlab.core.errors import PluginError
@@ -52,7 +53,8 @@ def test_example_plugin_found_through_its_entry_point(tmp_path, monkeypatch):
     reg = load_registry()
     info = next(p for p in reg.plugins if p.name == "example")
     assert "gptlab_example_plugin" in info.source
-    assert info.registered == {"attention backend": ["chunked"], "block": ["parallel"]}
+    assert info.registered == {"attention backend": ["chunked"], "block": ["parallel"],
+                               "norm": ["scalenorm"], "MLP": ["geglu"]}
     cfg = ModelConfig(vocab_size=11, block_size=70, n_layer=2, n_head=2, n_embd=16,
                       block="parallel", attention="chunked")
     torch.manual_seed(0)
@@ -70,15 +72,18 @@ def test_example_plugin_found_through_its_entry_point(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "hello from gptlab-example-plugin" in result.output
     result = CliRunner().invoke(build_cli(reg), ["plugins"])
     assert "example" in result.output and "attention backend: chunked" in result.output
-    # and `gpt run` trains with its block and its backend (its loss falls)
+    # and `gpt run` trains with its block, backend, norm and MLP (its loss falls)
     data = tmp_path / "text.txt"
     data.write_text("Prince Andrew looked at Pierre. The old prince was silent. " * 60)
     result = CliRunner().invoke(build_cli(reg), [
         "run", "--preset", "tiny", "--data", str(data), "--iters", "60", "--block-size", "16",
-        "--block", "parallel", "--attention", "chunked", "--eval-interval", "30",
-        "--sample-tokens", "0", "--out-dir", str(tmp_path / "run")], catch_exceptions=False)
+        "--block", "parallel", "--attention", "chunked", "--norm", "scalenorm", "--mlp",
+        "geglu", "--eval-interval", "30", "--sample-tokens", "0", "--out-dir",
+        str(tmp_path / "run")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "attention chunked" in result.output
+    model = load_model(reg, tmp_path / "run")[0]
+    assert {type(m).__name__ for m in model.modules()} >= {"ParallelBlock", "ScaleNorm", "GEGLU"}
     vals = [float(ln.split("val ")[1]) for ln in result.output.splitlines() if "eval: " in ln]
     assert vals[-1] < vals[0] < 3.5
 

@@ -1,15 +1,20 @@
-"""An example third-party gptlab plugin: the ``chunked`` attention backend and ``parallel`` block.
+"""An example third-party gptlab plugin: an attention backend, a block, a norm, an MLP and a
+command, written against gptlab's public API only (``gptlab`` and ``gptlab.nn``).
 
-``parallel`` is the block of GPT-J (Wang & Komatsuzaki 2021) and PaLM (Chowdhery et al. 2022):
-attention and MLP read the same normalised input and their outputs are summed into the residual.
-Written against gptlab's public API only: ``gptlab`` and ``gptlab.nn``.
+- ``chunked`` attention: exact attention, ``chunk`` query rows at a time (bounded score memory);
+- ``parallel`` block: the block of GPT-J (Wang & Komatsuzaki 2021) and PaLM (Chowdhery et al.
+  2022): attention and MLP read the same normalised input, their outputs summed into the residual;
+- ``scalenorm`` norm (Nguyen & Salazar 2019): ``g * x / ||x||`` with one learned scalar;
+- ``geglu`` MLP (Shazeer 2020): ``(gelu(x W1) * (x W3)) W2``, hidden 8C/3;
+- ``gpt example-hello``: a subcommand.
 """
 
 import click
 import torch
+import torch.nn as nn
 from torch.nn import functional as F
 
-from gptlab import AttentionBackend, Block, hookimpl
+from gptlab import AttentionBackend, Block, FeedForward, Norm, hookimpl
 from gptlab.nn import MultiHeadAttention, causal_mask, default_scale
 
 
@@ -58,6 +63,39 @@ class ParallelBlock(Block):
         return x + self.attn(h, kv_cache) + self.mlp(h)
 
 
+class ScaleNorm(Norm):
+    """``g * x / ||x||`` over the last dim, ``g`` one learned scalar starting at sqrt(ndim)."""
+
+    name = "scalenorm"
+    description = "example plugin: g * x / ||x||, one learned scalar (Nguyen & Salazar 2019)"
+
+    def __init__(self, ndim, bias=True, eps=1e-5):
+        super().__init__(ndim, bias, eps)
+        self.eps = eps
+        self.g = nn.Parameter(torch.tensor(float(ndim) ** 0.5))
+
+    def forward(self, x):  # (..., C) -> (..., C)
+        return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+
+class GEGLU(FeedForward):
+    """``(gelu(x W1) * (x W3)) W2``; the last Linear, into the residual stream, is ``c_proj``
+    (so GPT-2's init scales it, as every MLP's)."""
+
+    name = "geglu"
+    description = "example plugin: gelu(x W1) * (x W3) -> W2, hidden 8C/3 (Shazeer 2020)"
+
+    def __init__(self, config):
+        super().__init__(config)
+        hidden = 8 * config.n_embd // 3
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # W1 and W3
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        gate, up = self.c_fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.c_proj(F.gelu(gate) * up)
+
+
 @hookimpl
 def register_attention_backends():
     return ChunkedAttention
@@ -66,6 +104,16 @@ def register_attention_backends():
 @hookimpl
 def register_blocks():
     return [ParallelBlock]
+
+
+@hookimpl
+def register_norms():
+    return [ScaleNorm]
+
+
+@hookimpl
+def register_mlps():
+    return [GEGLU]
 
 
 @click.command("example-hello")
