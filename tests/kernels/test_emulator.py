@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gptlab.core.errors import ConfigError
-from gptlab.plugins.cuda_kernels import build, emulator
+from gptlab.plugins.cuda_kernels import build
+from gptlab.verify import emulator
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,6 +15,7 @@ from gptlab.core.attention import AttentionRequest
 from gptlab.core.layer_kernels import LayerKernels
 from gptlab.plugins.cuda_kernels import backends, build, gpucheck
 from gptlab.testing import check_layer_kernels, default_cases
+from gptlab.verify import emulated
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -237,7 +238,7 @@ def test_emulated_gpucheck_runs_every_section_end_to_end(registry, tmp_path, mon
     for section in gpucheck.SECTIONS:
         assert f"| {section} | pass |" in md and f"## {section}" in md
     assert "[4/4] benchmark: ok" in res.output and f"report: {out}" in res.output
-    quick = len(default_cases(backends.EmulatedFlash, seq_lens=gpucheck.QUICK_SEQ_LENS,
+    quick = len(default_cases(emulated.EmulatedFlash, seq_lens=gpucheck.QUICK_SEQ_LENS,
                               head_dims=gpucheck.QUICK_HEAD_DIMS))
     assert f"- pass `flash-emu` float32: {quick} cases" in md
     assert f"- pass `fused-emu` float32: {quick} cases" in md

@@ -1,4 +1,4 @@
-"""Mutation testing of the CUDA kernels' barriers and atomics (cuda_kernels/mutations.py): every
+"""Mutation testing of the CUDA kernels' barriers and atomics (gptlab/verify/mutations.py): every
 __syncthreads, __syncwarp and atomicAdd in csrc/cuda/ is removed in turn, and its removal
 must be caught by a schedule of the emulator or by its race detector, or be allowlisted with the
 reason it is harmless. Small cases only (flash_tc.cu: bfloat16, head dim 64, T = 97 and 130):
@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from gptlab.cli import build_cli
-from gptlab.plugins.cuda_kernels import mutations
+from gptlab.verify import mutations
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +141,14 @@ def test_kernels_mutations_command_prints_the_table(registry):
 
 
 def test_the_checks_leave_no_backend_class_behind(outcomes):
-    """gpucheck's emulated target lists the subclasses of backends.Emulated: running the checks
+    """gpucheck's emulated target lists the subclasses of emulated.Emulated: running the checks
     on the racecheck flavour must not add one."""
-    from gptlab.plugins.cuda_kernels import backends
+    from gptlab.verify import emulated
 
     def subclasses(cls):
         for sub in cls.__subclasses__():
             yield sub
             yield from subclasses(sub)
 
-    assert outcomes and not [c for c in subclasses(backends.Emulated)
+    assert outcomes and not [c for c in subclasses(emulated.Emulated)
                              if c.__module__ == mutations.__name__]

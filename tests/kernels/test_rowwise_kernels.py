@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab.plugins.cuda_kernels import emulator, loader, ops
+from gptlab.plugins.cuda_kernels import loader, ops
 from gptlab.plugins.cuda_kernels.loader import KernelError
 from gptlab.testing import _rms, relative_error
+from gptlab.verify import emulator
 
 ROWS = (1, 7, 33)
 DIMS = (1, 3, 65, 192, 257)

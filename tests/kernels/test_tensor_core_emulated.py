@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.plugins.cuda_kernels import build, emulator
+from gptlab.plugins.cuda_kernels import build
+from gptlab.verify import emulator
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,10 +7,9 @@ memory-efficient backward that recomputes P from Q, K and the saved logsumexp: e
 O(T), never O(T^2).
 
 Both run CPU tensors on the C kernels and CUDA tensors on the nvcc-built ``.cu`` kernels; each
-library is compiled on first use (see :mod:`.build`). :class:`EmulatedFused` and
-:class:`EmulatedFlash` run the ``.cu`` kernels on CPU tensors through the CUDA emulator; they
-are not registered for training (the emulator is ~100x slower than the C kernels) but verify the
-CUDA code in the test suite and in ``gpt kernels check --flavour cuda-emu``.
+library is compiled on first use (see :mod:`.build`). ``flash-tc``: FlashAttention-2 on tensor
+cores (``csrc/cuda/flash_tc.cu``), CUDA only. Their emulated twins, which run the ``.cu`` kernels
+on CPU tensors, are verification tools (:mod:`gptlab.verify.emulated`).
 """
 
 from __future__ import annotations
@@ -199,34 +198,3 @@ class TensorCoreFlash(NativeBackend):
         o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.kernels)
         return o
 
-
-class Emulated:
-    """Mixin: the CUDA kernels run on CPU tensors by the emulator; never picked by auto."""
-
-    priority = -100
-    devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.float32})
-    max_head_dim = CUDA_MAX_HEAD_DIM
-    kernels = build.CUDA_EMU.name
-
-
-class EmulatedFused(Emulated, FusedAttention):
-    name = "fused-emu"
-    description = "the CUDA fused softmax (softmax.cu) run on the CPU by the CUDA emulator"
-
-
-class EmulatedFlash(Emulated, FlashAttention):
-    name = "flash-emu"
-    description = "the CUDA flash attention (flash.cu) run on the CPU by the CUDA emulator"
-
-    @classmethod
-    def is_deterministic(cls, device: str) -> bool:
-        return False  # as on the GPU it stands for (the emulator itself repeats exactly)
-
-
-class EmulatedTensorCoreFlash(Emulated, TensorCoreFlash):
-    name = "flash-tc-emu"
-    description = ("the tensor-core flash attention (flash_tc.cu) run on the CPU by the CUDA "
-                   "emulator")
-    dtypes = TensorCoreFlash.dtypes
-    min_head_dim, max_head_dim = TensorCoreFlash.min_head_dim, TensorCoreFlash.max_head_dim

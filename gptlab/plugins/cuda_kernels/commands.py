@@ -8,7 +8,7 @@ import time
 
 import click
 
-from gptlab.plugins.cuda_kernels.emulator import ALL_SCHEDULES
+from gptlab.verify.emulator import ALL_SCHEDULES
 
 
 @click.group("kernels")
@@ -116,11 +116,12 @@ def check_cmd(flavour, schedules):
 
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.errors import BackendNotSupportedError, GptlabError
-    from gptlab.plugins.cuda_kernels import backends, emulator
+    from gptlab.plugins.cuda_kernels import backends
     from gptlab.testing import GRAD_TOL, OUT_TOL, default_cases, run_conformance
+    from gptlab.verify import emulated, emulator
 
     if flavour == "cuda-emu":
-        classes = [backends.EmulatedFused, backends.EmulatedFlash]
+        classes = [emulated.EmulatedFused, emulated.EmulatedFlash]
         specs = [emulator.check_schedule(s) for s in schedules or emulator.DEFAULT_SCHEDULES]
         runs = [emulator.schedule(s) for s in specs]
     else:
@@ -176,7 +177,7 @@ def mutations_cmd(detectors):
     under the race detector (flavour cuda-emu-racecheck; caught: a race report). Fails if some
     removal is caught by nothing and not allowlisted (mutations.ALLOWLIST). About 30 s.
     """
-    from gptlab.plugins.cuda_kernels import mutations
+    from gptlab.verify import mutations
 
     outcomes = mutations.run_all(detectors or mutations.DETECTORS)
     click.echo(mutations.table(outcomes))

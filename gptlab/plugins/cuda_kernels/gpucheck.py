@@ -46,6 +46,8 @@ from gptlab.core.errors import DeviceError, first_line
 
 #: The package whose registered CUDA backends and layer kernels are checked.
 PACKAGE = "gptlab.plugins.cuda_kernels"
+#: The package of their emulated twins (``--emulate``).
+EMULATED_PACKAGE = "gptlab.verify"
 SECTIONS = ("environment", "conformance", "sanitizer", "benchmark")
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 DEFAULT_RESULTS = Path("benchmarks") / "results"
@@ -299,8 +301,8 @@ def _dtypes(cls) -> list:
     return sorted(cls.dtypes, key=lambda d: (d != torch.float32, _dtype_name(d)))
 
 
-def _ours(cls) -> bool:
-    return cls.__module__ == PACKAGE or cls.__module__.startswith(PACKAGE + ".")
+def _ours(cls, package: str = PACKAGE) -> bool:
+    return cls.__module__ == package or cls.__module__.startswith(package + ".")
 
 
 def _subclasses(base) -> list[type]:
@@ -349,13 +351,14 @@ def cuda_target(reg) -> Target:
 
 def emulated_target(reg) -> Target:
     """The emulated twins (``*-emu``) of this package's CUDA kernels, on CPU tensors."""
-    from gptlab.plugins.cuda_kernels import backends, layer_kernels
+    from gptlab.verify import emulated
 
-    attention = tuple(sorted((c for c in _subclasses(backends.Emulated)
-                              if _ours(c) and getattr(c, "name", None)), key=lambda c: c.name))
-    layer = tuple(sorted((c for c in [layer_kernels.EmulatedNativeKernels,
-                                      *_subclasses(layer_kernels.EmulatedNativeKernels)]
-                          if _ours(c)), key=lambda c: c.name))
+    attention = tuple(sorted((c for c in _subclasses(emulated.Emulated)
+                              if _ours(c, EMULATED_PACKAGE) and getattr(c, "name", None)),
+                             key=lambda c: c.name))
+    layer = tuple(sorted((c for c in [emulated.EmulatedNativeKernels,
+                                      *_subclasses(emulated.EmulatedNativeKernels)]
+                          if _ours(c, EMULATED_PACKAGE)), key=lambda c: c.name))
     return Target("cpu", True, attention, layer, reg.attention_backend("sdpa"))
 
 

@@ -7,9 +7,8 @@ activations: the bias + GELU kernel takes them on the CPU (widened, result round
 loss widens bfloat16 logits to float32 first (as autocast does for ``F.cross_entropy``), and the
 residual stream LayerNorm reads stays float32.
 
-:class:`EmulatedNativeKernels` runs the same operations' ``.cu`` kernels on CPU tensors through
-the CUDA emulator; like the emulated attention backends it is not registered (it stands for the
-GPU in ``gpt kernels gpucheck --emulate`` and in tests).
+Their emulated twin, which runs the ``.cu`` kernels on CPU tensors, is a verification tool
+(:class:`gptlab.verify.emulated.EmulatedNativeKernels`).
 """
 
 from __future__ import annotations
@@ -70,14 +69,3 @@ class NativeKernels(LayerKernels):
             return None
         return FusedDecoder(model)
 
-
-class EmulatedNativeKernels(NativeKernels):
-    """The CUDA layer kernels (layernorm.cu, bias_gelu.cu, cross_entropy.cu) on CPU tensors, run
-    by the CUDA emulator; never picked by auto."""
-
-    name = "native-emu"
-    priority = -100
-    description = "the CUDA layer kernels run on the CPU by the CUDA emulator"
-    devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.float32})
-    kernels = build.CUDA_EMU.name

@@ -1,11 +1,11 @@
 """Mutation testing of the CUDA kernels' synchronisation: is every barrier and atomic needed, and
 would the emulator notice if it went missing?
 
-Every ``__syncthreads``, ``__syncwarp`` and ``atomicAdd`` in ``csrc/cuda/*.cu`` and ``*.cuh`` is a
-*site* (found by scanning the sources with comments stripped, so a new one is picked up). Each
-site is removed in turn (``$GPTLAB_EMU_MUTATE``: the barrier returns at once, the atomicAdd
-becomes a plain read-modify-write) and small cases of the ops whose kernels the file holds (a
-header: of the ``.cu`` files that include it) run under each *detector*:
+Every ``__syncthreads``, ``__syncwarp`` and ``atomicAdd`` in the plugin's ``csrc/cuda/*.cu`` and
+``*.cuh`` is a *site* (found by scanning the sources with comments stripped, so a new one is
+picked up). Each site is removed in turn (``$GPTLAB_EMU_MUTATE``: the barrier returns at once,
+the atomicAdd becomes a plain read-modify-write) and small cases of the ops whose kernels the
+file holds (a header: of the ``.cu`` files that include it) run under each *detector*:
 
 - a schedule of the emulator (``inorder``, ``reverse``, ``greedy``, ``random:1``) on the
   ``cuda-emu`` flavour: caught if a result is out of tolerance or the launch fails;
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.core.errors import GptlabError
-from gptlab.plugins.cuda_kernels import backends, build, emulator, ops
+from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.abi import CSRC
+from gptlab.verify import emulated, emulator
 
 CUDA_DIR = CSRC / "cuda"
 SCHEDULES = emulator.ALL_SCHEDULES
@@ -149,7 +150,7 @@ def _inputs(*shapes, seed: int = 0) -> list[torch.Tensor]:
 def emulated_backend(base: type, kernels: str):
     """A ``base`` (EmulatedFlash or EmulatedFused) whose kernels run on another emulator flavour
     (e.g. racecheck). An instance, not a subclass: tools that list the subclasses of
-    ``backends.Emulated`` (gpucheck's emulated target) must not find it."""
+    ``emulated.Emulated`` (gpucheck's emulated target) must not find it."""
     backend = base()
     backend.kernels, backend.name = kernels, f"{base.name}[{kernels}]"
     return backend
@@ -181,7 +182,7 @@ TC_CASES = ((130, True), (97, False))
 def _flash_tc(kernels: str) -> str | None:
     from gptlab.testing import check_precision
 
-    backend = emulated_backend(backends.EmulatedTensorCoreFlash, kernels)
+    backend = emulated_backend(emulated.EmulatedTensorCoreFlash, kernels)
     for T, causal in TC_CASES:
         r = check_precision(backend, T=T, D=64, causal=causal, dtype=torch.bfloat16)
         if not r.ok:
@@ -211,8 +212,8 @@ def _bias_gelu(kernels: str) -> str | None:
 
 #: The checks of the kernels in each .cu file, taking the flavour to run.
 CHECKS: dict[str, tuple[Callable[[str], str | None], ...]] = {
-    "flash.cu": (functools.partial(_attention, backends.EmulatedFlash),),
-    "softmax.cu": (functools.partial(_attention, backends.EmulatedFused),),
+    "flash.cu": (functools.partial(_attention, emulated.EmulatedFlash),),
+    "softmax.cu": (functools.partial(_attention, emulated.EmulatedFused),),
     "flash_tc.cu": (_flash_tc,),
     "layernorm.cu": (_layer_norm,),
     "cross_entropy.cu": (_cross_entropy,),
@@ -227,7 +228,7 @@ def checks_for(file: str) -> tuple[Callable[[str], str | None], ...]:
     missing = [u for u in units if u not in CHECKS]
     if missing or not units:
         raise GptlabError(f"no mutation checks for {', '.join(missing) or file}: add them to "
-                          f"gptlab.plugins.cuda_kernels.mutations.CHECKS")
+                          f"gptlab.verify.mutations.CHECKS")
     return tuple(c for u in units for c in CHECKS[u])
 
 
