@@ -8,7 +8,9 @@
 - ``emulated.py``: the emulated twins of the CUDA attention backends and layer kernels (``*-emu``:
   the ``.cu`` kernels on CPU tensors);
 - ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
-  catches it.
+  catches it;
+- ``gpucheck/``: the one-command check of the CUDA kernels on a GPU machine (or, ``--emulate``,
+  its rehearsal on the emulator) and its markdown report.
 
 The runtime (``gptlab.plugins.cuda_kernels``) imports nothing from here.
 """

@@ -305,25 +305,26 @@ def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, war
     import attrs
 
     from gptlab.cli import _registry
-    from gptlab.plugins.cuda_kernels import gpucheck
+    from gptlab.verify.gpucheck import check, targets
+    from gptlab.verify.gpucheck.options import SECTIONS, Options
 
     chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
-    unknown = [x for x in chosen if x not in gpucheck.SECTIONS]
+    unknown = [x for x in chosen if x not in SECTIONS]
     if unknown or not chosen:
         raise click.BadParameter(f"unknown section(s) {', '.join(unknown) or '(none)'}; known: "
-                                 f"{', '.join(gpucheck.SECTIONS)}", param_hint="--sections")
+                                 f"{', '.join(SECTIONS)}", param_hint="--sections")
     overrides = {k: v for k, v in {
         "B": B, "H": H, "T": T, "reps": reps, "warmup": warmup, "rule_T": rule_seq_len,
         "head_dims": _int_list(head_dims, "--head-dims") if head_dims else None,
     }.items() if v is not None}
     overrides.update(sections=chosen, sanitizer_timeout_s=sanitizer_timeout, quick=quick)
-    options = (gpucheck.Options.emulated(**overrides) if emulate
-               else attrs.evolve(gpucheck.Options(), **overrides))
+    options = (Options.emulated(**overrides) if emulate
+               else attrs.evolve(Options(), **overrides))
     reg = _registry(ctx)
     if not emulate:
-        gpucheck.require_gpu()
-    target = gpucheck.emulated_target(reg) if emulate else gpucheck.cuda_target(reg)
-    path = Path(out_path) if out_path else gpucheck.default_out(target)
+        targets.require_gpu()
+    target = targets.emulated_target(reg) if emulate else targets.cuda_target(reg)
+    path = Path(out_path) if out_path else check.default_out(target)
 
     def progress(message):
         click.echo(f"gpucheck {message}", err=True)
@@ -331,7 +332,7 @@ def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, war
     progress(f"checking {', '.join(c.name for c in target.attention)} and layer kernels "
              f"{', '.join(c.name for c in target.layer_kernels)} on {target.device}"
              + (" (emulated)" if emulate else "") + f"; report: {path}")
-    report = gpucheck.GpuCheck(reg, target, options, progress).run(
+    report = check.GpuCheck(target, options, progress).run(
         " ".join(["gpt", *ctx.command_path.split()[1:]]) + (" --emulate" if emulate else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.markdown())
