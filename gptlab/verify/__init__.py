@@ -10,7 +10,9 @@
 - ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
   catches it;
 - ``gpucheck/``: the one-command check of the CUDA kernels on a GPU machine (or, ``--emulate``,
-  its rehearsal on the emulator) and its markdown report.
+  its rehearsal on the emulator) and its markdown report;
+- ``commands.py``: ``gpt kernels check / mutations / gpucheck``, which the plugin's ``gpt
+  kernels`` group offers beside ``build`` and ``info``.
 
 The runtime (``gptlab.plugins.cuda_kernels``) imports nothing from here.
 """
