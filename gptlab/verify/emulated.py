@@ -25,7 +25,7 @@ class Emulated:
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.float32})
     max_head_dim = CUDA_MAX_HEAD_DIM
-    kernels = build.CUDA_EMU.name
+    flavour = build.CUDA_EMU.name
 
 
 class EmulatedFused(Emulated, FusedAttention):
@@ -59,4 +59,4 @@ class EmulatedNativeKernels(NativeKernels):
     description = "the CUDA layer kernels run on the CPU by the CUDA emulator"
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.float32})
-    kernels = build.CUDA_EMU.name
+    flavour = build.CUDA_EMU.name

@@ -147,12 +147,12 @@ def _inputs(*shapes, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(*s, generator=gen) for s in shapes]
 
 
-def emulated_backend(base: type, kernels: str):
+def emulated_backend(base: type, flavour: str):
     """A ``base`` (EmulatedFlash or EmulatedFused) whose kernels run on another emulator flavour
     (e.g. racecheck). An instance, not a subclass: tools that list the subclasses of
     ``emulated.Emulated`` (gpucheck's emulated target) must not find it."""
     backend = base()
-    backend.kernels, backend.name = kernels, f"{base.name}[{kernels}]"
+    backend.flavour, backend.name = flavour, f"{base.name}[{flavour}]"
     return backend
 
 
@@ -161,10 +161,10 @@ def emulated_backend(base: type, kernels: str):
 ATTENTION_CASES = ((1, 1, 40, 40, 8, True), (1, 2, 33, 33, 16, False))
 
 
-def _attention(base: type, kernels: str) -> str | None:
+def _attention(base: type, flavour: str) -> str | None:
     from gptlab.testing import Case, check_case
 
-    backend = emulated_backend(base, kernels)
+    backend = emulated_backend(base, flavour)
     for args in ATTENTION_CASES:
         r = check_case(backend, Case(*args))
         if not r.ok:
@@ -179,10 +179,10 @@ def _attention(base: type, kernels: str) -> str | None:
 TC_CASES = ((130, True), (97, False))
 
 
-def _flash_tc(kernels: str) -> str | None:
+def _flash_tc(flavour: str) -> str | None:
     from gptlab.testing import check_precision
 
-    backend = emulated_backend(emulated.EmulatedTensorCoreFlash, kernels)
+    backend = emulated_backend(emulated.EmulatedTensorCoreFlash, flavour)
     for T, causal in TC_CASES:
         r = check_precision(backend, T=T, D=64, causal=causal, dtype=torch.bfloat16)
         if not r.ok:
@@ -190,23 +190,23 @@ def _flash_tc(kernels: str) -> str | None:
     return None
 
 
-def _layer_norm(kernels: str) -> str | None:
+def _layer_norm(flavour: str) -> str | None:
     x, w, b = _inputs((9, 33), (33,), (33,))
     return _compare("layer_norm (9, 33)",
-                    lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, kernels)[0],
+                    lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, flavour)[0],
                     lambda x, w, b: F.layer_norm(x, (33,), w, b, 1e-5), [x, w, b])
 
 
-def _cross_entropy(kernels: str) -> str | None:
+def _cross_entropy(flavour: str) -> str | None:
     (logits,) = _inputs((7, 33))
     targets = torch.arange(7) * 5 % 33
-    return _compare("cross_entropy (7, 33)", lambda x: ops.cross_entropy(x, targets, kernels),
+    return _compare("cross_entropy (7, 33)", lambda x: ops.cross_entropy(x, targets, flavour),
                     lambda x: F.cross_entropy(x, targets), [logits])
 
 
-def _bias_gelu(kernels: str) -> str | None:
+def _bias_gelu(flavour: str) -> str | None:
     x, b = _inputs((9, 33), (33,))
-    return _compare("bias_gelu (9, 33)", lambda x, b: ops.bias_gelu(x, b, kernels),
+    return _compare("bias_gelu (9, 33)", lambda x, b: ops.bias_gelu(x, b, flavour),
                     lambda x, b: F.gelu(x + b), [x, b])
 
 
@@ -234,11 +234,11 @@ def checks_for(file: str) -> tuple[Callable[[str], str | None], ...]:
 
 def detect(checks, detector: str) -> str | None:
     """What ``detector`` sees running ``checks`` under the current mutation: None if nothing."""
-    kernels = build.CUDA_EMU_RACECHECK.name if detector == RACECHECK else build.CUDA_EMU.name
+    flavour = build.CUDA_EMU_RACECHECK.name if detector == RACECHECK else build.CUDA_EMU.name
     with emulator.schedule("inorder" if detector == RACECHECK else detector):
         for check in checks:
             try:
-                failure = check(kernels)
+                failure = check(flavour)
             except GptlabError as e:  # a launch error (deadlock, bad smem, race ...)
                 message = str(e).splitlines()[0]
                 if detector != RACECHECK or "race on" in message:

@@ -34,7 +34,7 @@ def torch_attention(q, k, v, causal: bool) -> torch.Tensor:
     return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v
 
 
-def kernels_for(device: str) -> str:
+def flavour_for(device: str) -> str:
     return "cuda-emu" if device == "cpu" else "native"
 
 
@@ -51,7 +51,7 @@ def errors(dtype, B, nh, tq, tk, d, causal, q_scale=1.0, seed=0, strided=False, 
         k, v = (torch.randn(B, nh, tk, d, generator=gen).to(dtype) for _ in range(2))
     q = (q.float() * q_scale).to(dtype)
     o, lse = ops.flash_attn_tc(q.to(device), k.to(device), v.to(device), 1 / math.sqrt(d),
-                               causal, kernels_for(device))
+                               causal, flavour_for(device))
     o, lse = o.cpu(), lse.cpu()
     ref = reference_attention(q, k, v, causal)
     base = (torch_attention(q, k, v, causal).double() - ref).abs().max().item()
@@ -177,7 +177,7 @@ def grad_errors(dtype, B, nh, tq, tk, d, causal, seed=0, device="cpu"):
     ref = run(lambda *t: reference_attention(*t, causal), torch.float64)
     base = run(lambda *t: torch_attention(*t, causal), dtype)
     got = run(lambda *t: ops.flash_attn_tc(*t, 1 / math.sqrt(d), causal,
-                                           kernels_for(device))[0], dtype, device)
+                                           flavour_for(device))[0], dtype, device)
     return [((g.double() - r).abs().max().item(), (b.double() - r).abs().max().item(),
              r.abs().max().item()) for g, b, r in zip(got, base, ref)]
 

@@ -95,12 +95,12 @@ class NativeBackend(AttentionBackend):
     supports_dropout = False
     supports_q_shorter_than_k = True
     deterministic = True
-    kernels: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
+    flavour: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
-        if cls.kernels != ops.NATIVE:
-            return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
+        if cls.flavour != ops.NATIVE:
+            return [r for r in [build.missing_compiler_reason(cls.flavour)] if r]
         return native_unavailable_reasons(device)
 
     @classmethod
@@ -112,18 +112,18 @@ class NativeBackend(AttentionBackend):
         return r + cuda_dtype_reasons(request, cls.dtypes)
 
     @classmethod
-    def _flavour(cls, device: str) -> str:
-        return ops.native_flavour(device) if cls.kernels == ops.NATIVE else cls.kernels
+    def _build_flavour(cls, device: str) -> str:
+        return ops.native_flavour(device) if cls.flavour == ops.NATIVE else cls.flavour
 
     @classmethod
     def prepare(cls, request):
         # compile the library the request's device needs now: a failure is a one-line
         # KernelBuildError, and auto moves on to the next backend
-        load(cls._flavour(request.device))
+        load(cls._build_flavour(request.device))
 
     @classmethod
     def measure_tag(cls, request):
-        return f"@{build.build_key(build.get_flavour(cls._flavour(request.device)))[:12]}"
+        return f"@{build.build_key(build.get_flavour(cls._build_flavour(request.device)))[:12]}"
 
     def _check_dropout(self, dropout_p):
         if dropout_p:
@@ -140,7 +140,7 @@ class FusedAttention(NativeBackend):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
         att = q @ k.transpose(-2, -1)  # (B, nh, Tq, Tk), unscaled: the kernel scales
-        p = torch.ops.gptlab.fused_softmax(att, scale, causal, self.kernels)
+        p = torch.ops.gptlab.fused_softmax(att, scale, causal, self.flavour)
         return p @ v  # (B, nh, Tq, hs)
 
 
@@ -164,7 +164,7 @@ class FlashAttention(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        return ops.flash_attention(q, k, v, scale, causal, self.kernels)
+        return ops.flash_attention(q, k, v, scale, causal, self.flavour)
 
 
 class TensorCoreFlash(NativeBackend):
@@ -195,6 +195,6 @@ class TensorCoreFlash(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.kernels)
+        o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.flavour)
         return o
 

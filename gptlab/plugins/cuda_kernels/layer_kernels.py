@@ -30,12 +30,12 @@ class NativeKernels(LayerKernels):
     description = "C/CUDA kernels: one-pass LayerNorm, fused bias+GELU, one-pass cross-entropy"
     devices = frozenset({"cpu", "cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16})
-    kernels: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
+    flavour: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
-        if cls.kernels != ops.NATIVE:
-            return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
+        if cls.flavour != ops.NATIVE:
+            return [r for r in [build.missing_compiler_reason(cls.flavour)] if r]
         return native_unavailable_reasons(device)
 
     @classmethod
@@ -44,28 +44,28 @@ class NativeKernels(LayerKernels):
 
     @classmethod
     def prepare(cls, request):
-        load(ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels)
+        load(ops.native_flavour(request.device) if cls.flavour == ops.NATIVE else cls.flavour)
 
     def layer_norm(self, x, weight, bias, eps):
         if x.dtype != weight.dtype:  # autocast activations: normalise as the reference does
             return super().layer_norm(x, weight, bias, eps)
-        return ops.layer_norm(x, weight, bias, eps, self.kernels)[0]
+        return ops.layer_norm(x, weight, bias, eps, self.flavour)[0]
 
     def linear_gelu(self, x, linear):
         if linear.bias is None:
             return F.gelu(linear(x))
         h = F.linear(x, linear.weight)  # (..., 4C); the bias is added by the kernel
-        return ops.bias_gelu(h, linear.bias.to(h.dtype), self.kernels)
+        return ops.bias_gelu(h, linear.bias.to(h.dtype), self.flavour)
 
     def cross_entropy(self, logits, targets):
-        return ops.cross_entropy(logits.float(), targets, self.kernels)
+        return ops.cross_entropy(logits.float(), targets, self.flavour)
 
     def decoder(self, model):
         """One C call per decoded token for the whole model (:mod:`.decode`), for the parts
         it computes, on the C library; None for any other model or kernels."""
         from gptlab.plugins.cuda_kernels.decode import FusedDecoder, fused_decode_reasons
 
-        if self.kernels != ops.NATIVE or fused_decode_reasons(model):
+        if self.flavour != ops.NATIVE or fused_decode_reasons(model):
             return None
         return FusedDecoder(model)
 
