@@ -81,7 +81,11 @@ def check_cmd(flavour, schedules):
 @click.option("--detector", "detectors", multiple=True,
               type=click.Choice([*ALL_SCHEDULES, "racecheck"]),
               help="Run only this detector; repeatable. Default: all five.")
-def mutations_cmd(detectors):
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the table, under a heading that says what ran, to this markdown "
+                   "file (the repository keeps benchmarks/results/mutations.md).")
+@click.pass_context
+def mutations_cmd(ctx, detectors, out_path):
     """Remove each __syncthreads, __syncwarp and atomicAdd of the CUDA kernels in turn and show
     what catches it (a Markdown table).
 
@@ -90,10 +94,20 @@ def mutations_cmd(detectors):
     under the race detector (flavour cuda-emu-racecheck; caught: a race report). Fails if some
     removal is caught by nothing and not allowlisted (mutations.ALLOWLIST). About 30 s.
     """
+    from pathlib import Path
+
     from gptlab.verify import mutations
 
-    outcomes = mutations.run_all(detectors or mutations.DETECTORS)
+    chosen = detectors or mutations.DETECTORS
+    outcomes = mutations.run_all(chosen)
     click.echo(mutations.table(outcomes))
+    if out_path:
+        command = " ".join(["gpt", *ctx.command_path.split()[1:],
+                            *(f"--detector {d}" for d in detectors), "--out", out_path])
+        path = Path(out_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(mutations.page(outcomes, chosen, command))
+        click.echo(f"table: {path}")
     missed = [str(o.site) for o in outcomes if not o.caught_by and not o.allowed]
     if missed:
         raise click.ClickException(f"removing {', '.join(missed)} is caught by nothing")

@@ -13,7 +13,7 @@ file holds (a header: of the ``.cu`` files that include it) run under each *dete
 
 A site that no detector catches must be in :data:`ALLOWLIST` with the reason its removal is
 harmless; ``tests/kernels/test_mutations.py`` asserts this, and ``gpt kernels mutations`` prints
-the table.
+the table (``--out``: a markdown page, :func:`page`; ``benchmarks/results/mutations.md``).
 """
 
 from __future__ import annotations
@@ -271,3 +271,23 @@ def table(outcomes: list[Outcome]) -> str:
                                              else "**nothing**")
         rows.append(f"| `{o.site}` | `{o.site.code}` | {verdict} |")
     return "\n".join(rows)
+
+
+def page(outcomes: list[Outcome], detectors=DETECTORS, command: str = "gpt kernels mutations"
+         ) -> str:
+    """A markdown page: a title, what ``command`` ran with which ``detectors``, the table."""
+    schedules = ", ".join(d for d in detectors if d != RACECHECK)
+    what = []
+    if schedules:
+        what.append(f"schedules of the CUDA emulator ({schedules}; caught: a result out of "
+                    f"tolerance or a launch error)")
+    if RACECHECK in detectors:
+        what.append("its race detector (racecheck; caught: a race report)")
+    return "\n".join([
+        "# Mutations of the CUDA kernels' barriers and atomics", "",
+        f"Written by `{command}`. Each `__syncthreads`, `__syncwarp` and `atomicAdd` of "
+        f"`gptlab/plugins/cuda_kernels/csrc/cuda/` is removed in turn, and small cases of the "
+        f"kernels of its file run under {' and under '.join(what)}. A removal that nothing "
+        f"catches must be allowlisted (`gptlab.verify.mutations.ALLOWLIST`) with the reason it "
+        f"is harmless.", "",
+        table(outcomes), ""])

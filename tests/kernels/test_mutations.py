@@ -120,17 +120,24 @@ def test_the_table_lists_every_site(outcomes):
     assert "**nothing**" not in text and text.count("| allowed: ") == len(mutations.ALLOWLIST)
 
 
-def test_kernels_mutations_command_prints_the_table(registry):
-    """With racecheck alone (it catches every removal but the allowlisted); a detector that
-    misses some fails."""
+def test_kernels_mutations_command_prints_the_table(registry, tmp_path):
+    """With racecheck alone (it catches every removal but the allowlisted), the table also
+    written to --out under a heading; a detector that misses some fails."""
+    out = tmp_path / "results" / "mutations.md"
     res = CliRunner().invoke(build_cli(registry), ["kernels", "mutations", "--detector",
-                                                   "racecheck"])
+                                                   "racecheck", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
+    *lines, written = res.output.splitlines()
     assert lines[0] == "| site | code | removal caught by |"
     assert len(lines) == 2 + len(mutations.find_sites())
     assert all(line.endswith("| racecheck |") or "| allowed: " in line for line in lines[2:])
     assert sum("| allowed: " in line for line in lines) == len(mutations.ALLOWLIST)
+    assert written == f"table: {out}"
+    page = out.read_text()
+    assert page.startswith("# Mutations of the CUDA kernels' barriers and atomics\n")
+    assert f"`gpt kernels mutations --detector racecheck --out {out}`" in page
+    assert "under its race detector" in page and "schedules" not in page
+    assert page.endswith("\n".join(lines) + "\n")
     res = CliRunner().invoke(build_cli(registry), ["kernels", "mutations", "--detector",
                                                    "reverse"])
     missed = [line.split("`")[1] for line in res.output.splitlines()[2:-1]
