@@ -1,8 +1,8 @@
-"""The CUDA emulator itself (gptlab/verify/emu/), on its own kernels (emu/selftest.cu): deadlocks are
-launch errors under every schedule, unwritten shared memory reads NaN, shuffles are right, a race
-changes results between schedules, greedy and reverse expose what lockstep hides, blocks
-interleave, the race detector flags what no schedule shows (and nothing in correct kernels),
-$GPTLAB_EMU_MUTATE removes one site, the hardware's launch limits hold."""
+"""The CUDA emulator itself (gptlab/verify/emu/), on its own kernels (emu/selftest.cu):
+deadlocks are launch errors under every schedule, unwritten shared memory reads NaN, shuffles are
+right, a race changes results between schedules, greedy and reverse expose what lockstep hides,
+blocks interleave, the race detector flags what no schedule shows (and nothing in correct
+kernels), $GPTLAB_EMU_MUTATE removes one site, the hardware's launch limits hold."""
 
 from pathlib import Path
 

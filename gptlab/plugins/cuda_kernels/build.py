@@ -7,17 +7,18 @@ Four *flavours* share this machinery:
   sm_90 (plus compute_90 PTX that newer GPUs compile on load), with cudart linked statically so
   the library loads on a machine without a driver (see "CUDA versions" below);
 - ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against the CUDA emulator
-  (``gptlab/verify/emu/``, :data:`EMU_DIR`, put on the include path and compiled from its sources
-  by path: the runtime imports nothing of the verification tools): the CUDA kernels run on the
-  CPU, for verification without a GPU; ``cuda-emu-racecheck``: the same with the emulator's race
-  detector (``-DGL_EMU_RACECHECK``).
+  (:data:`EMU_DIR`, ``gptlab/verify/emu/``: on the include path, its ``cuda_emu.cpp`` compiled
+  in; found by path, so the runtime imports nothing of the verification tools): the CUDA kernels
+  run on the CPU, for verification without a GPU; ``cuda-emu-racecheck``: the same with the
+  emulator's race detector (``-DGL_EMU_RACECHECK``). nvcc never sees the emulator.
 
 Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
-sources and headers (the emulator's too, for its flavours), the flags, the compiler's version, torch's version, the ABI version and (for
-``-march=native``) the CPU's flags; the compiler's output is kept beside it in ``build.log``
-(for ``cuda``, ptxas' register / spill / shared-memory report: :func:`resource_report`). The cache
-folder is ``$GPTLAB_KERNEL_CACHE`` or ``~/.cache/gptlab/kernels``. Flags never include
-``-Ofast`` / ``-ffast-math`` / ``--use_fast_math``: masking relies on -inf.
+sources and headers (the emulator's too, for its flavours), the flags, the compiler's version,
+torch's version, the ABI version and (for ``-march=native``) the CPU's flags; the compiler's
+output is kept beside it in ``build.log`` (for ``cuda``, ptxas' register / spill / shared-memory
+report: :func:`resource_report`). The cache folder is ``$GPTLAB_KERNEL_CACHE`` or
+``~/.cache/gptlab/kernels``. Flags never include ``-Ofast`` / ``-ffast-math`` /
+``--use_fast_math``: masking relies on -inf.
 
 A library is never loaded unverified (dlopen of a truncated file dies with SIGBUS): the build
 records its size and sha256 in ``library.json`` beside it, and :func:`build` (which every load goes

@@ -1,4 +1,4 @@
-"""``gpt kernels gpucheck``: check the CUDA kernels on one GPU machine and write one markdown report.
+"""``gpt kernels gpucheck``: check the CUDA kernels on a GPU machine, into one markdown report.
 
 Made for a borrowed GPU (minutes, not hours): one command, under 10 minutes on an H100, that
 leaves everything worth knowing in one file. Four sections, each failing soft (an exception is
