@@ -1,6 +1,5 @@
 /* gptlab native kernels: the one C ABI shared by the CPU library (C, cpu/) and the CUDA library
- * (.cu files in cuda/, built by nvcc for GPUs, or by g++ against the CUDA emulator in
- * gptlab/verify/emu/ for the CPU).
+ * (.cu files in cuda/, built by nvcc for GPUs, or by g++ against emu/cuda_emu.h for the CPU emulator).
  *
  * Conventions (llm.c style): outputs first, then inputs, then sizes; plain pointers and ints;
  * every entry point returns an int error code (GPTLAB_OK == 0) and never exits; the message of
