@@ -38,9 +38,6 @@ class GptGroup(click.Group):
             raise exc from None
 
 
-_registry = options.registry  # plugin commands import it from here
-
-
 # --------------------------------------------------------------------------- run
 @click.command()
 @options.run_options

@@ -81,18 +81,21 @@ def test_compile_error_is_one_line_with_log(tmp_path, monkeypatch):
         build.build(bad)
 
 
-def test_every_kernel_source_ships_in_the_package():
-    """Users compile the kernels from the installed package: pyproject's package-data must cover
-    every file under csrc/ (a non-editable wheel had none before this was declared)."""
+@pytest.mark.parametrize("package, folder", [("gptlab.plugins.cuda_kernels", "csrc"),
+                                             ("gptlab.verify", "emu")])
+def test_every_kernel_source_ships_in_the_package(package, folder):
+    """Users compile the kernels (and the emulator) from the installed package: pyproject's
+    package-data must cover every file under csrc/ and verify/emu/ (a non-editable wheel had
+    none before this was declared)."""
     from pathlib import Path
 
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
     root = Path(__file__).resolve().parents[2]
-    package = root / "gptlab" / "plugins" / "cuda_kernels"
+    where = root.joinpath(*package.split("."))
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["gptlab.plugins.cuda_kernels"]
-    files = [f.relative_to(package) for f in (package / "csrc").rglob("*") if f.is_file()]
+        "package-data"][package]
+    files = [f.relative_to(where) for f in (where / folder).rglob("*") if f.is_file()]
     assert files and all(any(f.match(p) for p in patterns) for f in files), files
 
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from gptlab.plugins.cuda_kernels.backends import EmulatedFlash, FlashAttention
+from gptlab.plugins.cuda_kernels.backends import FlashAttention
 from gptlab.testing import OUT_TOL, Case, check_case, check_precision, run_conformance
+from gptlab.verify.emulated import EmulatedFlash
 
 
 def test_conformance_suite(backend):

@@ -106,8 +106,8 @@ def test_flash_lse_is_an_auxiliary_output_without_gradient():
     assert o.requires_grad and not lse.requires_grad
 
 
-@pytest.mark.parametrize("kernels", ["native", "cuda-emu"])
-def test_flash_reads_strided_views_and_writes_heads_last(kernels):
+@pytest.mark.parametrize("flavour", ["native", "cuda-emu"])
+def test_flash_reads_strided_views_and_writes_heads_last(flavour):
     """q, k, v as split views of a qkv projection go in with no copy; o and the gradients come
     out laid out (B, T, nh, hs), so concatenating heads is a view; values match float64."""
     B, T, nh, hs = 2, 37, 3, 16
@@ -116,7 +116,7 @@ def test_flash_reads_strided_views_and_writes_heads_last(kernels):
     views = [t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.float().split(C, dim=2)]
     q, k, v = (t.requires_grad_() for t in views)
     assert not q.is_contiguous() and q.stride() == (T * 3 * C, hs, 3 * C, 1)
-    o, _ = ops.flash_attn(q, k, v, hs ** -0.5, True, kernels)
+    o, _ = ops.flash_attn(q, k, v, hs ** -0.5, True, flavour)
     y = o.transpose(1, 2).reshape(B, T, C)
     assert y.data_ptr() == o.data_ptr() and y.is_contiguous()  # a view, not a copy
     ref = [t.view(B, T, nh, hs).transpose(1, 2).requires_grad_() for t in qkv.split(C, dim=2)]

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from gptlab.core.attention import AttentionRequest
-from gptlab.plugins.cuda_kernels import backends, build, emulator, mutations
+from gptlab.plugins.cuda_kernels import backends, build
 from gptlab.testing import Case, default_cases, run_conformance
+from gptlab.verify import emulated, emulator, mutations
 
 SCHEDULES = ("inorder", "random:1")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],
+@pytest.mark.parametrize("cls", [emulated.EmulatedFused, emulated.EmulatedFlash],
                          ids=lambda c: c.name)
 def test_conformance_on_emulated_cuda_kernels(cls, schedule):
     """Forward and backward of the .cu kernels, every default case (T <= 255), per schedule."""
@@ -30,12 +31,12 @@ def test_flash_conformance_under_reverse_and_greedy_schedules(schedule):
     emulated suites over their time budget): one and several tiles, partial tiles, the smallest
     and an odd head dim, and the special cases (q_scale 20, fewer and more queries than keys).
     Flash only: softmax.cu has no shared memory and no barrier, so no schedule changes it."""
-    cases = default_cases(backends.EmulatedFlash, seq_lens=(1, 7, 65, 97), head_dims=(8, 80))
+    cases = default_cases(emulated.EmulatedFlash, seq_lens=(1, 7, 65, 97), head_dims=(8, 80))
     with emulator.schedule(schedule):
-        assert len(run_conformance(backends.EmulatedFlash(), cases=cases)) == len(cases) > 30
+        assert len(run_conformance(emulated.EmulatedFlash(), cases=cases)) == len(cases) > 30
 
 
-@pytest.mark.parametrize("cls", [backends.EmulatedFused, backends.EmulatedFlash],
+@pytest.mark.parametrize("cls", [emulated.EmulatedFused, emulated.EmulatedFlash],
                          ids=lambda c: c.name)
 def test_emulated_cuda_kernels_at_odd_and_edge_head_dims(cls):
     """Odd head dims (the shared-memory stride is then d itself), and d = 128, whose backward
@@ -61,7 +62,7 @@ def test_a_removed_syncthreads_fails_the_suite(schedule):
              Case(1, 2, 97, 97, 80, False)]
     with emulator.schedule(schedule), emulator.mutate(kv_tile_barrier()), \
             pytest.raises(AssertionError, match="3/3 cases failed"):
-        run_conformance(backends.EmulatedFlash(), cases=cases)
+        run_conformance(emulated.EmulatedFlash(), cases=cases)
 
 
 def test_racecheck_finds_no_race_in_the_kernels():
@@ -75,7 +76,7 @@ def test_racecheck_finds_no_race_in_the_kernels():
     cases = [Case(1, 2, 65, 65, hs, causal) for hs in (8, 33, 128) for causal in (True, False)]
     cases += [Case(1, 2, 7, 97, 32, True), Case(1, 2, 9, 4, 32, False), Case(2, 3, 1, 65, 32, True)]
     with emulator.schedule("random:1"):
-        for base in (backends.EmulatedFlash, backends.EmulatedFused):
+        for base in (emulated.EmulatedFlash, emulated.EmulatedFused):
             run_conformance(mutations.emulated_backend(base, racecheck), cases=cases)
         for rows, C in ((1, 3), (33, 65)):
             _assert_within("layer_norm", check_layer_norm(racecheck, rows, C), (rows, C))
@@ -93,7 +94,7 @@ def test_emulated_kernels_give_typed_errors():
         ops.flash_attn(q, q, q, 1.0, True, "cuda-emu")
     with pytest.raises(KernelError, match="cuda-emu kernels take float32, got float64"):
         ops.fused_softmax(torch.randn(2, 3, dtype=torch.float64), 1.0, False, "cuda-emu")
-    assert backends.EmulatedFlash.not_supported_reasons(
+    assert emulated.EmulatedFlash.not_supported_reasons(
         AttentionRequest(device="cpu", head_dim=130)) == ["head_dim 130 outside [1, 128]"]
     assert "head_dim 200 > 128 not supported by the CUDA kernels" in " ".join(
         backends.FlashAttention.not_supported_reasons(AttentionRequest(device="cuda",

@@ -1,8 +1,8 @@
-"""The CUDA emulator itself (csrc/emu/), on its own kernels (emu/selftest.cu): deadlocks are
-launch errors under every schedule, unwritten shared memory reads NaN, shuffles are right, a race
-changes results between schedules, greedy and reverse expose what lockstep hides, blocks
-interleave, the race detector flags what no schedule shows (and nothing in correct kernels),
-$GPTLAB_EMU_MUTATE removes one site, the hardware's launch limits hold."""
+"""The CUDA emulator itself (gptlab/verify/emu/), on its own kernels (emu/selftest.cu):
+deadlocks are launch errors under every schedule, unwritten shared memory reads NaN, shuffles are
+right, a race changes results between schedules, greedy and reverse expose what lockstep hides,
+blocks interleave, the race detector flags what no schedule shows (and nothing in correct
+kernels), $GPTLAB_EMU_MUTATE removes one site, the hardware's launch limits hold."""
 
 from pathlib import Path
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gptlab.core.errors import ConfigError
-from gptlab.plugins.cuda_kernels import build, emulator
+from gptlab.plugins.cuda_kernels import build
+from gptlab.verify import emulator
 
 HERE = Path(__file__).resolve().parent
 
@@ -22,8 +23,8 @@ SELFTEST = HERE / "emu" / "selftest.cu"
 def _selftest(racecheck: bool):
     flavour = build.Flavour(
         name="emu-selftest-racecheck" if racecheck else "emu-selftest", compiler_env="CXX",
-        default_compiler="c++", sources=(str(SELFTEST), "emu/cuda_emu.cpp"),
-        headers=("emu/*.h",),
+        default_compiler="c++", sources=(str(SELFTEST), str(build.EMU_DIR / "cuda_emu.cpp")),
+        headers=(), include_dirs=build.CUDA_EMU.include_dirs,
         flags=build.CUDA_EMU_RACECHECK.flags if racecheck else build.CUDA_EMU.flags)
     ffi = cffi.FFI()
     ffi.cdef("int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);")

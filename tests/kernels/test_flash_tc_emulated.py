@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from gptlab.core.attention import AttentionRequest
-from gptlab.plugins.cuda_kernels import backends, build, emulator, ops
+from gptlab.plugins.cuda_kernels import backends, build, ops
 from gptlab.plugins.cuda_kernels.loader import KernelError
 from gptlab.testing import reference_attention
+from gptlab.verify import emulated, emulator
 
 #: FlashAttention's rule (the tests of Dao et al.'s flash-attention): the kernel's max abs error
 #: against a float64 reference is at most 2x that of plain PyTorch attention computed in the
@@ -33,7 +34,7 @@ def torch_attention(q, k, v, causal: bool) -> torch.Tensor:
     return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v
 
 
-def kernels_for(device: str) -> str:
+def flavour_for(device: str) -> str:
     return "cuda-emu" if device == "cpu" else "native"
 
 
@@ -50,7 +51,7 @@ def errors(dtype, B, nh, tq, tk, d, causal, q_scale=1.0, seed=0, strided=False, 
         k, v = (torch.randn(B, nh, tk, d, generator=gen).to(dtype) for _ in range(2))
     q = (q.float() * q_scale).to(dtype)
     o, lse = ops.flash_attn_tc(q.to(device), k.to(device), v.to(device), 1 / math.sqrt(d),
-                               causal, kernels_for(device))
+                               causal, flavour_for(device))
     o, lse = o.cpu(), lse.cpu()
     ref = reference_attention(q, k, v, causal)
     base = (torch_attention(q, k, v, causal).double() - ref).abs().max().item()
@@ -144,7 +145,7 @@ def test_tc_errors_and_capabilities():
                  lib.ptr(t, "void *"), lib.ptr(t, "void *"), lib.ptr(t, "void *"),
                  lib.ffi.new("int64_t[]", [256, 256, 63] * 4), 1, 1, 4, 4, 64, 1.0, 1,
                  lib.ffi.NULL, 1)
-    tc, emu = backends.TensorCoreFlash, backends.EmulatedTensorCoreFlash
+    tc, emu = backends.TensorCoreFlash, emulated.EmulatedTensorCoreFlash
     ok = AttentionRequest(device="cpu", dtype=torch.bfloat16, head_dim=128, q_len=7, k_len=97,
                           requires_grad=False)
     assert emu.not_supported_reasons(ok) == []
@@ -176,7 +177,7 @@ def grad_errors(dtype, B, nh, tq, tk, d, causal, seed=0, device="cpu"):
     ref = run(lambda *t: reference_attention(*t, causal), torch.float64)
     base = run(lambda *t: torch_attention(*t, causal), dtype)
     got = run(lambda *t: ops.flash_attn_tc(*t, 1 / math.sqrt(d), causal,
-                                           kernels_for(device))[0], dtype, device)
+                                           flavour_for(device))[0], dtype, device)
     return [((g.double() - r).abs().max().item(), (b.double() - r).abs().max().item(),
              r.abs().max().item()) for g, b, r in zip(got, base, ref)]
 
@@ -201,10 +202,10 @@ def test_racecheck_finds_no_race_in_flash_tc():
     """The race detector sees every shared access of these kernels (ldmatrix, cp.async, the dSᵀ
     and L, Dvec stores) and dQ's atomics: silent on the correct kernels, blocks interleaved,
     both head dims, several key and query tiles, causal or not."""
-    from gptlab.plugins.cuda_kernels import mutations
     from gptlab.testing import check_precision
+    from gptlab.verify import mutations
 
-    tc = mutations.emulated_backend(backends.EmulatedTensorCoreFlash,
+    tc = mutations.emulated_backend(emulated.EmulatedTensorCoreFlash,
                                     build.CUDA_EMU_RACECHECK.name)
     with emulator.schedule("random:1"):
         for T, D, causal in ((130, 64, True), (97, 128, False), (7, 64, False)):

@@ -13,8 +13,18 @@ from click.testing import CliRunner
 from gptlab.cli import build_cli
 from gptlab.core.attention import AttentionRequest
 from gptlab.nn import TorchKernels
-from gptlab.plugins.cuda_kernels import backends, build, gpucheck
+from gptlab.plugins.cuda_kernels import backends, build
 from gptlab.testing import check_layer_kernels, default_cases
+from gptlab.verify import emulated
+from gptlab.verify.gpucheck import conformance, sanitizer
+from gptlab.verify.gpucheck.benchmark import attention_flops, measure_attention
+from gptlab.verify.gpucheck.occupancy import (KNOWN_LIMITS, launch_bounds, limits_for, occupancy,
+                                              parse_launch_bounds)
+from gptlab.verify.gpucheck.options import QUICK_HEAD_DIMS, QUICK_SEQ_LENS, SECTIONS, Options
+from gptlab.verify.gpucheck.report import Report, Section, run_section, slug
+from gptlab.verify.gpucheck.smoke import smoke
+from gptlab.verify.gpucheck.targets import Target, cuda_target, emulated_target
+from gptlab.verify.gpucheck.timing import median_time
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -22,11 +32,11 @@ HAS_GPU = torch.cuda.is_available()
 # ------------------------------------------------------------------ the plain functions
 def test_attention_flops_count_as_flashattention_2_does():
     fwd = 4 * 8 * 12 * 2048 * 2048 * 64
-    assert gpucheck.attention_flops(8, 12, 2048, 2048, 64, causal=False) == fwd
-    assert gpucheck.attention_flops(8, 12, 2048, 2048, 64, causal=True) == fwd / 2
-    assert gpucheck.attention_flops(8, 12, 2048, 2048, 64, causal=True, backward=True) \
+    assert attention_flops(8, 12, 2048, 2048, 64, causal=False) == fwd
+    assert attention_flops(8, 12, 2048, 2048, 64, causal=True) == fwd / 2
+    assert attention_flops(8, 12, 2048, 2048, 64, causal=True, backward=True) \
         == fwd / 2 * 3.5
-    assert gpucheck.attention_flops(1, 1, 3, 5, 2, causal=False) == 4 * 3 * 5 * 2
+    assert attention_flops(1, 1, 3, 5, 2, causal=False) == 4 * 3 * 5 * 2
 
 
 @pytest.mark.parametrize("regs, threads, smem, cc, expected", [
@@ -40,7 +50,7 @@ def test_attention_flops_count_as_flashattention_2_does():
     (168, 256, 0, (8, 0), (1, 8, 0.125, "registers")),
 ])
 def test_occupancy_follows_the_calculators_arithmetic(regs, threads, smem, cc, expected):
-    occ = gpucheck.occupancy(regs, threads, smem, gpucheck.limits_for(*cc))
+    occ = occupancy(regs, threads, smem, limits_for(*cc))
     assert (occ.blocks_per_sm, occ.warps_per_sm, occ.fraction, occ.limiter) == expected
     assert str(occ).startswith(f"{expected[2]:.0%} ({expected[0]} blocks")
 
@@ -51,10 +61,10 @@ def test_limits_take_torchs_device_properties_over_the_table():
         max_threads_per_multi_processor = 1024
         shared_memory_per_multiprocessor = 65536
 
-    lim = gpucheck.limits_for(9, 0, Props())
+    lim = limits_for(9, 0, Props())
     assert (lim.arch, lim.regs_per_sm, lim.max_threads_per_sm, lim.smem_per_sm,
             lim.max_blocks_per_sm) == ("sm_90", 32768, 1024, 65536, 32)
-    assert gpucheck.limits_for(12, 0).arch == "sm_120"  # unknown: defaults, named
+    assert limits_for(12, 0).arch == "sm_120"  # unknown: defaults, named
 
 
 def test_launch_bounds_are_read_from_ptx():
@@ -84,7 +94,7 @@ def test_launch_bounds_are_read_from_ptx():
 	ret;
 }
 """
-    assert gpucheck.parse_launch_bounds(ptx) == {
+    assert parse_launch_bounds(ptx) == {
         "_Z6kernelPf": 256, "_ZN12_GLOBAL__N_120flash_forward_kernelILi4EEEvPfS1_": 128}
 
 
@@ -102,7 +112,7 @@ def test_environment_shows_occupancy_from_cuobjdumps_ptx(registry, tmp_path, mon
     tool.write_text(f"#!/bin/sh\ncat {tmp_path / 'ptx.txt'}\n")
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    bounds, why = gpucheck.launch_bounds(tmp_path / "lib.so")
+    bounds, why = launch_bounds(tmp_path / "lib.so")
     assert why is None and set(bounds.values()) == {128} and len(bounds) == len(mangled)
     if not build.find_compiler(build.CUDA):
         return
@@ -113,7 +123,7 @@ def test_environment_shows_occupancy_from_cuobjdumps_ptx(registry, tmp_path, mon
     md = out.read_text()
     row = next(ln for ln in md.splitlines() if ln.startswith("| `flash_backward_kernel<4>`"))
     regs = int(row.split("|")[3])
-    expected = gpucheck.occupancy(regs, 128, 0, gpucheck.KNOWN_LIMITS[(9, 0)])
+    expected = occupancy(regs, 128, 0, KNOWN_LIMITS[(9, 0)])
     assert row.endswith(f"| 128 | {expected} |") and "registers" in str(expected)
     assert "threads per block unknown" not in md
 
@@ -128,19 +138,19 @@ def test_median_time_warms_up_then_takes_the_median_of_the_timer():
         fn()
         return next(scripted)
 
-    timing = gpucheck.median_time(step, timer=timer, reps=5, warmup=3)
+    timing = median_time(step, timer=timer, reps=5, warmup=3)
     assert timing.median_s == 0.3 and timing.samples == (0.5, 0.1, 0.3, 0.9, 0.2)
     assert len(calls) == 3 + 5
     with pytest.raises(ValueError, match="reps must be >= 1"):
-        gpucheck.median_time(step, timer=timer, reps=0)
+        median_time(step, timer=timer, reps=0)
 
 
 def test_measure_attention_reports_times_flops_and_ratios(registry):
     ticks = iter(range(1, 100))
-    m = gpucheck.measure_attention(registry.attention_backend("sdpa")(), B=1, H=2, T=16, D=8,
-                                   causal=True, dtype=torch.float32, device="cpu", reps=3,
-                                   warmup=1, timer=lambda fn: (fn(), next(ticks) * 1e-3)[1],
-                                   peak=lambda fn: (fn(), 2.0)[1])
+    m = measure_attention(registry.attention_backend("sdpa")(), B=1, H=2, T=16, D=8,
+                          causal=True, dtype=torch.float32, device="cpu", reps=3, warmup=1,
+                          timer=lambda fn: (fn(), next(ticks) * 1e-3)[1],
+                          peak=lambda fn: (fn(), 2.0)[1])
     assert m.fwd.samples == (0.001, 0.002, 0.003) and m.fwd_bwd.median_s == 0.005
     assert m.fwd_flops == 4 * 2 * 16 * 16 * 8 / 2 and m.fwd_bwd_flops == 3.5 * m.fwd_flops
     cells = m.cells(m)
@@ -154,13 +164,13 @@ def test_a_section_that_raises_is_one_line_and_the_next_runs():
         section.add("started")
         raise RuntimeError("the GPU fell off the bus\nsecond line")
 
-    a = gpucheck.run_section("broken", broken, seen.append)
-    b = gpucheck.run_section("fine", lambda s: s.add("- pass all"), seen.append)
+    a = run_section("broken", broken, seen.append)
+    b = run_section("fine", lambda s: s.add("- pass all"), seen.append)
     assert a.failed and a.lines == ["started",
                                     "**error** (RuntimeError): the GPU fell off the bus"]
     assert not b.failed and b.lines == ["- pass all"]
     assert [m.split(":")[1].split()[0] for m in seen] == ["starting", "FAILED", "starting", "ok"]
-    report = gpucheck.Report("gpucheck: test", header=["head"], sections=[a, b])
+    report = Report("gpucheck: test", header=["head"], sections=[a, b])
     md = report.markdown()
     assert report.failed == ["broken"]
     assert "| broken | FAIL |" in md and "| fine | pass |" in md
@@ -168,12 +178,12 @@ def test_a_section_that_raises_is_one_line_and_the_next_runs():
 
 
 def test_slug_names_the_report_after_the_gpu():
-    assert gpucheck.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert gpucheck.slug("  ") == "gpu"
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slug("  ") == "gpu"
 
 
 def test_targets_find_the_packages_cuda_kernels_in_the_registry(registry):
-    cuda, emu = gpucheck.cuda_target(registry), gpucheck.emulated_target(registry)
+    cuda, emu = cuda_target(registry), emulated_target(registry)
     assert {"flash", "fused"} <= {c.name for c in cuda.attention}
     assert "sdpa" not in {c.name for c in cuda.attention} and cuda.baseline.name == "sdpa"
     assert {c.name for c in cuda.layer_kernels} == {"native"}
@@ -234,16 +244,16 @@ def test_emulated_gpucheck_runs_every_section_end_to_end(registry, tmp_path, mon
     assert res.exit_code == 0, res.output
     md = out.read_text()
     assert md.startswith("# gpucheck: emulated CUDA kernels on the CPU\n")
-    for section in gpucheck.SECTIONS:
+    for section in SECTIONS:
         assert f"| {section} | pass |" in md and f"## {section}" in md
     assert "[4/4] benchmark: ok" in res.output and f"report: {out}" in res.output
-    quick = len(default_cases(backends.EmulatedFlash, seq_lens=gpucheck.QUICK_SEQ_LENS,
-                              head_dims=gpucheck.QUICK_HEAD_DIMS))
+    quick = len(default_cases(emulated.EmulatedFlash, seq_lens=QUICK_SEQ_LENS,
+                              head_dims=QUICK_HEAD_DIMS))
     assert f"- pass `flash-emu` float32: {quick} cases" in md
     assert f"- pass `fused-emu` float32: {quick} cases" in md
     assert "precision rule, causal T=128 D=64: flash-emu" in md
     assert "- pass layer kernels `native-emu` float32: 10 cases" in md
-    for tool in gpucheck.SANITIZER_TOOLS:
+    for tool in sanitizer.TOOLS:
         assert f"- pass {tool}: ERROR SUMMARY: 0 errors" in md
     if build.find_compiler(build.CUDA):
         assert "| `flash_backward_kernel<4>` | sm_90 |" in md
@@ -308,11 +318,10 @@ def test_a_backend_that_raises_is_one_fail_line_and_the_others_still_run():
         name = "gpu-only"
         devices = frozenset({"cuda"})
 
-    target = gpucheck.Target(device="cpu", emulated=False, attention=(Crashing, Naive),
-                             layer_kernels=(GpuOnly, Torch32), baseline=Naive)
-    check = gpucheck.GpuCheck(None, target, gpucheck.Options.emulated(rule_T=64, quick=True))
-    s = gpucheck.Section("conformance")
-    check.conformance(s)
+    target = Target(device="cpu", emulated=False, attention=(Crashing, Naive),
+                    layer_kernels=(GpuOnly, Torch32), baseline=Naive)
+    s = Section("conformance")
+    conformance.run(s, target, Options.emulated(rule_T=64, quick=True), lambda _: None)
     text = "\n".join(s.lines)
     assert s.failed
     assert "- FAIL `crashing` float32: (RuntimeError) CUDA error: an illegal memory access " \
@@ -331,7 +340,7 @@ def test_unknown_section_is_a_usage_error(registry):
 
 
 def test_smoke_script_runs_every_emulated_kernel(registry):
-    lines = gpucheck.smoke(gpucheck.emulated_target(registry))
+    lines = smoke(emulated_target(registry))
     assert "flash-emu float32 D=128 causal=False" in lines
     assert "fused-emu float32 D=32 causal=True" in lines
     assert "flash-tc-emu bfloat16 D=128 causal=True" in lines

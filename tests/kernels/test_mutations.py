@@ -1,4 +1,4 @@
-"""Mutation testing of the CUDA kernels' barriers and atomics (cuda_kernels/mutations.py): every
+"""Mutation testing of the CUDA kernels' barriers and atomics (gptlab/verify/mutations.py): every
 __syncthreads, __syncwarp and atomicAdd in csrc/cuda/ is removed in turn, and its removal
 must be caught by a schedule of the emulator or by its race detector, or be allowlisted with the
 reason it is harmless. Small cases only (flash_tc.cu: bfloat16, head dim 64, T = 97 and 130):
@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from gptlab.cli import build_cli
-from gptlab.plugins.cuda_kernels import mutations
+from gptlab.verify import mutations
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +120,24 @@ def test_the_table_lists_every_site(outcomes):
     assert "**nothing**" not in text and text.count("| allowed: ") == len(mutations.ALLOWLIST)
 
 
-def test_kernels_mutations_command_prints_the_table(registry):
-    """With racecheck alone (it catches every removal but the allowlisted); a detector that
-    misses some fails."""
+def test_kernels_mutations_command_prints_the_table(registry, tmp_path):
+    """With racecheck alone (it catches every removal but the allowlisted), the table also
+    written to --out under a heading; a detector that misses some fails."""
+    out = tmp_path / "results" / "mutations.md"
     res = CliRunner().invoke(build_cli(registry), ["kernels", "mutations", "--detector",
-                                                   "racecheck"])
+                                                   "racecheck", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
+    *lines, written = res.output.splitlines()
     assert lines[0] == "| site | code | removal caught by |"
     assert len(lines) == 2 + len(mutations.find_sites())
     assert all(line.endswith("| racecheck |") or "| allowed: " in line for line in lines[2:])
     assert sum("| allowed: " in line for line in lines) == len(mutations.ALLOWLIST)
+    assert written == f"table: {out}"
+    page = out.read_text()
+    assert page.startswith("# Mutations of the CUDA kernels' barriers and atomics\n")
+    assert f"`gpt kernels mutations --detector racecheck --out {out}`" in page
+    assert "under its race detector" in page and "schedules" not in page
+    assert page.endswith("\n".join(lines) + "\n")
     res = CliRunner().invoke(build_cli(registry), ["kernels", "mutations", "--detector",
                                                    "reverse"])
     missed = [line.split("`")[1] for line in res.output.splitlines()[2:-1]
@@ -141,14 +148,14 @@ def test_kernels_mutations_command_prints_the_table(registry):
 
 
 def test_the_checks_leave_no_backend_class_behind(outcomes):
-    """gpucheck's emulated target lists the subclasses of backends.Emulated: running the checks
+    """gpucheck's emulated target lists the subclasses of emulated.Emulated: running the checks
     on the racecheck flavour must not add one."""
-    from gptlab.plugins.cuda_kernels import backends
+    from gptlab.verify import emulated
 
     def subclasses(cls):
         for sub in cls.__subclasses__():
             yield sub
             yield from subclasses(sub)
 
-    assert outcomes and not [c for c in subclasses(backends.Emulated)
+    assert outcomes and not [c for c in subclasses(emulated.Emulated)
                              if c.__module__ == mutations.__name__]

@@ -19,27 +19,27 @@ def qkv_views(dtype, tq=9, tk=9):
     return q[..., tk - tq:, :], k, v
 
 
-@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
-def test_opcheck_flash(kernels, dtype):
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_flash(flavour, dtype):
     q, k, v = qkv_views(dtype)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.3, True, kernels)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.3, True, flavour)
     torch.library.opcheck(ops.flash_attn, args)
     o, lse = ops.flash_attn(*args)
     do = torch.randn_like(o)
     torch.library.opcheck(ops.flash_attn_backward,
                           (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, 0.3, True,
-                           kernels))
+                           flavour))
     q2, k2, v2 = qkv_views(dtype, tq=3)  # fewer queries than keys
-    torch.library.opcheck(ops.flash_attn, (q2, k2, v2, 0.5, True, kernels))
+    torch.library.opcheck(ops.flash_attn, (q2, k2, v2, 0.5, True, flavour))
 
 
-@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
-def test_opcheck_fused_softmax(kernels, dtype):
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_fused_softmax(flavour, dtype):
     x = torch.randn(2, 3, 7, 7).to(dtype).transpose(-1, -2).requires_grad_()  # not contiguous
-    torch.library.opcheck(ops.fused_softmax, (x, 0.7, True, kernels))
-    y = ops.fused_softmax(x, 0.7, True, kernels)
+    torch.library.opcheck(ops.fused_softmax, (x, 0.7, True, flavour))
+    y = ops.fused_softmax(x, 0.7, True, flavour)
     torch.library.opcheck(ops.fused_softmax_backward,
-                          (y.detach(), torch.randn_like(y), 0.7, True, kernels))
+                          (y.detach(), torch.randn_like(y), 0.7, True, flavour))
 
 
 @pytest.mark.parametrize("name", ["flash", "fused"])
@@ -60,41 +60,41 @@ def test_the_fakes_match_the_real_ops_under_torch_compile(registry, name):
 
 
 # ------------------------------------------------------------------------ row-wise ops
-@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
-def test_opcheck_layer_norm(kernels, dtype):
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_layer_norm(flavour, dtype):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 7, generator=g).to(dtype).transpose(0, 1).requires_grad_()  # strided
     w, b = (torch.randn(7, generator=g).requires_grad_() for _ in range(2))  # float32 params
     for bias in (b, None):
-        torch.library.opcheck(ops.layer_norm_op, (x, w, bias, 1e-5, kernels))
-    y, mean, rstd = ops.layer_norm_op(x, w, b, 1e-5, kernels)
+        torch.library.opcheck(ops.layer_norm_op, (x, w, bias, 1e-5, flavour))
+    y, mean, rstd = ops.layer_norm_op(x, w, b, 1e-5, flavour)
     for has_bias in (True, False):
         torch.library.opcheck(ops.layer_norm_backward,
                               (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, has_bias,
-                               kernels))
+                               flavour))
 
 
-@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
-def test_opcheck_cross_entropy(kernels, dtype):
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_cross_entropy(flavour, dtype):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(9, 13, generator=g).to(dtype).requires_grad_()
     targets = torch.randint(0, 13, (9,), generator=g)
-    torch.library.opcheck(torch.ops.gptlab.cross_entropy.default, (logits, targets, kernels))
-    torch.library.opcheck(ops.cross_entropy_forward, (logits, targets, True, kernels))
+    torch.library.opcheck(torch.ops.gptlab.cross_entropy.default, (logits, targets, flavour))
+    torch.library.opcheck(ops.cross_entropy_forward, (logits, targets, True, flavour))
     # need_grad=False keeps no gradient (its backward refuses): for logits that need none
-    torch.library.opcheck(ops.cross_entropy_forward, (logits.detach(), targets, False, kernels))
-    _, dlogits = ops.cross_entropy_forward(logits.detach(), targets, True, kernels)
-    torch.library.opcheck(ops.cross_entropy_backward, (dlogits, torch.tensor(0.7), kernels))
+    torch.library.opcheck(ops.cross_entropy_forward, (logits.detach(), targets, False, flavour))
+    _, dlogits = ops.cross_entropy_forward(logits.detach(), targets, True, flavour)
+    torch.library.opcheck(ops.cross_entropy_backward, (dlogits, torch.tensor(0.7), flavour))
 
 
-@pytest.mark.parametrize("kernels, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
-def test_opcheck_bias_gelu(kernels, dtype):
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_opcheck_bias_gelu(flavour, dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, 11, generator=g).to(dtype).transpose(0, 1).requires_grad_()
     b = torch.randn(11, generator=g).to(dtype).requires_grad_()
-    torch.library.opcheck(ops.bias_gelu_op, (x, b, kernels))
+    torch.library.opcheck(ops.bias_gelu_op, (x, b, flavour))
     torch.library.opcheck(ops.bias_gelu_backward,
-                          (torch.randn(3, 4, 11).to(dtype), x.detach(), b.detach(), kernels))
+                          (torch.randn(3, 4, 11).to(dtype), x.detach(), b.detach(), flavour))
 
 
 def test_opcheck_flash_tc():

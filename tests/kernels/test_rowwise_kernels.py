@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab.plugins.cuda_kernels import emulator, loader, ops
+from gptlab.plugins.cuda_kernels import loader, ops
 from gptlab.plugins.cuda_kernels.loader import KernelError
 from gptlab.testing import _rms, relative_error
+from gptlab.verify import emulator
 
 ROWS = (1, 7, 33)
 DIMS = (1, 3, 65, 192, 257)
@@ -43,7 +44,7 @@ def _grad_error(grads, refs) -> float:
 
 
 # ------------------------------------------------------------------------ the checkers
-def check_layer_norm(kernels, rows, C, *, bias=True, seed=0, shift=5.0):
+def check_layer_norm(flavour, rows, C, *, bias=True, seed=0, shift=5.0):
     """(output error, gradient error) of gptlab::layer_norm vs F.layer_norm in float64. x has a
     mean far from 0 (``shift``): a one-pass E[x^2] - mean^2 variance would fail here."""
     g = _gen(seed)
@@ -53,7 +54,7 @@ def check_layer_norm(kernels, rows, C, *, bias=True, seed=0, shift=5.0):
     dy = torch.randn(rows, C, generator=g)
     leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
     y, mean, rstd = ops.layer_norm(leaves[0], leaves[1], leaves[2] if bias else None, 1e-5,
-                                   kernels)
+                                   flavour)
     grads = torch.autograd.grad(y, leaves, dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = F.layer_norm(ref_leaves[0], (C,), ref_leaves[1], ref_leaves[2] if bias else None, 1e-5)
@@ -64,13 +65,13 @@ def check_layer_norm(kernels, rows, C, *, bias=True, seed=0, shift=5.0):
     return max(relative_error(y, ref), stats_err), _grad_error(grads, ref_grads)
 
 
-def check_cross_entropy(kernels, n, V, *, seed=0, scale=3.0):
+def check_cross_entropy(flavour, n, V, *, seed=0, scale=3.0):
     g = _gen(seed)
     logits = torch.randn(n, V, generator=g) * scale
     targets = torch.randint(0, V, (n,), generator=g)
     dloss = torch.rand((), generator=g) + 0.5
     leaf = logits.clone().requires_grad_()
-    loss = ops.cross_entropy(leaf, targets, kernels)
+    loss = ops.cross_entropy(leaf, targets, flavour)
     (grad,) = torch.autograd.grad(loss, leaf, dloss)
     ref_leaf = logits.double().requires_grad_()
     ref = F.cross_entropy(ref_leaf, targets)
@@ -79,13 +80,13 @@ def check_cross_entropy(kernels, n, V, *, seed=0, scale=3.0):
     return _error(loss, ref), _grad_error([grad], [ref_grad])
 
 
-def check_bias_gelu(kernels, rows, Fd, *, seed=0):
+def check_bias_gelu(flavour, rows, Fd, *, seed=0):
     """x spans GELU's negative tail (|x + b| up to ~12), where 1 + erf cancels."""
     g = _gen(seed)
     x, b = torch.randn(rows, Fd, generator=g) * 3, torch.randn(Fd, generator=g)
     dy = torch.randn(rows, Fd, generator=g)
     leaves = [t.clone().requires_grad_() for t in (x, b)]
-    y = ops.bias_gelu(*leaves, kernels)
+    y = ops.bias_gelu(*leaves, flavour)
     grads = torch.autograd.grad(y, leaves, dy)
     ref_leaves = [t.double().requires_grad_() for t in (x, b)]
     ref = F.gelu(ref_leaves[0] + ref_leaves[1])
@@ -126,14 +127,14 @@ def test_bias_gelu_conformance(rows, Fd):
     _assert_within("bias_gelu", check_bias_gelu("native", rows, Fd), (rows, Fd))
 
 
-@pytest.mark.parametrize("kernels", ["native", "cuda-emu"])
-def test_bias_gelu_normal_cdf_and_derivative_are_accurate(kernels):
+@pytest.mark.parametrize("flavour", ["native", "cuda-emu"])
+def test_bias_gelu_normal_cdf_and_derivative_are_accurate(flavour):
     """Phi = gelu(u) / u and gelu'(u) against float64 erfc, densely over [-12, 12] (both sides
     saturated): the C kernel's rational erf is within 2.5e-7 of Phi (torch's float32 gelu, with
     Abramowitz & Stegun's erf, is within about 1.5e-7)."""
-    u = torch.linspace(-12.0, 12.0, 4801 if kernels == "native" else 481)
+    u = torch.linspace(-12.0, 12.0, 4801 if flavour == "native" else 481)
     u = u[u != 0][None].requires_grad_()
-    y = ops.bias_gelu(u, torch.zeros(u.shape[1]), kernels)
+    y = ops.bias_gelu(u, torch.zeros(u.shape[1]), flavour)
     (g,) = torch.autograd.grad(y.sum(), u)
     u64 = u.detach().double()
     cdf = 0.5 * torch.special.erfc(-u64 / math.sqrt(2))
@@ -164,10 +165,10 @@ def test_emulated_cuda_kernels_match_the_c_kernels_for_more_chunks_than_one():
     x, w, b = torch.randn(65, 40, generator=g), torch.randn(40, generator=g), torch.randn(40)
     dy = torch.randn(65, 40, generator=g)
     out = {}
-    for kernels in ("native", "cuda-emu"):
-        y, mean, rstd = ops.layer_norm(x, w, b, 1e-5, kernels)
-        out[kernels] = (*ops.layer_norm_backward(dy, x, w, mean, rstd, True, kernels),
-                        *ops.bias_gelu_backward(dy, x, b, kernels))
+    for flavour in ("native", "cuda-emu"):
+        y, mean, rstd = ops.layer_norm(x, w, b, 1e-5, flavour)
+        out[flavour] = (*ops.layer_norm_backward(dy, x, w, mean, rstd, True, flavour),
+                        *ops.bias_gelu_backward(dy, x, b, flavour))
     for a, r in zip(out["cuda-emu"], out["native"]):
         assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)
 
@@ -186,14 +187,14 @@ def test_emulated_cross_entropy_marks_bad_targets_nan_when_unchecked():
 
 
 # ------------------------------------------------------------------------ determinism
-@pytest.mark.parametrize("kernels", ["native", "cuda-emu"])
-def test_parameter_gradients_do_not_depend_on_the_thread_count(kernels):
+@pytest.mark.parametrize("flavour", ["native", "cuda-emu"])
+def test_parameter_gradients_do_not_depend_on_the_thread_count(flavour):
     """dweight / dbias are summed per fixed chunk of rows and the chunks added in order."""
-    lib = loader.load("cpu" if kernels == "native" else kernels)
+    lib = loader.load("cpu" if flavour == "native" else flavour)
     g = _gen(2)
-    rows, C = (1000, 65) if kernels == "native" else (70, 33)
+    rows, C = (1000, 65) if flavour == "native" else (70, 33)
     x, w, dy = torch.randn(rows, C, generator=g), torch.randn(C), torch.randn(rows, C)
-    _, mean, rstd = ops.layer_norm(x, w, None, 1e-5, kernels)
+    _, mean, rstd = ops.layer_norm(x, w, None, 1e-5, flavour)
     results = []
     for threads in (1, 2, 3, 8):
         dx, dw, db = torch.empty_like(x), torch.empty(C), torch.empty(C)
@@ -211,15 +212,15 @@ def test_parameter_gradients_do_not_depend_on_the_thread_count(kernels):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-@pytest.mark.parametrize("kernels", ["native", "cuda-emu"])
-def test_bias_gelu_backward_without_dbias(kernels):
+@pytest.mark.parametrize("flavour", ["native", "cuda-emu"])
+def test_bias_gelu_backward_without_dbias(flavour):
     """dbias = NULL: dx alone, no workspace needed."""
-    lib = loader.load("cpu" if kernels == "native" else kernels)
+    lib = loader.load("cpu" if flavour == "native" else flavour)
     x, b, dy = torch.randn(9, 20), torch.randn(20), torch.randn(9, 20)
     dx = torch.empty_like(x)
     lib.call("gptlab_bias_gelu_backward_f32", lib.ptr(dx), lib.ffi.NULL, lib.ffi.NULL,
              lib.ptr(dy), lib.ptr(x), lib.ptr(b), 9, 20, lib.ffi.NULL, 1)
-    assert torch.equal(dx, ops.bias_gelu_backward(dy, x, b, kernels)[0])
+    assert torch.equal(dx, ops.bias_gelu_backward(dy, x, b, flavour)[0])
 
 
 # ------------------------------------------------------------------------ ops: dtypes, errors

@@ -1,5 +1,5 @@
-"""The emulator's tensor-core primitives (csrc/emu/cuda_emu_tc.h through csrc/cuda/tensor_core.cuh),
-on the kernels of emu/tc_selftest.cu.
+"""The emulator's tensor-core primitives (gptlab/verify/emu/cuda_emu_tc.h through the plugin's
+csrc/cuda/tensor_core.cuh), on the kernels of emu/tc_selftest.cu.
 
 Fragment layouts are checked for every (lane, register element) against two independent sources:
 the PTX ISA's formulas (section "Matrix Fragments for mma.m16n8k16 with floating point type" and
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.plugins.cuda_kernels import build, emulator
+from gptlab.plugins.cuda_kernels import build
+from gptlab.verify import emulator
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,8 +32,9 @@ def selftest(racecheck: bool = False):
     base = build.CUDA_EMU_RACECHECK if racecheck else build.CUDA_EMU
     flavour = build.Flavour(
         name="emu-tc-selftest" + ("-racecheck" if racecheck else ""), compiler_env="CXX",
-        default_compiler="c++", sources=(str(HERE / "emu" / "tc_selftest.cu"), "emu/cuda_emu.cpp"),
-        headers=("emu/*.h", "cuda/*.cuh"), flags=base.flags)
+        default_compiler="c++",
+        sources=(str(HERE / "emu" / "tc_selftest.cu"), str(build.EMU_DIR / "cuda_emu.cpp")),
+        headers=("cuda/*.cuh",), include_dirs=base.include_dirs, flags=base.flags)
     ffi = cffi.FFI()
     ffi.cdef("""
         int tc_layout(int kind, int lane, int i, int *row, int *col);

@@ -1,25 +1,24 @@
-"""Native attention kernels, C for the CPU and CUDA for GPUs, loaded with cffi.
+"""Native attention kernels, C for the CPU and CUDA for GPUs, loaded with cffi: the runtime.
 
 Registers the ``fused`` (fused scale + mask + softmax) and ``flash`` (FlashAttention: Dao et al.
 2022; Dao 2023) attention backends, the ``native`` layer kernels (LayerNorm, bias + GELU,
 cross-entropy) and the ``gpt kernels`` command group. Layout:
 
 - ``csrc/gptlab_kernels.h``: the one C ABI (also the cffi cdef), read by ``abi.py``;
-- ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``); ``csrc/cuda/``: their CUDA twins
-  (``softmax.cu``, ``flash.cu``) and flash attention on tensor cores (``flash_tc.cu``, bfloat16
-  and float16, the ``flash-tc`` backend); ``csrc/emu/``: the CUDA emulator that runs the ``.cu``
-  files on the CPU (schedules and mutation chosen from ``emulator.py``; a race detector; tensor
-  cores in ``cuda_emu_tc.h``);
+- ``csrc/cpu/``: the C kernels (``softmax.c``, ``flash.c``, the row-wise kernels, ``decode.c``);
+  ``csrc/cuda/``: their CUDA twins (``softmax.cu``, ``flash.cu``, ...) and flash attention on
+  tensor cores (``flash_tc.cu``, bfloat16 and float16, the ``flash-tc`` backend);
 - ``build.py``: cached, locked compilation of the ``cpu``, ``cuda``, ``cuda-emu`` and
-  ``cuda-emu-racecheck`` flavours; ``loader.py``: cffi; ``ops.py``: torch custom ops with
+  ``cuda-emu-racecheck`` flavours (the emulated two against the CUDA emulator of
+  ``gptlab/verify/emu/``, by path); ``loader.py``: cffi; ``ops.py``: torch custom ops with
   autograd; ``backends.py``: the attention backends; ``layer_kernels.py``: the layer kernels;
-  ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
-  catches it; ``commands.py``: ``gpt kernels build / info / check / mutations / bench-ops /
-  gpucheck``; ``gpucheck.py``: the one-command check of the CUDA kernels on a GPU machine (its
-  markdown report).
+  ``decode.py``: the fused decoding step; ``commands.py``: ``gpt kernels build / info``.
 
-Each kernel source file names, in its header comment, the reference it is checked against, the
-command that checks it and the one that benchmarks it.
+The tools that verify these kernels (the emulator, the emulated backends, mutation testing,
+``gpt kernels check / mutations / gpucheck``) live apart in :mod:`gptlab.verify`, which this
+package never imports (but for adding its commands to the ``gpt kernels`` group). Each kernel
+source file names, in its header comment, the reference it is checked against, the command that
+checks it and the one that benchmarks it.
 """
 
 from gptlab import hookimpl

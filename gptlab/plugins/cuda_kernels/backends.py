@@ -7,10 +7,9 @@ memory-efficient backward that recomputes P from Q, K and the saved logsumexp: e
 O(T), never O(T^2).
 
 Both run CPU tensors on the C kernels and CUDA tensors on the nvcc-built ``.cu`` kernels; each
-library is compiled on first use (see :mod:`.build`). :class:`EmulatedFused` and
-:class:`EmulatedFlash` run the ``.cu`` kernels on CPU tensors through the CUDA emulator; they
-are not registered for training (the emulator is ~100x slower than the C kernels) but verify the
-CUDA code in the test suite and in ``gpt kernels check --flavour cuda-emu``.
+library is compiled on first use (see :mod:`.build`). ``flash-tc``: FlashAttention-2 on tensor
+cores (``csrc/cuda/flash_tc.cu``), CUDA only. Their emulated twins, which run the ``.cu`` kernels
+on CPU tensors, are verification tools (:mod:`gptlab.verify.emulated`).
 """
 
 from __future__ import annotations
@@ -96,12 +95,12 @@ class NativeBackend(AttentionBackend):
     supports_dropout = False
     supports_q_shorter_than_k = True
     deterministic = True
-    kernels: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
+    flavour: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
-        if cls.kernels != ops.NATIVE:
-            return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
+        if cls.flavour != ops.NATIVE:
+            return [r for r in [build.missing_compiler_reason(cls.flavour)] if r]
         return native_unavailable_reasons(device)
 
     @classmethod
@@ -113,18 +112,18 @@ class NativeBackend(AttentionBackend):
         return r + cuda_dtype_reasons(request, cls.dtypes)
 
     @classmethod
-    def _flavour(cls, device: str) -> str:
-        return ops.native_flavour(device) if cls.kernels == ops.NATIVE else cls.kernels
+    def _build_flavour(cls, device: str) -> str:
+        return ops.native_flavour(device) if cls.flavour == ops.NATIVE else cls.flavour
 
     @classmethod
     def prepare(cls, request):
         # compile the library the request's device needs now: a failure is a one-line
         # KernelBuildError, and auto moves on to the next backend
-        load(cls._flavour(request.device))
+        load(cls._build_flavour(request.device))
 
     @classmethod
     def measure_tag(cls, request):
-        return f"@{build.build_key(build.get_flavour(cls._flavour(request.device)))[:12]}"
+        return f"@{build.build_key(build.get_flavour(cls._build_flavour(request.device)))[:12]}"
 
     def _check_dropout(self, dropout_p):
         if dropout_p:
@@ -141,7 +140,7 @@ class FusedAttention(NativeBackend):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
         att = q @ k.transpose(-2, -1)  # (B, nh, Tq, Tk), unscaled: the kernel scales
-        p = torch.ops.gptlab.fused_softmax(att, scale, causal, self.kernels)
+        p = torch.ops.gptlab.fused_softmax(att, scale, causal, self.flavour)
         return p @ v  # (B, nh, Tq, hs)
 
 
@@ -165,7 +164,7 @@ class FlashAttention(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        return ops.flash_attention(q, k, v, scale, causal, self.kernels)
+        return ops.flash_attention(q, k, v, scale, causal, self.flavour)
 
 
 class TensorCoreFlash(NativeBackend):
@@ -196,37 +195,6 @@ class TensorCoreFlash(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
-        o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.kernels)
+        o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.flavour)
         return o
 
-
-class Emulated:
-    """Mixin: the CUDA kernels run on CPU tensors by the emulator; never picked by auto."""
-
-    priority = -100
-    devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.float32})
-    max_head_dim = CUDA_MAX_HEAD_DIM
-    kernels = build.CUDA_EMU.name
-
-
-class EmulatedFused(Emulated, FusedAttention):
-    name = "fused-emu"
-    description = "the CUDA fused softmax (softmax.cu) run on the CPU by the CUDA emulator"
-
-
-class EmulatedFlash(Emulated, FlashAttention):
-    name = "flash-emu"
-    description = "the CUDA flash attention (flash.cu) run on the CPU by the CUDA emulator"
-
-    @classmethod
-    def is_deterministic(cls, device: str) -> bool:
-        return False  # as on the GPU it stands for (the emulator itself repeats exactly)
-
-
-class EmulatedTensorCoreFlash(Emulated, TensorCoreFlash):
-    name = "flash-tc-emu"
-    description = ("the tensor-core flash attention (flash_tc.cu) run on the CPU by the CUDA "
-                   "emulator")
-    dtypes = TensorCoreFlash.dtypes
-    min_head_dim, max_head_dim = TensorCoreFlash.min_head_dim, TensorCoreFlash.max_head_dim

@@ -6,16 +6,19 @@ Four *flavours* share this machinery:
 - ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), for sm_80 and
   sm_90 (plus compute_90 PTX that newer GPUs compile on load), with cudart linked statically so
   the library loads on a machine without a driver (see "CUDA versions" below);
-- ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against
-  ``csrc/emu/cuda_emu.h``: the CUDA kernels run on the CPU, for verification without a GPU;
-  ``cuda-emu-racecheck``: the same with the emulator's race detector (``-DGL_EMU_RACECHECK``).
+- ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against the CUDA emulator
+  (:data:`EMU_DIR`, ``gptlab/verify/emu/``: on the include path, its ``cuda_emu.cpp`` compiled
+  in; found by path, so the runtime imports nothing of the verification tools): the CUDA kernels
+  run on the CPU, for verification without a GPU; ``cuda-emu-racecheck``: the same with the
+  emulator's race detector (``-DGL_EMU_RACECHECK``). nvcc never sees the emulator.
 
 Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
-sources and headers, the flags, the compiler's version, torch's version, the ABI version and (for
-``-march=native``) the CPU's flags; the compiler's output is kept beside it in ``build.log``
-(for ``cuda``, ptxas' register / spill / shared-memory report: :func:`resource_report`). The cache
-folder is ``$GPTLAB_KERNEL_CACHE`` or ``~/.cache/gptlab/kernels``. Flags never include
-``-Ofast`` / ``-ffast-math`` / ``--use_fast_math``: masking relies on -inf.
+sources and headers (the emulator's too, for its flavours), the flags, the compiler's version,
+torch's version, the ABI version and (for ``-march=native``) the CPU's flags; the compiler's
+output is kept beside it in ``build.log`` (for ``cuda``, ptxas' register / spill / shared-memory
+report: :func:`resource_report`). The cache folder is ``$GPTLAB_KERNEL_CACHE`` or
+``~/.cache/gptlab/kernels``. Flags never include ``-Ofast`` / ``-ffast-math`` /
+``--use_fast_math``: masking relies on -inf.
 
 A library is never loaded unverified (dlopen of a truncated file dies with SIGBUS): the build
 records its size and sha256 in ``library.json`` beside it, and :func:`build` (which every load goes
@@ -68,6 +71,10 @@ from gptlab.plugins.cuda_kernels.abi import ABI_VERSION, CSRC, HEADER
 
 log = logging.getLogger(__name__)
 
+#: The CUDA emulator's sources (cuda_emu.h, cuda_emu.cpp, ...), which only the emulated flavours
+#: compile against.
+EMU_DIR = Path(__file__).resolve().parents[2] / "verify" / "emu"
+
 #: How long a build waits for another process's build of the same library, and how long one
 #: compile may take (nvcc takes minutes); module constants so that tests can shorten them.
 LOCK_TIMEOUT_S = 600.0
@@ -89,6 +96,7 @@ class Flavour:
     sources: tuple[str, ...]  # relative to csrc/ (or absolute)
     headers: tuple[str, ...]  # glob patterns relative to csrc/, hashed into the key
     flags: tuple[str, ...]
+    include_dirs: tuple[Path, ...] = ()  # besides csrc/ (-I); their *.h are hashed into the key
     device: str = "cpu"  # the torch device type of the tensors its kernels take
     native_cpu: bool = False  # flags depend on the build machine's CPU
     install_hint: str = ""
@@ -107,7 +115,7 @@ CPU = Flavour(
 )
 CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu", "cuda/flash_tc.cu",
                 "cuda/layernorm.cu", "cuda/cross_entropy.cu", "cuda/bias_gelu.cu")
-CUDA_HEADERS = ("cuda/*.cuh", "emu/*.h")
+CUDA_HEADERS = ("cuda/*.cuh",)
 #: SASS for Ampere (sm_80) and Hopper (sm_90), and PTX that later GPUs compile when loading.
 CUDA_ARCH_FLAGS = ("-gencode", "arch=compute_80,code=sm_80",
                    "-gencode", "arch=compute_90,code=[sm_90,compute_90]")
@@ -120,9 +128,10 @@ CUDA = Flavour(
 )
 CUDA_EMU = Flavour(
     name="cuda-emu", compiler_env="CXX", default_compiler="c++",
-    sources=(*CUDA_SOURCES, "emu/cuda_emu.cpp"), headers=CUDA_HEADERS,
+    sources=(*CUDA_SOURCES, str(EMU_DIR / "cuda_emu.cpp")), headers=CUDA_HEADERS,
     flags=("-x", "c++", "-std=c++20", "-O2", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-pthread",
            "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"),
+    include_dirs=(EMU_DIR,),
     install_hint="install g++ or set CXX",
 )
 #: The emulator with its race detector (GL_SMEM_PTR / GL_GLOBAL_PTR become watched pointers):
@@ -165,7 +174,8 @@ def build_key(flavour: Flavour) -> str:
 
     h = hashlib.sha256()
     files = sorted({HEADER, *(CSRC / s for s in flavour.sources),
-                    *(f for pattern in flavour.headers for f in CSRC.glob(pattern))})
+                    *(f for pattern in flavour.headers for f in CSRC.glob(pattern)),
+                    *(f for folder in flavour.include_dirs for f in folder.glob("*.h"))})
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -327,7 +337,8 @@ def _compile(flavour: Flavour, lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     for stale in lib.parent.glob(f"*{TMP_SUFFIX}"):
         stale.unlink()
-    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC)]
+    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC),
+                  *(arg for folder in flavour.include_dirs for arg in ("-I", str(folder)))]
     sources = [str(CSRC / s) for s in flavour.sources]
     with atomic_path(lib) as tmp:  # renamed into place only if the compiler succeeds
         cmd = [*cmd_prefix, "-o", str(tmp), *sources, "-lm"]

@@ -7,9 +7,8 @@ activations: the bias + GELU kernel takes them on the CPU (widened, result round
 loss widens bfloat16 logits to float32 first (as autocast does for ``F.cross_entropy``), and the
 residual stream LayerNorm reads stays float32.
 
-:class:`EmulatedNativeKernels` runs the same operations' ``.cu`` kernels on CPU tensors through
-the CUDA emulator; like the emulated attention backends it is not registered (it stands for the
-GPU in ``gpt kernels gpucheck --emulate`` and in tests).
+Their emulated twin, which runs the ``.cu`` kernels on CPU tensors, is a verification tool
+(:class:`gptlab.verify.emulated.EmulatedNativeKernels`).
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ class NativeKernels(TorchKernels):
     description = "C/CUDA kernels: one-pass LayerNorm, fused bias+GELU, one-pass cross-entropy"
     devices = frozenset({"cpu", "cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16})
-    kernels: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
+    flavour: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:
-        if cls.kernels != ops.NATIVE:
-            return [r for r in [build.missing_compiler_reason(cls.kernels)] if r]
+        if cls.flavour != ops.NATIVE:
+            return [r for r in [build.missing_compiler_reason(cls.flavour)] if r]
         return native_unavailable_reasons(device)
 
     @classmethod
@@ -45,30 +44,18 @@ class NativeKernels(TorchKernels):
 
     @classmethod
     def prepare(cls, request):
-        load(ops.native_flavour(request.device) if cls.kernels == ops.NATIVE else cls.kernels)
+        load(ops.native_flavour(request.device) if cls.flavour == ops.NATIVE else cls.flavour)
 
     def layer_norm(self, x, weight, bias, eps):
         if x.dtype != weight.dtype:  # autocast activations: normalise as the reference does
             return super().layer_norm(x, weight, bias, eps)
-        return ops.layer_norm(x, weight, bias, eps, self.kernels)[0]
+        return ops.layer_norm(x, weight, bias, eps, self.flavour)[0]
 
     def linear_gelu(self, x, linear):
         if linear.bias is None:
             return F.gelu(linear(x))
         h = F.linear(x, linear.weight)  # (..., 4C); the bias is added by the kernel
-        return ops.bias_gelu(h, linear.bias.to(h.dtype), self.kernels)
+        return ops.bias_gelu(h, linear.bias.to(h.dtype), self.flavour)
 
     def cross_entropy(self, logits, targets):
-        return ops.cross_entropy(logits.float(), targets, self.kernels)
-
-
-class EmulatedNativeKernels(NativeKernels):
-    """The CUDA layer kernels (layernorm.cu, bias_gelu.cu, cross_entropy.cu) on CPU tensors, run
-    by the CUDA emulator; never picked by auto."""
-
-    name = "native-emu"
-    priority = -100
-    description = "the CUDA layer kernels run on the CPU by the CUDA emulator"
-    devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.float32})
-    kernels = build.CUDA_EMU.name
+        return ops.cross_entropy(logits.float(), targets, self.flavour)

@@ -5,7 +5,7 @@ dispatcher in eager mode: see the section of the row-wise kernels).
 
 Registered with ``torch.library.custom_op`` (with fake implementations and autograd formulas), so
 they work in eager mode, under autograd and through ``torch.compile``. The last argument,
-``kernels``, picks the library: ``"native"`` runs the kernels of the tensors' device (the C
+``flavour``, picks the library: ``"native"`` runs the kernels of the tensors' device (the C
 library for CPU tensors, the nvcc library for CUDA tensors, on torch's current stream);
 ``"cuda-emu"`` runs the CUDA kernels on CPU tensors through the emulator. Inputs are checked here
 (device, dtype, shapes) so that errors are readable before any pointer reaches C.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from gptlab.plugins.cuda_kernels import loader
-from gptlab.plugins.cuda_kernels.build import FLAVOURS, get_flavour
+from gptlab.plugins.cuda_kernels.build import FLAVOURS, Flavour, get_flavour
 from gptlab.plugins.cuda_kernels.loader import KernelError, NativeLibrary, load
 
 NATIVE = "native"
@@ -37,13 +37,13 @@ def _threads(work: int) -> int:
 
 
 def native_flavour(device_type: str) -> str:
-    """The kernel flavour that serves tensors of this device type with ``kernels="native"``."""
+    """The kernel flavour that serves tensors of this device type with ``flavour="native"``."""
     if device_type not in ("cpu", "cuda"):
         raise KernelError(f"no native kernels for {device_type} tensors (cpu and cuda only)")
     return device_type
 
 
-def _library(kernels: str, name: str, *tensors: torch.Tensor,
+def _library(flavour: str, name: str, *tensors: torch.Tensor,
              lse: torch.Tensor | None = None) -> tuple[NativeLibrary, object]:
     """Check the tensors (one device, one dtype the kernels take; ``lse`` float32); return the
     library to call and the stream argument."""
@@ -55,7 +55,7 @@ def _library(kernels: str, name: str, *tensors: torch.Tensor,
         if lse.dtype != torch.float32:
             raise KernelError(f"{name}: lse must be float32, got "
                               f"{str(lse.dtype).replace('torch.', '')}")
-    flavour, allowed, lib = _resolve(kernels, device)
+    build_flavour, allowed, lib = _resolve(flavour, device)
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
         raise KernelError(f"{name}: tensors of different dtypes "
@@ -66,56 +66,60 @@ def _library(kernels: str, name: str, *tensors: torch.Tensor,
             raise KernelError(f"{name}: tensors on different devices ({device} and {t.device})")
         if t.dtype not in allowed:
             names = " or ".join(str(d).replace("torch.", "") for d in allowed)
-            raise KernelError(f"{name}: the {flavour.name} kernels take {names}, got "
+            raise KernelError(f"{name}: the {build_flavour.name} kernels take {names}, got "
                               f"{str(t.dtype).replace('torch.', '')}")
-    return _opened(kernels, flavour, allowed, lib, name, device)
+    return _opened(flavour, build_flavour, allowed, lib, name, device)
 
 
-def _flavour(kernels: str, device: torch.device):
-    """The flavour that serves ``kernels`` for tensors on ``device``, and the dtypes it takes
-    (the C library widens bfloat16; CUDA and the emulator take float32)."""
-    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
-    allowed = (torch.float32, torch.bfloat16) if flavour.name == "cpu" else (torch.float32,)
-    return flavour, allowed
+def _build_flavour(flavour: str, device: torch.device) -> tuple[Flavour, tuple]:
+    """The build flavour that serves ``flavour`` for tensors on ``device``, and the dtypes it
+    takes (the C library widens bfloat16; CUDA and the emulator take float32)."""
+    build_flavour = get_flavour(native_flavour(device.type) if flavour == NATIVE else flavour)
+    allowed = ((torch.float32, torch.bfloat16) if build_flavour.name == "cpu"
+               else (torch.float32,))
+    return build_flavour, allowed
 
 
-def _open(flavour, name: str, device: torch.device) -> tuple[NativeLibrary, object]:
-    """The loaded library of ``flavour`` and the stream argument for tensors on ``device`` (a
-    one-line error if the flavour's kernels take another device's tensors)."""
-    if flavour.device != device.type:
-        raise KernelError(f"{name}: the {flavour.name} kernels take {flavour.device} tensors, "
-                          f"got {device}")
-    lib = load(flavour)
-    if flavour.device == "cuda":
+def _open(build_flavour: Flavour, name: str,
+          device: torch.device) -> tuple[NativeLibrary, object]:
+    """The loaded library of ``build_flavour`` and the stream argument for tensors on
+    ``device`` (a one-line error if its kernels take another device's tensors)."""
+    if build_flavour.device != device.type:
+        raise KernelError(f"{name}: the {build_flavour.name} kernels take "
+                          f"{build_flavour.device} tensors, got {device}")
+    lib = load(build_flavour)
+    if build_flavour.device == "cuda":
         return lib, lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
     return lib, lib.ffi.NULL
 
 
-#: kernels -> (flavour, dtypes, library) for CPU tensors, so that a call on small tensors
+#: flavour -> (build flavour, dtypes, library) for CPU tensors, so that a call on small tensors
 #: (decoding: one row) does not pay the lookups again (~12 us of a ~20 us call on the test
 #: machine). An entry is used only while it is what the lookups would give: the same FLAVOURS
 #: entry and the same library in loader's table (tests replace both).
 _resolved: dict = {}
 
 
-def _resolve(kernels: str, device: torch.device):
-    """``(flavour, dtypes, library or None)``: the library only where memoised (CPU)."""
-    hit = _resolved.get(kernels) if device.type == "cpu" else None
+def _resolve(flavour: str, device: torch.device):
+    """``(build flavour, dtypes, library or None)``: the library only where memoised (CPU)."""
+    hit = _resolved.get(flavour) if device.type == "cpu" else None
     if hit is not None:
-        flavour, _, lib = hit
-        if FLAVOURS.get(flavour.name) is flavour and loader._loaded.get(flavour) is lib:
+        build_flavour, _, lib = hit
+        if (FLAVOURS.get(build_flavour.name) is build_flavour
+                and loader._loaded.get(build_flavour) is lib):
             return hit
-    return (*_flavour(kernels, device), None)
+    return (*_build_flavour(flavour, device), None)
 
 
-def _opened(kernels: str, flavour, allowed, lib, name: str, device: torch.device):
+def _opened(flavour: str, build_flavour: Flavour, allowed, lib, name: str,
+            device: torch.device):
     """The library and stream argument, after the checks: memoised, or opened (and memoised
     for CPU tensors)."""
     if lib is not None:
         return lib, lib.ffi.NULL
-    lib, stream = _open(flavour, name, device)
+    lib, stream = _open(build_flavour, name, device)
     if device.type == "cpu":
-        _resolved[kernels] = (flavour, allowed, lib)
+        _resolved[flavour] = (build_flavour, allowed, lib)
     return lib, stream
 
 
@@ -132,9 +136,9 @@ def _like(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ------------------------------------------------------------------------ fused softmax
 @torch.library.custom_op("gptlab::fused_softmax", mutates_args=())
 def fused_softmax(x: torch.Tensor, scale: float, causal: bool,
-                  kernels: str = NATIVE) -> torch.Tensor:
+                  flavour: str = NATIVE) -> torch.Tensor:
     """softmax(scale * x + causal mask) over the last dim of (..., tq, tk)."""
-    lib, stream = _library(kernels, "fused_softmax", x)
+    lib, stream = _library(flavour, "fused_softmax", x)
     if x.dim() < 2:
         raise KernelError(f"fused_softmax: x must be (..., tq, tk), got {tuple(x.shape)}")
     xf = _f32(x)
@@ -146,14 +150,14 @@ def fused_softmax(x: torch.Tensor, scale: float, causal: bool,
 
 
 @fused_softmax.register_fake
-def _(x, scale, causal, kernels=NATIVE):
+def _(x, scale, causal, flavour=NATIVE):
     return x.new_empty(x.shape)  # contiguous, like the real output
 
 
 @torch.library.custom_op("gptlab::fused_softmax_backward", mutates_args=())
 def fused_softmax_backward(y: torch.Tensor, dy: torch.Tensor, scale: float, causal: bool,
-                           kernels: str = NATIVE) -> torch.Tensor:
-    lib, stream = _library(kernels, "fused_softmax_backward", y, dy)
+                           flavour: str = NATIVE) -> torch.Tensor:
+    lib, stream = _library(flavour, "fused_softmax_backward", y, dy)
     if y.shape != dy.shape or y.dim() < 2:
         raise KernelError(f"fused_softmax_backward: y {tuple(y.shape)} and dy "
                           f"{tuple(dy.shape)} must be one (..., tq, tk) shape")
@@ -167,18 +171,18 @@ def fused_softmax_backward(y: torch.Tensor, dy: torch.Tensor, scale: float, caus
 
 
 @fused_softmax_backward.register_fake
-def _(y, dy, scale, causal, kernels=NATIVE):
+def _(y, dy, scale, causal, flavour=NATIVE):
     return dy.new_empty(y.shape)
 
 
 def _softmax_setup(ctx, inputs, output):
-    _, ctx.scale, ctx.causal, ctx.kernels = inputs
+    _, ctx.scale, ctx.causal, ctx.flavour = inputs
     ctx.save_for_backward(output)
 
 
 def _softmax_backward(ctx, dy):
     (y,) = ctx.saved_tensors
-    return fused_softmax_backward(y, dy, ctx.scale, ctx.causal, ctx.kernels), None, None, None
+    return fused_softmax_backward(y, dy, ctx.scale, ctx.causal, ctx.flavour), None, None, None
 
 
 fused_softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
@@ -231,10 +235,10 @@ def _check_qkv(name: str, q, k, v, **more: torch.Tensor) -> None:
 
 
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+                flavour: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
     """``gptlab::flash_attn``: returns (o, lse): o of q's shape and dtype (4-D: heads last, see
     above), lse (..., tq) float32 in natural log."""
-    lib, stream = _library(kernels, "flash_attn", q, k, v)
+    lib, stream = _library(flavour, "flash_attn", q, k, v)
     _check_qkv("flash_attn", q, k, v)
     qs, ks, vs = _strided(q), _strided(k), _strided(v)
     b, nh, tq, d = qs.shape
@@ -251,12 +255,12 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 flash_attn = torch.library.custom_op("gptlab::flash_attn", _flash_attn, mutates_args=())
 
 
-def _flash_fake(q, k, v, scale, causal, kernels=NATIVE):
+def _flash_fake(q, k, v, scale, causal, flavour=NATIVE):
     """What the forward ops (float32 and tensor-core) return: o heads last, lse float32."""
     return _heads_last(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _flash_backward_fake(do, q, k, v, o, lse, scale, causal, kernels=NATIVE):
+def _flash_backward_fake(do, q, k, v, o, lse, scale, causal, flavour=NATIVE):
     """What the backward ops return: dq, dk, dv heads last."""
     return _heads_last(q), _heads_last(k), _heads_last(v)
 
@@ -267,10 +271,10 @@ flash_attn.register_fake(_flash_fake)
 @torch.library.custom_op("gptlab::flash_attn_backward", mutates_args=())
 def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                        kernels: str = NATIVE
+                        flavour: str = NATIVE
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each of its input's shape and dtype (4-D: heads last)."""
-    lib, stream = _library(kernels, "flash_attn_backward", do, q, k, v, o, lse=lse)
+    lib, stream = _library(flavour, "flash_attn_backward", do, q, k, v, o, lse=lse)
     _check_qkv("flash_attn_backward", q, k, v, o=o, do=do, lse=lse)
     qs, ks, vs, os_, dos = (_strided(t) for t in (q, k, v, o, do))
     lsef = lse.reshape(-1, q.shape[-2]).contiguous()
@@ -292,7 +296,7 @@ flash_attn_backward.register_fake(_flash_backward_fake)
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, ctx.scale, ctx.causal, ctx.kernels = inputs
+    q, k, v, ctx.scale, ctx.causal, ctx.flavour = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)  # an auxiliary output: the backward has no dlse term
     ctx.save_for_backward(q, k, v, o, lse)  # O(T * hs): no T x T tensor is kept
@@ -302,7 +306,7 @@ def _flash_grads(backward_op):
     """The autograd formula of a forward op whose backward op is ``backward_op``."""
     def grads(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.kernels)
+        dq, dk, dv = backward_op(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.flavour)
         return dq, dk, dv, None, None, None
     return grads
 
@@ -321,28 +325,28 @@ def _no_grad_needed(*tensors: torch.Tensor | None) -> bool:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    causal: bool, kernels: str = NATIVE) -> torch.Tensor:
+                    causal: bool, flavour: str = NATIVE) -> torch.Tensor:
     """o of ``gptlab::flash_attn``; without autograd in eager mode, the implementation is
     called directly."""
     if _no_grad_needed(q, k, v):
-        return _flash_attn(q, k, v, scale, causal, kernels)[0]
-    return flash_attn(q, k, v, scale, causal, kernels)[0]
+        return _flash_attn(q, k, v, scale, causal, flavour)[0]
+    return flash_attn(q, k, v, scale, causal, flavour)[0]
 
 
 # ------------------------------------------------------------------------ tensor-core flash
 # csrc/cuda/flash_tc.cu: the forward on tensor cores, bfloat16 or float16 q, k, v (one dtype),
 # float32 accumulation and lse; head dims 64 and 128. CUDA tensors, or CPU tensors through the
-# emulator (kernels="cuda-emu"); the backward (gptlab::flash_attn_tc_backward) recomputes P.
+# emulator (flavour="cuda-emu"); the backward (gptlab::flash_attn_tc_backward) recomputes P.
 TC_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 TC_HEAD_DIMS = (64, 128)
 
 
-def _tc_library(kernels: str, name: str, *tensors: torch.Tensor):
+def _tc_library(flavour: str, name: str, *tensors: torch.Tensor):
     device = tensors[0].device
-    flavour = get_flavour(native_flavour(device.type) if kernels == NATIVE else kernels)
-    if flavour.name == "cpu":
+    build_flavour = get_flavour(native_flavour(device.type) if flavour == NATIVE else flavour)
+    if build_flavour.name == "cpu":
         raise KernelError(f"{name}: the tensor-core kernels are CUDA's: CUDA tensors, or CPU "
-                          f"tensors with kernels='cuda-emu'")
+                          f"tensors with flavour='cuda-emu'")
     for t in tensors:
         if t.device != device:
             raise KernelError(f"{name}: tensors on different devices ({device} and {t.device})")
@@ -350,7 +354,7 @@ def _tc_library(kernels: str, name: str, *tensors: torch.Tensor):
             got = ", ".join(sorted({_dtype_name(x.dtype) for x in tensors}))
             raise KernelError(f"{name}: the tensor-core kernels take bfloat16 or float16 (one "
                               f"dtype for q, k, v), got {got}")
-    return _open(flavour, name, device)
+    return _open(build_flavour, name, device)
 
 
 def _tc_operand(t: torch.Tensor) -> torch.Tensor:
@@ -372,10 +376,10 @@ def _tc_strides(lib: NativeLibrary, *tensors: torch.Tensor):
 
 @torch.library.custom_op("gptlab::flash_attn_tc", mutates_args=())
 def flash_attn_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                  kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+                  flavour: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor-core flash attention forward: (o, lse) as :func:`flash_attn` (o in q's dtype,
     4-D heads last; lse float32, natural log), for bfloat16 or float16 q, k, v."""
-    lib, stream = _tc_library(kernels, "flash_attn_tc", q, k, v)
+    lib, stream = _tc_library(flavour, "flash_attn_tc", q, k, v)
     _check_qkv("flash_attn_tc", q, k, v)
     if q.shape[-1] not in TC_HEAD_DIMS:
         raise KernelError(f"flash_attn_tc: head dim {q.shape[-1]} not supported (64 or 128)")
@@ -396,11 +400,11 @@ flash_attn_tc.register_fake(_flash_fake)
 @torch.library.custom_op("gptlab::flash_attn_tc_backward", mutates_args=())
 def flash_attn_tc_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                           kernels: str = NATIVE
+                           flavour: str = NATIVE
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of :func:`flash_attn_tc`, each of its input's shape and dtype (4-D: heads
     last); dQ is summed in float32 with atomics (on a GPU not bit-deterministic)."""
-    lib, stream = _tc_library(kernels, "flash_attn_tc_backward", do, q, k, v, o)
+    lib, stream = _tc_library(flavour, "flash_attn_tc_backward", do, q, k, v, o)
     _check_qkv("flash_attn_tc_backward", q, k, v, o=o, do=do, lse=lse)
     if lse.dtype != torch.float32 or lse.device != q.device:
         raise KernelError(f"flash_attn_tc_backward: lse must be float32 on {q.device}")
@@ -459,12 +463,12 @@ def _eager(*tensors: torch.Tensor | None) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
-def _rowwise_library(kernels: str, name: str, tensors: tuple, names: tuple
+def _rowwise_library(flavour: str, name: str, tensors: tuple, names: tuple
                      ) -> tuple[NativeLibrary, object]:
     """Check the tensors (one device; float dtypes the kernels take, not necessarily the same;
     None skipped) and return the library to call and the stream argument."""
     device = tensors[0].device
-    flavour, allowed, lib = _resolve(kernels, device)
+    build_flavour, allowed, lib = _resolve(flavour, device)
     for what, t in zip(names, tensors):
         if t is None:
             continue
@@ -473,9 +477,9 @@ def _rowwise_library(kernels: str, name: str, tensors: tuple, names: tuple
                               f"{t.device} for {what})")
         if t.dtype not in allowed:
             kinds = " or ".join(_dtype_name(d) for d in allowed)
-            raise KernelError(f"{name}: the {flavour.name} kernels take {kinds}, got "
+            raise KernelError(f"{name}: the {build_flavour.name} kernels take {kinds}, got "
                               f"{_dtype_name(t.dtype)} for {what}")
-    return _opened(kernels, flavour, allowed, lib, name, device)
+    return _opened(flavour, build_flavour, allowed, lib, name, device)
 
 
 def _expect_shape(name: str, what: str, t: torch.Tensor, shape) -> None:
@@ -499,9 +503,9 @@ def _workspace(lib: NativeLibrary, like: torch.Tensor, size_fn: str, *sizes: int
 
 # ------------------------------------------------------------------------ layer norm
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                flavour: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     name = "layer_norm"
-    lib, stream = _rowwise_library(kernels, name, (x, weight, bias), ("x", "weight", "bias"))
+    lib, stream = _rowwise_library(flavour, name, (x, weight, bias), ("x", "weight", "bias"))
     C = _last_dim(name, "x", x, "C")
     _expect_shape(name, "weight", weight, (C,))
     if bias is not None:
@@ -523,10 +527,10 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
-                         kernels: str = NATIVE
+                         flavour: str = NATIVE
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     name = "layer_norm_backward"
-    lib, stream = _rowwise_library(kernels, name, (dy, x, weight, mean, rstd),
+    lib, stream = _rowwise_library(flavour, name, (dy, x, weight, mean, rstd),
                                    ("dy", "x", "weight", "mean", "rstd"))
     C = _last_dim(name, "x", x, "C")
     _expect_shape(name, "dy", dy, x.shape)
@@ -560,20 +564,20 @@ layer_norm_backward = torch.library.custom_op("gptlab::layer_norm_backward", _la
 
 
 @layer_norm_op.register_fake
-def _(x, weight, bias, eps, kernels=NATIVE):
+def _(x, weight, bias, eps, flavour=NATIVE):
     stats = x.shape[:-1]
     return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
             x.new_empty(stats, dtype=torch.float32))
 
 
 @layer_norm_backward.register_fake
-def _(dy, x, weight, mean, rstd, has_bias, kernels=NATIVE):
+def _(dy, x, weight, mean, rstd, has_bias, flavour=NATIVE):
     C = x.shape[-1]
     return x.new_empty(x.shape), weight.new_empty(C), weight.new_empty(C if has_bias else 0)
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, ctx.eps, ctx.kernels = inputs
+    x, weight, bias, ctx.eps, ctx.flavour = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)  # saved statistics: the backward has no term for them
     ctx.set_materialize_grads(False)  # no zero tensors made for d(mean), d(rstd)
@@ -587,7 +591,7 @@ def _layer_norm_grads(backward_fn):
             return None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
-        dx, dw, db = backward_fn(dy, x, weight, mean, rstd, has_bias, ctx.kernels)
+        dx, dw, db = backward_fn(dy, x, weight, mean, rstd, has_bias, ctx.flavour)
         return dx, dw, (_like(db, ctx.bias_dtype) if has_bias else None), None, None
     return grads
 
@@ -616,23 +620,23 @@ _LayerNormFn = _eager_function(_layer_norm, _layer_norm_setup,
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-               kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               flavour: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``gptlab::layer_norm``: LayerNorm over the last dim of x (..., C); returns (y, mean,
     rstd) with y = (x - mean) * rstd * weight + bias (biased variance, rstd = 1 / sqrt(var +
     eps)), y in x's dtype (contiguous), mean and rstd (...) float32 and not differentiable.
     bias may be None."""
     if _no_grad_needed(x, weight, bias):
-        return _layer_norm(x, weight, bias, eps, kernels)
+        return _layer_norm(x, weight, bias, eps, flavour)
     if _eager(x, weight, bias):
-        return _LayerNormFn.apply(x, weight, bias, eps, kernels)
-    return layer_norm_op(x, weight, bias, eps, kernels)
+        return _LayerNormFn.apply(x, weight, bias, eps, flavour)
+    return layer_norm_op(x, weight, bias, eps, flavour)
 
 
 # ------------------------------------------------------------------------ cross-entropy
 def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool,
-                           kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+                           flavour: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
     name = "cross_entropy"
-    lib, stream = _rowwise_library(kernels, name, (logits,), ("logits",))
+    lib, stream = _rowwise_library(flavour, name, (logits,), ("logits",))
     if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
         raise KernelError(f"{name}: logits must be (N, V) with N, V >= 1, got "
                           f"{tuple(logits.shape)}")
@@ -657,9 +661,9 @@ def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, need_gra
 
 
 def _cross_entropy_backward(dlogits: torch.Tensor, dloss: torch.Tensor,
-                            kernels: str = NATIVE) -> torch.Tensor:
+                            flavour: str = NATIVE) -> torch.Tensor:
     name = "cross_entropy_backward"
-    lib, stream = _rowwise_library(kernels, name, (dlogits, dloss), ("dlogits", "dloss"))
+    lib, stream = _rowwise_library(flavour, name, (dlogits, dloss), ("dlogits", "dloss"))
     if dlogits.dim() != 2 or dlogits.dtype != torch.float32 or dlogits.numel() == 0:
         raise KernelError(f"{name}: dlogits must be a non-empty (N, V) float32 tensor, got "
                           f"{tuple(dlogits.shape)} {_dtype_name(dlogits.dtype)}")
@@ -679,18 +683,18 @@ cross_entropy_backward = torch.library.custom_op(
 
 
 @cross_entropy_forward.register_fake
-def _(logits, targets, need_grad, kernels=NATIVE):
+def _(logits, targets, need_grad, flavour=NATIVE):
     shape = tuple(logits.shape) if need_grad else (0,)
     return logits.new_empty(()), logits.new_empty(shape, dtype=torch.float32)
 
 
 @cross_entropy_backward.register_fake
-def _(dlogits, dloss, kernels=NATIVE):
+def _(dlogits, dloss, flavour=NATIVE):
     return dlogits.new_empty(dlogits.shape)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, _, ctx.need_grad, ctx.kernels = inputs
+    logits, _, ctx.need_grad, ctx.flavour = inputs
     ctx.dtype = logits.dtype
     _, dlogits = output
     ctx.mark_non_differentiable(dlogits)
@@ -712,7 +716,7 @@ def _cross_entropy_grads(backward_fn, *, reuse_for_unit_grad=False):
             # loss.backward(): the saved gradient is the answer, no copy (reading a CPU scalar
             # costs no sync; an in-place change of it later trips autograd's version check)
             return dlogits, None, None, None
-        return _like(backward_fn(dlogits, dloss, ctx.kernels), ctx.dtype), None, None, None
+        return _like(backward_fn(dlogits, dloss, ctx.flavour), ctx.dtype), None, None, None
     return grads
 
 
@@ -729,17 +733,17 @@ _CrossEntropyFn = _eager_function(
 # kernel for dlogits only when the logits need a gradient: the gradient is then computed in the
 # forward pass and kept instead of the probabilities, and the backward only scales it.
 torch.library.define("gptlab::cross_entropy",
-                     "(Tensor logits, Tensor targets, str kernels='native') -> Tensor")
+                     "(Tensor logits, Tensor targets, str flavour='native') -> Tensor")
 
 
 @torch.library.impl("gptlab::cross_entropy", "CompositeImplicitAutograd")
-def _cross_entropy_composite(logits, targets, kernels=NATIVE):
+def _cross_entropy_composite(logits, targets, flavour=NATIVE):
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    return cross_entropy_forward(logits, targets, need_grad, kernels)[0]
+    return cross_entropy_forward(logits, targets, need_grad, flavour)[0]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                  kernels: str = NATIVE) -> torch.Tensor:
+                  flavour: str = NATIVE) -> torch.Tensor:
     """``gptlab::cross_entropy``: the mean softmax cross-entropy of logits (N, V) against
     targets (N,) int64, F.cross_entropy(logits, targets) (no ignore_index: every target must be
     in [0, V)); a 0-dim loss in logits' dtype. With a gradient wanted, it is computed in the
@@ -747,15 +751,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     if _eager(logits, targets):
         need_grad = torch.is_grad_enabled() and logits.requires_grad
         if not need_grad:
-            return _cross_entropy_forward(logits, targets, False, kernels)[0]
-        return _CrossEntropyFn.apply(logits, targets, True, kernels)[0]
-    return torch.ops.gptlab.cross_entropy(logits, targets, kernels)
+            return _cross_entropy_forward(logits, targets, False, flavour)[0]
+        return _CrossEntropyFn.apply(logits, targets, True, flavour)[0]
+    return torch.ops.gptlab.cross_entropy(logits, targets, flavour)
 
 
 # ------------------------------------------------------------------------ bias + GELU
-def _bias_gelu(x: torch.Tensor, bias: torch.Tensor, kernels: str = NATIVE) -> torch.Tensor:
+def _bias_gelu(x: torch.Tensor, bias: torch.Tensor, flavour: str = NATIVE) -> torch.Tensor:
     name = "bias_gelu"
-    lib, stream = _rowwise_library(kernels, name, (x, bias), ("x", "bias"))
+    lib, stream = _rowwise_library(flavour, name, (x, bias), ("x", "bias"))
     F_ = _last_dim(name, "x", x, "F")
     _expect_shape(name, "bias", bias, (F_,))
     xf, bf = _f32(x), _f32(bias)
@@ -768,9 +772,9 @@ def _bias_gelu(x: torch.Tensor, bias: torch.Tensor, kernels: str = NATIVE) -> to
 
 
 def _bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
-                        kernels: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+                        flavour: str = NATIVE) -> tuple[torch.Tensor, torch.Tensor]:
     name = "bias_gelu_backward"
-    lib, stream = _rowwise_library(kernels, name, (dy, x, bias), ("dy", "x", "bias"))
+    lib, stream = _rowwise_library(flavour, name, (dy, x, bias), ("dy", "x", "bias"))
     F_ = _last_dim(name, "x", x, "F")
     _expect_shape(name, "dy", dy, x.shape)
     _expect_shape(name, "bias", bias, (F_,))
@@ -794,24 +798,24 @@ bias_gelu_backward = torch.library.custom_op("gptlab::bias_gelu_backward", _bias
 
 
 @bias_gelu_op.register_fake
-def _(x, bias, kernels=NATIVE):
+def _(x, bias, flavour=NATIVE):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, bias.dtype))
 
 
 @bias_gelu_backward.register_fake
-def _(dy, x, bias, kernels=NATIVE):
+def _(dy, x, bias, flavour=NATIVE):
     return x.new_empty(x.shape), bias.new_empty(bias.shape)
 
 
 def _bias_gelu_setup(ctx, inputs, output):
-    x, bias, ctx.kernels = inputs
+    x, bias, ctx.flavour = inputs
     ctx.save_for_backward(x, bias)  # u = x + bias is recomputed, never stored
 
 
 def _bias_gelu_grads(backward_fn):
     def grads(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, dbias = backward_fn(dy, x, bias, ctx.kernels)
+        dx, dbias = backward_fn(dy, x, bias, ctx.flavour)
         return dx, dbias, None
     return grads
 
@@ -824,12 +828,12 @@ _BiasGeluFn = _eager_function(_bias_gelu, _bias_gelu_setup,
                               _bias_gelu_grads(_bias_gelu_backward))
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor, kernels: str = NATIVE) -> torch.Tensor:
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, flavour: str = NATIVE) -> torch.Tensor:
     """``gptlab::bias_gelu``: gelu(x + bias) (exact erf GELU, F.gelu's default) for x (..., F),
     bias (F,); contiguous, in the dtype of x + bias. The backward recomputes x + bias from the
     saved x (nothing else of x's size is kept)."""
     if _no_grad_needed(x, bias):
-        return _bias_gelu(x, bias, kernels)
+        return _bias_gelu(x, bias, flavour)
     if _eager(x, bias):
-        return _BiasGeluFn.apply(x, bias, kernels)
-    return bias_gelu_op(x, bias, kernels)
+        return _BiasGeluFn.apply(x, bias, flavour)
+    return bias_gelu_op(x, bias, flavour)

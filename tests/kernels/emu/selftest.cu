@@ -1,4 +1,4 @@
-/* Kernels that exercise the CUDA emulator itself (csrc/emu/cuda_emu.h): barrier deadlocks,
+/* Kernels that exercise the CUDA emulator itself (gptlab/verify/emu/cuda_emu.h): barrier deadlocks,
  * shared-memory poisoning and bounds, warp shuffles, schedule-dependent races, interleaved blocks,
  * the race detector, mutation of barrier sites, launch limits.
  * Built by tests/kernels/test_emulator.py with g++ against the emulator (also with
@@ -12,7 +12,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "emu/cuda_emu.h"
+#include "cuda_emu.h"
 
 namespace {
 

@@ -1,5 +1,5 @@
 /* Kernels that exercise the emulator's tensor-core primitives (csrc/cuda/tensor_core.cuh over
- * csrc/emu/cuda_emu_tc.h). Built with g++ by tests/kernels/test_tensor_core_emulated.py and
+ * gptlab/verify/emu/cuda_emu_tc.h). Built with g++ by tests/kernels/test_tensor_core_emulated.py and
  * called through cffi:
  *
  *   tc_layout(kind, lane, i, &row, &col)   the emulator's fragment tables (kind: 0 = mma A,

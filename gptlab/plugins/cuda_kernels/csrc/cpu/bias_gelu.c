@@ -18,7 +18,7 @@
  *
  * Reference: F.gelu(x + bias) / autograd in float64 (tests/kernels/test_rowwise_kernels.py).
  * Check:     pytest tests/kernels/test_rowwise_kernels.py -k bias_gelu
- * Benchmark: gpt kernels bench-ops --ops bias_gelu  (vs F.gelu(x + bias), same run)
+ * Benchmark: gpt bench ops --ops linear_gelu  (vs F.gelu(linear(x)), same run)
  * CUDA twin: ../cuda/bias_gelu.cu
  */
 #include "rowwise.h"

@@ -14,7 +14,7 @@
  *
  * Reference: F.cross_entropy in float64 (tests/kernels/test_rowwise_kernels.py).
  * Check:     pytest tests/kernels/test_rowwise_kernels.py -k cross_entropy
- * Benchmark: gpt kernels bench-ops --ops cross_entropy  (vs F.cross_entropy, same run)
+ * Benchmark: gpt bench ops --ops cross_entropy  (vs F.cross_entropy, same run)
  * CUDA twin: ../cuda/cross_entropy.cu
  */
 #include "rowwise.h"

@@ -18,7 +18,7 @@
  *
  * Reference: F.layer_norm / autograd in float64 (tests/kernels/test_rowwise_kernels.py).
  * Check:     pytest tests/kernels/test_rowwise_kernels.py -k layer_norm
- * Benchmark: gpt kernels bench-ops --ops layer_norm  (vs F.layer_norm and the hand-written
+ * Benchmark: gpt bench ops --ops layer_norm  (vs F.layer_norm and the hand-written
  *            gptlab.nn.LayerNorm, same run)
  * CUDA twin: ../cuda/layernorm.cu
  */

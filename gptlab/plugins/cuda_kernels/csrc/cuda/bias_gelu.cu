@@ -13,7 +13,7 @@
  * Reference: F.gelu(x + bias) / autograd in float64 (tests/kernels/test_rowwise_kernels.py).
  * Check:     pytest tests/kernels/test_rowwise_kernels.py -k "bias_gelu and emu" (the emulator,
  *            on the CPU); the same tests run the cuda flavour on a GPU
- * Benchmark: gpt kernels bench-ops --device cuda --ops bias_gelu  (on a GPU, vs F.gelu(x + b))
+ * Benchmark: gpt bench ops --device cuda --ops linear_gelu  (on a GPU, vs F.gelu(linear(x)))
  * CPU twin:  ../cpu/bias_gelu.c
  */
 #include <algorithm>

@@ -1,7 +1,19 @@
 /* Shared helpers of the CUDA kernels: warp reductions, error reporting, launch checks.
  *
- * Compiled by nvcc for real GPUs, or by g++ against ../emu/cuda_emu.h for the CPU emulator; only
- * the host-side glue (device binding) differs between the two, behind __CUDACC__.
+ * Compiled by nvcc for real GPUs, or by g++ against the CUDA emulator for the CPU (the emulated
+ * flavours put gptlab/verify/emu/ on the include path; nvcc never sees it); only the host-side
+ * glue (device binding) differs between the two, behind __CUDACC__.
+ *
+ * The kernels launch and name their shared memory through five macros, which under nvcc are:
+ *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
+ *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
+ *   GL_DYNAMIC_SMEM(type, name)
+ *       -> extern __shared__ storage; type *name = (the block's dynamic shared memory)
+ *   GL_SMEM_PTR(type)    -> type *   (a pointer into shared memory)
+ *   GL_GLOBAL_PTR(type)  -> type *   (a pointer into global memory that several blocks write)
+ *   GL_SMEM_CAST(type, p) -> reinterpret_cast<type *>(p)   (p a GL_SMEM_PTR: a view as type)
+ * The last three only name what the emulator's race detector watches: its cuda_emu.h defines all
+ * five for the CPU.
  */
 #ifndef GPTLAB_CUDA_COMMON_CUH
 #define GPTLAB_CUDA_COMMON_CUH
@@ -10,7 +22,21 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../emu/cuda_emu.h"
+#ifdef __CUDACC__
+#include <cuda_runtime.h>
+
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define GL_DYNAMIC_SMEM(type, name)                  \
+    extern __shared__ float4 gl_dynamic_smem_[];     \
+    type *name = reinterpret_cast<type *>(gl_dynamic_smem_)
+#define GL_SMEM_PTR(type) type *
+#define GL_GLOBAL_PTR(type) type *
+#define GL_SMEM_CAST(type, p) reinterpret_cast<type *>(p)
+#else
+#include "cuda_emu.h" /* the CUDA emulator, on the emulated flavours' include path */
+#endif
+
 #include "../gptlab_kernels.h"
 
 namespace gl {

@@ -14,7 +14,7 @@
  * Reference: F.cross_entropy in float64 (tests/kernels/test_rowwise_kernels.py).
  * Check:     pytest tests/kernels/test_rowwise_kernels.py -k "cross_entropy and emu" (the
  *            emulator, on the CPU); the same tests run the cuda flavour on a GPU
- * Benchmark: gpt kernels bench-ops --device cuda --ops cross_entropy  (on a GPU, vs
+ * Benchmark: gpt bench ops --device cuda --ops cross_entropy  (on a GPU, vs
  *            F.cross_entropy)
  * CPU twin:  ../cpu/cross_entropy.c
  */

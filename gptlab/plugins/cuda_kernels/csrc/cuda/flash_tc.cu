@@ -16,9 +16,9 @@
  *     cp.async.wait_group 0 and a barrier: tile j+1 landed, and nobody reads stage j & 1 again
  *   epilogue: the row sums l (kept per lane, reduced over the 4 lanes once), O / l rounded to T,
  *             L = (m + log2 l)·ln 2 (natural; +inf and O = 0 for a row that sees no key).
- * Fragment layouts (lane -> (row, col)): ../emu/cuda_emu_tc.h; for a lane, groupID = lane / 4
- * holds rows groupID and groupID + 8 of its warp's 16, columns 2·(lane % 4) + {0, 1} of each
- * 8-wide n-tile.
+ * Fragment layouts (lane -> (row, col)): gptlab/verify/emu/cuda_emu_tc.h; for a lane, groupID =
+ * lane / 4 holds rows groupID and groupID + 8 of its warp's 16, columns 2·(lane % 4) + {0, 1} of
+ * each 8-wide n-tile.
  * Shared memory: two stages of K and V tiles, rows padded by 8 halves (16 bytes), so that rows
  * start 16 bytes apart modulo 128 and ldmatrix's 8 row addresses fall in 8 different groups of 4
  * banks; Q is staged in stage 1 before the loop. D = 64: BC = 64 keys, 36 KB; D = 128: BC = 32,

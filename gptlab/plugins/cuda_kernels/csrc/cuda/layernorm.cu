@@ -15,7 +15,7 @@
  * Reference: F.layer_norm / autograd in float64 (tests/kernels/test_rowwise_kernels.py).
  * Check:     pytest tests/kernels/test_rowwise_kernels.py -k "layer_norm and emu" (the
  *            emulator, on the CPU); the same tests run the cuda flavour on a GPU
- * Benchmark: gpt kernels bench-ops --device cuda --ops layer_norm  (on a GPU, vs F.layer_norm)
+ * Benchmark: gpt bench ops --device cuda --ops layer_norm  (on a GPU, vs F.layer_norm)
  * CPU twin:  ../cpu/layernorm.c
  */
 #include "rowwise.cuh"

@@ -9,10 +9,11 @@
  *   gl::tc::pack<T>(lo, hi)          two floats -> a register of two T (round to nearest even)
  *
  * T is __nv_bfloat16 or __half. Under nvcc these are inline PTX and cuda_bf16.h / cuda_fp16.h;
- * under a host compiler they are ../emu/cuda_emu_tc.h, where each warp instruction is checked as
- * a warp collective (all 32 lanes at the same call site) and cp.async completes only at the
- * wait. Fragment layouts (which lane holds which (row, col)): see cuda_emu_tc.h, from the PTX
- * ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" and "ldmatrix".
+ * under a host compiler they are the emulator's cuda_emu_tc.h (gptlab/verify/emu/, on the
+ * emulated flavours' include path), where each warp instruction is checked as a warp collective
+ * (all 32 lanes at the same call site) and cp.async completes only at the wait. Fragment layouts
+ * (which lane holds which (row, col)): see cuda_emu_tc.h, from the PTX ISA's "Matrix Fragments
+ * for mma.m16n8k16 with floating point type" and "ldmatrix".
  */
 #ifndef GPTLAB_CUDA_TENSOR_CORE_CUH
 #define GPTLAB_CUDA_TENSOR_CORE_CUH
@@ -29,7 +30,7 @@
 #else
 #include <source_location>
 
-#include "../emu/cuda_emu_tc.h"
+#include "cuda_emu_tc.h"
 /* the emulator names the kernel's line in its errors: the call site, passed implicitly */
 #define GL_TC_SITE_PARAM , std::source_location site = std::source_location::current()
 #define GL_TC_SITE site.file_name(), int(site.line())

@@ -1,11 +1,11 @@
 """Mutation testing of the CUDA kernels' synchronisation: is every barrier and atomic needed, and
 would the emulator notice if it went missing?
 
-Every ``__syncthreads``, ``__syncwarp`` and ``atomicAdd`` in ``csrc/cuda/*.cu`` and ``*.cuh`` is a
-*site* (found by scanning the sources with comments stripped, so a new one is picked up). Each
-site is removed in turn (``$GPTLAB_EMU_MUTATE``: the barrier returns at once, the atomicAdd
-becomes a plain read-modify-write) and small cases of the ops whose kernels the file holds (a
-header: of the ``.cu`` files that include it) run under each *detector*:
+Every ``__syncthreads``, ``__syncwarp`` and ``atomicAdd`` in the plugin's ``csrc/cuda/*.cu`` and
+``*.cuh`` is a *site* (found by scanning the sources with comments stripped, so a new one is
+picked up). Each site is removed in turn (``$GPTLAB_EMU_MUTATE``: the barrier returns at once,
+the atomicAdd becomes a plain read-modify-write) and small cases of the ops whose kernels the
+file holds (a header: of the ``.cu`` files that include it) run under each *detector*:
 
 - a schedule of the emulator (``inorder``, ``reverse``, ``greedy``, ``random:1``) on the
   ``cuda-emu`` flavour: caught if a result is out of tolerance or the launch fails;
@@ -13,7 +13,7 @@ header: of the ``.cu`` files that include it) run under each *detector*:
 
 A site that no detector catches must be in :data:`ALLOWLIST` with the reason its removal is
 harmless; ``tests/kernels/test_mutations.py`` asserts this, and ``gpt kernels mutations`` prints
-the table.
+the table (``--out``: a markdown page, :func:`page`; ``benchmarks/results/mutations.md``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.core.errors import GptlabError
-from gptlab.plugins.cuda_kernels import backends, build, emulator, ops
+from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.abi import CSRC
+from gptlab.verify import emulated, emulator
 
 CUDA_DIR = CSRC / "cuda"
 SCHEDULES = emulator.ALL_SCHEDULES
@@ -146,12 +147,12 @@ def _inputs(*shapes, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(*s, generator=gen) for s in shapes]
 
 
-def emulated_backend(base: type, kernels: str):
+def emulated_backend(base: type, flavour: str):
     """A ``base`` (EmulatedFlash or EmulatedFused) whose kernels run on another emulator flavour
     (e.g. racecheck). An instance, not a subclass: tools that list the subclasses of
-    ``backends.Emulated`` (gpucheck's emulated target) must not find it."""
+    ``emulated.Emulated`` (gpucheck's emulated target) must not find it."""
     backend = base()
-    backend.kernels, backend.name = kernels, f"{base.name}[{kernels}]"
+    backend.flavour, backend.name = flavour, f"{base.name}[{flavour}]"
     return backend
 
 
@@ -160,10 +161,10 @@ def emulated_backend(base: type, kernels: str):
 ATTENTION_CASES = ((1, 1, 40, 40, 8, True), (1, 2, 33, 33, 16, False))
 
 
-def _attention(base: type, kernels: str) -> str | None:
+def _attention(base: type, flavour: str) -> str | None:
     from gptlab.testing import Case, check_case
 
-    backend = emulated_backend(base, kernels)
+    backend = emulated_backend(base, flavour)
     for args in ATTENTION_CASES:
         r = check_case(backend, Case(*args))
         if not r.ok:
@@ -178,10 +179,10 @@ def _attention(base: type, kernels: str) -> str | None:
 TC_CASES = ((130, True), (97, False))
 
 
-def _flash_tc(kernels: str) -> str | None:
+def _flash_tc(flavour: str) -> str | None:
     from gptlab.testing import check_precision
 
-    backend = emulated_backend(backends.EmulatedTensorCoreFlash, kernels)
+    backend = emulated_backend(emulated.EmulatedTensorCoreFlash, flavour)
     for T, causal in TC_CASES:
         r = check_precision(backend, T=T, D=64, causal=causal, dtype=torch.bfloat16)
         if not r.ok:
@@ -189,30 +190,30 @@ def _flash_tc(kernels: str) -> str | None:
     return None
 
 
-def _layer_norm(kernels: str) -> str | None:
+def _layer_norm(flavour: str) -> str | None:
     x, w, b = _inputs((9, 33), (33,), (33,))
     return _compare("layer_norm (9, 33)",
-                    lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, kernels)[0],
+                    lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, flavour)[0],
                     lambda x, w, b: F.layer_norm(x, (33,), w, b, 1e-5), [x, w, b])
 
 
-def _cross_entropy(kernels: str) -> str | None:
+def _cross_entropy(flavour: str) -> str | None:
     (logits,) = _inputs((7, 33))
     targets = torch.arange(7) * 5 % 33
-    return _compare("cross_entropy (7, 33)", lambda x: ops.cross_entropy(x, targets, kernels),
+    return _compare("cross_entropy (7, 33)", lambda x: ops.cross_entropy(x, targets, flavour),
                     lambda x: F.cross_entropy(x, targets), [logits])
 
 
-def _bias_gelu(kernels: str) -> str | None:
+def _bias_gelu(flavour: str) -> str | None:
     x, b = _inputs((9, 33), (33,))
-    return _compare("bias_gelu (9, 33)", lambda x, b: ops.bias_gelu(x, b, kernels),
+    return _compare("bias_gelu (9, 33)", lambda x, b: ops.bias_gelu(x, b, flavour),
                     lambda x, b: F.gelu(x + b), [x, b])
 
 
 #: The checks of the kernels in each .cu file, taking the flavour to run.
 CHECKS: dict[str, tuple[Callable[[str], str | None], ...]] = {
-    "flash.cu": (functools.partial(_attention, backends.EmulatedFlash),),
-    "softmax.cu": (functools.partial(_attention, backends.EmulatedFused),),
+    "flash.cu": (functools.partial(_attention, emulated.EmulatedFlash),),
+    "softmax.cu": (functools.partial(_attention, emulated.EmulatedFused),),
     "flash_tc.cu": (_flash_tc,),
     "layernorm.cu": (_layer_norm,),
     "cross_entropy.cu": (_cross_entropy,),
@@ -227,17 +228,17 @@ def checks_for(file: str) -> tuple[Callable[[str], str | None], ...]:
     missing = [u for u in units if u not in CHECKS]
     if missing or not units:
         raise GptlabError(f"no mutation checks for {', '.join(missing) or file}: add them to "
-                          f"gptlab.plugins.cuda_kernels.mutations.CHECKS")
+                          f"gptlab.verify.mutations.CHECKS")
     return tuple(c for u in units for c in CHECKS[u])
 
 
 def detect(checks, detector: str) -> str | None:
     """What ``detector`` sees running ``checks`` under the current mutation: None if nothing."""
-    kernels = build.CUDA_EMU_RACECHECK.name if detector == RACECHECK else build.CUDA_EMU.name
+    flavour = build.CUDA_EMU_RACECHECK.name if detector == RACECHECK else build.CUDA_EMU.name
     with emulator.schedule("inorder" if detector == RACECHECK else detector):
         for check in checks:
             try:
-                failure = check(kernels)
+                failure = check(flavour)
             except GptlabError as e:  # a launch error (deadlock, bad smem, race ...)
                 message = str(e).splitlines()[0]
                 if detector != RACECHECK or "race on" in message:
@@ -270,3 +271,23 @@ def table(outcomes: list[Outcome]) -> str:
                                              else "**nothing**")
         rows.append(f"| `{o.site}` | `{o.site.code}` | {verdict} |")
     return "\n".join(rows)
+
+
+def page(outcomes: list[Outcome], detectors=DETECTORS, command: str = "gpt kernels mutations"
+         ) -> str:
+    """A markdown page: a title, what ``command`` ran with which ``detectors``, the table."""
+    schedules = ", ".join(d for d in detectors if d != RACECHECK)
+    what = []
+    if schedules:
+        what.append(f"schedules of the CUDA emulator ({schedules}; caught: a result out of "
+                    f"tolerance or a launch error)")
+    if RACECHECK in detectors:
+        what.append("its race detector (racecheck; caught: a race report)")
+    return "\n".join([
+        "# Mutations of the CUDA kernels' barriers and atomics", "",
+        f"Written by `{command}`. Each `__syncthreads`, `__syncwarp` and `atomicAdd` of "
+        f"`gptlab/plugins/cuda_kernels/csrc/cuda/` is removed in turn, and small cases of the "
+        f"kernels of its file run under {' and under '.join(what)}. A removal that nothing "
+        f"catches must be allowlisted (`gptlab.verify.mutations.ALLOWLIST`) with the reason it "
+        f"is harmless.", "",
+        table(outcomes), ""])

@@ -1,6 +1,6 @@
 """Choosing the CUDA emulator's schedule, and removing one barrier or atomic, from Python.
 
-The emulator (``csrc/emu/cuda_emu.h``) reads ``$GPTLAB_EMU_SCHEDULE`` at every launch:
+The emulator (``emu/cuda_emu.h``) reads ``$GPTLAB_EMU_SCHEDULE`` at every launch:
 
 - ``inorder`` (the default): blocks one after another; warps in index order advance in lockstep,
   one barrier segment per round, lanes in order;

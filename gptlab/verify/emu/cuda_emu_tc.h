@@ -1,7 +1,7 @@
 /* The CUDA emulator's tensor-core subset (sm_80): bfloat16 / float16 storage types, the warp
  * matrix multiply-accumulate mma.sync.m16n8k16, ldmatrix, and cp.async with its groups.
- * Included by ../cuda/tensor_core.cuh under a host compiler only (under nvcc that header uses
- * cuda_bf16.h, cuda_fp16.h and inline PTX).
+ * Included by the plugin's csrc/cuda/tensor_core.cuh under a host compiler only (under nvcc that
+ * header uses cuda_bf16.h, cuda_fp16.h and inline PTX).
  *
  * Fragment layouts are written once, below (namespace gl_emu::frag), from the PTX ISA (8.x/9.x,
  * chapter "Instruction Set", sections cited by title):

@@ -1,7 +1,10 @@
-/* CUDA portability layer for the kernels in csrc/cuda/: the real thing under nvcc, an emulator
- * on the CPU under a host C++ compiler (g++ -x c++ -std=c++20).
+/* The CUDA emulator: the subset of CUDA that the kernels of the cuda_kernels plugin
+ * (gptlab/plugins/cuda_kernels/csrc/cuda/) use, on the CPU under a host C++ compiler
+ * (g++ -x c++ -std=c++20).
  *
- * Under nvcc (__CUDACC__) this header only includes <cuda_runtime.h> and defines five macros:
+ * Only the emulated flavours (cuda-emu, cuda-emu-racecheck) see this folder: they put it on the
+ * include path, and csrc/cuda/common.cuh includes this header when __CUDACC__ is not defined.
+ * Under nvcc common.cuh defines the same five macros from the real thing instead:
  *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
  *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
  *   GL_DYNAMIC_SMEM(type, name)
@@ -12,8 +15,8 @@
  * The last three only name what the race detector watches (see racecheck below); under nvcc
  * and the plain emulator they are the raw pointer, so the compiled code is the same.
  *
- * Under a host compiler it *is* the subset of CUDA the kernels use, run on the calling CPU
- * thread, so the same .cu source can be tested without a GPU (implementation: cuda_emu.cpp):
+ * Kernels run on the calling CPU thread, so the same .cu source is tested without a GPU
+ * (implementation: cuda_emu.cpp):
  * - Each block's threads are cooperative fibers (own stacks; switched with _setjmp/_longjmp, so
  *   build with -U_FORTIFY_SOURCE). A fiber runs until it reaches __syncthreads, __syncwarp, a
  *   warp shuffle or a warp collective (gather: mma, ldmatrix), then the next one runs.
@@ -61,19 +64,8 @@
 #define GPTLAB_CUDA_EMU_H
 
 #ifdef __CUDACC__
-
-#include <cuda_runtime.h>
-
-#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
-    kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
-#define GL_DYNAMIC_SMEM(type, name)                  \
-    extern __shared__ float4 gl_dynamic_smem_[];     \
-    type *name = reinterpret_cast<type *>(gl_dynamic_smem_)
-#define GL_SMEM_PTR(type) type *
-#define GL_GLOBAL_PTR(type) type *
-#define GL_SMEM_CAST(type, p) reinterpret_cast<type *>(p)
-
-#else /* the emulator */
+#error "cuda_emu.h is the emulator's: under nvcc, csrc/cuda/common.cuh defines the GL_* macros"
+#endif
 
 #include <cmath>
 #include <cstddef>
@@ -219,7 +211,5 @@ T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
 /* The runtime API subset the launchers use. */
 cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t error);
-
-#endif /* __CUDACC__ */
 
 #endif /* GPTLAB_CUDA_EMU_H */

@@ -1,0 +1,18 @@
+"""Verification tools for the native kernels, kept apart from the runtime they check.
+
+- ``emu/``: the C++ CUDA emulator, against which the ``cuda-emu`` and ``cuda-emu-racecheck``
+  flavours compile the plugin's ``.cu`` files (found by path, see
+  ``gptlab.plugins.cuda_kernels.build``);
+- ``emulator.py``: the emulator's schedule, and the removal of one barrier or atomic, set from
+  Python;
+- ``emulated.py``: the emulated twins of the CUDA attention backends and layer kernels (``*-emu``:
+  the ``.cu`` kernels on CPU tensors);
+- ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what
+  catches it;
+- ``gpucheck/``: the one-command check of the CUDA kernels on a GPU machine (or, ``--emulate``,
+  its rehearsal on the emulator) and its markdown report;
+- ``commands.py``: ``gpt kernels check / mutations / gpucheck``, which the plugin's ``gpt
+  kernels`` group offers beside ``build`` and ``info``.
+
+The runtime (``gptlab.plugins.cuda_kernels``) imports nothing from here.
+"""
