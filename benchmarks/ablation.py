@@ -8,8 +8,8 @@ whole-split val loss, the change against the baseline) and ``gpt plot`` of every
     python benchmarks/ablation.py --budget 240 --out-dir runs/ablation
 
 Runs one variant after another on this machine, so compare rows of one invocation only
-(machines differ; a busy machine slows every row alike only if nothing else runs). The README's
-table was made by this script; rerun it to check.
+(machines differ; a busy machine slows every row alike only if nothing else runs). The tables
+of ``benchmarks/results/ablation.md`` were made by this script; rerun it to check.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ on; the preset's ``final_eval_iters`` batches) and, with ``--whole``, the whole 
 
     python benchmarks/speedrun_grid.py --budget 453 --threads 1
 
-``--threads 1`` with two invocations side by side (``--only``) is how the README's table was
-run on two cores. Step times vary ~10-15% between measurements on a shared machine; the steps
+``--threads 1`` with two invocations side by side (``--only``) is how the table of
+``benchmarks/results/speedrun-grid.md`` was run on two cores. Step times vary ~10-15% between measurements on a shared machine; the steps
 column says what each candidate got.
 """
 
