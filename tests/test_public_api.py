@@ -75,6 +75,18 @@ def test_the_example_plugin_and_builtin_plugins_use_only_the_public_api():
             assert not outside, (f, outside)
 
 
+def test_core_imports_no_plugin_and_runtime_no_verification_tool():
+    """The framework's core reaches plugins only through the registry; the kernel runtime
+    (plugins/cuda_kernels) imports the verification tools (gptlab.verify) in its command module
+    alone, to offer their commands."""
+    for f in (PACKAGE / "core").glob("*.py"):
+        plugins = [m for m, _ in _gptlab_imports(f) if m.startswith("gptlab.plugins")]
+        assert not plugins, (f, plugins)
+    for f in (PACKAGE / "plugins" / "cuda_kernels").glob("*.py"):
+        tools = [m for m, _ in _gptlab_imports(f) if m.startswith("gptlab.verify")]
+        assert not tools or f.name == "commands.py", (f, tools)
+
+
 def _module_name(path: Path) -> str:
     rel = path.relative_to(PACKAGE.parent).with_suffix("")
     parts = list(rel.parts)
