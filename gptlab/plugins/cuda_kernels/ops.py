@@ -13,11 +13,13 @@ library for CPU tensors, the nvcc library for CUDA tensors, on torch's current s
 Dtypes: the kernels compute in float32. On the CPU, bfloat16 inputs (what ``torch.autocast``
 gives the attention under ``--dtype bfloat16``) are widened to float32 for the kernel and the
 outputs rounded back to bfloat16; the logsumexp stays float32. The fake implementations return
-exactly the shapes, dtypes and (contiguous) strides of the real ones, so ``torch.compile``
-traces them.
+exactly the shapes, dtypes and strides of the real ones, for inputs of any rank and layout
+(``torch.compile`` trusts them; ``torch.library.opcheck`` compares them with the real outputs).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -205,13 +207,17 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 
 def _heads_last(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty tensor of ``like``'s shape: for (B, nh, T, d), memory (B, T, nh, d) transposed;
-    contiguous for other ranks. The fake implementations return exactly this."""
+    """An empty tensor of ``like``'s shape (..., T, d) laid out as the kernels write it: for
+    (B, nh, T, d), memory (B, T, nh, d) transposed; for other ranks the leading dims are the
+    heads of one batch (as :func:`_strided` reads them), memory (T, ..., d). The real ops and
+    the fake implementations both return exactly this, for every rank."""
     dtype = dtype or like.dtype
     if like.dim() == 4:
         B, nh, T, d = like.shape
         return like.new_empty((B, T, nh, d), dtype=dtype).transpose(1, 2)
-    return like.new_empty(like.shape, dtype=dtype)
+    *lead, T, d = like.shape
+    out = like.new_empty((T, math.prod(lead), d), dtype=dtype).transpose(0, 1)
+    return out.view(like.shape)
 
 
 def _strides(lib: NativeLibrary, *tensors: torch.Tensor):
