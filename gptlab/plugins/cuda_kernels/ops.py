@@ -91,8 +91,28 @@ def _open(build_flavour: Flavour, name: str,
                           f"{build_flavour.device} tensors, got {device}")
     lib = load(build_flavour)
     if build_flavour.device == "cuda":
-        return lib, lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+        stream = lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+        return _OnDevice(lib, device.index), stream
     return lib, lib.ffi.NULL
+
+
+class _OnDevice:
+    """A CUDA library whose calls run under torch's own device guard for the tensors' GPU, so
+    that torch's current device is switched and restored the torch way (restoring a device
+    whose context does not exist yet only tells torch, never creates the context); the
+    library's own guard then finds the right device current."""
+
+    __slots__ = ("_lib", "_index")
+
+    def __init__(self, lib: NativeLibrary, index: int | None):
+        self._lib, self._index = lib, index
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def call(self, name: str, *args) -> int:
+        with torch.cuda.device(self._index):
+            return self._lib.call(name, *args)
 
 
 #: flavour -> (build flavour, dtypes, library) for CPU tensors, so that a call on small tensors

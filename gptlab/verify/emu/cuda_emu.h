@@ -50,6 +50,20 @@
  *   __syncthreads or __syncwarp at that line of that file (base name): it returns at once. An
  *   atomicAdd there becomes a plain read-modify-write (the same arithmetic here; racecheck sees
  *   a read and a write). tests/kernels/test_mutations.py removes every site in turn.
+ * - Devices, errors, streams: a model of the machine for the host-side glue (device guard, device
+ *   count, launch checks), not of speed. Fake devices with compute capabilities (default one
+ *   9.0 device), runtime and driver CUDA versions, a current device per thread (0 until set) and
+ *   primary contexts made as CUDA 12 makes them (cudaSetDevice, and a launch on the current
+ *   device); pointers belong to device 0 unless placed on another (gl_emu_configure,
+ *   gl_emu_place below). Faults inside a kernel (a failed barrier, a race, an out-of-bounds
+ *   access the emulator sees) fail the launch at once by default; with $GPTLAB_EMU_ASYNC=1
+ *   (read at each launch) they are reported as a GPU reports them: the launch succeeds, and
+ *   from the next launch or synchronisation on (kernels complete in order) the fault is the
+ *   sticky error that every launch, cudaGetLastError and synchronisation returns (until
+ *   gl_emu_configure). $GPTLAB_EMU_FAULT=NAME makes each launch
+ *   of a kernel whose name contains NAME fault with cudaErrorIllegalAddress, as a wild pointer
+ *   would on a GPU. A stream marked as capturing (gl_emu_capture) makes a synchronisation of it
+ *   cudaErrorStreamCaptureUnsupported, which invalidates the capture; its launches still run.
  * - Racecheck (built with -DGL_EMU_RACECHECK: flavour cuda-emu-racecheck; slow, for small
  *   cases): GL_SMEM_PTR / GL_GLOBAL_PTR (and so GL_DYNAMIC_SMEM) become watched pointers, whose
  *   loads and stores (through [], which keeps the source line) record per 4-byte word the last
@@ -89,13 +103,43 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 typedef struct CUstream_st *cudaStream_t;
-enum cudaError_t {
+enum cudaError_t { /* the CUDA runtime's codes for what the emulator reports */
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorUnsupportedPtxVersion = 222,
+    cudaErrorIllegalAddress = 700,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureImplicit = 906,
 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+enum cudaMemoryType {
+    cudaMemoryTypeUnregistered = 0,
+    cudaMemoryTypeHost = 1,
+    cudaMemoryTypeDevice = 2,
+    cudaMemoryTypeManaged = 3,
+};
+struct cudaPointerAttributes {
+    cudaMemoryType type;
+    int device;
+    void *devicePointer;
+    void *hostPointer;
+};
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+};
+/* What the emulated library is built for: SASS for each of these virtual architectures and PTX
+ * for the last, as nvcc's __CUDA_ARCH_LIST__ says of a cuda build with no GPU to build for. */
+#define GL_EMU_ARCH_LIST 800, 900
+/* The CUDA version the emulated runtime claims (CUDART_VERSION), unless gl_emu_configure says. */
+#define GL_EMU_CUDART_VERSION 13000
 
 namespace gl_emu {
 
@@ -177,9 +221,11 @@ T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta,
 #define __shfl_sync(...) gl_emu::shfl_sync(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_down_sync(...) gl_emu::shfl_down_sync(__FILE__, __LINE__, __VA_ARGS__)
 
-#define GL_LAUNCH(kernel, grid, block, smem, stream, ...)                              \
+#define GL_EMU_LAUNCH(kernel, grid, block, smem, stream, ...)                          \
     gl_emu::launch_fn(#kernel, (grid), (block), (smem), static_cast<cudaStream_t>(stream), \
                       [&] { kernel(__VA_ARGS__); })
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    GL_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__)
 #ifdef GL_EMU_RACECHECK
 #include "cuda_emu_racecheck.h" /* GL_SMEM_PTR, GL_GLOBAL_PTR: watched pointers */
 #else
@@ -208,8 +254,48 @@ T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
 }
 } /* namespace gl_emu */
 
-/* The runtime API subset the launchers use. */
+/* The runtime API subset the launchers use, over the emulator's model of the machine (see
+ * "Devices, errors, streams" above). */
 cudaError_t cudaGetLastError(void);
+cudaError_t cudaPeekAtLastError(void);
 const char *cudaGetErrorString(cudaError_t error);
+cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device);
+cudaError_t cudaGetDevice(int *device);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *attr, const void *ptr);
+cudaError_t cudaDriverGetVersion(int *version);
+cudaError_t cudaRuntimeGetVersion(int *version);
+cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status);
+namespace gl_emu {
+/* The driver's cuDevicePrimaryCtxGetState, for the device guard: 1 if `device`'s primary
+ * context exists (nvcc builds ask the driver through cudaGetDriverEntryPoint). */
+int primary_context_active(int device);
+} /* namespace gl_emu */
+
+/* The model's controls, for tests and gptlab.verify.emulator (plain C, found with dlsym):
+ *   gl_emu_configure(devices, runtime, driver)  the fake machine: devices "9.0,8.6" (compute
+ *       capabilities; "" = none), runtime and driver CUDA versions as 13010 for 13.1 (0 = the
+ *       emulator's own); forgets contexts, placements, captures and the sticky error
+ *   gl_emu_place(ptr, bytes, device)  memory [ptr, ptr + bytes) belongs to that fake device;
+ *       ptr NULL: all memory no placement names does (at first, device 0's)
+ *   gl_emu_set_device(device)         cudaSetDevice on the calling thread (creates the context)
+ *   gl_emu_current_device()           cudaGetDevice of the calling thread
+ *   gl_emu_primary_context(device)    1 if its primary context exists
+ *   gl_emu_last_launch_device()       the device current at the last launch (-1: none yet)
+ *   gl_emu_capture(stream, on)        the stream is (not) being captured into a CUDA graph
+ *   gl_emu_synchronize()              cudaDeviceSynchronize: the sticky error, if any */
+extern "C" {
+int gl_emu_configure(const char *devices, int runtime_version, int driver_version);
+int gl_emu_place(const void *ptr, size_t bytes, int device);
+int gl_emu_set_device(int device);
+int gl_emu_current_device(void);
+int gl_emu_primary_context(int device);
+int gl_emu_last_launch_device(void);
+int gl_emu_capture(const void *stream, int on);
+int gl_emu_synchronize(void);
+}
 
 #endif /* GPTLAB_CUDA_EMU_H */
