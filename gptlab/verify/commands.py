@@ -10,12 +10,14 @@ from gptlab.verify.emulator import ALL_SCHEDULES
 
 
 @click.command("check")
-@click.option("--flavour", type=click.Choice(["cpu", "cuda", "cuda-emu"]), default="cuda-emu",
-              show_default=True,
+@click.option("--flavour", type=click.Choice(["cpu", "cuda", "cuda-emu", "cuda-emu-numerics"]),
+              default="cuda-emu", show_default=True,
               help="cpu: the C kernels; cuda: the nvcc kernels on the GPU (CUDA tensors); "
-                   "cuda-emu: the .cu kernels on the CPU under the emulator.")
+                   "cuda-emu: the .cu kernels on the CPU under the emulator; cuda-emu-numerics: "
+                   "the same with a GPU's numerics (FMA contraction, math functions off by their "
+                   "GPU error, another mma order).")
 @click.option("--schedule", "schedules", multiple=True, metavar="SPEC",
-              help="cuda-emu only: inorder, reverse, greedy, random or random:SEED; "
+              help="cuda-emu flavours only: inorder, reverse, greedy, random or random:SEED; "
                    "repeatable. Default: inorder and random:1.")
 def check_cmd(flavour, schedules):
     """Run the conformance suite (gptlab.testing) on the fused and flash kernels.
@@ -33,13 +35,14 @@ def check_cmd(flavour, schedules):
     from gptlab.testing import GRAD_TOL, OUT_TOL, default_cases, run_conformance
     from gptlab.verify import emulated, emulator
 
-    if flavour == "cuda-emu":
-        classes = [emulated.EmulatedFused, emulated.EmulatedFlash]
+    if flavour.startswith("cuda-emu"):
+        classes = [emulated.on_flavour(c, flavour) if flavour != "cuda-emu" else c
+                   for c in (emulated.EmulatedFused, emulated.EmulatedFlash)]
         specs = [emulator.check_schedule(s) for s in schedules or emulator.DEFAULT_SCHEDULES]
         runs = [emulator.schedule(s) for s in specs]
     else:
         if schedules:
-            raise click.UsageError("--schedule applies to --flavour cuda-emu only")
+            raise click.UsageError("--schedule applies to the cuda-emu flavours only")
         classes = [backends.FusedAttention, backends.FlashAttention]
         runs = [contextlib.nullcontext(None)]
     device = "cuda" if flavour == "cuda" else "cpu"

@@ -1,6 +1,6 @@
 """Build the native kernel libraries on first use, into a content-addressed cache.
 
-Four *flavours* share this machinery:
+Five *flavours* share this machinery:
 
 - ``cpu``: the C kernels in ``csrc/cpu/``, by ``$CC`` (default ``cc``);
 - ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), with
@@ -12,7 +12,9 @@ Four *flavours* share this machinery:
   (:data:`EMU_DIR`, ``gptlab/verify/emu/``: on the include path, its ``cuda_emu.cpp`` compiled
   in; found by path, so the runtime imports nothing of the verification tools): the CUDA kernels
   run on the CPU, for verification without a GPU; ``cuda-emu-racecheck``: the same with the
-  emulator's race detector (``-DGL_EMU_RACECHECK``). nvcc never sees the emulator.
+  emulator's race detector (``-DGL_EMU_RACECHECK``); ``cuda-emu-numerics``: the same with a
+  GPU's numerics (``-DGL_EMU_GPU_NUMERICS``: FMA contraction, math functions off by their GPU
+  error, subnormals flushed by atomicAdd, mma in another order). nvcc never sees the emulator.
 
 Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
 sources and headers (the emulator's too, for its flavours), the flags, the compiler's version,
@@ -232,7 +234,23 @@ CUDA_EMU = Flavour(
 #: several times slower than cuda-emu, for small cases (tests/kernels/test_mutations.py).
 CUDA_EMU_RACECHECK = attrs.evolve(CUDA_EMU, name="cuda-emu-racecheck",
                                   flags=(*CUDA_EMU.flags, "-DGL_EMU_RACECHECK"))
-FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU, CUDA_EMU_RACECHECK)}
+
+
+def _fma_flags() -> tuple[str, ...]:
+    """``-mfma`` on an x86 CPU that has FMA (other CPUs: FMA is in the base instruction set, or
+    absent and contraction does nothing)."""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return ("-mfma",) if x86 and re.search(r"\bfma\b", _cpu_flags()) else ()
+
+
+#: The emulator with a GPU's numerics (-DGL_EMU_GPU_NUMERICS, emu/cuda_emu.h): a * b + c
+#: contracted into FMAs as ptxas may (-ffp-contract=fast), exp2f and the other math functions off
+#: by up to their GPU error, subnormals flushed by atomicAdd, mma summed in another order.
+CUDA_EMU_NUMERICS = attrs.evolve(
+    CUDA_EMU, name="cuda-emu-numerics",
+    flags=(*CUDA_EMU.flags, "-DGL_EMU_GPU_NUMERICS", "-ffp-contract=fast"),
+    more_flags=_fma_flags, native_cpu=True)
+FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU, CUDA_EMU_RACECHECK, CUDA_EMU_NUMERICS)}
 
 
 def cache_root() -> Path:

@@ -133,6 +133,7 @@ struct Launch {
     void (*body)(void *) = nullptr;
     void *ctx = nullptr;
     int threads = 0, warps = 0;
+    size_t smem_bytes = 0; /* of dynamic shared memory, as the launch asked */
     Order order = Order::InOrder;
     uint64_t rng = 0;
     bool failed = false;
@@ -624,6 +625,8 @@ int lane_id() { return cur->lane; }
 
 void *dynamic_smem() { return cur->block->smem.data(); }
 
+size_t dynamic_smem_bytes() { return L ? L->smem_bytes : 0; }
+
 int resident_thread() { return int(cur->block - slots.data()) * L->threads + cur->tid; }
 
 uint64_t residency() { return cur->block->serial; }
@@ -746,6 +749,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
     launch.ctx = ctx;
     launch.threads = int(threads);
     launch.warps = int((threads + WARP - 1) / WARP);
+    launch.smem_bytes = smem_bytes;
     uint64_t seed;
     if (!parse_schedule(launch.order, seed)) {
         set_error(cudaErrorInvalidValue, format("GPTLAB_EMU_SCHEDULE must be inorder, reverse, "
@@ -827,6 +831,10 @@ void race_access(const void *p, size_t bytes, Access kind, const char *file, int
     const uintptr_t s0 = reinterpret_cast<uintptr_t>(b.smem.data()), s1 = s0 + MAX_DYNAMIC_SMEM;
     for (uintptr_t w = a / 4 * 4; w < a + bytes; w += 4) {
         bool shared = w >= s0 && w < s1;
+        if (shared && w - s0 >= L->smem_bytes) /* another block's memory, or a fault, on a GPU */
+            fail("%s of float %zu of dynamic shared memory (%s:%d), past the %zu bytes the "
+                 "launch asked for", kind_name(kind), size_t(w - s0) / 4, base(file), line,
+                 L->smem_bytes);
         Shadow &sh = shared ? b.shadow[(w - s0) / 4] : global_shadow[w];
         if (const Record *clash = conflict(sh, now)) {
             char where[64];

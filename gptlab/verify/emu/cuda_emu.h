@@ -40,7 +40,8 @@
  *   resident block each round), as blocks share a GPU.
  * - Dynamic shared memory is filled with NaN before each block, so reading an element nobody
  *   wrote shows up as NaN; writing past the launch's smem_bytes is a launch error (checked after
- *   each block). Static __shared__ variables are plain statics (one copy for all blocks, also
+ *   each block), and so is any access past it that the emulator sees as it happens: ldmatrix
+ *   and cp.async always, every watched access under racecheck (a plain read past it reads NaN). Static __shared__ variables are plain statics (one copy for all blocks, also
  *   when blocks interleave, not poisoned): the kernels keep their tiles in dynamic shared memory.
  * - Launch limits as on the hardware: <= 1024 threads per block, block.z <= 64, grid.y and
  *   grid.z <= 65535, <= 48 KiB of dynamic shared memory.
@@ -159,6 +160,7 @@ void gather(const char *file, int line, unsigned mask, const void *mine, size_t 
 [[noreturn]] void launch_error(const char *file, int line, const char *what);
 int lane_id();
 void *dynamic_smem();
+size_t dynamic_smem_bytes(); /* the running launch's smem_bytes */
 /* For per-thread state kept outside the emulator (cp.async in cuda_emu_tc.h): the running
  * thread's index among all threads in flight (< MAX_RESIDENT_THREADS, stable while its block
  * runs), and a number naming its block's stay in its slot (new at every block start). */
@@ -241,6 +243,9 @@ T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta,
  * write). */
 #define atomicAdd(...) gl_emu::atomic_add(__FILE__, __LINE__, __VA_ARGS__)
 namespace gl_emu {
+/* Subnormal to sign-preserving zero. */
+inline float flush_subnormal(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? 0.f * x : x; }
+
 template <class T>
 T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
              std::type_identity_t<T> v) {
@@ -249,6 +254,12 @@ T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
     race_access(p, sizeof(T), Access::Atomic, file, line);
 #endif
     T old = *p;
+#ifdef GL_EMU_GPU_NUMERICS
+    if constexpr (std::is_same_v<T, float>) { /* PTX ISA, atom: .add.f32 flushes subnormal */
+        *p = flush_subnormal(flush_subnormal(old) + flush_subnormal(v)); /* inputs and result */
+        return old;
+    }
+#endif
     *p = old + v;
     return old;
 }
@@ -297,5 +308,41 @@ int gl_emu_last_launch_device(void);
 int gl_emu_capture(const void *stream, int on);
 int gl_emu_synchronize(void);
 }
+
+#ifdef GL_EMU_GPU_NUMERICS
+/* The GPU numerics flavour (cuda-emu-numerics): results as far from the emulator's as a GPU's
+ * may be. Built with -ffp-contract=fast (and -mfma on x86), so that a * b + c contracts into one
+ * FMA as ptxas may contract it; atomicAdd on float flushes subnormals (above); mma sums in
+ * another order (cuda_emu_tc.h); and the math functions below are off by up to their maximum
+ * error on a GPU (CUDA C++ Programming Guide, "Mathematical Functions", single precision, no
+ * fast math): expf, exp2f 2 ulp; logf, log2f 1 ulp; erfcf 4 ulp. The offset is a fixed
+ * function of the argument (a GPU's function is deterministic too), from -max to +max ulp;
+ * exp2f(0) and expf(0) stay 1. */
+namespace gl_emu {
+inline float off_by_ulps(float exact, float x, int max_ulps) {
+    if (!std::isfinite(exact) || exact == 0.f) return exact;
+    uint32_t h;
+    std::memcpy(&h, &x, 4);
+    h *= 0x9e3779b1u; /* a hash of the argument's bits */
+    h ^= h >> 15;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    int k = int(h % uint32_t(2 * max_ulps + 1)) - max_ulps;
+    for (; k > 0; k--) exact = std::nextafter(exact, INFINITY);
+    for (; k < 0; k++) exact = std::nextafter(exact, -INFINITY);
+    return exact;
+}
+inline float gpu_exp2f(float x) { return x == 0.f ? 1.f : off_by_ulps(::exp2f(x), x, 2); }
+inline float gpu_expf(float x) { return x == 0.f ? 1.f : off_by_ulps(::expf(x), x, 2); }
+inline float gpu_log2f(float x) { return off_by_ulps(::log2f(x), x, 1); }
+inline float gpu_logf(float x) { return off_by_ulps(::logf(x), x, 1); }
+inline float gpu_erfcf(float x) { return off_by_ulps(::erfcf(x), x, 4); }
+} /* namespace gl_emu */
+#define exp2f(x) gl_emu::gpu_exp2f(x)
+#define expf(x) gl_emu::gpu_expf(x)
+#define log2f(x) gl_emu::gpu_log2f(x)
+#define logf(x) gl_emu::gpu_logf(x)
+#define erfcf(x) gl_emu::gpu_erfcf(x)
+#endif
 
 #endif /* GPTLAB_CUDA_EMU_H */
