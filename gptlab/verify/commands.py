@@ -7,6 +7,7 @@ import time
 import click
 
 from gptlab.verify.emulator import ALL_SCHEDULES
+from gptlab.verify.gpucheck.options import SECTIONS as GPUCHECK_SECTIONS
 
 
 @click.command("check")
@@ -134,8 +135,7 @@ def _int_list(value: str, param: str) -> tuple[int, ...]:
 @click.option("--emulate", is_flag=True,
               help="Rehearse on the CPU: the .cu kernels run by the CUDA emulator, small "
                    "shapes, sdpa on the CPU as the baseline (no GPU numbers).")
-@click.option("--sections", default="environment,conformance,sanitizer,benchmark",
-              show_default=True,
+@click.option("--sections", default=",".join(GPUCHECK_SECTIONS), show_default=True,
               help="Comma-separated sections to run.")
 @click.option("--batch", "B", type=click.IntRange(min=1), default=None,
               help="Benchmark batch B (default 8; 1 with --emulate).")
@@ -167,11 +167,15 @@ def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, war
     Sections: environment (GPU, driver, torch, nvcc, the cuda build, ptxas registers / spills /
     shared memory and the occupancy each implies here); conformance (every CUDA attention
     backend and layer kernel of gptlab, per dtype each declares, and FlashAttention's precision
-    rule at a long causal sequence); sanitizer (compute-sanitizer memcheck, racecheck, synccheck
-    on a small run of every kernel, where compute-sanitizer is on PATH); benchmark (forward and
-    forward+backward vs sdpa: median CUDA-event time, TFLOP/s, peak memory). A section that
-    raises is one line in the report and the next one runs; the exit code is 1 if any check
-    failed. Without a GPU (and without --emulate) it stops with one line saying why.
+    rule at a long causal sequence); layouts (storage-offset, odd-stride inputs); streams (a
+    side stream with wait_stream); graphs (CUDA-graph capture of each kernel's first launch, and
+    replay); devices (cuda:1 tensors while cuda:0 is current, no context made on GPU 0: needs
+    two GPUs); sanitizer (compute-sanitizer memcheck, racecheck, synccheck on a small run of
+    every kernel, where compute-sanitizer is on PATH); benchmark (forward and forward+backward
+    vs sdpa: median CUDA-event time, TFLOP/s, peak memory). All but the benchmark run with
+    GPTLAB_CUDA_SYNC=1. A section that raises is one line in the report and the next one runs;
+    the exit code is 1 if any check failed. Without a GPU (and without --emulate) it stops with
+    one line saying why.
     """
     from pathlib import Path
 
