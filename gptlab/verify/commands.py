@@ -170,9 +170,11 @@ def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, war
     rule at a long causal sequence); layouts (storage-offset, odd-stride inputs); streams (a
     side stream with wait_stream); graphs (CUDA-graph capture of each kernel's first launch, and
     replay); devices (cuda:1 tensors while cuda:0 is current, no context made on GPU 0: needs
-    two GPUs); sanitizer (compute-sanitizer memcheck, racecheck, synccheck on a small run of
-    every kernel, where compute-sanitizer is on PATH); benchmark (forward and forward+backward
-    vs sdpa: median CUDA-event time, TFLOP/s, peak memory). All but the benchmark run with
+    two GPUs); faults (a kernel made to read an illegal address is reported by its own op
+    under GPTLAB_CUDA_SYNC=1, later without); sanitizer (compute-sanitizer memcheck,
+    racecheck, synccheck on a small run of every kernel, where compute-sanitizer is on PATH);
+    benchmark (forward and forward+backward vs sdpa: median CUDA-event time, TFLOP/s, peak
+    memory). All but the benchmark run with
     GPTLAB_CUDA_SYNC=1. A section that raises is one line in the report and the next one runs;
     the exit code is 1 if any check failed. Without a GPU (and without --emulate) it stops with
     one line saying why.

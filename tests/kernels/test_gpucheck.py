@@ -269,6 +269,8 @@ def test_emulated_gpucheck_runs_every_section_end_to_end(registry, tmp_path, mon
         assert f"- pass {label}: captured, no sync" in md  # graphs
         assert f"- pass {label}: ran on GPU 1, no context on GPU 0, results as on GPU 0" in md
     assert "- skip (emulated): CPU tensors have no streams" in md
+    assert "- pass GPTLAB_CUDA_SYNC=1: the op raised: gptlab_layernorm_forward_f32 failed" in md
+    assert "- pass without GPTLAB_CUDA_SYNC: the op returned; the next call raised" in md
 
 
 def test_sanitizer_errors_fail_the_run_with_their_summary(registry, tmp_path, monkeypatch):
@@ -458,13 +460,13 @@ def test_gpucheck_on_gpu(registry, tmp_path):
     out = tmp_path / "gpu.md"
     res = CliRunner().invoke(build_cli(registry), [
         "kernels", "gpucheck", "--out", str(out), "--sections",
-        "environment,conformance,layouts,streams,graphs,devices,benchmark",
+        "environment,conformance,layouts,streams,graphs,devices,faults,benchmark",
         "--seq-len", "256", "--reps", "3", "--rule-seq-len", "512"])
     md = out.read_text()
     assert res.exit_code == 0, md
     assert f"# gpucheck: {torch.cuda.get_device_name()}" in md
     assert "- pass `flash` float32" in md and "- pass `fused` float32" in md
-    for section in ("layouts", "streams", "graphs", "devices"):
+    for section in ("layouts", "streams", "graphs", "devices", "faults"):
         assert f"| {section} | pass |" in md
     assert "- pass `flash` float32 D=64: first launch inside the capture" in md
     assert "| `flash` | float32 | 64 | yes |" in md and "TFLOP/s" in md

@@ -119,13 +119,14 @@ def mismatch(got: list, want: list) -> str | None:
 
 
 @contextlib.contextmanager
-def synchronised():
+def synchronised(on: bool = True):
     """Inside the block the CUDA kernels synchronise after each launch (``GPTLAB_CUDA_SYNC=1``),
-    so that a fault inside one is reported by its own op; processes started inside inherit it."""
+    so that a fault inside one is reported by its own op (``on`` False: they do not, "0");
+    processes started inside inherit it."""
     from gptlab.plugins.cuda_kernels.loader import SYNC_ENV
 
     old = os.environ.get(SYNC_ENV)
-    os.environ[SYNC_ENV] = "1"
+    os.environ[SYNC_ENV] = "1" if on else "0"
     try:
         yield
     finally:

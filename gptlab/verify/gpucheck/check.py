@@ -7,8 +7,8 @@ import datetime
 import functools
 from pathlib import Path
 
-from gptlab.verify.gpucheck import (benchmark, conformance, devices, environment, graphs,
-                                    layouts, sanitizer, streams)
+from gptlab.verify.gpucheck import (benchmark, conformance, devices, environment, faults,
+                                    graphs, layouts, sanitizer, streams)
 from gptlab.verify.gpucheck.calls import synchronised
 from gptlab.verify.gpucheck.options import SECTIONS, Options
 from gptlab.verify.gpucheck.report import Progress, Report, Section, run_section, slug
@@ -18,7 +18,8 @@ DEFAULT_RESULTS = Path("benchmarks") / "results"
 #: Each section's function: (section, target, options, progress) -> None.
 STEPS = {"environment": environment.run, "conformance": conformance.run,
          "layouts": layouts.run, "streams": streams.run, "graphs": graphs.run,
-         "devices": devices.run, "sanitizer": sanitizer.run, "benchmark": benchmark.run}
+         "devices": devices.run, "faults": faults.run, "sanitizer": sanitizer.run,
+         "benchmark": benchmark.run}
 #: Sections whose kernels run unsynchronised: synchronising after each launch would be timed.
 UNSYNCHRONISED = ("benchmark",)
 

@@ -14,11 +14,12 @@ from gptlab.verify.gpucheck.report import Section
 PROBE_TIMEOUT_S = 300.0
 
 
-def run_probe(s: Section, module: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """``python -m module``: each of its ``pass``/``FAIL``/``skip`` lines becomes a line of the
-    section; a FAIL line, a non-zero exit or a timeout fails it (with the output's tail)."""
-    cmd = [sys.executable, "-m", module]
-    s.add(f"In a fresh process: `python -m {module}`")
+def run_probe(s: Section, module: str, *args: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """``python -m module args...``: each of its ``pass``/``FAIL``/``skip`` lines becomes a line
+    of the section; a FAIL line, a non-zero exit or a timeout fails it (with the output's
+    tail)."""
+    cmd = [sys.executable, "-m", module, *args]
+    s.add(f"In a fresh process: `{' '.join(['python', *cmd[1:]])}`")
     s.add()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
