@@ -107,10 +107,10 @@ class Machine:
     ``.cu`` files see. State is per process (the current device per thread, as the runtime's)."""
 
     def __init__(self, flavour: str = "cuda-emu"):
-        from gptlab.plugins.cuda_kernels import build
+        from gptlab.plugins.cuda_kernels import loader
 
-        self.path = build.build(flavour)
-        lib = ctypes.CDLL(str(self.path))  # the library the ops load: one handle per process
+        self.path = loader.load(flavour).path  # the library the ops call, loaded once
+        lib = ctypes.CDLL(str(self.path))  # the same handle: dlopen counts references
         lib.gl_emu_configure.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
         lib.gl_emu_place.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         lib.gl_emu_capture.argtypes = [ctypes.c_void_p, ctypes.c_int]

@@ -143,3 +143,33 @@ def test_the_device_guard_restores_without_creating_a_context(machine):
     machine.set_device(0)  # now GPU 0 has a context: the guard restores it
     assert_layer_norm(layer_norm(x, w, b), x, w, b)
     assert machine.last_launch_device() == 1 and machine.current_device() == 0
+
+
+def test_cuda_calls_run_under_torchs_own_device_guard(monkeypatch):
+    """On CUDA the ops call the library inside torch.cuda.device(the tensors' GPU): torch then
+    switches and restores its current device its own way (it never creates a context to restore
+    one), and the library's guard finds the right device current. (A stand-in guard: no GPU.)"""
+    events = []
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            events.append(("enter", self.index))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.index))
+
+    class Library:
+        ffi = "the library's ffi"
+
+        def call(self, name, *args):
+            events.append(("call", name))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    lib = ops._OnDevice(Library(), 1)
+    assert lib.call("gptlab_layernorm_forward_f32", 1, 2) == 0
+    assert events == [("enter", 1), ("call", "gptlab_layernorm_forward_f32"), ("exit", 1)]
+    assert lib.ffi == "the library's ffi"

@@ -2,8 +2,9 @@
  * (gptlab/plugins/cuda_kernels/csrc/cuda/) use, on the CPU under a host C++ compiler
  * (g++ -x c++ -std=c++20).
  *
- * Only the emulated flavours (cuda-emu, cuda-emu-racecheck) see this folder: they put it on the
- * include path, and csrc/cuda/common.cuh includes this header when __CUDACC__ is not defined.
+ * Only the emulated flavours (cuda-emu, cuda-emu-racecheck, cuda-emu-numerics) see this folder:
+ * they put it on the include path, and csrc/cuda/common.cuh includes this header when __CUDACC__
+ * is not defined.
  * Under nvcc common.cuh defines the same five macros from the real thing instead:
  *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
  *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
