@@ -48,6 +48,7 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.devices import resolve_device
     from gptlab.core.selection import candidates
+    from gptlab.core.sizing import check_attention_points
 
     dev = resolve_device(device)
     skipped = []
@@ -70,6 +71,8 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
         lens = []
     if not lens or min(lens) < 1:
         raise click.BadParameter("comma-separated integers >= 1", param_hint="--seq-lens")
+    check_attention_points([reg.attention_backend(n) for n in chosen], lens, B=B, H=H, D=D,
+                           dtype=getattr(torch, dtype), device=dev)
     click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, {dtype}, {dev}, "
                f"{_where(dev)}")
     for name, reasons in skipped:
