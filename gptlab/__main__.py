@@ -10,7 +10,8 @@ import sys
 
 
 def main(argv=None):
-    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not ignored (&)
+    # not where SIGINT is ignored (a background job); again where an earlier call left it
+    ours = signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _exit_at_once)
     if ours:
         signal.signal(signal.SIGINT, _interrupt)
     try:

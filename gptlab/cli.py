@@ -81,9 +81,9 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
 
     main = distributed.is_main_process()  # under torchrun: the group is joined further down
 
-    def say(*args, **kwargs):  # only rank 0 prints
+    def say(line: str, **kwargs):  # only rank 0 prints; paths and notes shown printable
         if main:
-            click.echo(*args, **kwargs)
+            click.echo(printable(line), **kwargs)
 
     reg = options.registry(ctx)
     if resume_dir is not None and (given := options.resume_conflicts(ctx)):
@@ -146,7 +146,7 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
                f"{attn}), vocab {mc.vocab_size}")
     click.echo(f"train loss {result.train_loss:.4f} | val loss {result.val_loss:.4f} | "
                f"{console.fmt_time(result.elapsed)} | {result.tokens_per_s:,.0f} tok/s")
-    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(printable(f"checkpoint: {result.checkpoint}"))
     if tc.sample_tokens:
         text = sample_text(result.model, result.tokenizer, "", tc.sample_tokens, seed=tc.seed)
         click.echo("--- sample ---")
