@@ -22,20 +22,27 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from gptlab import __version__, console, options
 from gptlab.bench.commands import bench
-from gptlab.core.errors import GptlabError, PluginError
+from gptlab.core.errors import GptlabError, Interrupted, PluginError, command, printable
 from gptlab.core.plugins import Registry, load_registry, register_commands
 
 
 class GptGroup(click.Group):
-    """A click group that turns gptlab errors into one-line messages."""
+    """A click group that turns gptlab errors, and Ctrl-C, into one-line messages (exit code 1,
+    or 130 and 143 after a signal), every character shown printable."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GptlabError as e:
-            exc = click.ClickException(str(e))
-            exc.exit_code = getattr(e, "exit_code", 1)  # e.g. 130 after Ctrl-C
-            raise exc from None
+            raise _one_line(e) from None
+        except KeyboardInterrupt:  # not click's "Aborted!" and exit code 1
+            raise _one_line(Interrupted("interrupted")) from None
+
+
+def _one_line(e: GptlabError) -> click.ClickException:
+    exc = click.ClickException(printable(str(e)))
+    exc.exit_code = getattr(e, "exit_code", 1)  # e.g. 130 after Ctrl-C
+    return exc
 
 
 # --------------------------------------------------------------------------- run
@@ -74,9 +81,9 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
 
     main = distributed.is_main_process()  # under torchrun: the group is joined further down
 
-    def say(*args, **kwargs):  # only rank 0 prints
+    def say(line: str, **kwargs):  # only rank 0 prints; paths and notes shown printable
         if main:
-            click.echo(*args, **kwargs)
+            click.echo(printable(line), **kwargs)
 
     reg = options.registry(ctx)
     if resume_dir is not None and (given := options.resume_conflicts(ctx)):
@@ -85,23 +92,40 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
     setup = run_settings(preset, settings, data=data, resume_dir=resume_dir,
                          out_dir=out_dir if options.given(ctx, "out_dir") else None)
     tc = setup.train_config
-    if setup.resume:
-        state = setup.resume.train_state
-        note = ("" if setup.old_learning_rate is None else
-                f" with --lr {tc.learning_rate:g} (was {setup.old_learning_rate:g})")
-        say(f"resuming {resume_dir} at step {state.step if state else None}/{tc.max_iters}"
-            f"{note}", err=True)
-    session = Session(reg, setup, overwrite=overwrite)
-    world = session.world
-    progress, close = console.download_progress() if world.is_main else (None, lambda: None)
-    try:
-        text = session.load_text(progress)
-    finally:
-        close()
-    say(f"data: {session.data_path} ({len(text):,} chars)", err=True)
-    shown = console.TrainingProgress(tc.max_iters, tc.time_budget) if world.is_main else None
-    try:
+    session = shown = None
+    try:  # until training starts, Ctrl-C has nothing to save
+        session = Session(reg, setup, overwrite=overwrite)
+        world = session.world
+        if session.finished:  # its final evaluation is saved: nothing to do, nothing written
+            session.close()
+            st = setup.resume.train_state
+            say(f"{resume_dir} is finished (step {st.step}/{tc.max_iters}, val loss "
+                f"{st.history[-1]['val_loss']:.4f}); nothing to resume: sample it with "
+                f"`{command('sample', resume_dir)}`")
+            return
+        if setup.resume:
+            state = setup.resume.train_state
+            note = ("" if setup.old_learning_rate is None else
+                    f" with --lr {tc.learning_rate:g} (was {setup.old_learning_rate:g})")
+            say(f"resuming {resume_dir} at step {state.step if state else None}/"
+                f"{tc.max_iters}{note}", err=True)
+        progress, close = console.download_progress() if world.is_main else (None, lambda: None)
+        try:
+            text = session.load_text(progress)
+        finally:
+            close()
+        shown = console.TrainingProgress(tc.max_iters, tc.time_budget) if world.is_main else None
         trainer = session.trainer(text, on_event=shown)
+    except BaseException as e:
+        if shown is not None:
+            shown.close()
+        if session is not None:
+            session.close()  # the run folder as it was found
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted("interrupted before training started; nothing was saved") from None
+        raise
+    try:  # the trainer holds the run folder from here: fit() releases it, or close() below
+        say(f"data: {session.data_path} ({len(text):,} chars)", err=True)
         for note in trainer.notes:
             say(f"note: {note}", err=True)
         used, T = trainer.cfg, setup.model_config.block_size
@@ -111,6 +135,7 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
             f"({used.dtype}{', compiled' if used.compile else ''})", err=True)
         result = trainer.fit()
     finally:
+        trainer.close()
         if shown is not None:
             shown.close()
     if not world.is_main:
@@ -121,11 +146,11 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
                f"{attn}), vocab {mc.vocab_size}")
     click.echo(f"train loss {result.train_loss:.4f} | val loss {result.val_loss:.4f} | "
                f"{console.fmt_time(result.elapsed)} | {result.tokens_per_s:,.0f} tok/s")
-    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(printable(f"checkpoint: {result.checkpoint}"))
     if tc.sample_tokens:
         text = sample_text(result.model, result.tokenizer, "", tc.sample_tokens, seed=tc.seed)
         click.echo("--- sample ---")
-        click.echo(text)
+        console.echo_text(text)
 
 
 # --------------------------------------------------------------------------- sample / eval
@@ -162,11 +187,16 @@ def sample(reg, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
                                      kernels=kernels)
     tokenizer.encode(prompt)  # unknown characters fail before anything is printed
     if stream:
-        click.echo(prompt, nl=False)
-    text = sample_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, stop=stop, use_cache=cache,
-                       on_text=(lambda t: click.echo(t, nl=False)) if stream else None)
-    click.echo("" if stream else text)
+        console.echo_text(prompt, nl=False)
+    try:
+        text = sample_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, use_cache=cache,
+                           on_text=(lambda t: console.echo_text(t, nl=False)) if stream
+                           else None)
+    except KeyboardInterrupt:
+        click.echo("")  # end the streamed line: the error goes on a line of its own
+        raise
+    console.echo_text("" if stream else text)
 
 
 @click.command("eval")
@@ -187,19 +217,27 @@ def eval_cmd(reg, checkpoint, data, split, batch_size, device, kernels):
     from gptlab.core.devices import resolve_device
     from gptlab.core.evaluation import evaluate_split
     from gptlab.data.batches import encode_splits
-    from gptlab.data.corpora import load_text, resolve_corpus
+    from gptlab.data.corpora import check_same_text, load_text, resolve_corpus, text_sha256
 
     model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device), kernels=kernels)
-    tc = ckpt.train_config
-    source = data or (ckpt.train_state.data_source if ckpt.train_state else None)
+    tc, st = ckpt.train_config, ckpt.train_state
+    source = data or (st.data_source if st else None)
     path = resolve_corpus(source)
     text = load_text(path)
+    other = ""
+    if st is not None and st.data_sha256 is not None:
+        if data is None:  # the text the checkpoint names: it must still be that text
+            check_same_text(text, st.data_sha256, st.data_source, name=str(path),
+                            fix="pass --data with the text it was trained on (or with this "
+                                "file, to evaluate on another text)")
+        elif text_sha256(text) != st.data_sha256:
+            other = " (not the text the run was trained on)"
     splits = encode_splits(text, tokenizer, tc.val_fraction, model.config.block_size)
     ids = splits.val if split == "val" else splits.train
     loss, count = evaluate_split(model, ids, batch_size=batch_size)
     chars = len(tokenizer.decode(ids[1:].tolist()))  # characters of the predicted tokens
     bpc = loss * count / math.log(2) / chars
-    click.echo(f"{split} split of {path}: {count:,} predicted tokens")
+    click.echo(printable(f"{split} split of {path}{other}: {count:,} predicted tokens"))
     click.echo(f"loss {loss:.4f} | perplexity {math.exp(loss):.3f} | bits/char {bpc:.4f}")
 
 
@@ -207,13 +245,15 @@ def eval_cmd(reg, checkpoint, data, split, batch_size, device, kernels):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True,
                                                                      file_okay=False))
 @click.option("--out", "out_path", default="loss.png", show_default=True,
-              type=click.Path(dir_okay=False), help="PNG file to write.")
+              type=click.Path(dir_okay=False),
+              help="Image to write; its suffix names the format (.png, .pdf, .svg, ...).")
 def plot(run_dirs, out_path):
-    """Draw the train/val loss curves of one or more RUN_DIRS into a PNG."""
+    """Draw the train/val loss curves of one or more RUN_DIRS into an image (PNG, PDF, SVG,
+    ... after --out's suffix)."""
     from gptlab.plot import plot_runs
 
     path = plot_runs(run_dirs, out_path)
-    click.echo(f"wrote {path}")
+    click.echo(printable(f"wrote {path}"))
 
 
 # --------------------------------------------------------------------------- introspection
@@ -221,14 +261,14 @@ def plot(run_dirs, out_path):
 @options.pass_registry
 def plugins(reg):
     """List installed plugins and what each registers."""
-    for info in reg.plugins:
-        click.echo(f"{info.name}  ({info.source})")
+    for info in reg.plugins:  # every name here is the plugin's: shown printable
+        click.echo(printable(f"{info.name}  ({info.source})"))
         if not info.registered:
             click.echo("    (registers nothing)")
         for kind, names in info.registered.items():
-            click.echo(f"    {kind}: {', '.join(names)}")
+            click.echo(printable(f"    {kind}: {', '.join(names)}"))
     for problem in reg.problems:
-        click.echo(f"WARNING: {problem}")
+        click.echo(printable(f"WARNING: {problem}", keep=""))
 
 
 @click.command()
@@ -280,14 +320,14 @@ def _show_table(rows, request) -> None:
     for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
         pick = "  <- auto" if cls.name == auto else ""
-        click.echo(f"{cls.name:<10} priority {priority_of(cls, request):>3}  available: "
-                   f"{mark}{pick}")
+        click.echo(printable(f"{cls.name:<10} priority {priority_of(cls, request):>3}  "
+                             f"available: {mark}{pick}"))
         if cls.description:
-            click.echo(f"    {cls.description}")
+            click.echo(printable(f"    {cls.description}", keep=""))
         if note := priority_note_of(cls, request):
-            click.echo(f"    note: {note}")
+            click.echo(printable(f"    note: {note}", keep=""))
         for r in reasons:
-            click.echo(f"    - {r}")
+            click.echo(printable(f"    - {r}", keep=""))
 
 
 @click.command()
@@ -321,7 +361,7 @@ def build_cli(registry: Registry | None = None) -> click.Group:
         ctx.meta["gptlab.registry"] = reg
         if isinstance(reg, Registry) and ctx.invoked_subcommand != "plugins":  # that lists them
             for problem in reg.problems:
-                click.echo(f"WARNING: {problem}", err=True)
+                click.echo(printable(f"WARNING: {problem}", keep=""), err=True)
 
     for cmd in BUILTIN_COMMANDS:
         cli.add_command(cmd)

@@ -12,7 +12,18 @@ from collections.abc import Callable, Sequence
 
 import click
 
+from gptlab.core.errors import printable
+
 Close = Callable[[], None]
+
+
+def echo_text(text: str, nl: bool = True) -> None:
+    """Print generated text as it is; on a terminal, a control character other than newline
+    and tab is shown escaped (a checkpoint's vocabulary is untrusted: it could send escape
+    codes)."""
+    if sys.stdout.isatty():
+        text = printable(text, keep="\n\t")
+    click.echo(text, nl=nl)
 
 
 def fmt_time(seconds: float) -> str:

@@ -104,8 +104,10 @@ run_options = _compose(
                       "schedule, RNG, data position); settings come from its checkpoint, except "
                       "--lr, which may change (e.g. lower, after a divergence)."),
     click.option("--overwrite", is_flag=True,
-                 help="Replace the run already in --out-dir (its ckpt.pt, best.pt and "
-                      "metrics.jsonl are deleted). Without it such a folder is refused."),
+                 help="Replace the run already in --out-dir: its ckpt.pt, best.pt and "
+                      "metrics.jsonl are deleted once the new run has written its first "
+                      "checkpoint (put back if it stops before). Without it such a folder is "
+                      "refused."),
 )
 """``gpt run``'s options: --preset, --data, one per config field with a flag, --out-dir,
 --resume and --overwrite."""

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from gptlab.cli import build_cli
-from gptlab.core.checkpoint import load_checkpoint
+from gptlab.core.checkpoint import load_checkpoint, save_checkpoint
 
 TEXT = "Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n" * 60
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -131,6 +131,10 @@ def test_gpt_run_under_torchrun_then_single_process_sample_eval_and_resume(regis
     assert "64 sequences of 16 tokens per step" in p.stderr  # 32 x 1 x 2 processes
     assert load_checkpoint(out).train_state.step == 400
     # and in a single process it continues with twice the accumulation, same micro-batches
+    # (its final evaluation left to do, as if stopped during it: a finished run is left alone)
+    ckpt = load_checkpoint(out)
+    ckpt.train_state.history.pop()
+    save_checkpoint(out / "ckpt.pt", ckpt)
     r = CliRunner().invoke(cli, ["run", "--resume", str(out)])
     assert r.exit_code == 0, r.output
     assert "note: --grad-accum 2 (was 1): 2 micro-batches per step" in r.output

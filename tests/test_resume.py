@@ -138,7 +138,7 @@ def test_cli_resume_eval_plot(registry, tmp_path):
     r = CliRunner().invoke(cli, ["run", "--resume", str(run), "--iters", "5"])
     assert r.exit_code == 2 and "drop --iters" in r.output
     r = CliRunner().invoke(cli, ["run", "--resume", str(run)], catch_exceptions=False)
-    assert r.exit_code == 0 and "resuming" in r.output and "step 20/20" in r.output
+    assert r.exit_code == 0 and "is finished (step 20/20" in r.output  # nothing to resume
 
     r = CliRunner().invoke(cli, ["eval", str(run)], catch_exceptions=False)
     assert r.exit_code == 0, r.output

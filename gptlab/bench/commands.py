@@ -7,6 +7,7 @@ import click
 from gptlab import options
 from gptlab.console import Table
 from gptlab.core.config import DTYPES
+from gptlab.core.errors import printable
 
 
 @click.group()
@@ -48,6 +49,7 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.devices import resolve_device
     from gptlab.core.selection import candidates
+    from gptlab.core.sizing import check_attention_points
 
     dev = resolve_device(device)
     skipped = []
@@ -70,10 +72,12 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
         lens = []
     if not lens or min(lens) < 1:
         raise click.BadParameter("comma-separated integers >= 1", param_hint="--seq-lens")
+    check_attention_points([reg.attention_backend(n) for n in chosen], lens, B=B, H=H, D=D,
+                           dtype=getattr(torch, dtype), device=dev)
     click.echo(f"causal attention forward+backward, B={B} H={H} D={D}, {dtype}, {dev}, "
                f"{_where(dev)}")
     for name, reasons in skipped:
-        click.echo(f"{name}: not run: {'; '.join(reasons)}")
+        click.echo(printable(f"{name}: not run: {'; '.join(reasons)}", keep=""))
     table = Table([("backend", "<10"), ("T", ">6"), ("time ms", ">11.2f"), ("x sdpa", ">8"),
                    ("peak MiB", ">11"), ("x sdpa", ">8")])
     click.echo(table.header())
@@ -86,7 +90,7 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
         base = next((p for p in pending if p.backend == "sdpa"), None)
         for p in pending:
             if p.error:
-                click.echo(f"{table.row(p.backend, p.T)}  error: {p.error}")
+                click.echo(printable(f"{table.row(p.backend, p.T)}  error: {p.error}", keep=""))
                 continue
             rt = f"{p.time_ms / base.time_ms:.2f}" if base and base.time_ms else "-"
             mem = f"{p.peak_extra_mib:.1f}" if p.peak_extra_mib is not None else "n/a"
@@ -220,7 +224,7 @@ def bench_ops(reg, op_names, B, T, C, V, rounds, threads, device, clock):
                f"C = {C}, 4C = {4 * C}, V = {V}; median {clock} time of {rounds} interleaved "
                f"rounds")
     for name, reasons in skipped:
-        click.echo(f"--kernels {name}: not run: {'; '.join(reasons)}")
+        click.echo(printable(f"--kernels {name}: not run: {'; '.join(reasons)}", keep=""))
     table = Table([("op", "<15"), ("implementation", "<20"), ("time ms", ">9.3f"),
                    ("x ref", ">7.2f")])
     click.echo(table.header())

@@ -96,6 +96,9 @@ class AttentionBackend(Implementation):
     supports_non_causal: ClassVar[bool] = True
     supports_q_shorter_than_k: ClassVar[bool] = True  # bottom-right causal alignment
     deterministic: ClassVar[bool] = True
+    #: It holds the (B, heads, T, T) scores, so its memory grows as T squared (what ``gpt bench
+    #: attention`` sizes its points by); a backend that does not (flash) says False.
+    stores_scores: ClassVar[bool] = True
 
     @classmethod
     def is_deterministic(cls, device: str) -> bool:

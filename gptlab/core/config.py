@@ -27,6 +27,12 @@ def _positive(instance, attribute, value):
         raise ConfigError(f"{_label(attribute)} must be a positive integer, got {value!r}")
 
 
+def _layers(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LAYERS:
+        raise ConfigError(f"{_label(attribute)} must be an integer in [1, {MAX_LAYERS}], got "
+                          f"{value!r}")
+
+
 def _non_negative(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{_label(attribute)} must be an integer >= 0, got {value!r}")
@@ -78,6 +84,9 @@ def _name(instance, attribute, value):
 
 #: Seeds are drawn into torch generators as 64-bit integers (gptlab also uses seed + 1).
 MAX_SEED = 2**63 - 1
+#: The most blocks a model may have: the memory pre-flight and the checkpoint reader build the
+#: model on the meta device first, which costs time per module even there.
+MAX_LAYERS = 1024
 
 
 def _field(default, validator=None, flag: str | None = None, help: str | None = None, **cli):
@@ -101,7 +110,8 @@ class ModelConfig:
     vocab_size: int = _field(0, _non_negative)
     block_size: int = _field(128, _positive, "--block-size",  # context length T
                              "Context length in tokens.")
-    n_layer: int = _field(4, _positive, "--n-layer", "Number of transformer blocks.")
+    n_layer: int = _field(4, _layers, "--n-layer", "Number of transformer blocks (at most "
+                          "1024).")
     n_head: int = _field(4, _positive, "--n-head", "Attention heads per block.")
     n_embd: int = _field(128, _positive, "--n-embd", "Embedding width (multiple of n-head).")
     dropout: float = _field(0.0, _fraction, "--dropout", "Dropout probability in [0, 1).")
@@ -206,7 +216,8 @@ class TrainConfig:
                                 "Train for this many seconds of optimiser steps (evaluations "
                                 "not counted); the learning-rate schedule follows the time "
                                 "used, so a slower machine takes fewer steps and still finishes "
-                                "on time. --iters is then a cap.", metavar="SECONDS")
+                                "on time. --iters is then a cap. 0 means no budget: --iters "
+                                "steps.", metavar="SECONDS")
     optimizer: str = _field("adamw", _name, "--optimizer",
                             "adamw (default) or muon (Muon for hidden matrices, AdamW for the "
                             "rest), or a plugin's.", metavar="NAME")

@@ -1,8 +1,15 @@
-"""Typed errors of gptlab.
+"""Typed errors of gptlab, and how their messages quote what they did not write.
 
 Every error a user can cause derives from :class:`GptlabError` and carries a one-line message
 that says what is wrong and how to fix it. The CLI prints that line (no traceback) and exits 1.
+Messages quote strings gptlab did not write (a checkpoint's fields, plugin names, paths):
+:func:`printable` is the one filter every line the CLI prints goes through, so a control
+character in them (an escape code that would forge an ``Error:`` line or recolour the terminal)
+is shown escaped, as Python's ``repr`` shows it; :func:`command` quotes a suggested command for
+the shell, so that it can be pasted as it is shown.
 """
+
+import shlex
 
 
 class GptlabError(Exception):
@@ -53,6 +60,13 @@ class OutOfMemory(GptlabError):
     """A run needs more memory than the machine has."""
 
 
+class Interrupted(GptlabError):
+    """Ctrl-C where there was nothing to save first (training saves, then raises its own
+    ``TrainingInterrupted``); the shell's code for SIGINT."""
+
+    exit_code = 130
+
+
 def first_line(text: str, limit: int = 160) -> str:
     """The first non-empty line of ``text``, cut at a word boundary to at most ``limit``
     characters (with "..."), for quoting another library's message in a one-line error."""
@@ -61,3 +75,29 @@ def first_line(text: str, limit: int = 160) -> str:
         return line
     cut = line[:limit - 3].rsplit(" ", 1)[0].rstrip(",;:")
     return cut + "..."
+
+
+def printable(text: str, keep: str = "\n") -> str:
+    """``text`` with every character that ``str.isprintable`` rejects (control characters,
+    escape codes, bidirectional overrides, lone surrogates) shown escaped as ``repr`` shows it
+    (``\\x1b``), except those in ``keep`` (the newline of a message of several lines)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escaped(c) for c in text)
+
+
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(c: str) -> str:
+    if c in _NAMED:
+        return _NAMED[c]
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def command(*words) -> str:
+    """A suggested ``gpt`` command, each word quoted for the shell where it needs it
+    (``gpt run --resume 'my run'``)."""
+    return " ".join(["gpt", *(shlex.quote(str(w)) for w in words)])

@@ -36,7 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -80,7 +80,7 @@ class _RecordingWriter:
         return getattr(self._f, name)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (best effort: not every file system allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -53,10 +53,15 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     block, keep = model.config.block_size, max(1, model.config.block_size // 2)
     use_cache = use_cache and model.kv_cache_usable()
     B, n = idx.shape  # n: tokens so far
-    out = idx.new_empty(B, n + max_new_tokens)  # the prompt, then each new token in turn
+    # the prompt, then each new token in turn; grown as it fills (doubling), so that a request
+    # for many tokens allocates only what has been generated, not the request up front
+    total = n + max_new_tokens
+    out = idx.new_empty(B, min(total, n + max(block, 1024)))
     out[:, :n] = idx
     start, cache = 0, None
     for _ in range(max_new_tokens):
+        if n == out.size(1):
+            out = torch.cat([out, out.new_empty(B, min(n, total - n))], dim=1)
         if n - start > block:
             start, cache = n - keep, None
         if not use_cache:

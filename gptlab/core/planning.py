@@ -21,7 +21,7 @@ from gptlab.core.errors import ConfigError
 from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
 from gptlab.core.layer_kernels import KernelRequest, LayerKernels
 from gptlab.core.plugins import Registry
-from gptlab.core.selection import select
+from gptlab.core.selection import candidates, select
 
 
 @attrs.frozen
@@ -34,6 +34,7 @@ class RunPlan:
     model_cls: type[LanguageModel]
     tokenizer_cls: type
     components: Components  # the parts, the attention backend and layer kernels prepared
+    notes: tuple[str, ...] = ()  # what auto could not consider on this machine, and why
 
     @property
     def attention(self) -> AttentionBackend | None:
@@ -95,13 +96,9 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     it was trained with). Under torchrun only rank 0 measures and every rank takes its choice.
     ``new_run``: also refuse options the model would ignore (:func:`check_no_unused_parts`).
     """
-    if new_run:
-        check_no_unused_parts(reg, model_config)
+    check_names(reg, model_config, train_config, new_run=new_run)
     model_cls = reg.model(model_config.model)
     tokenizer_cls = reg.tokenizer(train_config.tokenizer)
-    if model_cls.uses_attention:
-        chosen_parts(reg, model_config)  # unknown names, impossible combinations: one line
-    reg.get("optimizers", train_config.optimizer)
     dtype = getattr(torch, train_config.dtype)  # of q, k, v and the activations under autocast
     dev_type = device_type(train_config.device)
     fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
@@ -136,8 +133,60 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
                                              prefer=prefer_kernels)
     components = choose_components(reg, model_config, device, kernels=kernels(),
                                    attention=attention() if attention else None)
+    autos = []  # what auto chose, to say what it could not consider here
+    if model_cls.uses_attention and model_config.attention == AUTO:
+        autos.append(("--attention", "attention_backends", attention_request(
+            model_config, device, dtype=dtype, requires_grad=requires_grad), attention.name))
+    if model_config.kernels == AUTO:
+        autos.append(("--kernels", "layer_kernels",
+                      KernelRequest(device=device.type, dtype=dtype), kernels.name))
+    note = unavailable_note(reg, autos)
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
-                   model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components)
+                   model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components,
+                   notes=(note,) if note else ())
+
+
+def check_names(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
+                new_run: bool = True) -> None:
+    """The first and cheapest part of the pre-flight, before any text is read: every name the
+    configs give is registered, and the parts fit together (one-line errors)."""
+    if new_run:
+        check_no_unused_parts(reg, model_config)
+    model_cls = reg.model(model_config.model)
+    reg.tokenizer(train_config.tokenizer)
+    if model_cls.uses_attention:
+        chosen_parts(reg, model_config)  # unknown names, impossible combinations: one line
+        if model_config.attention != AUTO:
+            reg.attention_backend(model_config.attention)
+    if model_config.kernels != AUTO:
+        reg.layer_kernel(model_config.kernels)
+    reg.get("optimizers", train_config.optimizer)
+
+
+def unavailable_note(reg: Registry, autos) -> str | None:
+    """One line saying what ``auto`` could not consider because this machine cannot run it (a
+    compiler or library missing for the request's device), for each ``(flag, kind, request,
+    chosen name)``; None if it could consider every implementation made for the device."""
+    runs, names, reasons = [], [], []
+    for flag, kind, request, chosen in autos:
+        passed = []
+        for cls, _ in candidates(reg, kind, request):
+            if cls.name == chosen or request.device not in cls.devices:
+                continue
+            try:
+                missing = list(cls.unavailable_reasons(request.device))
+            except Exception:  # a plugin's bug: its reasons in `gpt backends` say it
+                continue
+            if missing:
+                passed.append(cls.name)
+                reasons.extend(r for r in missing if r not in reasons)
+        if passed:
+            runs.append(f"{flag} auto runs {chosen}")
+            names.extend(passed)
+    if not runs:
+        return None
+    return (f"{' and '.join(runs)}: {', '.join(names)} cannot run on this machine "
+            f"({'; '.join(reasons)})")
 
 
 def chosen_parts(reg: Registry, config: ModelConfig) -> dict:

@@ -3,11 +3,13 @@
 :func:`load_registry` builds a fresh pluggy ``PluginManager`` (nothing happens at import time),
 loads every ``gptlab`` entry point one by one, gptlab's own (distribution ``gptlab``) first,
 calls each plugin's ``register_*`` hooks separately and indexes the returned classes by name;
-:func:`register_commands` adds the plugins' subcommands. A plugin that fails to import or whose
-hook raises (``SystemExit`` included; Ctrl-C is not caught), a bad return value, an entry point
-whose name is taken (a built-in always keeps its name) and a command whose name is taken (the
-original is kept) each become one line in ``Registry.problems`` naming the plugin, and
-everything else keeps working. Nothing is logged here: the CLI shows the problems. Two plugins
+:func:`register_commands` adds the plugins' subcommands. Everything a plugin's code does runs
+inside one containment (:func:`_contained`): a plugin that fails to import, that pluggy refuses
+to register (a hook function whose argument names the hook does not have), or whose hook raises
+(``SystemExit`` included; Ctrl-C is not caught), a bad return value, an entry point whose name
+is taken (a built-in always keeps its name) and a command whose name is taken (the original is
+kept) each become one line in ``Registry.problems`` naming the plugin, and everything else
+keeps working. Nothing is logged here: the CLI shows the problems. Two plugins
 registering the same component name is a :class:`~gptlab.core.errors.PluginError` naming both.
 """
 
@@ -135,7 +137,37 @@ def new_plugin_manager() -> pluggy.PluginManager:
 
 
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    """One line: the exception's type and message (its lines joined)."""
+    try:
+        text = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+    except Exception:
+        text = ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _contained(problems: list[str], problem: str, fn):
+    """``(True, fn())``, or ``(False, None)`` with ``problem`` and what ``fn`` raised appended
+    to ``problems``: the one containment of a plugin's code (its import, its registration, its
+    hooks). Ctrl-C is not caught; SystemExit is (a plugin must not end gptlab)."""
+    try:
+        return True, fn()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        line = f"{problem} {_describe(e)}"
+        if line not in problems:
+            problems.append(line)
+        return False, None
+
+
+def _register(pm: pluggy.PluginManager, plugin, name: str) -> None:
+    """``pm.register``, leaving nothing of the plugin behind if pluggy refuses it."""
+    try:
+        pm.register(plugin, name=name)
+    except BaseException:
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+        raise
 
 
 def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
@@ -154,15 +186,14 @@ def _load_entry_points(pm: pluggy.PluginManager, problems: list[str]) -> dict[st
                             f"by {holders[ep.name]}")
             continue
         holders[ep.name] = "gptlab's own plugin" if _is_builtin(ep) else where
-        try:
-            plugin = ep.load()
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # SystemExit too: a plugin's import must not end gptlab
-            problems.append(f"plugin {ep.name!r} ({where}) failed to import: {_describe(e)}")
+        ok, plugin = _contained(problems, f"plugin {ep.name!r} ({where}) failed to import:",
+                                ep.load)
+        if not ok:
             continue
-        pm.register(plugin, name=ep.name)
-        sources[ep.name] = f"entry point {where}"
+        ok, _ = _contained(problems, f"plugin {ep.name!r} ({where}) cannot be registered "
+                                     f"(ignored):", lambda: _register(pm, plugin, ep.name))
+        if ok:
+            sources[ep.name] = f"entry point {where}"
     return sources
 
 
@@ -187,7 +218,8 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = (), *,
     for name, plugin in extra_plugins:
         if pm.has_plugin(name):
             raise PluginError(f"plugin name {name!r} is already taken by an installed plugin")
-        pm.register(plugin, name=name)
+        _contained(reg.problems, f"plugin {name!r} (in-process) cannot be registered (ignored):",
+                   lambda: _register(pm, plugin, name))
         sources[name] = "in-process"
     infos = {name: PluginInfo(name, sources.get(name, "in-process"))
              for name, _ in pm.list_name_plugin()}
@@ -198,12 +230,9 @@ def load_registry(extra_plugins: Iterable[tuple[str, object]] = (), *,
         table = getattr(reg, kind)
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin = impl.plugin_name
-            try:
-                classes = _as_list(impl.function())
-            except KeyboardInterrupt:
-                raise
-            except BaseException as e:  # SystemExit too
-                reg.problems.append(f"plugin {plugin!r}: {hook_name}() raised {_describe(e)}")
+            ok, classes = _contained(reg.problems, f"plugin {plugin!r}: {hook_name}() raised",
+                                     lambda: _as_list(impl.function()))
+            if not ok:
                 continue
             for cls in classes:
                 if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -235,12 +264,8 @@ def register_commands(reg: Registry, cli) -> None:
     for impl in reg.pm.hook.register_commands.get_hookimpls():
         plugin = impl.plugin_name
         before = dict(cli.commands)
-        try:
-            impl.function(*[cli for _ in impl.argnames])
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # SystemExit too
-            reg.add_problem(f"plugin {plugin!r}: register_commands() raised {_describe(e)}")
+        _contained(reg.problems, f"plugin {plugin!r}: register_commands() raised",
+                   lambda: impl.function(*[cli for _ in impl.argnames]))
         for name, cmd in before.items():
             if cli.commands.get(name) is not cmd:  # replaced (or removed): put the original back
                 reg.add_problem(f"plugin {plugin!r}: command {name!r} is already "

@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,18 +35,18 @@ import torch
 
 from gptlab.core import distributed
 from gptlab.core.planning import RunPlan, build_model, plan_run
-from gptlab.core.checkpoint import (Checkpoint, TrainState, non_finite_parameters,
-                                    save_checkpoint)
+from gptlab.core.checkpoint import (Checkpoint, TrainState, check_weights,
+                                    non_finite_parameters, restore_tokenizer, save_checkpoint)
 from gptlab.core.config import ModelConfig, TrainConfig
-from gptlab.core.errors import (CheckpointError, ConfigError, DataError, GptlabError,
-                                OutOfMemory, TrainingDiverged, first_line)
+from gptlab.core.errors import (CheckpointError, ConfigError, GptlabError, OutOfMemory,
+                                TrainingDiverged, command, first_line)
 from gptlab.core.evaluation import EvaluationStopped, estimate_loss
 from gptlab.core.interfaces import LanguageModel, Tokenizer
 from gptlab.core.memory import GIB, available_bytes, count_parameters, training_bytes
 from gptlab.core.plugins import Registry
 from gptlab.core.runs import BEST, CHECKPOINT, MetricsLog, RunFolder
 from gptlab.data.batches import draw_starts, encode_splits, windows
-from gptlab.data.corpora import text_sha256
+from gptlab.data.corpora import check_same_text, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,9 @@ class TrainingInterrupted(GptlabError):
                  during: str | None = None):
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         when = f"during {during} " if during else ""
-        where = (f"checkpoint saved to {checkpoint}; continue with `gpt run --resume "
-                 f"{checkpoint.parent}`" if checkpoint else "nothing saved (no --out-dir)")
+        where = (f"checkpoint saved to {checkpoint}; continue with "
+                 f"`{command('run', '--resume', checkpoint.parent)}`" if checkpoint
+                 else "nothing saved (no --out-dir)")
         super().__init__(f"{what} {when}after step {step}; {where}")
         self.step, self.checkpoint, self.exit_code = step, checkpoint, 128 + int(signum)
 
@@ -187,7 +189,7 @@ class Trainer:
                               "plan_run(reg, model_config, train_config)")
         self.world = distributed.current()
         self.device = distributed.device_for(self.plan.device, self.world)
-        self.notes: list[str] = []  # what the run adapted, for the caller to show
+        self.notes: list[str] = list(self.plan.notes)  # what the run adapted, for the caller
         self.folder = None
         if self.world.is_main:  # only rank 0 writes files
             if isinstance(out_dir, RunFolder):
@@ -203,6 +205,8 @@ class Trainer:
             if resume is not None:
                 self._restore(resume, data_source)
             self._saved_step = self.state.step if resume is not None else None
+            if self.folder is not None:  # every check passed: a run replaced is moved aside
+                self.folder.begin()
             self.metrics_log = MetricsLog(self.out_dir,
                                           self.state.step if resume is not None else None)
         except BaseException:
@@ -224,16 +228,14 @@ class Trainer:
         cfg = self.cfg
         sha = text_sha256(text)
         st = None if resume is None else resume.train_state
-        if st is not None and st.data_sha256 is not None and st.data_sha256 != sha:
-            raise DataError(
-                f"{data_source or 'this text'} is not the text this run was trained on (sha256 "
-                f"{sha[:12]}..., the run's {st.data_sha256[:12]}... from {st.data_source}); "
-                f"resume with that text, or start a new run")
+        if st is not None:
+            check_same_text(text, st.data_sha256, st.data_source, name=data_source or "this text",
+                            fix="resume with that text, or start a new run")
         if st is not None:
             self._adapt_accumulation(len(st.batch_rngs))
             cfg = self.cfg
         if resume is not None:
-            self.tokenizer = self.plan.tokenizer_cls.from_state(resume.tokenizer_state)
+            self.tokenizer = restore_tokenizer(reg, resume)
         else:
             self.tokenizer = self.plan.tokenizer_cls()
             self.tokenizer.train(text)
@@ -307,13 +309,26 @@ class Trainer:
     def _restore(self, ckpt: Checkpoint, data_source: str | None):
         st = ckpt.train_state
         if st is None or ckpt.optimizer is None:
-            raise CheckpointError("this checkpoint has no training state to resume from")
-        self.model.load_state_dict(ckpt.model)
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        for gen, state in zip(self.batch_gens, st.batch_rngs):
-            gen.set_state(state)
-        if st.scaler and self.scaler.is_enabled():
-            self.scaler.load_state_dict(st.scaler)
+            raise CheckpointError(f"checkpoint {ckpt.where} has no training state to resume "
+                                  f"from (exported weights?); sample or evaluate it instead")
+        check_weights(self.model, ckpt)
+        fresh = [dict(g) for g in self.optimizer.param_groups]
+        try:  # torch's and the recipe's own checks, on the checkpoint's data
+            with warnings.catch_warnings():  # torch's about an odd state: it is refused below
+                warnings.simplefilter("ignore")
+                self.model.load_state_dict(ckpt.model)
+                self.optimizer.load_state_dict(ckpt.optimizer)
+            for gen, state in zip(self.batch_gens, st.batch_rngs):
+                gen.set_state(state)
+            if st.scaler and self.scaler.is_enabled():
+                self.scaler.load_state_dict(st.scaler)
+            problem = _optimizer_state_problem(self.optimizer, fresh)
+        except Exception as e:
+            problem = first_line(f"{type(e).__name__}: {e}", 100)
+        if problem:
+            raise CheckpointError(f"checkpoint {ckpt.where} holds an optimizer or generator state "
+                                  f"this run cannot continue from ({problem}); it is damaged or "
+                                  f"was not written by gptlab")
         if self.world.rank:
             torch.manual_seed(stream_seed(self.cfg.seed, self.world.rank, st.step))
         else:
@@ -386,9 +401,10 @@ class Trainer:
     def _diverged(self, what: str) -> TrainingDiverged:
         lr = self.lr(max(0, self.state.step - 1))
         if self.out_dir is not None and self._saved_step is not None:
+            lower = command("run", "--resume", self.out_dir, "--lr",
+                            f"{self.cfg.learning_rate / 10:g}")
             fix = (f"{self.out_dir / CHECKPOINT} holds step {self._saved_step}: continue it with "
-                   f"a lower learning rate, e.g. `gpt run --resume {self.out_dir} --lr "
-                   f"{self.cfg.learning_rate / 10:g}`")
+                   f"a lower learning rate, e.g. `{lower}`")
         else:
             fix = f"train again with a lower --lr (this run used {self.cfg.learning_rate:g})"
         return TrainingDiverged(f"training diverged at step {self.state.step} (lr {lr:.3g}): "
@@ -443,6 +459,7 @@ class Trainer:
             self.state.best_val = val_loss
         ckpt = self.checkpoint(train_loss, val_loss)
         path = save_checkpoint(self.out_dir / CHECKPOINT, ckpt)
+        self.folder.commit()  # the run it replaced (--overwrite), if any, is deleted now
         self._saved_step = self.state.step
         if improved:
             save_checkpoint(self.out_dir / BEST, ckpt)
@@ -533,6 +550,40 @@ class Trainer:
         self.emit(TrainEvent("eval", st.step, self.cfg.max_iters, train_loss=tr, val_loss=va,
                              elapsed=st.elapsed))
         return tr, va, path
+
+
+def _optimizer_state_problem(optimizer, fresh: list[dict]) -> str | None:
+    """What is wrong with an optimizer state just loaded (None: nothing), against the groups
+    the optimizer had before (``fresh``): torch checks the groups' sizes, not that each
+    setting keeps its type or that each state tensor has its parameter's shape."""
+    groups = optimizer.param_groups
+    if len(groups) != len(fresh):
+        return f"{len(groups)} parameter groups, not {len(fresh)}"
+    for i, (group, before) in enumerate(zip(groups, fresh)):
+        for key, value in before.items():
+            if key == "params":
+                continue
+            got = group.get(key)
+            numbers = (int, float)
+            if isinstance(value, numbers) and not isinstance(value, bool):
+                ok = (isinstance(got, numbers) and not isinstance(got, bool)
+                      and math.isfinite(got))
+            elif isinstance(value, tuple):
+                ok = (isinstance(got, (tuple, list)) and len(got) == len(value) and all(
+                    isinstance(x, numbers) and math.isfinite(x) for x in got))
+            else:
+                ok = type(got) is type(value)
+            if not ok:
+                return f"group {i} setting {key!r} is not a {type(value).__name__}"
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    if value.dim() and value.shape != p.shape:
+                        return (f"its {key!r} is {tuple(value.shape)} for a parameter of "
+                                f"{tuple(p.shape)}")
+                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    return f"its {key!r} is not a tensor or number"
+    return None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from gptlab.core.errors import DataError
+from gptlab.core.sizing import check_splits
 from gptlab.data.corpora import split_ids
 
 
@@ -22,15 +22,9 @@ class Splits:
 def encode_splits(text: str, tokenizer, val_fraction: float, block_size: int) -> Splits:
     """Encode ``text`` and split it: first ``1 - val_fraction`` train, the rest val."""
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    check_splits(len(ids), block_size, val_fraction)
     n = split_ids(len(ids), val_fraction)
-    splits = Splits(train=ids[:n], val=ids[n:])
-    for name, part in (("train", splits.train), ("val", splits.val)):
-        if len(part) < block_size + 1:
-            raise DataError(
-                f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = "
-                f"{block_size + 1}; use a longer text or a smaller --block-size"
-            )
-    return splits
+    return Splits(train=ids[:n], val=ids[n:])
 
 
 def draw_starts(data: torch.Tensor, batch_size: int, block_size: int,

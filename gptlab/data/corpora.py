@@ -141,6 +141,16 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def check_same_text(text: str, sha256: str | None, source: str | None, *, name: str,
+                    fix: str) -> None:
+    """A DataError unless ``text`` has the SHA-256 a run recorded (``sha256``, of its text at
+    ``source``); ``name`` is how the message calls ``text``, ``fix`` what it tells to do."""
+    sha = text_sha256(text)
+    if sha256 is not None and sha != sha256:
+        raise DataError(f"{name} is not the text this run was trained on (sha256 {sha[:12]}..., "
+                        f"the run's {sha256[:12]}... from {source}); {fix}")
+
+
 def load_text(path: str | os.PathLike) -> str:
     """Read a UTF-8 text file (BOM dropped, CRLF -> LF); a clear :class:`DataError` for missing,
     non-UTF-8 or empty files."""

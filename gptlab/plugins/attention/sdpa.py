@@ -16,6 +16,7 @@ class SdpaAttention(AttentionBackend):
     name = "sdpa"
     priority = 50
     description = "torch.nn.functional.scaled_dot_product_attention (reference peer)"
+    stores_scores = False  # torch picks a flash kernel for causal attention: O(T) memory
     devices = frozenset({"cpu", "cuda", "mps"})
     dtypes = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
     supports_dropout = True

@@ -148,6 +148,7 @@ class FlashAttention(NativeBackend):
     name = "flash"
     priority = 60  # above sdpa on the CPU: 2x faster at T >= 256 (`gpt bench attention`)
     description = "FlashAttention-2 kernels (C, CUDA): tiled online softmax, O(T) memory"
+    stores_scores = False  # O(T) memory
 
     #: On CUDA: below sdpa (50). The CUDA kernel is scalar float32 (no tensor cores): on paper
     #: (SASS, issue 13) 4-8x slower than sdpa in float32 on an H100; never measured on a GPU.
@@ -178,6 +179,7 @@ class TensorCoreFlash(NativeBackend):
     #: Below sdpa (50): written and verified on the emulator only, never measured on a GPU.
     priority = 45
     description = "FlashAttention-2 on tensor cores (mma.sync bf16/fp16, sm_80+)"
+    stores_scores = False  # O(T) memory
 
     @classmethod
     def not_supported_reasons(cls, request):

@@ -72,7 +72,16 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_state(cls, state: dict) -> CharTokenizer:
-        return cls(list(state["chars"]))
+        chars = state.get("chars") if isinstance(state, dict) else None
+        if not isinstance(chars, str) or not chars:
+            raise TokenizerError("a char tokenizer state holds its characters as one non-empty "
+                                 "string under 'chars'")
+        try:
+            chars.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 text holds one
+            raise TokenizerError("a char tokenizer state holds a character no UTF-8 text "
+                                 "has") from None
+        return cls(list(chars))
 
 
 @hookimpl
