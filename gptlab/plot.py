@@ -26,9 +26,15 @@ def _pyplot(command: str = "gpt plot"):
     return plt
 
 
-def _save(fig, plt, out_path) -> Path:
+def _color(i: int) -> str:
+    """Matplotlib's ten colours, then darker ones: a line or bar each for up to 16 runs."""
+    more = ["black", "dimgray", "darkgoldenrod", "darkslateblue", "darkred", "teal"]
+    return f"C{i}" if i < 10 else more[(i - 10) % len(more)]
+
+
+def _save(fig, plt, out_path, top: float = 1.0) -> Path:
     out = Path(out_path)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, top))  # top < 1: room for a title over every subplot
     atomic_write(out, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return out
@@ -60,27 +66,30 @@ def plot_runs(run_dirs, out_path: str | Path) -> Path:
 
 
 def plot_ladder(names, val_losses, run_dirs, out_path: str | Path) -> Path:
-    """The ladder: each rung's whole-split val loss (left), and each rung's val-loss estimates
-    during training (right, from its ``metrics.jsonl``)."""
+    """The ladder: each rung's whole-split val loss (left, the first rung's as a dashed line),
+    and each rung's training loss as it trained (right, from its ``metrics.jsonl``)."""
     plt = _pyplot("gpt ladder")
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
     xs = range(len(names))
-    left.bar(xs, val_losses, color=[f"C{i % 10}" for i in xs])
+    left.bar(xs, val_losses, color=[_color(i) for i in xs])
     for x, v in zip(xs, val_losses):
         left.text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     left.set_xticks(list(xs), names, rotation=30, ha="right")
     left.set_ylim(min(val_losses) * 0.9 if val_losses else 0, max(val_losses, default=1) * 1.05)
+    if val_losses:
+        left.axhline(val_losses[0], color=_color(0), ls="--", lw=1)
     left.set_ylabel("val loss, whole split (nats/char)")
     left.set_title("one part per rung")
     left.grid(alpha=0.3, axis="y")
     for i, (name, run_dir) in enumerate(zip(names, run_dirs)):
-        evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-        if evals:
-            right.plot([r["step"] for r in evals], [r["val_loss"] for r in evals],
-                       color=f"C{i % 10}", marker=".", label=name)
+        steps = [r for r in read_metrics(run_dir) if r.get("kind") == "step"]
+        if steps:
+            right.plot([r["step"] for r in steps], [r["train_loss"] for r in steps],
+                       color=_color(i), lw=1, label=name)
     right.set_xlabel("step")
-    right.set_ylabel("val loss estimate")
-    right.set_title("during training")
+    right.set_ylabel("training loss (a batch, every 10 steps)")
+    right.set_ylim(top=4.8)
+    right.set_title("while training")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
     return _save(fig, plt, out_path)
@@ -118,7 +127,7 @@ def plot_attention(tokens, names, maps, out_path: str | Path, title: str = "") -
                 ax.set_xlabel("key (the character it looks at)", fontsize=8)
     fig.suptitle(title or "attention weights: softmax(q k^T / sqrt(head_dim) + causal mask)",
                  fontsize=10)
-    return _save(fig, plt, out_path)
+    return _save(fig, plt, out_path, top=1 - 0.5 / fig.get_figheight())
 
 
 def plot_attention_bench(points, out_path: str | Path, title: str = "") -> Path:
@@ -130,10 +139,10 @@ def plot_attention_bench(points, out_path: str | Path, title: str = "") -> Path:
     for i, name in enumerate(backends):
         mine = sorted((p for p in points if p["backend"] == name), key=lambda p: p["T"])
         ts = [p["T"] for p in mine]
-        left.plot(ts, [p["time_ms"] for p in mine], marker="o", color=f"C{i}", label=name)
+        left.plot(ts, [p["time_ms"] for p in mine], marker="o", color=_color(i), label=name)
         mem = [(p["T"], p["peak_extra_mib"]) for p in mine if p["peak_extra_mib"] is not None]
         if mem:
-            right.plot(*zip(*mem), marker="o", color=f"C{i}", label=name)
+            right.plot(*zip(*mem), marker="o", color=_color(i), label=name)
     for ax, what in ((left, "forward+backward time (ms)"), (right, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -142,4 +151,4 @@ def plot_attention_bench(points, out_path: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(title or "gpt bench attention", fontsize=10)
-    return _save(fig, plt, out_path)
+    return _save(fig, plt, out_path, top=0.93)

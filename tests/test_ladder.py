@@ -64,10 +64,9 @@ def test_the_changes_are_the_founding_parts():
 
 
 def test_the_gpt_rung_is_exactly_the_default_preset_and_the_ends_are_their_presets():
-    assert rung("gpt").configs() == resolve_configs("default", {}, {})
-    assert rung("gpt").configs() == (ModelConfig(**{**resolve_configs("default", {}, {})[0]
-                                                    .to_dict()}),
-                                     resolve_configs("default", {}, {})[1])
+    model, train = resolve_configs("default", {}, {})
+    assert rung("gpt").configs() == (model, train)  # every field, the training settings too
+    assert isinstance(model, ModelConfig) and isinstance(train, TrainConfig)
     assert rung("bigram").configs() == resolve_configs("bigram", {}, {})
     assert rung("speedrun").configs() == resolve_configs("speedrun", {}, {})
     assert rung("gpt").command() == "--preset default"
@@ -240,3 +239,11 @@ def test_matplotlib_missing_is_one_line_before_training(registry, tmp_path, monk
 def test_train_config_budget_fields_exist():
     # the ladder's budgets are TrainConfig's own fields, not settings of its own
     assert {"max_iters", "time_budget"} <= set(attrs.fields_dict(TrainConfig))
+
+
+def test_the_docs_list_every_rung_as_it_is_defined():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ladder.md").read_text()
+    for r in RUNGS:
+        assert f"| `{r.name}` | {r.adds} | `{r.command()}` |" in text, r.name

@@ -30,7 +30,7 @@ def _needs_matplotlib(command: str) -> None:
               help="Seconds of optimiser steps per rung (the learning-rate schedule follows "
                    "the time used).")
 @click.option("--iters", type=click.IntRange(min=1), default=None,
-              help="Optimiser steps per rung, instead of --budget (default: 500).")
+              help="Optimiser steps per rung, instead of --budget (default: 400).")
 @click.option("--out-dir", default="runs/ladder", show_default=True,
               type=click.Path(file_okay=False),
               help="One run folder per rung, the table (ladder.md) and the plot (ladder.png).")
@@ -56,7 +56,7 @@ def ladder(reg, rungs, budget, iters, out_dir, data, device, sample_chars):
     if budget is not None and iters is not None:
         raise click.UsageError("give --budget or --iters, not both")
     chosen = lad.choose(rungs)
-    spend = lad.Budget(seconds=budget or 0.0, iters=0 if budget else (iters or 500))
+    spend = lad.Budget(seconds=budget or 0.0, iters=0 if budget else (iters or 400))
     _needs_matplotlib("gpt ladder")
     out = Path(out_dir)
     for rung in chosen:  # a folder holding other settings: refused before anything trains

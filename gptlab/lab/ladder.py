@@ -193,7 +193,8 @@ class RungResult:
 
 
 class LadderInterrupted(GptlabError):
-    """Ctrl-C during a rung: its checkpoint is saved; the same ``gpt ladder`` goes on."""
+    """Ctrl-C (or SIGTERM) during a rung: its checkpoint is saved; the same ``gpt ladder`` goes
+    on from there."""
 
     exit_code = 130
 
@@ -273,8 +274,9 @@ def run_rung(reg, rung: Rung, budget: Budget, out_dir: str | Path, *, data: str 
     try:
         fit = trainer.fit()
     except TrainingInterrupted as e:
-        raise LadderInterrupted(f"{e}, or rerun the same `gpt ladder` to go on from there") \
-            from None
+        stopped = LadderInterrupted(f"{e}, or rerun the same `gpt ladder` to go on from there")
+        stopped.exit_code = e.exit_code  # 130 for Ctrl-C, 143 for SIGTERM
+        raise stopped from None
     try:
         return _score(rung, settings, trainer, fit, folder, sample_chars, stage)
     except KeyboardInterrupt:
@@ -354,5 +356,6 @@ def machine() -> str:
     except OSError:
         pass
     ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in have]
-    return (f"{name} ({os.cpu_count()} cores; {', '.join(ext) or 'no avx2'}), "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    threads = torch.get_num_threads()
+    return (f"{name} ({os.cpu_count()} cores; {', '.join(ext) or 'no avx2'}), {threads} "
+            f"thread{'s' * (threads != 1)}, torch {torch.__version__}")
