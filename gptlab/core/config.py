@@ -127,8 +127,7 @@ class ModelConfig:
                        "none, or a plugin's (see `gpt plugins`).", metavar="NAME")
     mlp: str = _field("gelu", _name, "--mlp",
                       "MLP of the blocks: gelu (default), relu2, swiglu or none, or a "
-                      "plugin's.",
-                      metavar="NAME")
+                      "plugin's.", metavar="NAME")
     position: str = _field("learned", _name, "--position",
                            "Position scheme: learned (a table, default), rotary (on q and k) "
                            "or none, or a plugin's.", metavar="NAME")

@@ -10,6 +10,7 @@ import click
 
 from gptlab import console, options
 from gptlab.core.errors import GptlabError
+from gptlab.lab.ladder import rung_names
 
 
 def _needs_matplotlib(command: str) -> None:
@@ -23,8 +24,8 @@ def _needs_matplotlib(command: str) -> None:
 
 @click.command()
 @click.option("--rungs", default=None, metavar="A,B",
-              help="Comma-separated rungs to train (default: every one, in order); see the "
-                   "table in docs/ladder.md.")
+              help=f"Comma-separated rungs to train, of {', '.join(rung_names())} (default: "
+                   f"every one, in that order).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS",
               help="Seconds of optimiser steps per rung (the learning-rate schedule follows "
@@ -66,10 +67,10 @@ def ladder(reg, rungs, budget, iters, out_dir, data, device, sample_chars):
     for i, rung in enumerate(chosen, 1):
         _, tc = rung.configs(spend, device=device)
         click.echo(f"[{i}/{len(chosen)}] {rung.name}: {rung.adds}", err=True)
-        stage = _Stages(rung.name, console.TrainingProgress(tc.max_iters, tc.time_budget))
+        stage = _Stages(rung.name, tc.max_iters, tc.time_budget)
         try:
             result = lad.run_rung(reg, rung, spend, out, data=data, device=device,
-                                  sample_chars=sample_chars, on_event=stage.progress,
+                                  sample_chars=sample_chars, on_event=stage.event,
                                   on_stage=stage)
         finally:
             stage.close()
@@ -89,9 +90,16 @@ def ladder(reg, rungs, budget, iters, out_dir, data, device, sample_chars):
 class _Stages:
     """Shows a rung's stages: training progress, skipped, resumed, scoring the val split."""
 
-    def __init__(self, name: str, progress: console.TrainingProgress):
-        self.name, self.progress, self.bar, self.done = name, progress, None, 0
-        self.training = True
+    def __init__(self, name: str, max_iters: int, budget: float):
+        self.name, self.max_iters, self.budget = name, max_iters, budget
+        self.progress: console.TrainingProgress | None = None  # from the first step on
+        self.bar, self.done = None, 0
+
+    def event(self, ev) -> None:
+        """A training event (:class:`~gptlab.core.trainer.TrainEvent`)."""
+        if self.progress is None:
+            self.progress = console.TrainingProgress(self.max_iters, self.budget)
+        self.progress(ev)
 
     def __call__(self, what: str, value) -> None:
         if what == "skipped":
@@ -113,9 +121,9 @@ class _Stages:
             self.done = done
 
     def _end_training(self) -> None:
-        if self.training:
+        if self.progress is not None:
             self.progress.close()
-            self.training = False
+            self.progress = None
 
     def close(self) -> None:
         self._end_training()
