@@ -20,8 +20,9 @@ def _where(dev) -> str:
     """The GPU's name, or the CPU threads torch uses."""
     import torch
 
-    return (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else f"{torch.get_num_threads()} threads")
+    n = torch.get_num_threads()
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"{n} thread{'s' * (n != 1)}"
 
 
 @bench.command("attention")
