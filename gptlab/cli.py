@@ -1,5 +1,5 @@
 """The ``gpt`` command line: train (``run``), ``sample``, ``eval``, ``plot``, inspect
-``plugins``/``backends``/``presets``, and ``bench``.
+``plugins``/``backends``/``presets``, ``bench``, and the lab's ``ladder`` and ``attention``.
 
 This is the only layer that prints (:mod:`gptlab.console` shows progress); the options come from
 :mod:`gptlab.options` (``gpt run``'s from the configs' fields). Every
@@ -24,6 +24,7 @@ from gptlab import __version__, console, options
 from gptlab.bench.commands import bench
 from gptlab.core.errors import GptlabError, Interrupted, PluginError, command, printable
 from gptlab.core.plugins import Registry, load_registry, register_commands
+from gptlab.lab.commands import attention, ladder
 
 
 class GptGroup(click.Group):
@@ -341,7 +342,8 @@ def presets():
         click.echo("    " + ", ".join(f"{k}={v}" for k, v in settings.items()))
 
 
-BUILTIN_COMMANDS = [run, sample, eval_cmd, plot, plugins, backends, presets, bench]
+BUILTIN_COMMANDS = [run, sample, eval_cmd, plot, plugins, backends, presets, bench, ladder,
+                    attention]
 
 
 def build_cli(registry: Registry | None = None) -> click.Group:

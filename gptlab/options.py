@@ -118,6 +118,23 @@ def given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
+def command_line(ctx: click.Context) -> str:
+    """The command as given: ``gpt bench attention --seq-lens 64,128`` (the options given on
+    the command line, in the command's order), to head the files it writes."""
+    words = ["gpt", *ctx.command_path.split()[1:]]  # the root is `gpt`, whatever it was run as
+    for p in ctx.command.params:
+        if not given(ctx, p.name):
+            continue
+        value = ctx.params[p.name]
+        if isinstance(p, click.Argument):
+            words.append(str(value))
+        elif getattr(p, "is_flag", False) and isinstance(value, bool):
+            words.append(p.opts[0] if value else p.secondary_opts[0])
+        else:
+            words += [p.opts[0], f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(words)
+
+
 def resume_conflicts(ctx: click.Context) -> list[str]:
     """The options given with --resume that it cannot take: every setting (the preset, each
     config field) but those marked ``resumable`` (--lr)."""

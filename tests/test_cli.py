@@ -68,8 +68,8 @@ def test_named_backend_that_cannot_run_lists_its_reasons(cli, small_text):
     (["--block", "nope"], "unknown block 'nope'"),
     (["--device", "cuda"], "device 'cuda' is not available"),
     (["--data", "/no/such/file.txt"], "data file '/no/such/file.txt' does not exist"),
-    (["--norm", "batchnorm"], "unknown norm 'batchnorm'; available: layernorm, rmsnorm"),
-    (["--mlp", "moe"], "unknown MLP 'moe'; available: gelu, relu2, swiglu"),
+    (["--norm", "batchnorm"], "unknown norm 'batchnorm'; available: layernorm, none, rmsnorm"),
+    (["--mlp", "moe"], "unknown MLP 'moe'; available: gelu, none, relu2, swiglu"),
     (["--position", "alibi"], "unknown position scheme 'alibi'; available: learned, none, "
                               "rotary"),
     (["--optimizer", "sgd"], "unknown optimizer 'sgd'; available: adamw, muon"),
@@ -381,3 +381,25 @@ def test_one_progress_printer_for_steps_and_for_a_time_budget(capsys):
         "step      4  loss 2.000  1,000 tok/s  [2.0s of 10.0s of steps, 4.0s in all]",
         "step      4  eval: train 2.5000  val 2.2500",
         "step      6  loss 2.000  1,000 tok/s  val 2.250  [3.0s of 10.0s of steps, 6.0s in all]"]
+
+
+def test_bench_attention_writes_its_table_and_plot(cli, tmp_path):
+    md, png = tmp_path / "attention.md", tmp_path / "attention.png"
+    result = invoke(cli, ["bench", "attention", "--backends", "naive", "--seq-lens", "16,32",
+                          "--reps", "1", "--batch", "1", "--heads", "2", "--out", str(md),
+                          "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith(f"`gpt bench attention --backends naive --seq-lens 16,32 --batch 1 "
+                               f"--heads 2 --reps 1 --plot {png} --out {md}`: causal attention")
+    rows = [ln.split("|")[1:3] for ln in lines[4:]]
+    assert [(b.strip(), t.strip()) for b, t in rows] == [("sdpa", "16"), ("naive", "16"),
+                                                         ("sdpa", "32"), ("naive", "32")]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plugins_lists_the_parts_the_ladder_leaves_out(cli):
+    result = invoke(cli, ["plugins"])
+    assert "    block: prenorm, postnorm, plain, single-head" in result.output
+    assert "    norm: layernorm, rmsnorm, none" in result.output
+    assert "    MLP: gelu, relu2, swiglu, none" in result.output

@@ -164,3 +164,91 @@ def test_generate_greedy_top_k_and_validation(registry):
         model.generate(idx, 1, temperature=-1)
     with pytest.raises(ConfigError, match="top_k"):
         model.generate(idx, 1, top_k=0)
+
+
+# ------------------------------------------------------------------------ the leave-out parts
+# What the ladder's first rungs leave out, each a registered part of its own (`gpt plugins`):
+# norm `none`, MLP `none`, the block without residual connections (`plain`), one head
+# (`single-head`).
+def _parts(registry, **names):
+    from gptlab.core.interfaces import Components
+
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=1,
+                      **{"n_head": 2, "n_embd": 8, **{k: v for k, v in names.items()
+                                                      if k in ("n_head", "n_embd")}})
+    return cfg, Components(block=registry.block(names.get("block", "prenorm")),
+                           attention=NaiveAttention(),
+                           norm_class=registry.get("norms", names.get("norm", "layernorm")),
+                           mlp_class=registry.get("mlps", names.get("mlp", "gelu")),
+                           position=registry.get("positions", "learned"))
+
+
+def test_norm_none_is_the_identity_forward_and_backward(registry):
+    norm = registry.get("norms", "none")(8, bias=True)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    y = norm(x)
+    assert torch.equal(y, x) and list(norm.parameters()) == []
+    w = torch.randn(2, 3, 8, dtype=torch.float64)
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, w)  # dy/dx = I
+
+
+def test_mlp_none_adds_nothing_to_a_residual_block_forward_and_backward(registry):
+    torch.manual_seed(0)
+    cfg, parts = _parts(registry, mlp="none")
+    block = parts.block(cfg, parts).double()
+    assert list(block.mlp.parameters()) == []
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    assert torch.equal(block.mlp(x), torch.zeros_like(x))
+    expect = x + block.attn(block.ln_1(x))  # the block is its attention sub-layer alone
+    assert torch.allclose(y, expect, atol=1e-12)
+    w = torch.randn_like(x)
+    gx, *gp = torch.autograd.grad((y * w).sum(), [x, *block.attn.parameters()])
+    ex, *ep = torch.autograd.grad((expect * w).sum(), [x, *block.attn.parameters()])
+    assert torch.allclose(gx, ex, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(gp, ep))
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "none"])
+def test_plain_block_has_no_residual_connections(registry, mlp):
+    torch.manual_seed(0)
+    cfg, parts = _parts(registry, block="plain", mlp=mlp)
+    block = parts.block(cfg, parts).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    h = block.attn(block.ln_1(x))  # each sub-layer's output replaces its input
+    expect = h if mlp == "none" else block.mlp(block.ln_2(h))
+    assert torch.allclose(block(x), expect, atol=1e-12)
+    assert torch.autograd.gradcheck(block, (x[:1, :3].clone().requires_grad_(),))
+
+
+def test_single_head_block_is_one_head_of_the_models_width(registry):
+    torch.manual_seed(0)
+    cfg, parts = _parts(registry, block="single-head", norm="none", mlp="none", n_head=1)
+    block = parts.block(cfg, parts).double()
+    assert not hasattr(block.attn, "c_proj")  # no output projection
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    head = block.attn
+    with torch.no_grad():
+        q, k, v = head.query(x[0]), head.key(x[0]), head.value(x[0])  # (T, C) each: hs = C
+    assert torch.allclose(block(x)[0], reference_attention(q, k, v), atol=1e-12)
+    assert torch.autograd.gradcheck(block, (x[:, :4].clone().requires_grad_(),))
+    with pytest.raises(ConfigError, match="block single-head has one attention head; use "
+                                          "--n-head 1, not 2"):
+        cfg2, parts2 = _parts(registry, block="single-head")
+        parts2.block(cfg2, parts2)
+
+
+@pytest.mark.parametrize("block, n_head", [("plain", 2), ("single-head", 1)])
+def test_the_leave_out_blocks_leak_no_future_token(registry, block, n_head):
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=n_head, n_embd=16,
+                      block=block, norm="none", mlp="none", attention="naive")
+    torch.manual_seed(0)
+    model = build_model(registry, cfg).eval()
+    idx = torch.randint(0, 11, (2, 16))
+    logits, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 3) % 11
+    logits2, _ = model(changed)
+    assert torch.equal(logits2[:, :8], logits[:, :8])
+    assert not torch.equal(logits2[:, 8:], logits[:, 8:])  # (tiny: no norm, GPT-2's init)

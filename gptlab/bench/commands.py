@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
 import click
 
 from gptlab import options
 from gptlab.console import Table
 from gptlab.core.config import DTYPES
-from gptlab.core.errors import printable
+from gptlab.core.errors import GptlabError, printable
 
 
 @click.group()
@@ -19,8 +20,9 @@ def _where(dev) -> str:
     """The GPU's name, or the CPU threads torch uses."""
     import torch
 
-    return (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else f"{torch.get_num_threads()} threads")
+    n = torch.get_num_threads()
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"{n} thread{'s' * (n != 1)}"
 
 
 @bench.command("attention")
@@ -40,8 +42,14 @@ def _where(dev) -> str:
                             "from torch.cuda.max_memory_allocated).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="dtype of q, k, v (the tensor-core backends take bfloat16 and float16).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw time and peak memory against T, one line per backend, into this "
+                   "PNG (needs matplotlib: pip install 'gptlab[plot]').")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the table as markdown, headed by the command and the machine, "
+                   "to this file.")
 @options.pass_registry
-def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
+def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype, plot_path, out_path):
     """Causal forward+backward time and peak extra memory per backend and T, vs sdpa."""
     import torch
 
@@ -51,6 +59,11 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
     from gptlab.core.selection import candidates
     from gptlab.core.sizing import check_attention_points
 
+    if plot_path:  # before measuring: a missing extra is one line, not a lost run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise GptlabError("--plot needs matplotlib: pip install 'gptlab[plot]'") from None
     dev = resolve_device(device)
     skipped = []
     if names:
@@ -81,7 +94,7 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
     table = Table([("backend", "<10"), ("T", ">6"), ("time ms", ">11.2f"), ("x sdpa", ">8"),
                    ("peak MiB", ">11"), ("x sdpa", ">8")])
     click.echo(table.header())
-    pending = []
+    pending, rows = [], []
 
     def show(point):  # a row of T, once every backend has run at it
         pending.append(point)
@@ -97,10 +110,29 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype):
             rm = (f"{p.peak_extra_mib / base.peak_extra_mib:.2f}"
                   if base and base.peak_extra_mib and p.peak_extra_mib is not None else "-")
             click.echo(table.row(p.backend, p.T, p.time_ms, rt, mem, rm))
+            rows.append(f"| {p.backend} | {p.T} | {p.time_ms:.2f} | {rt} | {mem} | {rm} |")
         pending.clear()
 
-    attention.run(chosen, lens, B=B, H=H, D=D, reps=reps, device=str(dev), dtype=dtype,
-                  on_point=show)
+    points = attention.run(chosen, lens, B=B, H=H, D=D, reps=reps, device=str(dev),
+                           dtype=dtype, on_point=show)
+    title = (f"causal attention forward+backward, B={B} H={H} D={D}, {dtype}, {dev}, "
+             f"{_where(dev)}")
+    if out_path:
+        import torch
+
+        from gptlab.core.files import atomic_write
+
+        command = options.command_line(click.get_current_context())
+        atomic_write(out_path, f"`{command}`: {title}; torch {torch.__version__}.\n\n"
+                               "| backend | T | time ms | x sdpa | peak MiB | x sdpa |\n"
+                               "|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+        click.echo(f"wrote {out_path}")
+    if plot_path:
+        from gptlab.plot import plot_attention_bench
+
+        plot_attention_bench([attrs.asdict(p) for p in points if not p.error], plot_path,
+                             title=title)
+        click.echo(f"wrote {plot_path}")
 
 
 @bench.command("train")

@@ -117,7 +117,9 @@ class ModelConfig:
     dropout: float = _field(0.0, _fraction, "--dropout", "Dropout probability in [0, 1).")
     bias: bool = True
     block: str = _field("prenorm", _name, "--block",
-                        "Transformer block plugin: prenorm or postnorm.", metavar="NAME")
+                        "Transformer block plugin: prenorm (default), postnorm, plain (no "
+                        "residual connections) or single-head (one head, no projection, no "
+                        "residuals).", metavar="NAME")
     attention: str = _field(
         "auto", _name, "--attention",
         "Attention backend: auto picks the fastest on this machine for the run's shape "
@@ -131,11 +133,11 @@ class ModelConfig:
     # parts of the transformer chosen by name (registered plugins) and switches; the defaults
     # are GPT-2's, and what a checkpoint from before these fields was trained with
     norm: str = _field("layernorm", _name, "--norm",
-                       "Norm of the blocks and the final norm: layernorm (default) or rmsnorm, "
-                       "or a plugin's (see `gpt plugins`).", metavar="NAME")
+                       "Norm of the blocks and the final norm: layernorm (default), rmsnorm or "
+                       "none, or a plugin's (see `gpt plugins`).", metavar="NAME")
     mlp: str = _field("gelu", _name, "--mlp",
-                      "MLP of the blocks: gelu (default), relu2 or swiglu, or a plugin's.",
-                      metavar="NAME")
+                      "MLP of the blocks: gelu (default), relu2, swiglu or none, or a "
+                      "plugin's.", metavar="NAME")
     position: str = _field("learned", _name, "--position",
                            "Position scheme: learned (a table, default), rotary (on q and k) "
                            "or none, or a plugin's.", metavar="NAME")

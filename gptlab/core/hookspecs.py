@@ -31,7 +31,8 @@ def register_models():
 @hookspec
 def register_blocks():
     """:class:`gptlab.Block` subclasses, built as ``cls(config, components)`` ``n_layer`` times
-    by the transformer; chosen with ``--block`` (built in: prenorm, postnorm)."""
+    by the transformer; chosen with ``--block`` (built in: prenorm, postnorm, plain,
+    single-head)."""
 
 
 @hookspec
@@ -55,13 +56,13 @@ def register_decoders():
 @hookspec
 def register_norms():
     """:class:`gptlab.Norm` subclasses, chosen with ``--norm`` for every block and the final
-    norm (built in: layernorm, rmsnorm)."""
+    norm (built in: layernorm, rmsnorm, none)."""
 
 
 @hookspec
 def register_mlps():
     """:class:`gptlab.FeedForward` subclasses, chosen with ``--mlp`` for every block (built
-    in: gelu, relu2, swiglu)."""
+    in: gelu, relu2, swiglu, none)."""
 
 
 @hookspec

@@ -15,14 +15,17 @@ Everything a plugin needs to assemble its own block or model (none ever imports
                                            components.position)             # --position
             self.mlp = components.mlp(config)                               # --mlp
 
-- norms (:mod:`gptlab.nn.norms`): :class:`LayerNorm`, :class:`RMSNorm`, :class:`QKNorm`;
-- MLPs (:mod:`gptlab.nn.mlps`): :class:`MLP` (GELU), :class:`ReLU2MLP`, :class:`SwiGLUMLP`;
+- norms (:mod:`gptlab.nn.norms`): :class:`LayerNorm`, :class:`RMSNorm`, :class:`QKNorm`,
+  :class:`NoNorm` (``none``);
+- MLPs (:mod:`gptlab.nn.mlps`): :class:`MLP` (GELU), :class:`ReLU2MLP`, :class:`SwiGLUMLP`,
+  :class:`NoMLP` (``none``);
 - position schemes (``learned``, ``rotary``, ``none``) and the :class:`Rotary` seam module
   (:mod:`gptlab.nn.positions`);
 - attention (:mod:`gptlab.nn.attention`): :class:`SingleHeadAttention`,
-  :class:`MultiHeadAttention` with its position seam, :class:`LayerKV` (one layer's KV cache);
+  :class:`MultiHeadAttention` with its position seam, :class:`LayerKV` (one layer's KV cache),
+  :func:`attention_weights` (the softmax written out);
 - blocks (:mod:`gptlab.nn.blocks`): :class:`PreNormBlock` (GPT-2), :class:`PostNormBlock`
-  (Vaswani et al.);
+  (Vaswani et al.), :class:`PlainBlock` (no residual connections), :class:`SingleHeadBlock`;
 - :class:`TorchKernels`, the ``torch`` layer kernels: these modules' own formulas
   (:mod:`gptlab.nn.layer_kernels`);
 - :func:`init_gpt2`, GPT-2's initialisation with scaled residual projections (:mod:`gptlab.nn.init`);
@@ -30,16 +33,17 @@ Everything a plugin needs to assemble its own block or model (none ever imports
 """
 
 from gptlab.core.attention import causal_mask, default_scale
-from gptlab.nn.attention import LayerKV, MultiHeadAttention, SingleHeadAttention
-from gptlab.nn.blocks import PostNormBlock, PreNormBlock
+from gptlab.nn.attention import (LayerKV, MultiHeadAttention, SingleHeadAttention,
+                                 attention_weights)
+from gptlab.nn.blocks import PlainBlock, PostNormBlock, PreNormBlock, SingleHeadBlock
 from gptlab.nn.init import init_gpt2
 from gptlab.nn.layer_kernels import TorchKernels
-from gptlab.nn.mlps import MLP, ReLU2MLP, SwiGLUMLP
-from gptlab.nn.norms import LayerNorm, QKNorm, RMSNorm
+from gptlab.nn.mlps import MLP, NoMLP, ReLU2MLP, SwiGLUMLP
+from gptlab.nn.norms import LayerNorm, NoNorm, QKNorm, RMSNorm
 from gptlab.nn.positions import (LearnedPositions, NoPositions, QKChain, Rotary,
                                  RotaryPositions)
 
-__all__ = ["LayerNorm", "RMSNorm", "QKNorm", "MLP", "ReLU2MLP", "SwiGLUMLP",
-           "SingleHeadAttention", "MultiHeadAttention", "LayerKV", "PreNormBlock",
-           "PostNormBlock", "init_gpt2", "causal_mask", "default_scale", "Rotary", "QKChain",
+__all__ = ["LayerNorm", "RMSNorm", "QKNorm", "NoNorm", "MLP", "ReLU2MLP", "SwiGLUMLP", "NoMLP",
+           "SingleHeadAttention", "MultiHeadAttention", "LayerKV", "attention_weights",
+           "PreNormBlock", "PostNormBlock", "PlainBlock", "SingleHeadBlock", "init_gpt2", "causal_mask", "default_scale", "Rotary", "QKChain",
            "LearnedPositions", "RotaryPositions", "NoPositions", "TorchKernels"]

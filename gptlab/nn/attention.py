@@ -4,14 +4,18 @@ Scaled dot-product attention (Vaswani et al. 2017, section 3.2): each position e
 a key and a value; ``softmax(Q K^T / sqrt(head_dim) + causal mask) V``. The arithmetic of that
 formula is delegated to an :class:`~gptlab.core.attention.AttentionBackend` (naive, sdpa,
 fused, flash, or a plugin's), so backends can be swapped without touching the model.
+:func:`attention_weights` writes the weights out (the softmax alone), whatever the backend: each
+module's ``attention_weights(x)`` recomputes the weights its heads put on every earlier
+position (``gpt attention`` draws them).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 
-from gptlab.core.attention import AttentionBackend
+from gptlab.core.attention import AttentionBackend, causal_mask, default_scale
 from gptlab.core.interfaces import PositionScheme
 from gptlab.nn.positions import qk_seam
 
@@ -74,8 +78,22 @@ class LayerKV:
             self._v[:, :, :self.length] = old_v
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float | None = None
+                      ) -> torch.Tensor:
+    """``softmax(scale * q k^T + causal mask)``, written out: (..., T, T) for q and k (..., T, hs).
+
+    Row ``i`` holds the weights query ``i`` puts on keys ``0..i`` (they sum to 1); every entry
+    above the diagonal is 0. A backend's output is these weights times v."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * default_scale(q.size(-1), scale)  # (..., T, T)
+    att = att.masked_fill(~causal_mask(T, T, device=q.device), float("-inf"))
+    return F.softmax(att, dim=-1)
+
+
 class SingleHeadAttention(nn.Module):
-    """One causal attention head: ``(B, T, C) -> (B, T, head_size)``."""
+    """One causal attention head: ``(B, T, C) -> (B, T, head_size)``: its own query, key and
+    value projections and no output projection (:class:`gptlab.nn.SingleHeadBlock` uses one as
+    wide as the model)."""
 
     def __init__(self, n_embd: int, head_size: int, attention: AttentionBackend,
                  dropout: float = 0.0, bias: bool = False):
@@ -92,6 +110,11 @@ class SingleHeadAttention(nn.Module):
         v = self.value(x).unsqueeze(1)
         p = self.dropout if self.training else 0.0
         return self.attention(q, k, v, causal=True, dropout_p=p).squeeze(1)  # (B, T, hs)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights (B, 1, T, T) this head puts on each position of ``x`` (B, T, C),
+        written out (:func:`attention_weights`), whatever the backend."""
+        return attention_weights(self.query(x).unsqueeze(1), self.key(x).unsqueeze(1))
 
 
 class MultiHeadAttention(nn.Module):
@@ -122,18 +145,32 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.qk_positions = qk_seam(config, position)  # None: q and k as projected
 
-    def forward(self, x, kv_cache: LayerKV | None = None):
+    def qkv(self, x: torch.Tensor, start: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of every head for ``x`` (B, T, C), (B, nh, T, hs) each, q and k through the
+        position seam at positions ``start .. start + T - 1``."""
         B, T, C = x.shape
         hs = C // self.n_head
-        # q, k, v for every head: views of the projection, (B, nh, T, hs) each with strides
-        # (T*3C, hs, 3C, 1); backends that take strided inputs (flash, sdpa) copy nothing, and
-        # in the backward the three gradients meet in one cat (split's backward)
+        # views of the projection, (B, nh, T, hs) each with strides (T*3C, hs, 3C, 1); backends
+        # that take strided inputs (flash, sdpa) copy nothing, and in the backward the three
+        # gradients meet in one cat (split's backward)
         q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
         if self.qk_positions is not None:  # the position seam
-            start = 0 if kv_cache is None else kv_cache.length
             pos = torch.arange(start, start + T, dtype=torch.long, device=x.device)  # (T,)
             q, k = self.qk_positions(q, k, pos)
+        return q, k, v
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights (B, nh, T, T) each head puts on each position of ``x`` (B, T, C),
+        written out (:func:`attention_weights`) from the q and k this module computes, whatever
+        backend its forward runs."""
+        q, k, _ = self.qkv(x)
+        return attention_weights(q, k)
+
+    def forward(self, x, kv_cache: LayerKV | None = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, 0 if kv_cache is None else kv_cache.length)
         if kv_cache is not None:  # decoding: T new queries against every key so far
             k, v = kv_cache.extend(k, v)  # (B, nh, T_past + T, hs); causal mask bottom-right
         p = self.attn_dropout if self.training else 0.0

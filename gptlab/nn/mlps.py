@@ -1,4 +1,5 @@
-"""Position-wise feed-forward networks (MLPs), written out: GPT-2's GELU MLP, ReLU² and SwiGLU.
+"""Position-wise feed-forward networks (MLPs), written out: GPT-2's GELU MLP, ReLU² and SwiGLU;
+and ``none``.
 
 - GELU (Vaswani et al. 2017's feed-forward network with the GELU of Hendrycks & Gimpel 2016,
   as in GPT-2): ``Linear(C, 4C) -> gelu -> Linear(4C, C)``.
@@ -7,6 +8,10 @@
 - SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): ``(silu(x W1) * (x W3)) W2``. It has
   three matrices instead of two, so its hidden width is 2/3 of 4C (rounded up to a multiple of
   8): the parameter count stays close to the GELU MLP's (PaLM and LLaMA do the same).
+
+- ``none`` (:class:`NoMLP`): the MLP left out. In a residual block it adds nothing
+  (``x + 0``); the block without residual connections skips its MLP sub-layer instead
+  (:class:`gptlab.nn.PlainBlock`). The ladder's rungs before the MLP use it (:mod:`gptlab.ladder`).
 
 Each is built as ``cls(config)`` (the GELU MLP also takes the model's layer kernels); the last
 Linear (into the residual stream) is ``c_proj``, so GPT-2's init scales it
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -86,3 +92,15 @@ class SwiGLUMLP(FeedForward):
         gate, up = self.c_fc(x).chunk(2, dim=-1)  # (B, T, h) each
         y = self.c_proj(F.silu(gate) * up)
         return self.dropout(y) if self.training else y
+
+
+class NoMLP(FeedForward):
+    """No MLP: the sub-layer contributes nothing, ``(B, T, C) -> zeros (B, T, C)``, so a residual
+    block computes ``x + 0``; no parameters. A block without residual connections must skip the
+    sub-layer instead (zeros would replace x there): :class:`gptlab.nn.PlainBlock` does."""
+
+    name = "none"
+    description = "no MLP: the block's MLP sub-layer adds nothing (the ladder's first rungs)"
+
+    def forward(self, x):
+        return torch.zeros_like(x)

@@ -1,4 +1,4 @@
-"""Normalisations, written out: LayerNorm (GPT-2's), RMSNorm and QK-norm.
+"""Normalisations, written out: LayerNorm (GPT-2's), RMSNorm and QK-norm; and ``none``.
 
 LayerNorm (Ba, Kiros & Hinton 2016, "Layer Normalization") normalises each position's feature
 vector to zero mean and unit (biased) variance, then scales and shifts it.
@@ -10,6 +10,9 @@ that followed (LLaMA, the nanoGPT speedrun), trains as well.
 QK-norm (Henry et al. 2020; Dehghani et al. 2023) RMS-normalises each head's queries and keys
 before their dot product, which bounds the attention logits and lets training use a higher
 learning rate; here it has no learned weight (as in the modded-nanogpt speedrun).
+
+``none`` (:class:`NoNorm`) leaves normalisation out: every norm of the model is the identity, as
+in the transformer rungs of the ladder before LayerNorm (:mod:`gptlab.ladder`).
 """
 
 from __future__ import annotations
@@ -84,6 +87,20 @@ class RMSNorm(Norm):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
+
+
+class NoNorm(Norm):
+    """No normalisation: ``y = x``. Every norm a block builds (and the final norm) is then the
+    identity, with no parameters."""
+
+    name = "none"
+    description = "no normalisation: the identity (the ladder's rungs before LayerNorm)"
+
+    def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
+        super().__init__(ndim, bias, eps)
+
+    def forward(self, x):
+        return x
 
 
 class QKNorm(nn.Module):

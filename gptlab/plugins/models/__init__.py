@@ -1,11 +1,12 @@
 """Built-in models (``bigram``, ``transformer``), transformer blocks (``prenorm``,
-``postnorm``), norms (``layernorm``, ``rmsnorm``), MLPs (``gelu``, ``relu2``, ``swiglu``),
-position schemes (``learned``, ``rotary``, ``none``) and the ``torch`` layer kernels, registered
+``postnorm``, ``plain``, ``single-head``), norms (``layernorm``, ``rmsnorm``, ``none``), MLPs
+(``gelu``, ``relu2``, ``swiglu``, ``none``), position schemes (``learned``, ``rotary``, ``none``) and the ``torch`` layer kernels, registered
 through the ``gptlab`` entry points like any third party's."""
 
 from gptlab import hookimpl
-from gptlab.nn import (MLP, LayerNorm, LearnedPositions, NoPositions, PostNormBlock,
-                       PreNormBlock, ReLU2MLP, RMSNorm, RotaryPositions, SwiGLUMLP, TorchKernels)
+from gptlab.nn import (MLP, LayerNorm, LearnedPositions, NoMLP, NoNorm, NoPositions,
+                       PlainBlock, PostNormBlock, PreNormBlock, ReLU2MLP, RMSNorm,
+                       RotaryPositions, SingleHeadBlock, SwiGLUMLP, TorchKernels)
 from gptlab.plugins.models.bigram import BigramLanguageModel
 from gptlab.plugins.models.transformer import Transformer
 
@@ -17,17 +18,17 @@ def register_models():
 
 @hookimpl
 def register_blocks():
-    return [PreNormBlock, PostNormBlock]
+    return [PreNormBlock, PostNormBlock, PlainBlock, SingleHeadBlock]
 
 
 @hookimpl
 def register_norms():
-    return [LayerNorm, RMSNorm]
+    return [LayerNorm, RMSNorm, NoNorm]
 
 
 @hookimpl
 def register_mlps():
-    return [MLP, ReLU2MLP, SwiGLUMLP]
+    return [MLP, ReLU2MLP, SwiGLUMLP, NoMLP]
 
 
 @hookimpl
