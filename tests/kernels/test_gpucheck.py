@@ -343,10 +343,11 @@ def test_smoke_script_runs_every_emulated_kernel(registry):
     lines = smoke(emulated_target(registry))
     assert "flash-emu float32 D=128 causal=False" in lines
     assert "fused-emu float32 D=32 causal=True" in lines
-    assert "flash-tc-emu bfloat16 D=128 causal=True" in lines
+    assert "flash-emu bfloat16 D=128 causal=True" in lines  # flash.cu's tensor-core twin
     assert "native-emu float32: layer_norm, linear_gelu, cross_entropy" in lines
-    # flash-emu and fused-emu: float32, D = 32, 64, 128; flash-tc-emu: bfloat16 and float16,
-    # D = 64 and 128 only; causal or not; then the layer kernels
+    # flash-emu and fused-emu: float32, D = 32, 64, 128; flash-emu also in bfloat16 and
+    # float16, D = 64 and 128 only (flash-tc-emu, an alias, not again); causal or not; then
+    # the layer kernels
     assert len(lines) == 2 * 3 * 2 + 2 * 2 * 2 + 1
 
 
