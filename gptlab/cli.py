@@ -104,6 +104,8 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
         trainer = session.trainer(text, on_event=shown)
         for note in trainer.notes:
             say(f"note: {note}", err=True)
+        if trainer.plan.dtype_reason:
+            say(f"dtype: {trainer.cfg.dtype} ({trainer.plan.dtype_reason})", err=True)
         used, T = trainer.cfg, setup.model_config.block_size
         say(f"batch: {used.batch_size} sequences x {used.grad_accum} micro-batches x "
             f"{world.size} process{'es' if world.size > 1 else ''} = "
@@ -276,7 +278,7 @@ def _show_table(rows, request) -> None:
     reasons."""
     from gptlab.core.selection import priority_of
 
-    auto = next((cls.name for cls, r in rows if not r), None)
+    auto = next((cls.name for cls, r in rows if not r and not cls.alias_of), None)
     for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
         pick = "  <- auto" if cls.name == auto else ""

@@ -13,11 +13,11 @@ from __future__ import annotations
 import attrs
 import torch
 
-from gptlab.core import autotune, distributed
+from gptlab.core import autotune, distributed, precision
 from gptlab.core.attention import AttentionBackend, AttentionRequest
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
-from gptlab.core.errors import ConfigError
+from gptlab.core.errors import BackendNotSupportedError, ConfigError
 from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
 from gptlab.core.layer_kernels import KernelRequest, LayerKernels
 from gptlab.core.plugins import Registry
@@ -29,11 +29,18 @@ class RunPlan:
     """What a run will use, checked before any data is read or any weight allocated."""
 
     model_config: ModelConfig
-    train_config: TrainConfig
+    train_config: TrainConfig  # as the run trains: --dtype auto resolved
     device: torch.device
     model_cls: type[LanguageModel]
     tokenizer_cls: type
     components: Components  # the parts, the attention backend and layer kernels prepared
+    asked: TrainConfig | None = None  # as given (None: train_config)
+    dtype_reason: str | None = None  # why --dtype auto chose the dtype
+
+    def made_for(self, model_config: ModelConfig, train_config: TrainConfig) -> bool:
+        """Whether this plan was made for these configs (as given to :func:`plan_run`)."""
+        return (self.model_config, self.asked or self.train_config) == (model_config,
+                                                                        train_config)
 
     @property
     def attention(self) -> AttentionBackend | None:
@@ -102,7 +109,9 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     if model_cls.uses_attention:
         chosen_parts(reg, model_config)  # unknown names, impossible combinations: one line
     reg.get("optimizers", train_config.optimizer)
-    dtype = getattr(torch, train_config.dtype)  # of q, k, v and the activations under autocast
+    asked = train_config
+    # of q, k, v and the activations under autocast (auto: float32 until measured, below)
+    dtype = getattr(torch, "float32" if asked.dtype == precision.AUTO else asked.dtype)
     dev_type = device_type(train_config.device)
     fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
     named = {}  # named choices are checked before the device is (their reasons say more)
@@ -118,6 +127,19 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
         raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
                           "matrix products through float32 (slower, no memory saved); use "
                           "--dtype bfloat16 or float32")
+    dtype_reason = None
+    if asked.dtype == precision.AUTO:
+        choice = choose_dtype(reg, model_config, train_config, device)
+        train_config = attrs.evolve(train_config, dtype=choice.dtype)
+        dtype, dtype_reason = getattr(torch, choice.dtype), choice.reason
+        if dtype != torch.float32:  # the named choices, checked again for the dtype taken
+            named = {k: select(reg, kind, getattr(model_config, k), request)
+                     for k, kind, request in (
+                         ("attention", "attention_backends",
+                          attention_request(model_config, device, dtype=dtype,
+                                            requires_grad=requires_grad)),
+                         ("kernels", "layer_kernels",
+                          KernelRequest(device=device.type, dtype=dtype))) if k in named}
     attention = named.get("attention")
     if model_cls.uses_attention and attention is None:
         request = attention_request(model_config, device, dtype=dtype,
@@ -137,7 +159,50 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     components = choose_components(reg, model_config, device, kernels=kernels(),
                                    attention=attention() if attention else None)
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
-                   model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components)
+                   model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components,
+                   asked=asked, dtype_reason=dtype_reason)
+
+
+def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
+                 device: torch.device) -> precision.Choice:
+    """``--dtype auto`` (:mod:`gptlab.core.precision`): float32 or bfloat16, as measured on the
+    run's model with the attention backend and layer kernels each dtype would get (``auto``:
+    the highest priority that runs). Under torchrun rank 0 measures and every rank takes its
+    choice."""
+    world = distributed.current()
+
+    def components(dtype: str) -> Components:
+        dt = getattr(torch, dtype)
+        attention = select(reg, "attention_backends", model_config.attention,
+                           attention_request(model_config, device, dtype=dt))
+        kernels = select(reg, "layer_kernels", model_config.kernels,
+                         KernelRequest(device=device.type, dtype=dt))
+        return choose_components(reg, model_config, device, attention=attention(),
+                                 kernels=kernels())
+
+    mc = model_config if model_config.vocab_size else attrs.evolve(model_config, vocab_size=128)
+    model_cls = reg.model(mc.model)
+
+    def build(dtype: str) -> LanguageModel:
+        with torch.random.fork_rng(devices=[]):  # the run's own init is not disturbed
+            torch.manual_seed(0)
+            return model_cls(mc, components(dtype)).to(device)
+
+    try:
+        parts = {d: components(d) for d in ("float32", "bfloat16")}
+    except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
+        choice = precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
+    else:
+        tag = ", ".join(f"{k}={getattr(mc, k)}" for k in (
+            "model", "n_layer", "n_head", "n_embd", "block", "norm", "mlp", "position",
+            "qk_norm")) + "".join(
+            f" | {d}: {p.attention.name if p.attention else '-'}, {p.kernels.name}"
+            for d, p in parts.items())
+        choice = precision.choose(build, device, train_config.batch_size, mc.block_size,
+                                  mc.vocab_size, tag,
+                                  measure=autotune.measuring() and not world.rank)
+    agreed = distributed.rank0_choice(choice.dtype, world)
+    return choice if agreed == choice.dtype else precision.Choice(agreed, "auto: rank 0's")
 
 
 def chosen_parts(reg: Registry, config: ModelConfig) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from gptlab.core import distributed
+from gptlab.core import distributed, precision
 from gptlab.core.planning import RunPlan, build_model, plan_run
 from gptlab.core.checkpoint import (Checkpoint, TrainState, non_finite_parameters,
                                     save_checkpoint)
@@ -174,7 +174,6 @@ class Trainer:
                  on_event: Callable[[TrainEvent], None] | None = None,
                  resume: Checkpoint | None = None, data_source: str | None = None,
                  log_interval: int = 10, plan: RunPlan | None = None, overwrite: bool = False):
-        self.cfg = train_config
         self.emit = on_event or (lambda event: None)
         self.log_interval = log_interval
         self.plan = plan or plan_run(
@@ -182,9 +181,10 @@ class Trainer:
             prefer_attention=resume.metrics.get("attention") if resume else None,
             prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None,
             new_run=resume is None)
-        if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
+        if not self.plan.made_for(model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")
+        self.cfg = self.plan.train_config  # as it trains: --dtype auto resolved
         self.world = distributed.current()
         self.device = distributed.device_for(self.plan.device, self.world)
         self.notes: list[str] = []  # what the run adapted, for the caller to show
@@ -255,7 +255,7 @@ class Trainer:
         self.batch_gens = [torch.Generator().manual_seed(stream_seed(cfg.seed, s))
                            for s in range(self.micro_batches)]
         self.state = TrainState(data_source=data_source, data_sha256=sha)
-        self.autocast = _autocast(self.device, cfg.dtype)
+        self.autocast = precision.autocast(self.device, cfg.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=cfg.dtype == "float16")
         core = self.model
@@ -556,13 +556,6 @@ def stream_seed(seed: int, *parts: int) -> int:
         return seed
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _autocast(device: torch.device, dtype: str):
-    """Mixed precision for forward passes (weights, gradients and AdamW state stay float32)."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 @contextlib.contextmanager
