@@ -355,7 +355,7 @@ def test_every_config_flag_is_a_run_option_with_its_help(cli):
     for name in ("bias", "warmup_iters", "vocab_size", "weight_decay"):  # settings, no flag
         assert name not in params
     assert "--untied-head / --tied-head" in text and "--compile / --no-compile" in text
-    assert "--schedule [cosine|wsd]" in text and "--dtype [float32|bfloat16|float16]" in text
+    assert "--schedule [cosine|wsd]" in text and "--dtype [auto|float32|bfloat16|float16]" in text
     ctx = run.make_context("run", ["--tied-head", "--no-qk-norm", "--compile", "--iters", "3",
                                    "--lr", "0.5", "--dtype", "bfloat16", "--attention", "naive"])
     given = {k: v for k, v in ctx.params.items() if v is not None}

@@ -110,18 +110,12 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
         chosen_parts(reg, model_config)  # unknown names, impossible combinations: one line
     reg.get("optimizers", train_config.optimizer)
     asked = train_config
-    # of q, k, v and the activations under autocast (auto: float32 until measured, below)
-    dtype = getattr(torch, "float32" if asked.dtype == precision.AUTO else asked.dtype)
+    # named choices are checked before the device is (their reasons say more than "no GPU");
+    # --dtype auto is float32 until measured, below
     dev_type = device_type(train_config.device)
     fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
-    named = {}  # named choices are checked before the device is (their reasons say more)
-    if model_cls.uses_attention and model_config.attention != AUTO:
-        named["attention"] = select(reg, "attention_backends", model_config.attention,
-                                    attention_request(model_config, dev_type, dtype=dtype,
-                                                      requires_grad=requires_grad), fix=fix)
-    if model_config.kernels != AUTO:
-        named["kernels"] = select(reg, "layer_kernels", model_config.kernels,
-                                  KernelRequest(device=dev_type, dtype=dtype))
+    dtype = torch.float32 if asked.dtype == precision.AUTO else getattr(torch, asked.dtype)
+    named = _named_choices(reg, model_cls, model_config, dev_type, dtype, requires_grad, fix)
     device = resolve_device(train_config.device)
     if train_config.dtype == "float16" and device.type == "cpu":
         raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
@@ -132,27 +126,13 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
         choice = choose_dtype(reg, model_config, train_config, device)
         train_config = attrs.evolve(train_config, dtype=choice.dtype)
         dtype, dtype_reason = getattr(torch, choice.dtype), choice.reason
-        if dtype != torch.float32:  # the named choices, checked again for the dtype taken
-            named = {k: select(reg, kind, getattr(model_config, k), request)
-                     for k, kind, request in (
-                         ("attention", "attention_backends",
-                          attention_request(model_config, device, dtype=dtype,
-                                            requires_grad=requires_grad)),
-                         ("kernels", "layer_kernels",
-                          KernelRequest(device=device.type, dtype=dtype))) if k in named}
+        if dtype != torch.float32:  # the named choices again, for the dtype taken
+            named = _named_choices(reg, model_cls, model_config, device.type, dtype,
+                                   requires_grad)
     attention = named.get("attention")
     if model_cls.uses_attention and attention is None:
-        request = attention_request(model_config, device, dtype=dtype,
-                                    requires_grad=requires_grad)
-        world = distributed.current()
-        work = autotune.Workload(batch=train_config.batch_size, heads=model_config.n_head)
-        measure = (lambda ready: autotune.measured_choice(ready, request, work)) \
-            if not world.rank and autotune.measuring() else None  # rank 0 measures
-        attention = select(reg, "attention_backends", AUTO, request, prefer=prefer_attention,
-                           measure=measure)
-        agreed = distributed.rank0_choice(attention.name, world)  # every rank takes rank 0's
-        if agreed != attention.name:
-            attention = select(reg, "attention_backends", agreed, request)
+        attention = _auto_attention(reg, model_config, train_config, device, dtype,
+                                    requires_grad, prefer_attention)
     kernels = named.get("kernels") or select(reg, "layer_kernels", AUTO,
                                              KernelRequest(device=device.type, dtype=dtype),
                                              prefer=prefer_kernels)
@@ -163,6 +143,38 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
                    asked=asked, dtype_reason=dtype_reason)
 
 
+def _named_choices(reg: Registry, model_cls: type, model_config: ModelConfig, dev_type: str,
+                   dtype: torch.dtype, requires_grad: bool, fix: str | None = None) -> dict:
+    """The attention backend and layer kernels ``model_config`` names (not ``auto``), checked
+    against the request on ``dev_type`` in ``dtype``: {"attention": cls, "kernels": cls}."""
+    named = {}
+    if model_cls.uses_attention and model_config.attention != AUTO:
+        named["attention"] = select(reg, "attention_backends", model_config.attention,
+                                    attention_request(model_config, dev_type, dtype=dtype,
+                                                      requires_grad=requires_grad), fix=fix)
+    if model_config.kernels != AUTO:
+        named["kernels"] = select(reg, "layer_kernels", model_config.kernels,
+                                  KernelRequest(device=dev_type, dtype=dtype))
+    return named
+
+
+def _auto_attention(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
+                    device: torch.device, dtype: torch.dtype, requires_grad: bool,
+                    prefer: str | None) -> type[AttentionBackend]:
+    """``--attention auto``: ``prefer`` if it runs, else the fastest measured on the run's
+    shape (rank 0 measures, every rank takes its choice), else the highest priority."""
+    request = attention_request(model_config, device, dtype=dtype, requires_grad=requires_grad)
+    world = distributed.current()
+    work = autotune.Workload(batch=train_config.batch_size, heads=model_config.n_head)
+    measure = (lambda ready: autotune.measured_choice(ready, request, work)) \
+        if not world.rank and autotune.measuring() else None
+    attention = select(reg, "attention_backends", AUTO, request, prefer=prefer, measure=measure)
+    agreed = distributed.rank0_choice(attention.name, world)
+    if agreed != attention.name:
+        attention = select(reg, "attention_backends", agreed, request)
+    return attention
+
+
 def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
                  device: torch.device) -> precision.Choice:
     """``--dtype auto`` (:mod:`gptlab.core.precision`): float32 or bfloat16, as measured on the
@@ -170,39 +182,43 @@ def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainCo
     the highest priority that runs). Under torchrun rank 0 measures and every rank takes its
     choice."""
     world = distributed.current()
+    choice = precision.without_measuring(device, autotune.measuring() and not world.rank)
+    if choice is None:
+        choice = _measure_dtype(reg, model_config, train_config, device)
+    agreed = distributed.rank0_choice(choice.dtype, world)
+    return choice if agreed == choice.dtype else precision.Choice(agreed, "auto: rank 0's")
 
-    def components(dtype: str) -> Components:
-        dt = getattr(torch, dtype)
-        attention = select(reg, "attention_backends", model_config.attention,
-                           attention_request(model_config, device, dtype=dt))
-        kernels = select(reg, "layer_kernels", model_config.kernels,
-                         KernelRequest(device=device.type, dtype=dt))
-        return choose_components(reg, model_config, device, attention=attention(),
-                                 kernels=kernels())
 
+def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
+                   device: torch.device) -> precision.Choice:
+    """Time the run's model in float32 and bfloat16, each with the attention backend and layer
+    kernels it would get (``auto``: the highest priority that runs)."""
     mc = model_config if model_config.vocab_size else attrs.evolve(model_config, vocab_size=128)
     model_cls = reg.model(mc.model)
+    try:
+        parts = {}
+        for d in ("float32", "bfloat16"):
+            dt = getattr(torch, d)
+            attention = select(reg, "attention_backends", mc.attention,
+                               attention_request(mc, device, dtype=dt))
+            kernels = select(reg, "layer_kernels", mc.kernels,
+                             KernelRequest(device=device.type, dtype=dt))
+            parts[d] = choose_components(reg, mc, device, attention=attention(),
+                                         kernels=kernels())
+    except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
+        return precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
 
     def build(dtype: str) -> LanguageModel:
         with torch.random.fork_rng(devices=[]):  # the run's own init is not disturbed
             torch.manual_seed(0)
-            return model_cls(mc, components(dtype)).to(device)
+            return model_cls(mc, parts[dtype]).to(device)
 
-    try:
-        parts = {d: components(d) for d in ("float32", "bfloat16")}
-    except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
-        choice = precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
-    else:
-        tag = ", ".join(f"{k}={getattr(mc, k)}" for k in (
-            "model", "n_layer", "n_head", "n_embd", "block", "norm", "mlp", "position",
-            "qk_norm")) + "".join(
-            f" | {d}: {p.attention.name if p.attention else '-'}, {p.kernels.name}"
-            for d, p in parts.items())
-        choice = precision.choose(build, device, train_config.batch_size, mc.block_size,
-                                  mc.vocab_size, tag,
-                                  measure=autotune.measuring() and not world.rank)
-    agreed = distributed.rank0_choice(choice.dtype, world)
-    return choice if agreed == choice.dtype else precision.Choice(agreed, "auto: rank 0's")
+    tag = ", ".join(f"{k}={getattr(mc, k)}" for k in (
+        "model", "n_layer", "n_head", "n_embd", "block", "norm", "mlp", "position", "qk_norm"))
+    tag += "".join(f" | {d}: {p.attention.name if p.attention else '-'}, {p.kernels.name}"
+                   for d, p in parts.items())
+    return precision.choose(build, device, train_config.batch_size, mc.block_size,
+                            mc.vocab_size, tag)
 
 
 def chosen_parts(reg: Registry, config: ModelConfig) -> dict:

@@ -93,18 +93,21 @@ def time_passes(models: dict[str, torch.nn.Module], idx: torch.Tensor,
     return {dtype: statistics.median(ts) for dtype, ts in times.items()}
 
 
-def choose(build: Callable[[str], torch.nn.Module], device: torch.device, batch: int,
-           block_size: int, vocab_size: int, tag: str, *,
-           measure: bool = True) -> Choice:
-    """``--dtype auto`` for a run whose model ``build(dtype)`` makes (on ``device``, with the
-    attention backend and kernels that dtype would get), on batches of ``batch`` x
-    ``block_size`` tokens. ``tag`` says what else decides the speed (the model's shape and
-    parts): the measurement is remembered under the device's model, torch, gptlab and it."""
+def without_measuring(device: torch.device, measure: bool = True) -> Choice | None:
+    """``--dtype auto``'s choice where nothing is to be measured (float32, and why), or None."""
     if not measure:
         return Choice("float32", "auto: not measured (GPTLAB_AUTO=priority)")
     why_not = bfloat16_unavailable_reason(device)
-    if why_not:
-        return Choice("float32", f"auto: {why_not}")
+    return Choice("float32", f"auto: {why_not}") if why_not else None
+
+
+def choose(build: Callable[[str], torch.nn.Module], device: torch.device, batch: int,
+           block_size: int, vocab_size: int, tag: str) -> Choice:
+    """``--dtype auto`` by measurement, for a run whose model ``build(dtype)`` makes (on
+    ``device``, with the attention backend and kernels that dtype would get), on batches of
+    ``batch`` x ``block_size`` tokens. ``tag`` says what else decides the speed (the model's
+    shape and parts): the measurement is remembered under the device's model, torch, gptlab
+    and it."""
     from gptlab import __version__
 
     key = (f"dtype | {autotune.machine(device.type)} | torch {torch.__version__} | gptlab "

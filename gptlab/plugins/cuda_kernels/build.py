@@ -104,6 +104,19 @@ class Flavour:
     def compiler(self) -> str:
         return os.environ.get(self.compiler_env) or self.default_compiler
 
+    def compile_flags(self) -> tuple[str, ...]:
+        """The flags, with ``-march=native`` replaced by ``-march=$GPTLAB_CPU_MARCH`` where that
+        is set (e.g. ``haswell`` for AVX2, ``x86-64`` for SSE2 only: a library for another class
+        of CPU than the building one, or this one's speed as such a CPU's)."""
+        march = os.environ.get(MARCH_ENV, "").strip()
+        if not march:
+            return self.flags
+        return tuple(f"-march={march}" if f == "-march=native" else f for f in self.flags)
+
+
+#: Names the CPU the C kernels are built for (``-march``); default: this machine's (native).
+MARCH_ENV = "GPTLAB_CPU_MARCH"
+
 
 CPU = Flavour(
     name="cpu", compiler_env="CC", default_compiler="cc",
@@ -179,12 +192,13 @@ def build_key(flavour: Flavour) -> str:
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(" ".join(flavour.flags).encode())
+    flags = flavour.compile_flags()
+    h.update(" ".join(flags).encode())
     h.update(_compiler_version(flavour).encode())
     h.update(torch.__version__.encode())
     h.update(str(ABI_VERSION).encode())
     h.update(platform.machine().encode())
-    if flavour.native_cpu:
+    if flavour.native_cpu and "-march=native" in flags:
         h.update(_cpu_flags().encode())
     return h.hexdigest()[:16]
 
@@ -337,7 +351,7 @@ def _compile(flavour: Flavour, lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     for stale in lib.parent.glob(f"*{TMP_SUFFIX}"):
         stale.unlink()
-    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.flags, "-I", str(CSRC),
+    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.compile_flags(), "-I", str(CSRC),
                   *(arg for folder in flavour.include_dirs for arg in ("-I", str(folder)))]
     sources = [str(CSRC / s) for s in flavour.sources]
     with atomic_path(lib) as tmp:  # renamed into place only if the compiler succeeds
