@@ -275,8 +275,8 @@ def backends(reg, device, dtype, head_dim, seq_len, dropout, inference):
 
 def _show_table(rows, request) -> None:
     """One line per backend (priority for the request, available, which auto takes), then its
-    reasons."""
-    from gptlab.core.selection import priority_of
+    description, why its priority differs here (if it does) and its reasons."""
+    from gptlab.core.selection import priority_note_of, priority_of
 
     auto = next((cls.name for cls, r in rows if not r and not cls.alias_of), None)
     for cls, reasons in rows:
@@ -286,6 +286,8 @@ def _show_table(rows, request) -> None:
                    f"{mark}{pick}")
         if cls.description:
             click.echo(f"    {cls.description}")
+        if note := priority_note_of(cls, request):
+            click.echo(f"    note: {note}")
         for r in reasons:
             click.echo(f"    - {r}")
 

@@ -136,3 +136,27 @@ def test_sample_and_eval_take_kernels(registry):
     cli = build_cli(registry)
     for command in ("sample", "eval"):
         assert "--kernels NAME" in CliRunner().invoke(cli, [command, "--help"]).output
+
+
+def test_native_kernels_rank_below_torch_on_cuda_until_measured(registry, monkeypatch):
+    """The native CUDA layer kernels have never run on a GPU: on CUDA, auto takes torch's and
+    `gpt backends` says why; named, they still run; on the CPU (measured) they stay first. CUDA
+    is made available here by fakes (no GPU, no build)."""
+    from gptlab.core import selection
+    from gptlab.plugins.cuda_kernels.layer_kernels import NativeKernels
+
+    monkeypatch.setattr(selection, "device_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(NativeKernels, "unavailable_reasons", classmethod(lambda cls, d: []))
+    monkeypatch.setattr(NativeKernels, "prepare", classmethod(lambda cls, request: None))
+    cuda = KernelRequest(device="cuda")
+    assert select(registry, "layer_kernels", "auto", cuda).name == "torch"
+    assert select(registry, "layer_kernels", "native", cuda) is NativeKernels
+    assert select(registry, "layer_kernels", "auto", KernelRequest(device="cpu")).name == "native"
+    out = CliRunner().invoke(build_cli(registry), ["backends", "--device", "cuda"]).output
+    table = out.split("layer kernels (--kernels; device cuda, float32):\n")[1].splitlines()
+    assert table[0].startswith("torch      priority  10  available: yes  <- auto")
+    native = table.index(next(ln for ln in table if ln.startswith("native ")))
+    assert table[native].startswith("native     priority   5  available: yes")
+    assert table[native + 2] == (
+        "    note: below torch (10) on cuda: never run on a GPU yet; `gpt kernels gpucheck` "
+        "measures them, `--kernels native` runs them")

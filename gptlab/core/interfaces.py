@@ -71,8 +71,8 @@ class Norm(nn.Module):
     description: ClassVar[str] = ""
     uses_layer_kernels: ClassVar[bool] = False
 
-    def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
-        super().__init__()
+    def __init__(self, ndim: int | None = None, bias: bool = True, eps: float = 1e-5):
+        super().__init__()  # (the arguments are the subclass's: super().__init__() will do)
 
 
 class FeedForward(nn.Module):
@@ -86,8 +86,8 @@ class FeedForward(nn.Module):
     description: ClassVar[str] = ""
     uses_layer_kernels: ClassVar[bool] = False
 
-    def __init__(self, config: ModelConfig):
-        super().__init__()
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()  # (the config is the subclass's: super().__init__() will do)
 
 
 class PositionScheme:
@@ -159,8 +159,9 @@ class Block(nn.Module):
     description: ClassVar[str] = ""
     supports_kv_cache: ClassVar[bool] = False
 
-    def __init__(self, config: ModelConfig, components: Components):
-        super().__init__()
+    def __init__(self, config: ModelConfig | None = None,
+                 components: Components | None = None):
+        super().__init__()  # (the arguments are the subclass's: super().__init__() will do)
 
 
 class LanguageModel(nn.Module):

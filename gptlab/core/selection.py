@@ -89,6 +89,12 @@ class Implementation:
         return cls.priority
 
     @classmethod
+    def priority_note(cls, request: Request) -> str:
+        """Why :meth:`priority_for` gives ``request`` another priority than usual (shown by
+        ``gpt backends``), or ``""``."""
+        return ""
+
+    @classmethod
     def prepare(cls, request: Request) -> None:
         """Called before construction, for a request it supports: build or load what the
         request's device needs. A GptlabError here makes ``auto`` move on."""
@@ -117,6 +123,14 @@ def priority_of(cls: type[Implementation], request: Request) -> int:
         return int(cls.priority_for(request))
     except Exception:
         return int(getattr(cls, "priority", 0))
+
+
+def priority_note_of(cls: type[Implementation], request: Request) -> str:
+    """``cls.priority_note(request)``; ``""`` for a plugin without one or whose method raises."""
+    try:
+        return str(getattr(cls, "priority_note", lambda _: "")(request) or "")
+    except Exception:
+        return ""
 
 
 def candidates(reg, kind: str, request: Request) -> list[tuple[type, list[str]]]:

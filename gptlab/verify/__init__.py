@@ -1,10 +1,11 @@
 """Verification tools for the native kernels, kept apart from the runtime they check.
 
-- ``emu/``: the C++ CUDA emulator, against which the ``cuda-emu`` and ``cuda-emu-racecheck``
-  flavours compile the plugin's ``.cu`` files (found by path, see
+- ``emu/``: the C++ CUDA emulator, against which the ``cuda-emu``, ``cuda-emu-racecheck`` and
+  ``cuda-emu-numerics`` flavours compile the plugin's ``.cu`` files (found by path, see
   ``gptlab.plugins.cuda_kernels.build``);
-- ``emulator.py``: the emulator's schedule, and the removal of one barrier or atomic, set from
-  Python;
+- ``emulator.py``: the emulator's schedule, the removal of one barrier or atomic, injected and
+  asynchronous faults, set from Python, and its model of the machine (fake GPUs, contexts,
+  capture: ``Machine``);
 - ``emulated.py``: the emulated twins of the CUDA attention backends and layer kernels (``*-emu``:
   the ``.cu`` kernels on CPU tensors);
 - ``mutations.py``: every barrier and atomic of the ``.cu`` files removed in turn, and what

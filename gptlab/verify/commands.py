@@ -7,15 +7,18 @@ import time
 import click
 
 from gptlab.verify.emulator import ALL_SCHEDULES
+from gptlab.verify.gpucheck.options import SECTIONS as GPUCHECK_SECTIONS
 
 
 @click.command("check")
-@click.option("--flavour", type=click.Choice(["cpu", "cuda", "cuda-emu"]), default="cuda-emu",
-              show_default=True,
+@click.option("--flavour", type=click.Choice(["cpu", "cuda", "cuda-emu", "cuda-emu-numerics"]),
+              default="cuda-emu", show_default=True,
               help="cpu: the C kernels; cuda: the nvcc kernels on the GPU (CUDA tensors); "
-                   "cuda-emu: the .cu kernels on the CPU under the emulator.")
+                   "cuda-emu: the .cu kernels on the CPU under the emulator; cuda-emu-numerics: "
+                   "the same with a GPU's numerics (FMA contraction, math functions off by their "
+                   "GPU error, another mma order).")
 @click.option("--schedule", "schedules", multiple=True, metavar="SPEC",
-              help="cuda-emu only: inorder, reverse, greedy, random or random:SEED; "
+              help="cuda-emu flavours only: inorder, reverse, greedy, random or random:SEED; "
                    "repeatable. Default: inorder and random:1.")
 def check_cmd(flavour, schedules):
     """Run the conformance suite (gptlab.testing) on the fused and flash kernels.
@@ -33,13 +36,14 @@ def check_cmd(flavour, schedules):
     from gptlab.testing import GRAD_TOL, OUT_TOL, default_cases, run_conformance
     from gptlab.verify import emulated, emulator
 
-    if flavour == "cuda-emu":
-        classes = [emulated.EmulatedFused, emulated.EmulatedFlash]
+    if flavour.startswith("cuda-emu"):
+        classes = [emulated.on_flavour(c, flavour) if flavour != "cuda-emu" else c
+                   for c in (emulated.EmulatedFused, emulated.EmulatedFlash)]
         specs = [emulator.check_schedule(s) for s in schedules or emulator.DEFAULT_SCHEDULES]
         runs = [emulator.schedule(s) for s in specs]
     else:
         if schedules:
-            raise click.UsageError("--schedule applies to --flavour cuda-emu only")
+            raise click.UsageError("--schedule applies to the cuda-emu flavours only")
         classes = [backends.FusedAttention, backends.FlashAttention]
         runs = [contextlib.nullcontext(None)]
     device = "cuda" if flavour == "cuda" else "cpu"
@@ -131,8 +135,7 @@ def _int_list(value: str, param: str) -> tuple[int, ...]:
 @click.option("--emulate", is_flag=True,
               help="Rehearse on the CPU: the .cu kernels run by the CUDA emulator, small "
                    "shapes, sdpa on the CPU as the baseline (no GPU numbers).")
-@click.option("--sections", default="environment,conformance,sanitizer,benchmark",
-              show_default=True,
+@click.option("--sections", default=",".join(GPUCHECK_SECTIONS), show_default=True,
               help="Comma-separated sections to run.")
 @click.option("--batch", "B", type=click.IntRange(min=1), default=None,
               help="Benchmark batch B (default 8; 1 with --emulate).")
@@ -164,11 +167,17 @@ def gpucheck_cmd(ctx, out_path, emulate, sections, B, H, T, head_dims, reps, war
     Sections: environment (GPU, driver, torch, nvcc, the cuda build, ptxas registers / spills /
     shared memory and the occupancy each implies here); conformance (every CUDA attention
     backend and layer kernel of gptlab, per dtype each declares, and FlashAttention's precision
-    rule at a long causal sequence); sanitizer (compute-sanitizer memcheck, racecheck, synccheck
-    on a small run of every kernel, where compute-sanitizer is on PATH); benchmark (forward and
-    forward+backward vs sdpa: median CUDA-event time, TFLOP/s, peak memory). A section that
-    raises is one line in the report and the next one runs; the exit code is 1 if any check
-    failed. Without a GPU (and without --emulate) it stops with one line saying why.
+    rule at a long causal sequence); layouts (storage-offset, odd-stride inputs); streams (a
+    side stream with wait_stream); graphs (CUDA-graph capture of each kernel's first launch, and
+    replay); devices (cuda:1 tensors while cuda:0 is current, no context made on GPU 0: needs
+    two GPUs); faults (a kernel made to read an illegal address is reported by its own op
+    under GPTLAB_CUDA_SYNC=1, later without); sanitizer (compute-sanitizer memcheck,
+    racecheck, synccheck on a small run of every kernel, where compute-sanitizer is on PATH);
+    benchmark (forward and forward+backward vs sdpa: median CUDA-event time, TFLOP/s, peak
+    memory). All but the benchmark run with
+    GPTLAB_CUDA_SYNC=1. A section that raises is one line in the report and the next one runs;
+    the exit code is 1 if any check failed. Without a GPU (and without --emulate) it stops with
+    one line saying why.
     """
     from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The CUDA kernels on CPU tensors: emulated twins of the native attention backends and layer
-kernels, whose ``.cu`` kernels run by the CUDA emulator (flavour ``cuda-emu``).
+kernels, whose ``.cu`` kernels run by the CUDA emulator (flavour ``cuda-emu``; :func:`on_flavour`
+makes a twin of one on another emulated flavour, such as ``cuda-emu-numerics``).
 
 Each declares what the GPU kernel it stands for supports (float32, head dims up to 128; the
 tensor-core flash: bfloat16 or float16, head dims 64 and 128) and the ``cpu`` device. None is
@@ -62,3 +63,12 @@ class EmulatedNativeKernels(NativeKernels):
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.float32})
     flavour = build.CUDA_EMU.name
+
+
+def on_flavour(cls: type, flavour: str) -> type:
+    """The emulated class ``cls`` with its kernels from another emulated flavour (e.g.
+    ``cuda-emu-numerics``), named ``<name>[<flavour>]``; gpucheck's emulated target keeps to
+    ``cuda-emu``."""
+    build.get_flavour(flavour)  # an unknown name is a one-line error here
+    return type(f"{cls.__name__}_{flavour.replace('-', '_')}", (cls,),
+                {"flavour": flavour, "name": f"{cls.name}[{flavour}]", "__module__": __name__})

@@ -119,7 +119,9 @@ def test_nvcc_builds_both_cu_files_with_zero_spills():
             "flash_backward_kernel<4>", "flash_backward_prep_kernel"} <= kernels
     assert {f"flash_tc_{pass_}_kernel<{t}, {d}>" for pass_ in ("forward", "backward")
             for t in ("__nv_bfloat16", "__half") for d in (64, 128)} <= kernels
-    assert {r.arch for r in report} == {"sm_80", "sm_90"}
+    plan = build.arch_plan(known=build.nvcc_archs())  # no GPU here: sm_80 and sm_90
+    assert {r.arch for r in report} == {f"sm_{a}" for a in plan.sass}
+    assert "-lineinfo" in (path.parent / "build.log").read_text().splitlines()[0]
     spills = [r for r in report if r.spill_stores or r.spill_loads or r.stack_frame]
     assert not spills, spills
     lib = loader.NativeLibrary(path)  # loads without a driver: cudart is static
@@ -155,3 +157,47 @@ def test_without_nvcc_cuda_is_a_reason_not_a_crash(registry, monkeypatch):
     res = CliRunner().invoke(build_cli(registry), ["kernels", "build", "--flavour", "cuda"])
     assert res.exit_code == 1  # asked for by name: not building it is an error
     assert res.output == f"Error: cannot build --flavour cuda: {reasons[0]}\n"
+
+
+# ------------------------------------------------------------------ architectures
+NVCC_13_0 = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)  # nvcc --list-gpu-arch
+
+
+def test_the_cuda_build_targets_the_gpus_that_are_there():
+    """SASS for each GPU's own architecture (before: always sm_80 and sm_90, so a newer GPU ran
+    compute_90 PTX compiled by the driver at its first launch); where nvcc does not know a GPU,
+    SASS of the same major version, else PTX (named in ``jit``); no GPU: sm_80, sm_90."""
+    plan = build.arch_plan
+    assert plan([], NVCC_13_0) == build.ArchPlan((80, 90))
+    assert plan([], NVCC_13_0).flags() == ("-gencode", "arch=compute_80,code=sm_80", "-gencode",
+                                           "arch=compute_90,code=[sm_90,compute_90]")
+    assert plan([(9, 0)], NVCC_13_0).flags() == ("-gencode",
+                                                 "arch=compute_90,code=[sm_90,compute_90]")
+    assert plan([(12, 1)], NVCC_13_0) == build.ArchPlan((121,))
+    assert plan([(8, 6), (9, 0)], NVCC_13_0) == build.ArchPlan((86, 90))
+    assert plan([(12, 1)], (80, 90, 100, 120)) == build.ArchPlan((120,))  # sm_120 runs 12.1
+    assert plan([(12, 0)], (80, 86, 90, 100)) == build.ArchPlan(
+        (100,), ("GPU 0 (compute capability 12.0)",))  # compute_100 PTX for it
+    assert plan([(7, 5)], NVCC_13_0) == build.ArchPlan((80, 90))  # too old: the library says so
+    assert plan([(10, 0)], None) == build.ArchPlan((100,))  # nvcc silent: trust the GPU
+
+
+def test_a_driver_a_minor_version_older_than_nvcc_is_a_reason_where_a_gpu_runs_ptx(monkeypatch):
+    """nvcc 13.1 and a 13.0 driver: SASS runs (minor-version compatibility), PTX does not
+    (cudaErrorUnsupportedPtxVersion at every launch); before, only major versions were
+    compared, so the backend was chosen and failed at its first call."""
+    monkeypatch.setattr(build, "nvcc_cuda_version", lambda: (13, 1))
+    monkeypatch.setattr(build, "driver_cuda_version", lambda: (13, 0))
+    monkeypatch.setattr(build, "nvcc_archs", lambda: (80, 86, 90, 100))
+    monkeypatch.setattr(build, "gpu_capabilities", lambda: [(12, 0)])
+    why = build.cuda_version_mismatch()
+    assert why == ("GPU 0 (compute capability 12.0): nvcc 13.1 has no SASS for it, and its "
+                   "compute_100 PTX needs a driver for CUDA 13.1 or newer, but the driver "
+                   "supports CUDA 13.0: set NVCC to an nvcc of CUDA <= 13.0 or one that knows "
+                   "the GPU, or update the driver")
+    monkeypatch.setattr(build, "gpu_capabilities", lambda: [(9, 0)])
+    assert build.cuda_version_mismatch() is None  # SASS for it
+    monkeypatch.setattr(build, "driver_cuda_version", lambda: (12, 8))
+    assert build.cuda_version_mismatch().startswith("the CUDA kernels are built by nvcc 13.1 "
+                                                    "(CUDA 13 runtime) but the driver supports "
+                                                    "CUDA 12.8")

@@ -264,6 +264,8 @@ def test_a_build_removes_its_folders_stale_tmp_files_only(pristine, cache, monke
             "cuda-emu: skipped: compiler for the cuda-emu kernels not found "
             "('/nonexistent/c++'; install g++ or set CXX)\n"
             "cuda-emu-racecheck: skipped: compiler for the cuda-emu-racecheck kernels not found "
+            "('/nonexistent/c++'; install g++ or set CXX)\n"
+            "cuda-emu-numerics: skipped: compiler for the cuda-emu-numerics kernels not found "
             "('/nonexistent/c++'; install g++ or set CXX)\n"),
 ], ids=["named", "all"])
 def test_kernels_build_fails_for_a_named_flavour_it_skips(args, exit_code, output, cache,

@@ -1,6 +1,7 @@
 """The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the emulator: conformance under four
-schedules (every default case under inorder and random, a subset under reverse and greedy), odd
-head dims, a removed barrier that must fail, no race found by the race detector, typed errors."""
+schedules (every default case under inorder and random, a subset under reverse and greedy) and
+with a GPU's numerics, odd head dims, a removed barrier that must fail, no race found by the race
+detector, typed errors."""
 
 import pytest
 import torch
@@ -23,6 +24,17 @@ def test_conformance_on_emulated_cuda_kernels(cls, schedule):
     with emulator.schedule(schedule):
         results = run_conformance(cls(), cases=cases)  # raises, listing every failed case
     assert len(results) == len(cases)
+
+
+@pytest.mark.parametrize("cls", [emulated.EmulatedFused, emulated.EmulatedFlash],
+                         ids=lambda c: c.name)
+def test_conformance_with_a_gpus_numerics(cls):
+    """Every default case again on flavour cuda-emu-numerics: FMA contraction (flash.cu's row
+    max against P, the mismatch its double / hi-lo logsumexp removes), exp2f off by up to 2 ulp,
+    subnormals flushed by atomicAdd (dQ): the same tolerances hold."""
+    twin = emulated.on_flavour(cls, build.CUDA_EMU_NUMERICS.name)
+    cases = default_cases(twin)
+    assert len(run_conformance(twin(), cases=cases)) == len(cases) >= 140
 
 
 @pytest.mark.parametrize("schedule", ("reverse", "greedy"))

@@ -20,12 +20,13 @@ HERE = Path(__file__).resolve().parent
 SELFTEST = HERE / "emu" / "selftest.cu"
 
 
-def _selftest(racecheck: bool):
+def _selftest(racecheck: bool, base: build.Flavour | None = None):
+    base = base or (build.CUDA_EMU_RACECHECK if racecheck else build.CUDA_EMU)
     flavour = build.Flavour(
-        name="emu-selftest-racecheck" if racecheck else "emu-selftest", compiler_env="CXX",
+        name=f"emu-selftest-{base.name}", compiler_env="CXX",
         default_compiler="c++", sources=(str(SELFTEST), str(build.EMU_DIR / "cuda_emu.cpp")),
-        headers=(), include_dirs=build.CUDA_EMU.include_dirs,
-        flags=build.CUDA_EMU_RACECHECK.flags if racecheck else build.CUDA_EMU.flags)
+        headers=(), include_dirs=base.include_dirs, flags=base.all_flags(),
+        native_cpu=base.native_cpu)
     ffi = cffi.FFI()
     ffi.cdef("int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);")
     lib = ffi.dlopen(str(build.build(flavour)))
@@ -56,6 +57,12 @@ def selftest():
 def racecheck():
     """The selftest kernels built with -DGL_EMU_RACECHECK (flavour cuda-emu-racecheck's flags)."""
     return _selftest(racecheck=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_numerics():
+    """The selftest kernels built with the flags of flavour cuda-emu-numerics."""
+    return _selftest(racecheck=False, base=build.CUDA_EMU_NUMERICS)
 
 
 def site(marker: str) -> str:
@@ -128,6 +135,46 @@ def test_emulator_enforces_limits_and_schedule_names(selftest, monkeypatch):
     rc, msg = lib("nothing")
     assert rc == 1 and "GPTLAB_EMU_MUTATE must be FILE:LINE (e.g. flash.cu:149), got " \
                        "'flash.cu:0'" in msg
+
+
+def test_reads_past_the_launchs_shared_memory_are_launch_errors_where_seen(selftest, racecheck):
+    """The emulator keeps 48 KiB per block, but a launch owns only the bytes it asked for: past
+    them a GPU holds another block's memory. A plain read there gives NaN; under racecheck every
+    access is checked as it happens (before: only writes, after the block)."""
+    rc, msg, out = selftest("smem_overread", n=32)
+    assert rc == 0 and torch.isnan(out).all()
+    rc, msg, _ = racecheck("smem_overread", n=32)
+    assert rc == 719, msg
+    assert (f"a read of float 32 of dynamic shared memory ({site('the read past the launch')}), "
+            f"past the 128 bytes the launch asked for") in msg
+
+
+def numerics_inputs() -> torch.Tensor:
+    out = torch.zeros(82)
+    one = 1 + 2.0 ** -12
+    out[:4] = torch.tensor([one, one, 1 + 2.0 ** -11, 1e-40])  # a*b is 1 + 2^-11 + 2^-24
+    out[16:48] = torch.linspace(-20.3, 17.9, 32)
+    return out
+
+
+def test_the_gpu_numerics_flavour_computes_as_a_gpu_may(selftest, gpu_numerics):
+    """cuda-emu-numerics: a * b - c contracted into one FMA (the rounding of a * b is kept),
+    atomicAdd flushing a subnormal to zero, exp2f off by up to 2 ulp (the CUDA C++ Programming
+    Guide's bound), exactly where the default flavour gives the correctly rounded results."""
+    def run(lib):
+        out = numerics_inputs()
+        rc, msg = lib.__wrapped__("numerics", out)
+        assert rc == 0, msg
+        return out
+
+    plain, gpu = run(selftest), run(gpu_numerics)
+    assert plain[48] == 0 and gpu[48] == 2.0 ** -24
+    assert plain[49] == torch.tensor(1e-40) and gpu[49] == 0
+    x = numerics_inputs()[16:48].double()
+    exact = torch.exp2(x).float()
+    assert torch.equal(plain[50:], exact)
+    ulps = (gpu[50:].view(torch.int32) - exact.view(torch.int32)).abs()
+    assert ulps.max() == 2 and (ulps > 0).sum() >= 16
 
 
 # ------------------------------------------------------------------------ schedules

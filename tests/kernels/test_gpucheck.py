@@ -246,7 +246,8 @@ def test_emulated_gpucheck_runs_every_section_end_to_end(registry, tmp_path, mon
     assert md.startswith("# gpucheck: emulated CUDA kernels on the CPU\n")
     for section in SECTIONS:
         assert f"| {section} | pass |" in md and f"## {section}" in md
-    assert "[4/4] benchmark: ok" in res.output and f"report: {out}" in res.output
+    assert f"[{len(SECTIONS)}/{len(SECTIONS)}] benchmark: ok" in res.output
+    assert f"report: {out}" in res.output
     quick = len(default_cases(emulated.EmulatedFlash, seq_lens=QUICK_SEQ_LENS,
                               head_dims=QUICK_HEAD_DIMS))
     assert f"- pass `flash-emu` float32: {quick} cases" in md
@@ -259,6 +260,17 @@ def test_emulated_gpucheck_runs_every_section_end_to_end(registry, tmp_path, mon
         assert "| `flash_backward_kernel<4>` | sm_90 |" in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| `") and "| float32 | 32 |" in ln]
     assert len(rows) == 6 and all("unsupported" not in r for r in rows)  # 3 backends x causal
+    assert "| cuda build for | SASS sm_80, sm_90, PTX compute_90 |" in md
+    calls = ["`flash-emu` float32 D=64", "`flash-emu` bfloat16 D=64",  # tensor cores
+             "`flash-emu` float16 D=64", "`fused-emu` float32 D=64",
+             "layer kernels `native-emu` float32"]
+    for label in calls:
+        assert f"- pass {label}\n" in md  # layouts
+        assert f"- pass {label}: captured, no sync" in md  # graphs
+        assert f"- pass {label}: ran on GPU 1, no context on GPU 0, results as on GPU 0" in md
+    assert "- skip (emulated): CPU tensors have no streams" in md
+    assert "- pass GPTLAB_CUDA_SYNC=1: the op raised: gptlab_layernorm_forward_f32 failed" in md
+    assert "- pass without GPTLAB_CUDA_SYNC: the op returned; the next call raised" in md
 
 
 def test_sanitizer_errors_fail_the_run_with_their_summary(registry, tmp_path, monkeypatch):
@@ -351,6 +363,51 @@ def test_smoke_script_runs_every_emulated_kernel(registry):
     assert len(lines) == 2 * 3 * 2 + 2 * 2 * 2 + 1
 
 
+def test_layouts_gives_awkward_views_and_catches_an_op_that_ignores_them():
+    """The layouts section's inputs really are at storage offset 1 with odd row strides; a
+    backend that reads its inputs as if contiguous from the storage's start fails it."""
+    from gptlab.plugins.attention.naive import NaiveAttention
+    from gptlab.verify.gpucheck import layouts
+
+    x = torch.arange(24.0).view(2, 3, 4)
+    v = layouts.awkward(x)
+    assert torch.equal(v, x) and v.storage_offset() == 1 and v.stride() == (15, 5, 1)
+
+    class Naive(NaiveAttention):
+        dtypes = frozenset({torch.float32})
+
+    class Careless(Naive):
+        name = "careless"
+
+        def forward(self, q, k, v, **kw):
+            flat = [torch.as_strided(t, t.shape, torch.empty(t.shape).stride(), 0)
+                    for t in (q, k, v)]
+            return super().forward(*flat, **kw)
+
+    target = Target(device="cpu", emulated=False, attention=(Careless, Naive),
+                    layer_kernels=(TorchKernels,), baseline=Naive)
+    s = Section("layouts")
+    layouts.run(s, target, Options.emulated(), lambda _: None)
+    text = "\n".join(s.lines)
+    assert s.failed and "- FAIL `careless` float32 D=64: output 0 (1, 2, 33, 64) differs" in text
+    assert "- pass `naive` float32 D=64" in text and "- pass layer kernels `torch` float32" in text
+
+
+def test_a_probe_process_is_read_line_by_line(tmp_path, monkeypatch):
+    from gptlab.verify.gpucheck.probe import run_probe
+
+    (tmp_path / "fake_probe.py").write_text(
+        "print('noise')\nprint('pass one')\nprint('skip two: why')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    s = Section("graphs")
+    run_probe(s, "fake_probe")
+    assert s.lines[-2:] == ["- pass one", "- skip two: why"] and not s.failed
+    (tmp_path / "fake_probe.py").write_text("print('pass one')\nraise SystemExit(3)\n")
+    s = Section("graphs")
+    run_probe(s, "fake_probe")
+    assert s.failed and "- FAIL: exit 3" in s.lines
+
+
 # ------------------------------------------------------------------ CUDA versions
 def test_nvcc_version_is_parsed():
     text = ("nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, "
@@ -403,10 +460,14 @@ def test_backends_name_the_mismatch(registry, tmp_path, monkeypatch):
 def test_gpucheck_on_gpu(registry, tmp_path):
     out = tmp_path / "gpu.md"
     res = CliRunner().invoke(build_cli(registry), [
-        "kernels", "gpucheck", "--out", str(out), "--sections", "environment,conformance,benchmark",
+        "kernels", "gpucheck", "--out", str(out), "--sections",
+        "environment,conformance,layouts,streams,graphs,devices,faults,benchmark",
         "--seq-len", "256", "--reps", "3", "--rule-seq-len", "512"])
     md = out.read_text()
     assert res.exit_code == 0, md
     assert f"# gpucheck: {torch.cuda.get_device_name()}" in md
     assert "- pass `flash` float32" in md and "- pass `fused` float32" in md
+    for section in ("layouts", "streams", "graphs", "devices", "faults"):
+        assert f"| {section} | pass |" in md
+    assert "- pass `flash` float32 D=64: first launch inside the capture" in md
     assert "| `flash` | float32 | 64 | yes |" in md and "TFLOP/s" in md

@@ -33,6 +33,63 @@ def test_opcheck_flash(flavour, dtype):
     torch.library.opcheck(ops.flash_attn, (q2, k2, v2, 0.5, True, flavour))
 
 
+def odd_rank_views(dtype, shape, seed=0):
+    """q, k, v of ``shape`` (..., T, d), each a non-contiguous view: the last two dims of a
+    larger tensor transposed back, so no rank goes in contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, T, d = shape
+    return [torch.randn(*lead, d, T, generator=g).to(dtype).transpose(-1, -2)
+            for _ in range(3)]
+
+
+#: 3-D (heads flattened into the batch), 2-D, 5-D: the ranks other than (B, nh, T, d).
+OTHER_RANKS = [(3, 9, 8), (9, 8), (2, 2, 2, 9, 8)]
+
+
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+def test_the_fakes_give_the_real_strides_for_any_rank(flavour, dtype):
+    """For q of shape (6, 10, 64) the real op returned strides (64, 384, 1) and the fake
+    (640, 64, 1); torch.compile trusts the fake. Each output of the forward and backward ops,
+    real and fake, on 2-, 3- and 5-D inputs (and the 4-D ones)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for shape in [(6, 10, 64), *OTHER_RANKS, (2, 3, 9, 8)]:
+        q, k, v = odd_rank_views(dtype, shape)
+        o, lse = ops.flash_attn(q, k, v, 0.3, True, flavour)
+        real = [o, lse, *ops.flash_attn_backward(torch.randn_like(o), q, k, v, o, lse, 0.3, True,
+                                                 flavour)]
+        mode = FakeTensorMode()
+        fq, fk, fv, fo, flse = (mode.from_tensor(t) for t in (q, k, v, o, lse))
+        with mode:
+            fake = [*ops.flash_attn(fq, fk, fv, 0.3, True, flavour),
+                    *ops.flash_attn_backward(torch.empty_like(fo), fq, fk, fv, fo, flse, 0.3,
+                                             True, flavour)]
+        for what, r, f in zip(("o", "lse", "dq", "dk", "dv"), real, fake):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), (shape, what)
+
+
+@pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("shape", OTHER_RANKS, ids=lambda s: f"{len(s)}d")
+def test_opcheck_flash_on_other_ranks_and_non_contiguous_inputs(flavour, dtype, shape):
+    q, k, v = (t.requires_grad_() for t in odd_rank_views(dtype, shape))
+    torch.library.opcheck(ops.flash_attn, (q, k, v, 0.3, True, flavour))
+    o, lse = ops.flash_attn(q, k, v, 0.3, True, flavour)
+    torch.library.opcheck(ops.flash_attn_backward,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(),
+                           lse, 0.3, True, flavour))
+
+
+def test_opcheck_flash_tc_on_3d_inputs():
+    """The tensor-core ops (emulated) on 3-D bfloat16 q, k, v: heads flattened into the batch."""
+    q, k, v = (t.requires_grad_() for t in odd_rank_views(torch.bfloat16, (3, 9, 64)))
+    torch.library.opcheck(ops.flash_attn_tc, (q, k, v, 0.125, True, "cuda-emu"))
+    o, lse = ops.flash_attn_tc(q, k, v, 0.125, True, "cuda-emu")
+    assert o.stride() == (64, 3 * 64, 1)  # heads last, as for 4-D
+    torch.library.opcheck(ops.flash_attn_tc_backward,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(),
+                           lse, 0.125, True, "cuda-emu"))
+
+
 @pytest.mark.parametrize("flavour, dtype", FLAVOURS, ids=lambda x: str(x).replace("torch.", ""))
 def test_opcheck_fused_softmax(flavour, dtype):
     x = torch.randn(2, 3, 7, 7).to(dtype).transpose(-1, -2).requires_grad_()  # not contiguous

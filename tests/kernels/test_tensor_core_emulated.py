@@ -28,13 +28,13 @@ from gptlab.verify import emulator
 HERE = Path(__file__).resolve().parent
 
 
-def selftest(racecheck: bool = False):
-    base = build.CUDA_EMU_RACECHECK if racecheck else build.CUDA_EMU
+def selftest(racecheck: bool = False, base: build.Flavour | None = None):
+    base = base or (build.CUDA_EMU_RACECHECK if racecheck else build.CUDA_EMU)
     flavour = build.Flavour(
-        name="emu-tc-selftest" + ("-racecheck" if racecheck else ""), compiler_env="CXX",
-        default_compiler="c++",
+        name=f"emu-tc-selftest-{base.name}", compiler_env="CXX", default_compiler="c++",
         sources=(str(HERE / "emu" / "tc_selftest.cu"), str(build.EMU_DIR / "cuda_emu.cpp")),
-        headers=("cuda/*.cuh",), include_dirs=base.include_dirs, flags=base.flags)
+        headers=("cuda/*.cuh",), include_dirs=base.include_dirs, flags=base.all_flags(),
+        native_cpu=base.native_cpu)
     ffi = cffi.FFI()
     ffi.cdef("""
         int tc_layout(int kind, int lane, int i, int *row, int *col);
@@ -329,7 +329,35 @@ def test_warp_collectives_need_every_lane_at_the_same_instruction(tc):
     rc, msg, _ = scenario(tc, "ldmatrix_unaligned")
     assert rc == 719 and "not 16-byte aligned" in msg
     rc, msg, _ = scenario(tc, "ldmatrix_from_global")
-    assert rc == 719 and "not in shared memory" in msg
+    assert rc == 719 and "not in the shared memory the launch asked for" in msg
+
+
+def test_ldmatrix_past_the_launchs_shared_memory_is_a_launch_error(tc):
+    """The emulator keeps 48 KiB per block; ldmatrix must stay within the bytes the launch asked
+    for (before, anything under 48 KiB passed, reading the poison)."""
+    rc, msg, _ = scenario(tc, "ldmatrix_past_launch_smem")
+    assert rc == 719 and "ldmatrix: a row address is not in the shared memory the launch " \
+                         "asked for (tc_selftest.cu:" in msg and msg.endswith("thread 16"), msg
+
+
+def test_the_gpu_numerics_flavour_sums_mma_in_another_order(tc):
+    """One C element's 16 products: 2^24 then fifteen 1s. In k order onto C each 1 is lost to
+    rounding (2^24 + 1 ties to even, down); summed pairwise first (cuda-emu-numerics) they give
+    2^24 + 14. PTX leaves the order open; a GPU may do either."""
+    gpu = selftest(base=build.CUDA_EMU_NUMERICS)
+    A, B = torch.zeros(16, 16), torch.zeros(16, 8)
+    A[0, :] = 1
+    A[0, 0], B[0, 0] = 2.0 ** 12, 2.0 ** 12
+    B[1:, 0] = 1
+    a = pack_fragments(A.bfloat16(), "A", torch.bfloat16)
+    b = pack_fragments(B.bfloat16(), "B", torch.bfloat16)
+    results = []
+    for lib in (tc, gpu):
+        d = torch.zeros(32, 4)
+        assert lib.tc_mma(0, ptr(lib, d, "float *"), ptr(lib, a, "uint32_t *"),
+                          ptr(lib, b, "uint32_t *"), 1) == 0
+        results.append(d[0, 0].item())  # lane 0, c0: row 0, col 0
+    assert results == [2.0 ** 24, 2.0 ** 24 + 14]
 
 
 def test_ldmatrix_needs_a_barrier_after_another_warp_writes(tc):

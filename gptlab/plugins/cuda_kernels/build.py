@@ -1,16 +1,20 @@
 """Build the native kernel libraries on first use, into a content-addressed cache.
 
-Four *flavours* share this machinery:
+Five *flavours* share this machinery:
 
 - ``cpu``: the C kernels in ``csrc/cpu/``, by ``$CC`` (default ``cc``);
-- ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), for sm_80 and
-  sm_90 (plus compute_90 PTX that newer GPUs compile on load), with cudart linked statically so
-  the library loads on a machine without a driver (see "CUDA versions" below);
+- ``cuda``: the ``.cu`` kernels in ``csrc/cuda/``, by ``$NVCC`` (default ``nvcc``), with
+  ``-lineinfo`` (compute-sanitizer names source lines) and cudart linked statically so the
+  library loads on a machine without a driver (see "CUDA versions" below); for the GPUs torch
+  sees (:func:`arch_plan`: SASS for each one's architecture, PTX of the newest for later GPUs),
+  or, where it sees none, for sm_80 and sm_90 plus compute_90 PTX;
 - ``cuda-emu``: the same ``.cu`` files by ``$CXX`` (default ``c++``) against the CUDA emulator
   (:data:`EMU_DIR`, ``gptlab/verify/emu/``: on the include path, its ``cuda_emu.cpp`` compiled
   in; found by path, so the runtime imports nothing of the verification tools): the CUDA kernels
   run on the CPU, for verification without a GPU; ``cuda-emu-racecheck``: the same with the
-  emulator's race detector (``-DGL_EMU_RACECHECK``). nvcc never sees the emulator.
+  emulator's race detector (``-DGL_EMU_RACECHECK``); ``cuda-emu-numerics``: the same with a
+  GPU's numerics (``-DGL_EMU_GPU_NUMERICS``: FMA contraction, math functions off by their GPU
+  error, subnormals flushed by atomicAdd, mma in another order). nvcc never sees the emulator.
 
 Each is compiled into ``<cache>/<flavour>-<key>/libgptlab_<flavour>.so`` where ``key`` hashes the
 sources and headers (the emulator's too, for its flavours), the flags, the compiler's version,
@@ -42,14 +46,18 @@ reports instead of failing to load), and :func:`cuda_version_mismatch` names the
 line before anything is loaded (nvcc's CUDA version against the driver's, read from torch or from
 ``libcuda``): the CUDA backends give it as their reason, so ``gpt backends --device cuda`` and a
 named backend say so instead of "no usable GPU". Within one major version the runtime's
-minor-version compatibility runs the sm_80 / sm_90 code on an older driver; only the compute_90
-PTX (GPUs newer than sm_90) needs a driver at least as new as nvcc.
+minor-version compatibility runs SASS on an older driver, but PTX needs a driver at least as new
+as the nvcc that produced it (else every launch fails with cudaErrorUnsupportedPtxVersion): the
+library is built with SASS for the GPU that is there, and where nvcc does not know that GPU (so
+it would run PTX) a driver older than nvcc, minor version included, is the reason given. The
+library itself counts only the GPUs it can run (csrc/cuda/runtime.cu).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -60,6 +68,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -100,18 +109,21 @@ class Flavour:
     device: str = "cpu"  # the torch device type of the tensors its kernels take
     native_cpu: bool = False  # flags depend on the build machine's CPU
     install_hint: str = ""
+    #: Flags decided when building, after ``flags`` (the cuda flavour's architectures).
+    more_flags: Callable[[], tuple[str, ...]] | None = None
 
     def compiler(self) -> str:
         return os.environ.get(self.compiler_env) or self.default_compiler
 
-    def compile_flags(self) -> tuple[str, ...]:
-        """The flags, with ``-march=native`` replaced by ``-march=$GPTLAB_CPU_MARCH`` where that
+    def all_flags(self) -> tuple[str, ...]:
+        """``flags``, with ``-march=native`` replaced by ``-march=$GPTLAB_CPU_MARCH`` where that
         is set (e.g. ``haswell`` for AVX2, ``x86-64`` for SSE2 only: a library for another class
-        of CPU than the building one, or this one's speed as such a CPU's)."""
+        of CPU than the building one, or this one's speed as such a CPU's), then what
+        ``more_flags`` gives here and now."""
         march = os.environ.get(MARCH_ENV, "").strip()
-        if not march:
-            return self.flags
-        return tuple(f"-march={march}" if f == "-march=native" else f for f in self.flags)
+        flags = self.flags if not march else tuple(
+            f"-march={march}" if f == "-march=native" else f for f in self.flags)
+        return (*flags, *(self.more_flags() if self.more_flags else ()))
 
 
 #: Names the CPU the C kernels are built for (``-march``); default: this machine's (native).
@@ -129,15 +141,96 @@ CPU = Flavour(
 CUDA_SOURCES = ("cuda/runtime.cu", "cuda/softmax.cu", "cuda/flash.cu", "cuda/flash_tc.cu",
                 "cuda/layernorm.cu", "cuda/cross_entropy.cu", "cuda/bias_gelu.cu")
 CUDA_HEADERS = ("cuda/*.cuh",)
-#: SASS for Ampere (sm_80) and Hopper (sm_90), and PTX that later GPUs compile when loading.
-CUDA_ARCH_FLAGS = ("-gencode", "arch=compute_80,code=sm_80",
-                   "-gencode", "arch=compute_90,code=[sm_90,compute_90]")
+
+
+# ------------------------------------------------------------------ CUDA architectures
+#: The oldest architecture the kernels run on (cp.async, ldmatrix, bfloat16 mma: sm_80).
+MIN_ARCH = 80
+#: Where torch sees no GPU: SASS for Ampere (sm_80) and Hopper (sm_90), and compute_90 PTX.
+DEFAULT_ARCHS = (80, 90)
+
+
+@attrs.frozen
+class ArchPlan:
+    """What the ``cuda`` flavour is compiled for: SASS for each architecture of ``sass`` and PTX
+    of the newest, which the driver compiles at load for a GPU newer than all of them; ``jit``
+    names the GPUs here that will run that PTX (nvcc knows no architecture they run as SASS)."""
+
+    sass: tuple[int, ...]
+    jit: tuple[str, ...] = ()
+
+    def flags(self) -> tuple[str, ...]:
+        *older, newest = self.sass
+        out = [f for a in older for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
+        return (*out, "-gencode", f"arch=compute_{newest},code=[sm_{newest},compute_{newest}]")
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """The compute capability of each GPU torch sees (none where torch has no CUDA); creates no
+    CUDA context."""
+    import torch
+
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [tuple(torch.cuda.get_device_capability(i))
+                for i in range(torch.cuda.device_count())]
+    except Exception:  # a broken driver: the CUDA backends' reasons say so
+        return []
+
+
+@functools.cache
+def _nvcc_archs(compiler: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([*shlex.split(compiler), "--list-gpu-arch"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = tuple(sorted({int(a) for a in re.findall(r"compute_(\d+)\b", out)}))
+    return archs or None
+
+
+def nvcc_archs() -> tuple[int, ...] | None:
+    """The virtual architectures ``$NVCC`` compiles for (``nvcc --list-gpu-arch``: 80, 86, ...,
+    120), or None where it cannot say."""
+    return _nvcc_archs(CUDA.compiler()) if find_compiler(CUDA) else None
+
+
+def arch_plan(capabilities: list[tuple[int, int]] | None = None,
+              known: tuple[int, ...] | None = None) -> ArchPlan:
+    """The architectures to build for the GPUs here (``capabilities``: torch's; ``known``:
+    nvcc's, None = trust the GPUs). Per GPU of compute capability X.Y >= 8.0 (older ones are the
+    library's reasons): sm_XY where nvcc knows it; else the newest sm_XZ (Z <= Y) nvcc knows, whose
+    SASS runs on X.Y (the CUDA binary compatibility rule); else the newest older architecture,
+    whose PTX the driver compiles (``jit``). No GPU: :data:`DEFAULT_ARCHS`."""
+    caps = gpu_capabilities() if capabilities is None else capabilities
+    sass, jit = set(), []
+    for i, (major, minor) in enumerate(caps):
+        cc = 10 * major + minor
+        if cc < MIN_ARCH:
+            continue
+        same = [a for a in known if a // 10 == major and a <= cc] if known else [cc]
+        older = [a for a in known or () if MIN_ARCH <= a <= cc]
+        if same:
+            sass.add(max(same))
+        elif older:
+            sass.add(max(older))
+            jit.append(f"GPU {i} (compute capability {major}.{minor})")
+    return ArchPlan(tuple(sorted(sass)), tuple(jit)) if sass else ArchPlan(DEFAULT_ARCHS)
+
+
+def cuda_arch_flags() -> tuple[str, ...]:
+    """The ``-gencode`` flags of :func:`arch_plan` for this machine's GPUs and nvcc."""
+    return arch_plan(known=nvcc_archs()).flags()
+
+
 CUDA = Flavour(
     name="cuda", compiler_env="NVCC", default_compiler="nvcc",
     sources=CUDA_SOURCES, headers=CUDA_HEADERS,
-    flags=("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra", "--cudart",
-           "static", *CUDA_ARCH_FLAGS, "-Xptxas", "-v", "-Werror", "all-warnings"),
+    flags=("-O3", "-std=c++17", "-shared", "-lineinfo", "-Xcompiler", "-fPIC,-Wall,-Wextra",
+           "--cudart", "static", "-Xptxas", "-v", "-Werror", "all-warnings"),
     device="cuda", install_hint="install the CUDA toolkit or set NVCC",
+    more_flags=cuda_arch_flags,
 )
 CUDA_EMU = Flavour(
     name="cuda-emu", compiler_env="CXX", default_compiler="c++",
@@ -151,7 +244,23 @@ CUDA_EMU = Flavour(
 #: several times slower than cuda-emu, for small cases (tests/kernels/test_mutations.py).
 CUDA_EMU_RACECHECK = attrs.evolve(CUDA_EMU, name="cuda-emu-racecheck",
                                   flags=(*CUDA_EMU.flags, "-DGL_EMU_RACECHECK"))
-FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU, CUDA_EMU_RACECHECK)}
+
+
+def _fma_flags() -> tuple[str, ...]:
+    """``-mfma`` on an x86 CPU that has FMA (other CPUs: FMA is in the base instruction set, or
+    absent and contraction does nothing)."""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return ("-mfma",) if x86 and re.search(r"\bfma\b", _cpu_flags()) else ()
+
+
+#: The emulator with a GPU's numerics (-DGL_EMU_GPU_NUMERICS, emu/cuda_emu.h): a * b + c
+#: contracted into FMAs as ptxas may (-ffp-contract=fast), exp2f and the other math functions off
+#: by up to their GPU error, subnormals flushed by atomicAdd, mma summed in another order.
+CUDA_EMU_NUMERICS = attrs.evolve(
+    CUDA_EMU, name="cuda-emu-numerics",
+    flags=(*CUDA_EMU.flags, "-DGL_EMU_GPU_NUMERICS", "-ffp-contract=fast"),
+    more_flags=_fma_flags, native_cpu=True)
+FLAVOURS = {f.name: f for f in (CPU, CUDA, CUDA_EMU, CUDA_EMU_RACECHECK, CUDA_EMU_NUMERICS)}
 
 
 def cache_root() -> Path:
@@ -192,7 +301,7 @@ def build_key(flavour: Flavour) -> str:
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    flags = flavour.compile_flags()
+    flags = flavour.all_flags()
     h.update(" ".join(flags).encode())
     h.update(_compiler_version(flavour).encode())
     h.update(torch.__version__.encode())
@@ -351,7 +460,7 @@ def _compile(flavour: Flavour, lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     for stale in lib.parent.glob(f"*{TMP_SUFFIX}"):
         stale.unlink()
-    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.compile_flags(), "-I", str(CSRC),
+    cmd_prefix = [*shlex.split(flavour.compiler()), *flavour.all_flags(), "-I", str(CSRC),
                   *(arg for folder in flavour.include_dirs for arg in ("-I", str(folder)))]
     sources = [str(CSRC / s) for s in flavour.sources]
     with atomic_path(lib) as tmp:  # renamed into place only if the compiler succeeds
@@ -426,11 +535,22 @@ def driver_cuda_version() -> tuple[int, int] | None:
 
 
 def cuda_version_mismatch() -> str | None:
-    """One line if the driver cannot run the CUDA runtime that nvcc links into the library (its
-    CUDA major version is newer than the driver's), else None (also when either is unknown)."""
+    """One line if the driver cannot run what nvcc builds, else None (also when either version is
+    unknown): the CUDA runtime nvcc links in is of a newer major version than the driver's, or
+    a GPU here runs PTX (:func:`arch_plan`) that a driver older than nvcc (minor version
+    included) cannot compile."""
     nvcc, driver = nvcc_cuda_version(), driver_cuda_version()
-    if nvcc is None or driver is None or nvcc[0] <= driver[0]:
+    if nvcc is None or driver is None or nvcc <= driver:
         return None
+    if nvcc[0] <= driver[0]:
+        plan = arch_plan(known=nvcc_archs())
+        if not plan.jit:
+            return None  # SASS for every GPU here: minor-version compatibility runs it
+        return (f"{', '.join(plan.jit)}: nvcc {nvcc[0]}.{nvcc[1]} has no SASS for it, and its "
+                f"compute_{max(plan.sass)} PTX needs a driver for CUDA {nvcc[0]}.{nvcc[1]} or "
+                f"newer, but the driver supports CUDA {driver[0]}.{driver[1]}: set NVCC to an "
+                f"nvcc of CUDA <= {driver[0]}.{driver[1]} or one that knows the GPU, or update "
+                f"the driver")
     import torch
 
     torch_cuda = f"; torch {torch.__version__} uses CUDA {torch.version.cuda}" \

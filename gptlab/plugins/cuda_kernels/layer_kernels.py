@@ -26,11 +26,29 @@ from gptlab.plugins.cuda_kernels.loader import load
 
 class NativeKernels(TorchKernels):
     name = "native"
-    priority = 60
+    priority = 60  # on the CPU: measured faster than torch's (`gpt bench ops`)
     description = "C/CUDA kernels: one-pass LayerNorm, fused bias+GELU, one-pass cross-entropy"
     devices = frozenset({"cpu", "cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16})
     flavour: ClassVar[str] = ops.NATIVE  # or an emulated flavour, e.g. "cuda-emu"
+
+    #: On CUDA: below torch's (10). The CUDA kernels are verified on the emulator only and have
+    #: never run on a GPU, so ``--kernels auto`` keeps torch's until ``gpt kernels gpucheck``
+    #: has checked and measured them there; ``--kernels native`` still runs them.
+    CUDA_PRIORITY = 5
+
+    @classmethod
+    def priority_for(cls, request):
+        if request.device == "cuda" and cls.flavour == ops.NATIVE:
+            return cls.CUDA_PRIORITY
+        return cls.priority
+
+    @classmethod
+    def priority_note(cls, request):
+        if request.device == "cuda" and cls.flavour == ops.NATIVE:
+            return (f"below torch ({TorchKernels.priority}) on cuda: never run on a GPU yet; "
+                    f"`gpt kernels gpucheck` measures them, `--kernels native` runs them")
+        return ""
 
     @classmethod
     def unavailable_reasons(cls, device: str) -> list[str]:

@@ -21,6 +21,12 @@ from gptlab.plugins.cuda_kernels import build
 from gptlab.plugins.cuda_kernels.abi import ABI_VERSION, cdef_source
 
 
+#: Set (not "0"), the CUDA library synchronises the stream after each launch and reports a fault
+#: inside a kernel from the op whose kernel it was; otherwise a fault shows in a later call,
+#: often torch's (csrc/cuda/common.cuh, check_launch). Read at every launch; slower.
+SYNC_ENV = "GPTLAB_CUDA_SYNC"
+
+
 class KernelError(GptlabError):
     """A native kernel returned an error code."""
 

@@ -13,11 +13,13 @@ library for CPU tensors, the nvcc library for CUDA tensors, on torch's current s
 Dtypes: the kernels compute in float32. On the CPU, bfloat16 inputs (what ``torch.autocast``
 gives the attention under ``--dtype bfloat16``) are widened to float32 for the kernel and the
 outputs rounded back to bfloat16; the logsumexp stays float32. The fake implementations return
-exactly the shapes, dtypes and (contiguous) strides of the real ones, so ``torch.compile``
-traces them.
+exactly the shapes, dtypes and strides of the real ones, for inputs of any rank and layout
+(``torch.compile`` trusts them; ``torch.library.opcheck`` compares them with the real outputs).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -89,8 +91,28 @@ def _open(build_flavour: Flavour, name: str,
                           f"{build_flavour.device} tensors, got {device}")
     lib = load(build_flavour)
     if build_flavour.device == "cuda":
-        return lib, lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+        stream = lib.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+        return _OnDevice(lib, device.index), stream
     return lib, lib.ffi.NULL
+
+
+class _OnDevice:
+    """A CUDA library whose calls run under torch's own device guard for the tensors' GPU, so
+    that torch's current device is switched and restored the torch way (restoring a device
+    whose context does not exist yet only tells torch, never creates the context); the
+    library's own guard then finds the right device current."""
+
+    __slots__ = ("_lib", "_index")
+
+    def __init__(self, lib: NativeLibrary, index: int | None):
+        self._lib, self._index = lib, index
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def call(self, name: str, *args) -> int:
+        with torch.cuda.device(self._index):
+            return self._lib.call(name, *args)
 
 
 #: flavour -> (build flavour, dtypes, library) for CPU tensors, so that a call on small tensors
@@ -205,13 +227,17 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 
 def _heads_last(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty tensor of ``like``'s shape: for (B, nh, T, d), memory (B, T, nh, d) transposed;
-    contiguous for other ranks. The fake implementations return exactly this."""
+    """An empty tensor of ``like``'s shape (..., T, d) laid out as the kernels write it: for
+    (B, nh, T, d), memory (B, T, nh, d) transposed; for other ranks the leading dims are the
+    heads of one batch (as :func:`_strided` reads them), memory (T, ..., d). The real ops and
+    the fake implementations both return exactly this, for every rank."""
     dtype = dtype or like.dtype
     if like.dim() == 4:
         B, nh, T, d = like.shape
         return like.new_empty((B, T, nh, d), dtype=dtype).transpose(1, 2)
-    return like.new_empty(like.shape, dtype=dtype)
+    *lead, T, d = like.shape
+    out = like.new_empty((T, math.prod(lead), d), dtype=dtype).transpose(0, 1)
+    return out.view(like.shape)
 
 
 def _strides(lib: NativeLibrary, *tensors: torch.Tensor):

@@ -133,6 +133,7 @@ struct Launch {
     void (*body)(void *) = nullptr;
     void *ctx = nullptr;
     int threads = 0, warps = 0;
+    size_t smem_bytes = 0; /* of dynamic shared memory, as the launch asked */
     Order order = Order::InOrder;
     uint64_t rng = 0;
     bool failed = false;
@@ -158,6 +159,56 @@ void set_error(cudaError_t code, std::string msg) {
     last_error = code;
     message_code = code;
     message = std::move(msg);
+}
+
+/* ---------------------------------------------------------------- the machine model */
+/* Fake devices, contexts, placements, captures and the sticky error (one context's worth):
+ * guarded by machine_mutex; the current device is per thread, as the runtime's is. */
+struct Placement {
+    uintptr_t begin, end;
+    int device;
+};
+struct Machine {
+    std::vector<std::pair<int, int>> devices{{9, 0}}; /* compute capability per device */
+    int runtime = GL_EMU_CUDART_VERSION, driver = GL_EMU_CUDART_VERSION;
+    std::vector<bool> contexts = std::vector<bool>(1, false);
+    std::vector<Placement> placements;
+    int default_device = 0; /* of memory no placement names */
+    std::vector<std::pair<const void *, cudaStreamCaptureStatus>> captures;
+    cudaError_t sticky = cudaSuccess; /* a fault reported asynchronously: stays until configure */
+    std::string sticky_message;
+    cudaError_t pending = cudaSuccess; /* a fault not yet seen: sticky from the next launch or */
+    std::string pending_message;       /* synchronisation on (kernels complete in order) */
+    int last_launch_device = -1;
+};
+std::mutex machine_mutex;
+Machine machine;
+thread_local int current_device = 0;
+
+bool valid_device(int d) { return d >= 0 && size_t(d) < machine.devices.size(); }
+
+/* A pending fault becomes the sticky error (under machine_mutex). */
+void fault_seen() {
+    if (machine.pending == cudaSuccess || machine.sticky != cudaSuccess) return;
+    machine.sticky = machine.pending;
+    machine.sticky_message = machine.pending_message;
+    machine.pending = cudaSuccess;
+}
+
+/* cudaGetLastError's view of the sticky error (a synchronisation's, with `sync`: the pending
+ * fault too): it is returned, never cleared. */
+bool report_sticky(bool sync = false) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    if (sync) fault_seen();
+    if (machine.sticky == cudaSuccess) return false;
+    set_error(machine.sticky, machine.sticky_message);
+    return true;
+}
+
+cudaStreamCaptureStatus capture_status(const void *stream) {
+    for (const auto &c : machine.captures)
+        if (c.first == stream) return c.second;
+    return cudaStreamCaptureStatusNone;
 }
 
 std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -574,6 +625,8 @@ int lane_id() { return cur->lane; }
 
 void *dynamic_smem() { return cur->block->smem.data(); }
 
+size_t dynamic_smem_bytes() { return L ? L->smem_bytes : 0; }
+
 int resident_thread() { return int(cur->block - slots.data()) * L->threads + cur->tid; }
 
 uint64_t residency() { return cur->block->serial; }
@@ -646,9 +699,36 @@ void launch_error(const char *file, int line, const char *what) {
     fail("%s (%s:%d), thread %d", what, base(file), line, cur->warp * WARP + cur->lane);
 }
 
+/* $GPTLAB_EMU_ASYNC: report faults inside a kernel as a GPU does (sticky, at the next call). */
+bool asynchronous_faults() {
+    const char *s = getenv("GPTLAB_EMU_ASYNC");
+    return s && *s && strcmp(s, "0") != 0;
+}
+
+/* $GPTLAB_EMU_FAULT: a launch of a kernel whose name contains it faults. */
+bool injected_fault(const char *name) {
+    const char *s = getenv("GPTLAB_EMU_FAULT");
+    return s && *s && strstr(name, s) != nullptr;
+}
+
 void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
             void (*body)(void *), void *ctx) {
     std::lock_guard<std::mutex> guard(launch_mutex);
+    {
+        std::lock_guard<std::mutex> m(machine_mutex);
+        fault_seen(); /* the kernels before this one have run */
+        if (machine.sticky != cudaSuccess) { /* a faulted context fails every later launch */
+            set_error(machine.sticky, machine.sticky_message);
+            return;
+        }
+        if (!valid_device(current_device)) {
+            set_error(cudaErrorInvalidDevice, format("kernel %s: current device %d does not "
+                                                     "exist", name, current_device));
+            return;
+        }
+        machine.contexts[current_device] = true; /* a launch initialises its device's context */
+        machine.last_launch_device = current_device;
+    }
     uint64_t threads = uint64_t(block.x) * block.y * block.z;
     if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
         grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
@@ -669,6 +749,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
     launch.ctx = ctx;
     launch.threads = int(threads);
     launch.warps = int((threads + WARP - 1) / WARP);
+    launch.smem_bytes = smem_bytes;
     uint64_t seed;
     if (!parse_schedule(launch.order, seed)) {
         set_error(cudaErrorInvalidValue, format("GPTLAB_EMU_SCHEDULE must be inorder, reverse, "
@@ -712,10 +793,24 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem_bytes, cudaStre
     block_dim = block;
     grid_dim = grid;
     const Block *failed = nullptr;
-    if (!run_grid(smem_bytes, nslots, &failed))
-        set_error(cudaErrorLaunchFailure,
-                  format("kernel %s, block (%u, %u, %u): %s", name, failed->idx.x, failed->idx.y,
-                         failed->idx.z, launch.error.c_str()));
+    cudaError_t fault = cudaSuccess;
+    std::string what;
+    if (injected_fault(name)) {
+        fault = cudaErrorIllegalAddress;
+        what = format("kernel %s, block (0, 0, 0): an illegal memory access was encountered "
+                      "(injected by GPTLAB_EMU_FAULT)", name);
+    } else if (!run_grid(smem_bytes, nslots, &failed)) {
+        fault = cudaErrorLaunchFailure;
+        what = format("kernel %s, block (%u, %u, %u): %s", name, failed->idx.x, failed->idx.y,
+                      failed->idx.z, launch.error.c_str());
+    }
+    if (fault != cudaSuccess && asynchronous_faults()) { /* seen later, by whoever calls next */
+        std::lock_guard<std::mutex> m(machine_mutex);
+        machine.pending = fault;
+        machine.pending_message = what;
+    } else if (fault != cudaSuccess) {
+        set_error(fault, what);
+    }
     L = nullptr;
     cur = nullptr;
     thread_idx = nullptr;
@@ -736,6 +831,10 @@ void race_access(const void *p, size_t bytes, Access kind, const char *file, int
     const uintptr_t s0 = reinterpret_cast<uintptr_t>(b.smem.data()), s1 = s0 + MAX_DYNAMIC_SMEM;
     for (uintptr_t w = a / 4 * 4; w < a + bytes; w += 4) {
         bool shared = w >= s0 && w < s1;
+        if (shared && w - s0 >= L->smem_bytes) /* another block's memory, or a fault, on a GPU */
+            fail("%s of float %zu of dynamic shared memory (%s:%d), past the %zu bytes the "
+                 "launch asked for", kind_name(kind), size_t(w - s0) / 4, base(file), line,
+                 L->smem_bytes);
         Shadow &sh = shared ? b.shadow[(w - s0) / 4] : global_shadow[w];
         if (const Record *clash = conflict(sh, now)) {
             char where[64];
@@ -750,10 +849,19 @@ void race_access(const void *p, size_t bytes, Access kind, const char *file, int
 } /* namespace gl_emu */
 
 /* ---------------------------------------------------------------- host-side runtime API */
+using gl_emu::machine;
+using gl_emu::machine_mutex;
+
 cudaError_t cudaGetLastError(void) {
+    if (gl_emu::report_sticky()) return gl_emu::last_error;
     cudaError_t e = gl_emu::last_error;
     gl_emu::last_error = cudaSuccess;
     return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) {
+    if (gl_emu::report_sticky()) return gl_emu::last_error;
+    return gl_emu::last_error;
 }
 
 const char *cudaGetErrorString(cudaError_t error) {
@@ -764,7 +872,169 @@ const char *cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInsufficientDriver:
+        return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorUnsupportedPtxVersion: return "the provided PTX was compiled with an "
+                                                "unsupported toolchain.";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorStreamCaptureUnsupported:
+        return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureImplicit:
+        return "operation would make the legacy stream depend on a capturing blocking stream";
     }
     return "unknown error";
 }
+
+static cudaError_t host_error(cudaError_t code, const char *what) {
+    gl_emu::set_error(code, what);
+    return code;
+}
+
+cudaError_t cudaGetDeviceCount(int *count) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    *count = int(machine.devices.size());
+    if (machine.driver < machine.runtime / 1000 * 1000) /* an older major version */
+        return host_error(cudaErrorInsufficientDriver,
+                          "CUDA driver version is insufficient for CUDA runtime version");
+    return machine.devices.empty() ? host_error(cudaErrorNoDevice,
+                                                "no CUDA-capable device is detected")
+                                   : cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    if (!gl_emu::valid_device(device)) return host_error(cudaErrorInvalidDevice,
+                                                         "invalid device ordinal");
+    const auto &cc = machine.devices[size_t(device)];
+    if (attr == cudaDevAttrComputeCapabilityMajor) *value = cc.first;
+    else if (attr == cudaDevAttrComputeCapabilityMinor) *value = cc.second;
+    else return host_error(cudaErrorInvalidValue, "invalid argument");
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int *device) { /* creates nothing, as the runtime's */
+    *device = gl_emu::current_device;
+    return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    if (!gl_emu::valid_device(device)) return host_error(cudaErrorInvalidDevice,
+                                                         "invalid device ordinal");
+    machine.contexts[size_t(device)] = true; /* CUDA 12: cudaSetDevice initialises the context */
+    gl_emu::current_device = device;
+    return cudaSuccess;
+}
+
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *attr, const void *ptr) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+    int device = machine.default_device;
+    for (const auto &pl : machine.placements)
+        if (p >= pl.begin && p < pl.end) device = pl.device;
+    *attr = {cudaMemoryTypeDevice, device, const_cast<void *>(ptr), nullptr};
+    return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int *version) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    *version = machine.driver;
+    return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int *version) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    *version = machine.runtime;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    {
+        std::lock_guard<std::mutex> guard(machine_mutex);
+        for (auto &c : machine.captures)
+            if (c.first == stream && c.second != cudaStreamCaptureStatusNone) {
+                c.second = cudaStreamCaptureStatusInvalidated; /* as the runtime does */
+                return host_error(cudaErrorStreamCaptureUnsupported,
+                                  "operation not permitted when stream is capturing");
+            }
+    }
+    return gl_emu::report_sticky(true) ? gl_emu::last_error : cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+    return gl_emu::report_sticky(true) ? gl_emu::last_error : cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    *status = gl_emu::capture_status(stream);
+    return cudaSuccess;
+}
+
+int gl_emu::primary_context_active(int device) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    return gl_emu::valid_device(device) && machine.contexts[size_t(device)];
+}
+
+/* ---------------------------------------------------------------- the model's controls */
+extern "C" int gl_emu_configure(const char *devices, int runtime_version, int driver_version) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    std::vector<std::pair<int, int>> parsed;
+    for (const char *s = devices ? devices : ""; *s;) {
+        char *end = nullptr;
+        long major = strtol(s, &end, 10);
+        if (end == s || *end != '.') return -1;
+        s = end + 1;
+        long minor = strtol(s, &end, 10);
+        if (end == s || major < 1 || minor < 0 || minor > 9) return -1;
+        parsed.emplace_back(int(major), int(minor));
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    machine = gl_emu::Machine{};
+    machine.devices = std::move(parsed);
+    machine.contexts.assign(machine.devices.size(), false);
+    if (runtime_version > 0) machine.runtime = runtime_version;
+    machine.driver = driver_version > 0 ? driver_version : machine.runtime;
+    gl_emu::current_device = 0;
+    gl_emu::last_error = cudaSuccess;
+    return 0;
+}
+
+extern "C" int gl_emu_place(const void *ptr, size_t bytes, int device) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    if (!gl_emu::valid_device(device)) return -1;
+    if (!ptr) {
+        machine.default_device = device;
+        return 0;
+    }
+    const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+    machine.placements.push_back({p, p + bytes, device});
+    return 0;
+}
+
+extern "C" int gl_emu_set_device(int device) { return int(cudaSetDevice(device)); }
+
+extern "C" int gl_emu_current_device(void) { return gl_emu::current_device; }
+
+extern "C" int gl_emu_primary_context(int device) { return gl_emu::primary_context_active(device); }
+
+extern "C" int gl_emu_last_launch_device(void) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    return machine.last_launch_device;
+}
+
+extern "C" int gl_emu_capture(const void *stream, int on) {
+    std::lock_guard<std::mutex> guard(machine_mutex);
+    auto &caps = machine.captures;
+    caps.erase(std::remove_if(caps.begin(), caps.end(),
+                              [&](const auto &c) { return c.first == stream; }),
+               caps.end());
+    if (on) caps.emplace_back(stream, cudaStreamCaptureStatusActive);
+    return 0;
+}
+
+extern "C" int gl_emu_synchronize(void) { return int(cudaDeviceSynchronize()); }

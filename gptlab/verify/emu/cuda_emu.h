@@ -2,8 +2,9 @@
  * (gptlab/plugins/cuda_kernels/csrc/cuda/) use, on the CPU under a host C++ compiler
  * (g++ -x c++ -std=c++20).
  *
- * Only the emulated flavours (cuda-emu, cuda-emu-racecheck) see this folder: they put it on the
- * include path, and csrc/cuda/common.cuh includes this header when __CUDACC__ is not defined.
+ * Only the emulated flavours (cuda-emu, cuda-emu-racecheck, cuda-emu-numerics) see this folder:
+ * they put it on the include path, and csrc/cuda/common.cuh includes this header when __CUDACC__
+ * is not defined.
  * Under nvcc common.cuh defines the same five macros from the real thing instead:
  *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
  *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
@@ -40,7 +41,8 @@
  *   resident block each round), as blocks share a GPU.
  * - Dynamic shared memory is filled with NaN before each block, so reading an element nobody
  *   wrote shows up as NaN; writing past the launch's smem_bytes is a launch error (checked after
- *   each block). Static __shared__ variables are plain statics (one copy for all blocks, also
+ *   each block), and so is any access past it that the emulator sees as it happens: ldmatrix
+ *   and cp.async always, every watched access under racecheck (a plain read past it reads NaN). Static __shared__ variables are plain statics (one copy for all blocks, also
  *   when blocks interleave, not poisoned): the kernels keep their tiles in dynamic shared memory.
  * - Launch limits as on the hardware: <= 1024 threads per block, block.z <= 64, grid.y and
  *   grid.z <= 65535, <= 48 KiB of dynamic shared memory.
@@ -50,6 +52,20 @@
  *   __syncthreads or __syncwarp at that line of that file (base name): it returns at once. An
  *   atomicAdd there becomes a plain read-modify-write (the same arithmetic here; racecheck sees
  *   a read and a write). tests/kernels/test_mutations.py removes every site in turn.
+ * - Devices, errors, streams: a model of the machine for the host-side glue (device guard, device
+ *   count, launch checks), not of speed. Fake devices with compute capabilities (default one
+ *   9.0 device), runtime and driver CUDA versions, a current device per thread (0 until set) and
+ *   primary contexts made as CUDA 12 makes them (cudaSetDevice, and a launch on the current
+ *   device); pointers belong to device 0 unless placed on another (gl_emu_configure,
+ *   gl_emu_place below). Faults inside a kernel (a failed barrier, a race, an out-of-bounds
+ *   access the emulator sees) fail the launch at once by default; with $GPTLAB_EMU_ASYNC=1
+ *   (read at each launch) they are reported as a GPU reports them: the launch succeeds, and
+ *   from the next launch or synchronisation on (kernels complete in order) the fault is the
+ *   sticky error that every launch, cudaGetLastError and synchronisation returns (until
+ *   gl_emu_configure). $GPTLAB_EMU_FAULT=NAME makes each launch
+ *   of a kernel whose name contains NAME fault with cudaErrorIllegalAddress, as a wild pointer
+ *   would on a GPU. A stream marked as capturing (gl_emu_capture) makes a synchronisation of it
+ *   cudaErrorStreamCaptureUnsupported, which invalidates the capture; its launches still run.
  * - Racecheck (built with -DGL_EMU_RACECHECK: flavour cuda-emu-racecheck; slow, for small
  *   cases): GL_SMEM_PTR / GL_GLOBAL_PTR (and so GL_DYNAMIC_SMEM) become watched pointers, whose
  *   loads and stores (through [], which keeps the source line) record per 4-byte word the last
@@ -89,13 +105,43 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 typedef struct CUstream_st *cudaStream_t;
-enum cudaError_t {
+enum cudaError_t { /* the CUDA runtime's codes for what the emulator reports */
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorUnsupportedPtxVersion = 222,
+    cudaErrorIllegalAddress = 700,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureImplicit = 906,
 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+enum cudaMemoryType {
+    cudaMemoryTypeUnregistered = 0,
+    cudaMemoryTypeHost = 1,
+    cudaMemoryTypeDevice = 2,
+    cudaMemoryTypeManaged = 3,
+};
+struct cudaPointerAttributes {
+    cudaMemoryType type;
+    int device;
+    void *devicePointer;
+    void *hostPointer;
+};
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+};
+/* What the emulated library is built for: SASS for each of these virtual architectures and PTX
+ * for the last, as nvcc's __CUDA_ARCH_LIST__ says of a cuda build with no GPU to build for. */
+#define GL_EMU_ARCH_LIST 800, 900
+/* The CUDA version the emulated runtime claims (CUDART_VERSION), unless gl_emu_configure says. */
+#define GL_EMU_CUDART_VERSION 13000
 
 namespace gl_emu {
 
@@ -115,6 +161,7 @@ void gather(const char *file, int line, unsigned mask, const void *mine, size_t 
 [[noreturn]] void launch_error(const char *file, int line, const char *what);
 int lane_id();
 void *dynamic_smem();
+size_t dynamic_smem_bytes(); /* the running launch's smem_bytes */
 /* For per-thread state kept outside the emulator (cp.async in cuda_emu_tc.h): the running
  * thread's index among all threads in flight (< MAX_RESIDENT_THREADS, stable while its block
  * runs), and a number naming its block's stay in its slot (new at every block start). */
@@ -177,9 +224,11 @@ T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta,
 #define __shfl_sync(...) gl_emu::shfl_sync(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_down_sync(...) gl_emu::shfl_down_sync(__FILE__, __LINE__, __VA_ARGS__)
 
-#define GL_LAUNCH(kernel, grid, block, smem, stream, ...)                              \
+#define GL_EMU_LAUNCH(kernel, grid, block, smem, stream, ...)                          \
     gl_emu::launch_fn(#kernel, (grid), (block), (smem), static_cast<cudaStream_t>(stream), \
                       [&] { kernel(__VA_ARGS__); })
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    GL_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__)
 #ifdef GL_EMU_RACECHECK
 #include "cuda_emu_racecheck.h" /* GL_SMEM_PTR, GL_GLOBAL_PTR: watched pointers */
 #else
@@ -195,6 +244,9 @@ T shfl_down_sync(const char *file, int line, unsigned mask, T v, unsigned delta,
  * write). */
 #define atomicAdd(...) gl_emu::atomic_add(__FILE__, __LINE__, __VA_ARGS__)
 namespace gl_emu {
+/* Subnormal to sign-preserving zero. */
+inline float flush_subnormal(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? 0.f * x : x; }
+
 template <class T>
 T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
              std::type_identity_t<T> v) {
@@ -203,13 +255,95 @@ T atomic_add([[maybe_unused]] const char *file, [[maybe_unused]] int line, T *p,
     race_access(p, sizeof(T), Access::Atomic, file, line);
 #endif
     T old = *p;
+#ifdef GL_EMU_GPU_NUMERICS
+    if constexpr (std::is_same_v<T, float>) { /* PTX ISA, atom: .add.f32 flushes subnormal */
+        *p = flush_subnormal(flush_subnormal(old) + flush_subnormal(v)); /* inputs and result */
+        return old;
+    }
+#endif
     *p = old + v;
     return old;
 }
 } /* namespace gl_emu */
 
-/* The runtime API subset the launchers use. */
+/* The runtime API subset the launchers use, over the emulator's model of the machine (see
+ * "Devices, errors, streams" above). */
 cudaError_t cudaGetLastError(void);
+cudaError_t cudaPeekAtLastError(void);
 const char *cudaGetErrorString(cudaError_t error);
+cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device);
+cudaError_t cudaGetDevice(int *device);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *attr, const void *ptr);
+cudaError_t cudaDriverGetVersion(int *version);
+cudaError_t cudaRuntimeGetVersion(int *version);
+cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status);
+namespace gl_emu {
+/* The driver's cuDevicePrimaryCtxGetState, for the device guard: 1 if `device`'s primary
+ * context exists (nvcc builds ask the driver through cudaGetDriverEntryPoint). */
+int primary_context_active(int device);
+} /* namespace gl_emu */
+
+/* The model's controls, for tests and gptlab.verify.emulator (plain C, found with dlsym):
+ *   gl_emu_configure(devices, runtime, driver)  the fake machine: devices "9.0,8.6" (compute
+ *       capabilities; "" = none), runtime and driver CUDA versions as 13010 for 13.1 (0 = the
+ *       emulator's own); forgets contexts, placements, captures and the sticky error
+ *   gl_emu_place(ptr, bytes, device)  memory [ptr, ptr + bytes) belongs to that fake device;
+ *       ptr NULL: all memory no placement names does (at first, device 0's)
+ *   gl_emu_set_device(device)         cudaSetDevice on the calling thread (creates the context)
+ *   gl_emu_current_device()           cudaGetDevice of the calling thread
+ *   gl_emu_primary_context(device)    1 if its primary context exists
+ *   gl_emu_last_launch_device()       the device current at the last launch (-1: none yet)
+ *   gl_emu_capture(stream, on)        the stream is (not) being captured into a CUDA graph
+ *   gl_emu_synchronize()              cudaDeviceSynchronize: the sticky error, if any */
+extern "C" {
+int gl_emu_configure(const char *devices, int runtime_version, int driver_version);
+int gl_emu_place(const void *ptr, size_t bytes, int device);
+int gl_emu_set_device(int device);
+int gl_emu_current_device(void);
+int gl_emu_primary_context(int device);
+int gl_emu_last_launch_device(void);
+int gl_emu_capture(const void *stream, int on);
+int gl_emu_synchronize(void);
+}
+
+#ifdef GL_EMU_GPU_NUMERICS
+/* The GPU numerics flavour (cuda-emu-numerics): results as far from the emulator's as a GPU's
+ * may be. Built with -ffp-contract=fast (and -mfma on x86), so that a * b + c contracts into one
+ * FMA as ptxas may contract it; atomicAdd on float flushes subnormals (above); mma sums in
+ * another order (cuda_emu_tc.h); and the math functions below are off by up to their maximum
+ * error on a GPU (CUDA C++ Programming Guide, "Mathematical Functions", single precision, no
+ * fast math): expf, exp2f 2 ulp; logf, log2f 1 ulp; erfcf 4 ulp. The offset is a fixed
+ * function of the argument (a GPU's function is deterministic too), from -max to +max ulp;
+ * exp2f(0) and expf(0) stay 1. */
+namespace gl_emu {
+inline float off_by_ulps(float exact, float x, int max_ulps) {
+    if (!std::isfinite(exact) || exact == 0.f) return exact;
+    uint32_t h;
+    std::memcpy(&h, &x, 4);
+    h *= 0x9e3779b1u; /* a hash of the argument's bits */
+    h ^= h >> 15;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    int k = int(h % uint32_t(2 * max_ulps + 1)) - max_ulps;
+    for (; k > 0; k--) exact = std::nextafter(exact, INFINITY);
+    for (; k < 0; k++) exact = std::nextafter(exact, -INFINITY);
+    return exact;
+}
+inline float gpu_exp2f(float x) { return x == 0.f ? 1.f : off_by_ulps(::exp2f(x), x, 2); }
+inline float gpu_expf(float x) { return x == 0.f ? 1.f : off_by_ulps(::expf(x), x, 2); }
+inline float gpu_log2f(float x) { return off_by_ulps(::log2f(x), x, 1); }
+inline float gpu_logf(float x) { return off_by_ulps(::logf(x), x, 1); }
+inline float gpu_erfcf(float x) { return off_by_ulps(::erfcf(x), x, 4); }
+} /* namespace gl_emu */
+#define exp2f(x) gl_emu::gpu_exp2f(x)
+#define expf(x) gl_emu::gpu_expf(x)
+#define log2f(x) gl_emu::gpu_log2f(x)
+#define logf(x) gl_emu::gpu_logf(x)
+#define erfcf(x) gl_emu::gpu_erfcf(x)
+#endif
 
 #endif /* GPTLAB_CUDA_EMU_H */

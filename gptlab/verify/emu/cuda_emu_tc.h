@@ -34,8 +34,9 @@
  * - mma and ldmatrix are warp collectives (gl_emu::gather): all 32 lanes must arrive at the same
  *   instruction, or the launch fails (a lane that exited is named, as for the shuffles).
  * - mma: products of bf16/fp16 values are exact in float32; they are summed in float32 in k
- *   order onto C (fmaf). PTX does not specify the order or internal precision of the sum, so
- *   results may differ from a GPU's in the last bits: kernels are checked with tolerances.
+ *   order onto C (fmaf); in the GPU numerics flavour (-DGL_EMU_GPU_NUMERICS) pairwise, then
+ *   added to C. PTX does not specify the order or internal precision of the sum, so results
+ *   may differ from a GPU's in the last bits: kernels are checked with tolerances.
  * - cp.async: the destination is poisoned (all bytes 0xff: NaN as float32, bfloat16 and float16)
  *   when the copy is issued and written only at the wait_group that completes its group, so a
  *   missing wait reads NaN; the source is read when the copy is issued. Only the 16-byte .cg
@@ -173,9 +174,18 @@ void mma_m16n8k16(const char *file, int line, float (&acc)[4], const uint32_t (&
     const int lane = lane_id();
     for (int i = 0; i < 4; i++) {
         const int r = frag::c_row(lane, i), c = frag::c_col(lane, i);
+#ifdef GL_EMU_GPU_NUMERICS
+        /* another order, as a GPU's may be: the exact products summed pairwise, C added last */
+        float sum[16];
+        for (int kk = 0; kk < 16; kk++) sum[kk] = A[r][kk] * B[kk][c];
+        for (int n = 8; n > 0; n /= 2)
+            for (int kk = 0; kk < n; kk++) sum[kk] = sum[2 * kk] + sum[2 * kk + 1];
+        acc[i] = acc[i] + sum[0];
+#else
         float d = acc[i];
         for (int kk = 0; kk < 16; kk++) d = std::fma(A[r][kk], B[kk][c], d);
         acc[i] = d;
+#endif
     }
 }
 
@@ -190,9 +200,11 @@ void *raw(watched_ptr<T> p) {
 }
 #endif
 
+/* Within the dynamic shared memory the launch asked for (not merely the 48 KiB the emulator
+ * keeps: past the launch's bytes a GPU holds another block's memory). */
 inline bool in_dynamic_smem(const void *p, size_t bytes) {
     const char *base = static_cast<const char *>(dynamic_smem()), *c = static_cast<const char *>(p);
-    return c >= base && c + bytes <= base + 48 * 1024;
+    return c >= base && c + bytes <= base + dynamic_smem_bytes();
 }
 
 /* ------------------------------------------------------------------ ldmatrix */
@@ -208,7 +220,8 @@ inline void ldmatrix(const char *file, int line, int num, bool trans, uint32_t *
         const uintptr_t p = reinterpret_cast<uintptr_t>(row_addr);
         if (p % 16 != 0 || !in_dynamic_smem(row_addr, 16))
             launch_error(file, line, p % 16 ? "ldmatrix: a row address is not 16-byte aligned"
-                                            : "ldmatrix: a row address is not in shared memory");
+                                            : "ldmatrix: a row address is not in the shared "
+                                              "memory the launch asked for");
 #ifdef GL_EMU_RACECHECK
         race_access(row_addr, 16, Access::Read, file, line);
 #endif
@@ -261,8 +274,9 @@ inline CpAsyncThread &cp_async_me() {
 inline void cp_async16(const char *file, int line, void *dst, const void *src, int src_bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16 ||
         !in_dynamic_smem(dst, 16) || src_bytes < 0 || src_bytes > 16)
-        launch_error(file, line, "cp.async needs a 16-byte aligned shared destination and global "
-                     "source, and 0 <= src-size <= 16");
+        launch_error(file, line, "cp.async needs a 16-byte aligned destination in the shared "
+                     "memory the launch asked for, a 16-byte aligned global source, and 0 <= "
+                     "src-size <= 16");
 #ifdef GL_EMU_RACECHECK
     race_access(dst, 16, Access::Write, file, line);
 #endif

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 from pathlib import Path
 
-from gptlab.verify.gpucheck import benchmark, conformance, environment, sanitizer
+from gptlab.verify.gpucheck import (benchmark, conformance, devices, environment, faults,
+                                    graphs, layouts, sanitizer, streams)
+from gptlab.verify.gpucheck.calls import synchronised
 from gptlab.verify.gpucheck.options import SECTIONS, Options
 from gptlab.verify.gpucheck.report import Progress, Report, Section, run_section, slug
 from gptlab.verify.gpucheck.targets import Target
@@ -14,7 +17,11 @@ from gptlab.verify.gpucheck.targets import Target
 DEFAULT_RESULTS = Path("benchmarks") / "results"
 #: Each section's function: (section, target, options, progress) -> None.
 STEPS = {"environment": environment.run, "conformance": conformance.run,
-         "sanitizer": sanitizer.run, "benchmark": benchmark.run}
+         "layouts": layouts.run, "streams": streams.run, "graphs": graphs.run,
+         "devices": devices.run, "faults": faults.run, "sanitizer": sanitizer.run,
+         "benchmark": benchmark.run}
+#: Sections whose kernels run unsynchronised: synchronising after each launch would be timed.
+UNSYNCHRONISED = ("benchmark",)
 
 
 class GpuCheck:
@@ -38,8 +45,12 @@ class GpuCheck:
         return report
 
     def section(self, name: str, s: Section) -> None:
-        """Fill section ``s`` by the step called ``name`` (one of :data:`SECTIONS`)."""
-        STEPS[name](s, self.target, self.opts, self.progress)
+        """Fill section ``s`` by the step called ``name`` (one of :data:`SECTIONS`); but for
+        the benchmark, with GPTLAB_CUDA_SYNC=1, so that a fault names the op whose kernel it
+        was."""
+        sync = contextlib.nullcontext() if name in UNSYNCHRONISED else synchronised()
+        with sync:
+            STEPS[name](s, self.target, self.opts, self.progress)
 
 
 def title(target: Target) -> str:

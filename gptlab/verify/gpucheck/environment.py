@@ -1,5 +1,6 @@
-"""The environment section: GPU, driver, torch and nvcc; the ``cuda`` build, and ptxas'
-registers / spills / shared memory per kernel with the occupancy each implies on this GPU."""
+"""The environment section: GPU, driver, torch and nvcc, the architectures the ``cuda`` flavour
+is built for here; the ``cuda`` build, and ptxas' registers / spills / shared memory per kernel
+with the occupancy each implies on this GPU."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def run(s: Section, t: Target, o: Options, progress: Progress) -> None:
         rows += [["GPU", f"{props.name}, {props.multi_processor_count} SMs, "
                          f"{props.total_memory / 2**30:.1f} GiB"],
                  ["compute capability", f"{props.major}.{props.minor}"]]
+    plan = build.arch_plan(known=build.nvcc_archs())
+    rows.append(["cuda build for", f"SASS {', '.join(f'sm_{a}' for a in plan.sass)}, PTX "
+                 f"compute_{max(plan.sass)}"
+                 + (f"; {', '.join(plan.jit)} will run the PTX" if plan.jit else "")])
     s.lines += table(["", ""], rows)
     s.add()
     if mismatch := build.cuda_version_mismatch():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import attrs
 
-SECTIONS = ("environment", "conformance", "sanitizer", "benchmark")
+SECTIONS = ("environment", "conformance", "layouts", "streams", "graphs", "devices", "faults",
+            "sanitizer", "benchmark")
 #: ``--quick``: the conformance suite on these lengths and head dims only (35 cases, not 151).
 QUICK_SEQ_LENS = (1, 7, 65)
 QUICK_HEAD_DIMS = (16, 80)

@@ -74,15 +74,20 @@ def cuda_target(reg) -> Target:
 
 
 def emulated_target(reg) -> Target:
-    """The emulated twins (``*-emu``) of the plugin's CUDA kernels, on CPU tensors."""
+    """The emulated twins (``*-emu``) of the plugin's CUDA kernels, on CPU tensors (flavour
+    ``cuda-emu``: not their twins on other emulated flavours)."""
+    from gptlab.plugins.cuda_kernels import build
     from gptlab.verify import emulated
 
+    def chosen(c) -> bool:
+        return (_ours(c, EMULATED_PACKAGE) and bool(getattr(c, "name", None))
+                and c.flavour == build.CUDA_EMU.name)
+
     attention = tuple(sorted((c for c in _subclasses(emulated.Emulated)
-                              if _ours(c, EMULATED_PACKAGE) and getattr(c, "name", None)
-                              and not c.alias_of), key=lambda c: c.name))
+                              if chosen(c) and not c.alias_of), key=lambda c: c.name))
     layer = tuple(sorted((c for c in [emulated.EmulatedNativeKernels,
                                       *_subclasses(emulated.EmulatedNativeKernels)]
-                          if _ours(c, EMULATED_PACKAGE)), key=lambda c: c.name))
+                          if chosen(c)), key=lambda c: c.name))
     return Target("cpu", True, attention, layer, reg.attention_backend("sdpa"))
 
 

@@ -1,8 +1,8 @@
 /* Kernels that exercise the CUDA emulator itself (gptlab/verify/emu/cuda_emu.h): barrier deadlocks,
  * shared-memory poisoning and bounds, warp shuffles, schedule-dependent races, interleaved blocks,
- * the race detector, mutation of barrier sites, launch limits.
+ * the race detector, mutation of barrier sites, launch limits, the GPU numerics flavour.
  * Built by tests/kernels/test_emulator.py with g++ against the emulator (also with
- * -DGL_EMU_RACECHECK), and called through cffi:
+ * -DGL_EMU_RACECHECK, and with the GPU numerics flavour's flags), and called through cffi:
  *
  *     int selftest(const char *scenario, float *out, int n, char *msg, int msg_len);
  *
@@ -81,6 +81,27 @@ __global__ void smem_per_block(float *out) {
 __global__ void smem_overrun(float *) {
     GL_DYNAMIC_SMEM(float, smem);
     smem[threadIdx.x + 32] = 0.f;
+}
+
+/* reads (does not write) past the 128 bytes of shared memory its launch asks for */
+__global__ void smem_overread(float *out) {
+    GL_DYNAMIC_SMEM(float, smem);
+    smem[threadIdx.x] = 1.f;
+    __syncthreads();
+    out[threadIdx.x] = smem[threadIdx.x + 32]; /* the read past the launch's bytes */
+}
+
+/* What a GPU may compute differently from the emulator, on the inputs in out[0..47]: out[48] =
+ * a * b - c (one FMA where ptxas contracts it); out[49] = atomicAdd of a subnormal onto 0; out[50
+ * + i] = exp2f(out[16 + i]), i < 32 */
+__global__ void numerics(float *out) {
+    const int t = threadIdx.x;
+    out[50 + t] = exp2f(out[16 + t]);
+    if (t != 0) return;
+    const float a = out[0], b = out[1], c = out[2];
+    out[48] = a * b - c;
+    out[49] = 0.f;
+    atomicAdd(&out[49], out[3]);
 }
 
 /* each warp reads the next warp's tile, then (with BARRIER) waits before overwriting its own:
@@ -170,6 +191,10 @@ extern "C" int selftest(const char *scenario, float *out, int n, char *msg, int 
         GL_LAUNCH(smem_per_block, dim3(2), dim3(32), smem, nullptr, out);
     else if (!strcmp(scenario, "smem_overrun"))
         GL_LAUNCH(smem_overrun, dim3(1), dim3(32), 128, nullptr, out);
+    else if (!strcmp(scenario, "smem_overread"))
+        GL_LAUNCH(smem_overread, dim3(1), dim3(32), 128, nullptr, out);
+    else if (!strcmp(scenario, "numerics"))
+        GL_LAUNCH(numerics, dim3(1), dim3(32), 0, nullptr, out);
     else if (!strcmp(scenario, "half_warp_sync"))
         GL_LAUNCH(half_warp_sync, dim3(1), dim3(32), 0, nullptr, out);
     else if (!strcmp(scenario, "tile_reuse"))

@@ -126,6 +126,14 @@ __global__ void ldmatrix_unaligned(float *out) {
     out[threadIdx.x] = float(r[0]);
 }
 
+/* rows 16..31 lie past the 256 bytes of shared memory the launch asks for */
+__global__ void ldmatrix_past_launch_smem(float *out) {
+    GL_DYNAMIC_SMEM(uint16_t, smem);
+    uint32_t r[4];
+    gl::tc::ldmatrix_x4(r, smem + threadIdx.x * 8);
+    out[threadIdx.x] = float(r[0]);
+}
+
 __global__ void ldmatrix_from_global(float *out) {
     uint32_t r[4];
     gl::tc::ldmatrix_x4(r, out + threadIdx.x * 4);
@@ -196,6 +204,8 @@ extern "C" int tc_scenario(const char *name, float *out, const float *src, char 
         GL_LAUNCH(mma_two_sites, dim3(1), dim3(32), 0, nullptr, out);
     else if (!strcmp(name, "ldmatrix_unaligned"))
         GL_LAUNCH(ldmatrix_unaligned, dim3(1), dim3(32), 1024, nullptr, out);
+    else if (!strcmp(name, "ldmatrix_past_launch_smem"))
+        GL_LAUNCH(ldmatrix_past_launch_smem, dim3(1), dim3(32), 256, nullptr, out);
     else if (!strcmp(name, "ldmatrix_from_global"))
         GL_LAUNCH(ldmatrix_from_global, dim3(1), dim3(32), 0, nullptr, out);
     else {

@@ -2,11 +2,13 @@
  *
  * Compiled by nvcc for real GPUs, or by g++ against the CUDA emulator for the CPU (the emulated
  * flavours put gptlab/verify/emu/ on the include path; nvcc never sees it); only the host-side
- * glue (device binding) differs between the two, behind __CUDACC__.
+ * glue differs between the two, behind __CUDACC__ (the emulator models the runtime calls that
+ * glue makes: devices, contexts, pointer attributes, errors, stream capture).
  *
  * The kernels launch and name their shared memory through five macros, which under nvcc are:
  *   GL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
- *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...)
+ *       -> kernel<<<grid, block, smem_bytes, stream>>>(args...), the stream recorded for
+ *          check_launch (gl::launching)
  *   GL_DYNAMIC_SMEM(type, name)
  *       -> extern __shared__ storage; type *name = (the block's dynamic shared memory)
  *   GL_SMEM_PTR(type)    -> type *   (a pointer into shared memory)
@@ -25,8 +27,9 @@
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 
-#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
-    kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...)                 \
+    (gl::launching(static_cast<cudaStream_t>(stream)),                    \
+     kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__))
 #define GL_DYNAMIC_SMEM(type, name)                  \
     extern __shared__ float4 gl_dynamic_smem_[];     \
     type *name = reinterpret_cast<type *>(gl_dynamic_smem_)
@@ -35,6 +38,10 @@
 #define GL_SMEM_CAST(type, p) reinterpret_cast<type *>(p)
 #else
 #include "cuda_emu.h" /* the CUDA emulator, on the emulated flavours' include path */
+#undef GL_LAUNCH /* the emulator's, with the stream recorded as under nvcc */
+#define GL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    (gl::launching(static_cast<cudaStream_t>(stream)),    \
+     GL_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__))
 #endif
 
 #include "../gptlab_kernels.h"
@@ -72,12 +79,30 @@ int fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* At each entry point: clear the last message and any error still pending in the runtime. */
 void clear_error();
 
-/* After a launch: a launch error becomes GPTLAB_EDEVICE with the runtime's message. */
+/* The stream of the calling thread's latest launch (GL_LAUNCH records it), which check_launch
+ * synchronises under GPTLAB_CUDA_SYNC. */
+inline thread_local cudaStream_t launch_stream = nullptr;
+inline void launching(cudaStream_t stream) { launch_stream = stream; }
+
+/* After a launch: a launch error becomes GPTLAB_EDEVICE with the runtime's message. A fault
+ * inside a kernel shows only at a later synchronisation, in whatever call comes next (torch's,
+ * often), unless $GPTLAB_CUDA_SYNC is set (not "0"): then the launch's stream is synchronised
+ * here, so the fault is reported by the op whose kernel it was. Never inside a CUDA-graph
+ * capture, where synchronising is not permitted. */
 int check_launch(const char *fn);
 
-/* Makes the device that holds a tensor current for the launches of one entry point and restores
- * the caller's device when it goes out of scope (torch's current device must not change under
- * it); refuses host pointers. A no-op in the emulator, whose kernels take host memory. */
+/* Why GPU `device` cannot run this library's code ("" if it can), into why[n]: compute
+ * capability below 8.0; no SASS for its architecture (same major version, not newer) and PTX
+ * it cannot take (PTX of a newer architecture, or a driver older than the CUDA that compiled
+ * it: cudaErrorUnsupportedPtxVersion at the first launch). Creates no context. */
+bool device_problem(int device, char *why, size_t n);
+
+/* Makes the device that holds a tensor current for the launches of one entry point and, when it
+ * goes out of scope, restores the caller's device as torch's guards do (c10::cuda::
+ * MaybeSetDevice): only if that device's primary context exists, because cudaSetDevice would
+ * create it (hundreds of MB on GPU 0 for a thread whose work lives on cuda:1); otherwise the
+ * tensor's device stays current. Refuses host pointers and GPUs that cannot run the kernels
+ * (device_problem). In the emulator, over its model of devices and contexts. */
 class DeviceGuard {
 public:
     DeviceGuard() = default;
