@@ -129,6 +129,8 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
         say(f"data: {session.data_path} ({len(text):,} chars)", err=True)
         for note in trainer.notes:
             say(f"note: {note}", err=True)
+        if trainer.plan.dtype_reason:
+            say(f"dtype: {trainer.cfg.dtype} ({trainer.plan.dtype_reason})", err=True)
         used, T = trainer.cfg, setup.model_config.block_size
         say(f"batch: {used.batch_size} sequences x {used.grad_accum} micro-batches x "
             f"{world.size} process{'es' if world.size > 1 else ''} = "
@@ -317,7 +319,7 @@ def _show_table(rows, request) -> None:
     description, why its priority differs here (if it does) and its reasons."""
     from gptlab.core.selection import priority_note_of, priority_of
 
-    auto = next((cls.name for cls, r in rows if not r), None)
+    auto = next((cls.name for cls, r in rows if not r and not cls.alias_of), None)
     for cls, reasons in rows:
         mark = "yes" if not reasons else "no "
         pick = "  <- auto" if cls.name == auto else ""

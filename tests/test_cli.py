@@ -119,8 +119,20 @@ def test_bench_generate_interleaves_rounds_and_checks_outputs(cli, small_text, t
     assert [ln.split(":")[0] for ln in lines if "round" in ln[:9]] == ["  round 1/2",
                                                                      "  round 2/2"]
     assert lines[-3].startswith("without cache: ") and lines[-2].startswith("with cache: ")
-    assert "(medians of 2 interleaved rounds)" in lines[-2]
+    assert "x: the median of the rounds' ratios; speeds: medians of 2 interleaved rounds)" \
+        in lines[-2]
     assert lines[-1] == "greedy outputs identical: yes (40 tokens)"
+
+
+def test_bench_generate_speedup_is_the_median_of_each_rounds_ratio():
+    from gptlab.bench.generate import GenerateResult
+
+    # each round's two runs saw the same machine; the medians taken apart pair runs of
+    # different rounds (1100 / 100 = 11x here)
+    r = GenerateResult(40, without_cache=[10.0, 100.0, 110.0],
+                       with_cache=[1000.0, 1100.0, 2000.0], identical=True)
+    assert r.median_with / r.median_without == 11.0
+    assert r.speedup == 2000.0 / 110.0  # the rounds' ratios: 100, 11, 18.2
 
 
 def test_sample_errors(cli, tmp_path):
@@ -216,12 +228,15 @@ def test_bench_train_reports_every_variant_against_the_first(cli, small_text, mo
     assert result.exit_code == 0, result.output
     rows = [ln.split() for ln in result.output.splitlines()
             if ln.split() and ln.split()[0].startswith(("float32", "bfloat16"))]
-    assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("float32@naive", "naive", "native"), ("bfloat16@sdpa/torch", "sdpa", "torch"),
-        ("float32+compile@naive", "naive", "native")]
-    assert rows[0][4] == "1.00" and all(float(r[3].replace(",", "")) > 0 for r in rows)
+    assert [tuple(r[:4]) for r in rows] == [
+        ("float32@naive", "float32", "naive", "native"),
+        ("bfloat16@sdpa/torch", "bfloat16", "sdpa", "torch"),
+        ("float32+compile@naive", "float32", "naive", "native")]
+    assert rows[0][5] == "1.00" and all(float(r[4].replace(",", "")) > 0 for r in rows)
     bad = invoke(cli, ["bench", "train", "--variants", "float32+fast"])
     assert bad.exit_code == 1 and "expected DTYPE[+compile][@BACKEND][/KERNELS]" in bad.output
+    bad = invoke(cli, ["bench", "train", "--variants", "float32@nosuch"])
+    assert bad.exit_code == 1 and "unknown attention backend 'nosuch'" in bad.output
 
 
 PEER = """
@@ -259,7 +274,7 @@ def test_bench_train_compares_with_a_peer_model_given_by_path(cli, small_text, t
     header, *rows = [ln.split() for ln in result.output.splitlines()
                      if ln.split() and ln.split()[0] in ("variant", "float32@naive", "peer")]
     assert header[-1] == "peer" and [r[0] for r in rows] == ["float32@naive", "peer"]
-    assert rows[1][-1] == "1.00" and float(rows[0][-1]) > 0
+    assert rows[1][-1] == "1.00" and float(rows[0][-3].replace(",", "")) > 0  # its tokens/s
     missing = invoke(cli, ["bench", "train", "--peer", str(tmp_path / "nope.py"), "--data",
                            str(small_text)])
     assert missing.exit_code != 0 and "nope.py" in missing.output
@@ -340,7 +355,7 @@ def test_every_config_flag_is_a_run_option_with_its_help(cli):
     for name in ("bias", "warmup_iters", "vocab_size", "weight_decay"):  # settings, no flag
         assert name not in params
     assert "--untied-head / --tied-head" in text and "--compile / --no-compile" in text
-    assert "--schedule [cosine|wsd]" in text and "--dtype [float32|bfloat16|float16]" in text
+    assert "--schedule [cosine|wsd]" in text and "--dtype [auto|float32|bfloat16|float16]" in text
     ctx = run.make_context("run", ["--tied-head", "--no-qk-norm", "--compile", "--iters", "3",
                                    "--lr", "0.5", "--dtype", "bfloat16", "--attention", "naive"])
     given = {k: v for k, v in ctx.params.items() if v is not None}

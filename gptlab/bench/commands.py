@@ -139,8 +139,10 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype, plot_pat
 @click.option("--preset", default="default", show_default=True, help="The model and batch.")
 @click.option("--variants", default="float32,float32+compile,bfloat16,bfloat16+compile",
               show_default=True,
-              help="Comma-separated DTYPE[+compile][@BACKEND][/KERNELS], or peer[+compile] "
-                   "(needs --peer); the first is the baseline.")
+              help="Comma-separated DTYPE[+compile][@BACKEND][/KERNELS][~FEATURE], or "
+                   "peer[+compile] (needs --peer); the first is the baseline. DTYPE auto is "
+                   "gpt run's default; ~fused-adamw or ~packed-grads turns that feature off. "
+                   "Each variant runs in a process of its own.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Optimiser steps per variant per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
@@ -164,21 +166,28 @@ def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer
     chosen = [train.Variant.parse(v.strip()) for v in variants.split(",") if v.strip()]
     if peer and not any(v.peer for v in chosen):
         chosen.append(train.Variant.parse("peer"))
-    text = load_text(resolve_corpus(data))
+    for v in chosen:  # unknown names: one line, before any process starts
+        if v.attention and v.attention != "auto":
+            reg.get("attention_backends", v.attention)
+        if v.kernels and v.kernels != "auto":
+            reg.get("layer_kernels", v.kernels)
+    path = resolve_corpus(data)
+    load_text(path)  # likewise a text that cannot be used
     click.echo(f"training steps of --preset {preset}, {torch.get_num_threads()} threads, torch "
                f"{torch.__version__}; {rounds} rounds x {steps} steps, median", err=True)
-    results = train.run(reg, text, chosen, preset=preset, steps=steps, rounds=rounds,
+    results = train.run(str(path), chosen, preset=preset, steps=steps, rounds=rounds,
                         warmup=warmup, device=device, peer=peer,
                         on_progress=lambda m: click.echo(f"  {m}", err=True))
     base = results[0].median
     peer_speed = next((r.median for r in results if r.variant.name == "peer"), None)
-    table = Table([("variant", "<28"), ("attention", "<11"), ("kernels", "<9"),
+    table = Table([("variant", "<28"), ("dtype", "<10"), ("attention", "<11"), ("kernels", "<9"),
                    ("tokens/s", ">10,.0f"), ("x base", ">8.2f"),
                    *([("x peer", ">8.2f")] if peer_speed else [])])
     click.echo(table.header())
     for r in results:
-        click.echo(table.row(r.variant.name, r.attention or "-", r.kernels or "-", r.median,
-                             r.median / base, *([r.median / peer_speed] if peer_speed else [])))
+        click.echo(table.row(r.variant.name, r.dtype, r.attention or "-", r.kernels or "-",
+                             r.median, r.median / base,
+                             *([r.median / peer_speed] if peer_speed else [])))
 
 
 @bench.command("generate")
@@ -187,7 +196,8 @@ def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer
               help="Tokens to generate, with and without the cache.")
 @click.option("--prompt", default="", help="Prompt (default: start from token 0).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Interleaved rounds (without, then with the cache); medians are reported.")
+              help="Interleaved rounds (without, then with the cache); medians are reported, "
+                   "and the median of the rounds' speed-ups.")
 @options.pass_registry
 def bench_generate(reg, checkpoint, tokens, prompt, rounds):
     """Greedy generation speed with and without the KV cache, and whether outputs match."""
@@ -202,8 +212,8 @@ def bench_generate(reg, checkpoint, tokens, prompt, rounds):
         f"  round {r + 1}/{rounds}: {off:,.1f} and {on:,.1f} tok/s", err=True))
     off, on = result.median_without, result.median_with
     click.echo(f"without cache: {off:,.1f} tok/s")
-    click.echo(f"with cache:    {on:,.1f} tok/s  ({on / off:.1f}x)  (medians of {rounds} "
-               f"interleaved rounds)")
+    click.echo(f"with cache:    {on:,.1f} tok/s  ({result.speedup:.1f}x: the median of the "
+               f"rounds' ratios; speeds: medians of {rounds} interleaved rounds)")
     click.echo(f"greedy outputs identical: {'yes' if result.identical else 'NO'} ({tokens} "
                f"tokens)")
 

@@ -2,7 +2,9 @@
 cache, in interleaved rounds, and whether every output is the same.
 
 Each round decodes ``tokens`` tokens without the cache, then with it (wall time of
-``model.generate``, temperature 0); the speeds reported are the medians over the rounds.
+``model.generate``, temperature 0); the speeds reported are the medians over the rounds, and the
+speed-up is the median of each round's own ratio (a round's two runs see the same machine: the
+ratio of two medians taken apart can pair a fast round with a slow one).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class GenerateResult:
     @property
     def median_with(self) -> float:
         return statistics.median(self.with_cache)
+
+    @property
+    def speedup(self) -> float:
+        """The median over the rounds of (with the cache) / (without it)."""
+        return statistics.median(on / off for off, on in zip(self.without_cache,
+                                                             self.with_cache))
 
 
 def run(model, idx, tokens: int, rounds: int = 3,

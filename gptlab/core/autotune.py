@@ -52,7 +52,8 @@ def measuring() -> bool:
     return os.environ.get(AUTO_ENV, "measure").strip().lower() != "priority"
 
 
-def _machine(device: str) -> str:
+def machine(device: str) -> str:
+    """The device's model (the GPU's name; the CPU's, with the threads torch uses)."""
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     name = platform.processor() or platform.machine()
@@ -70,7 +71,7 @@ def cache_key(candidates: Sequence[type[AttentionBackend]], request: AttentionRe
     from gptlab import __version__
 
     tags = ",".join(f"{c.name}{c.measure_tag(request)}" for c in candidates)
-    return (f"{_machine(request.device)} | torch {torch.__version__} | gptlab {__version__} | "
+    return (f"{machine(request.device)} | torch {torch.__version__} | gptlab {__version__} | "
             f"{tags} | B {work.batch}, heads {work.heads}, {request.describe()}")
 
 
@@ -160,32 +161,48 @@ def cache_path():
     return kernel_cache_dir() / CACHE_FILE
 
 
+def _table() -> dict:
+    try:
+        table = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def remembered(key: str) -> dict | None:
+    """The measurement remembered under ``key`` (a dict with its ``choice``), or None."""
+    entry = _table().get(key)
+    return entry if isinstance(entry, dict) and "choice" in entry else None
+
+
+def remember(key: str, entry: dict) -> None:
+    """Remember a measurement under ``key`` (a read-only cache costs a re-measurement next
+    time, nothing else)."""
+    path = cache_path()
+    table = _table()
+    table[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(table, indent=1, sort_keys=True))
+    except OSError as e:
+        log.warning("auto: could not record the measurement in %s: %s", path, e)
+
+
 def measured_choice(candidates: Sequence[type[AttentionBackend]], request: AttentionRequest,
                     work: Workload) -> type[AttentionBackend]:
     """:func:`fastest`, remembered in the kernel cache folder for this machine and request."""
     if len(candidates) < 2:
         return candidates[0]
     key = cache_key(candidates, request, work)
-    path = cache_path()
-    try:
-        table = json.loads(path.read_text())
-        if not isinstance(table, dict):
-            table = {}
-    except (OSError, ValueError):
-        table = {}
     by_name = {c.name: c for c in candidates}
-    entry = table.get(key)
-    if isinstance(entry, dict) and entry.get("choice") in by_name:
+    entry = remembered(key)
+    if entry is not None and entry["choice"] in by_name:
         return by_name[entry["choice"]]
     choice, medians = fastest(candidates, request, work)
     if len(medians) < len(candidates):  # one failed (out of memory, busy GPU): do not remember
         return choice
     log.info("auto measured %s: %s -> %s", request.describe(),
              ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in medians.items()), choice.name)
-    table[key] = {"choice": choice.name, "ms": {n: round(t * 1e3, 3) for n, t in medians.items()}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(table, indent=1, sort_keys=True))
-    except OSError as e:  # a read-only cache costs a re-measurement next time, nothing else
-        log.warning("auto: could not record the measurement in %s: %s", path, e)
+    remember(key, {"choice": choice.name, "ms": {n: round(t * 1e3, 3)
+                                                 for n, t in medians.items()}})
     return choice

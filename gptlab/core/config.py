@@ -68,7 +68,7 @@ def _one_of(choices: tuple[str, ...]):
     return check
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "wsd")
 
 
@@ -206,10 +206,12 @@ class TrainConfig:
     grad_accum: int = _field(1, _positive, "--grad-accum",  # micro-batches per optimiser step
                              "Micro-batches of --batch-size per optimiser step (gradient "
                              "accumulation).")
-    dtype: str = _choice("float32", DTYPES, "--dtype",  # autocast dtype of forward passes
+    dtype: str = _choice("auto", DTYPES, "--dtype",  # autocast dtype of forward passes
                          "Precision of the forward passes (torch.autocast); weights, gradients "
-                         "and optimizer state stay float32. float16 (with a GradScaler) is for "
-                         "GPUs.")
+                         "and optimizer state stay float32. auto: bfloat16 where a short "
+                         "measurement of this run's model finds it faster on this machine "
+                         "(remembered), else float32; the choice is saved with the run. "
+                         "float16 (with a GradScaler) is for GPUs.")
     compile: bool = _field(False, None, "--compile",
                            "torch.compile the model (the first steps compile it).")
     # seconds of training steps (evaluations excluded): > 0 stops there, and the

@@ -13,11 +13,11 @@ from __future__ import annotations
 import attrs
 import torch
 
-from gptlab.core import autotune, distributed
+from gptlab.core import autotune, distributed, precision
 from gptlab.core.attention import AttentionBackend, AttentionRequest
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
-from gptlab.core.errors import ConfigError
+from gptlab.core.errors import BackendNotSupportedError, ConfigError
 from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
 from gptlab.core.layer_kernels import KernelRequest, LayerKernels
 from gptlab.core.plugins import Registry
@@ -29,12 +29,19 @@ class RunPlan:
     """What a run will use, checked before any data is read or any weight allocated."""
 
     model_config: ModelConfig
-    train_config: TrainConfig
+    train_config: TrainConfig  # as the run trains: --dtype auto resolved
     device: torch.device
     model_cls: type[LanguageModel]
     tokenizer_cls: type
     components: Components  # the parts, the attention backend and layer kernels prepared
     notes: tuple[str, ...] = ()  # what auto could not consider on this machine, and why
+    asked: TrainConfig | None = None  # as given (None: train_config)
+    dtype_reason: str | None = None  # why --dtype auto chose the dtype
+
+    def made_for(self, model_config: ModelConfig, train_config: TrainConfig) -> bool:
+        """Whether this plan was made for these configs (as given to :func:`plan_run`)."""
+        return (self.model_config, self.asked or self.train_config) == (model_config,
+                                                                        train_config)
 
     @property
     def attention(self) -> AttentionBackend | None:
@@ -99,35 +106,30 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     check_names(reg, model_config, train_config, new_run=new_run)
     model_cls = reg.model(model_config.model)
     tokenizer_cls = reg.tokenizer(train_config.tokenizer)
-    dtype = getattr(torch, train_config.dtype)  # of q, k, v and the activations under autocast
+    asked = train_config
+    # named choices are checked before the device is (their reasons say more than "no GPU");
+    # --dtype auto is float32 until measured, below
     dev_type = device_type(train_config.device)
     fix = "use --device cpu" if device_unavailable_reason(dev_type) else None
-    named = {}  # named choices are checked before the device is (their reasons say more)
-    if model_cls.uses_attention and model_config.attention != AUTO:
-        named["attention"] = select(reg, "attention_backends", model_config.attention,
-                                    attention_request(model_config, dev_type, dtype=dtype,
-                                                      requires_grad=requires_grad), fix=fix)
-    if model_config.kernels != AUTO:
-        named["kernels"] = select(reg, "layer_kernels", model_config.kernels,
-                                  KernelRequest(device=dev_type, dtype=dtype))
+    dtype = torch.float32 if asked.dtype == precision.AUTO else getattr(torch, asked.dtype)
+    named = _named_choices(reg, model_cls, model_config, dev_type, dtype, requires_grad, fix)
     device = resolve_device(train_config.device)
     if train_config.dtype == "float16" and device.type == "cpu":
         raise ConfigError("--dtype float16 is for GPUs: on the CPU torch computes float16 "
                           "matrix products through float32 (slower, no memory saved); use "
                           "--dtype bfloat16 or float32")
+    dtype_reason = None
+    if asked.dtype == precision.AUTO:
+        choice = choose_dtype(reg, model_config, train_config, device)
+        train_config = attrs.evolve(train_config, dtype=choice.dtype)
+        dtype, dtype_reason = getattr(torch, choice.dtype), choice.reason
+        if dtype != torch.float32:  # the named choices again, for the dtype taken
+            named = _named_choices(reg, model_cls, model_config, device.type, dtype,
+                                   requires_grad)
     attention = named.get("attention")
     if model_cls.uses_attention and attention is None:
-        request = attention_request(model_config, device, dtype=dtype,
-                                    requires_grad=requires_grad)
-        world = distributed.current()
-        work = autotune.Workload(batch=train_config.batch_size, heads=model_config.n_head)
-        measure = (lambda ready: autotune.measured_choice(ready, request, work)) \
-            if not world.rank and autotune.measuring() else None  # rank 0 measures
-        attention = select(reg, "attention_backends", AUTO, request, prefer=prefer_attention,
-                           measure=measure)
-        agreed = distributed.rank0_choice(attention.name, world)  # every rank takes rank 0's
-        if agreed != attention.name:
-            attention = select(reg, "attention_backends", agreed, request)
+        attention = _auto_attention(reg, model_config, train_config, device, dtype,
+                                    requires_grad, prefer_attention)
     kernels = named.get("kernels") or select(reg, "layer_kernels", AUTO,
                                              KernelRequest(device=device.type, dtype=dtype),
                                              prefer=prefer_kernels)
@@ -143,7 +145,85 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     note = unavailable_note(reg, autos)
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
                    model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components,
-                   notes=(note,) if note else ())
+                   notes=(note,) if note else (), asked=asked, dtype_reason=dtype_reason)
+
+
+def _named_choices(reg: Registry, model_cls: type, model_config: ModelConfig, dev_type: str,
+                   dtype: torch.dtype, requires_grad: bool, fix: str | None = None) -> dict:
+    """The attention backend and layer kernels ``model_config`` names (not ``auto``), checked
+    against the request on ``dev_type`` in ``dtype``: {"attention": cls, "kernels": cls}."""
+    named = {}
+    if model_cls.uses_attention and model_config.attention != AUTO:
+        named["attention"] = select(reg, "attention_backends", model_config.attention,
+                                    attention_request(model_config, dev_type, dtype=dtype,
+                                                      requires_grad=requires_grad), fix=fix)
+    if model_config.kernels != AUTO:
+        named["kernels"] = select(reg, "layer_kernels", model_config.kernels,
+                                  KernelRequest(device=dev_type, dtype=dtype))
+    return named
+
+
+def _auto_attention(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
+                    device: torch.device, dtype: torch.dtype, requires_grad: bool,
+                    prefer: str | None) -> type[AttentionBackend]:
+    """``--attention auto``: ``prefer`` if it runs, else the fastest measured on the run's
+    shape (rank 0 measures, every rank takes its choice), else the highest priority."""
+    request = attention_request(model_config, device, dtype=dtype, requires_grad=requires_grad)
+    world = distributed.current()
+    work = autotune.Workload(batch=train_config.batch_size, heads=model_config.n_head)
+    measure = (lambda ready: autotune.measured_choice(ready, request, work)) \
+        if not world.rank and autotune.measuring() else None
+    attention = select(reg, "attention_backends", AUTO, request, prefer=prefer, measure=measure)
+    agreed = distributed.rank0_choice(attention.name, world)
+    if agreed != attention.name:
+        attention = select(reg, "attention_backends", agreed, request)
+    return attention
+
+
+def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
+                 device: torch.device) -> precision.Choice:
+    """``--dtype auto`` (:mod:`gptlab.core.precision`): float32 or bfloat16, as measured on the
+    run's model with the attention backend and layer kernels each dtype would get (``auto``:
+    the highest priority that runs). Under torchrun rank 0 measures and every rank takes its
+    choice."""
+    world = distributed.current()
+    choice = precision.without_measuring(device, autotune.measuring() and not world.rank)
+    if choice is None:
+        choice = _measure_dtype(reg, model_config, train_config, device)
+    agreed = distributed.rank0_choice(choice.dtype, world)
+    return choice if agreed == choice.dtype else precision.Choice(agreed, "auto: rank 0's")
+
+
+def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
+                   device: torch.device) -> precision.Choice:
+    """Time the run's model in float32 and bfloat16, each with the attention backend and layer
+    kernels it would get (``auto``: the highest priority that runs)."""
+    mc = model_config if model_config.vocab_size else attrs.evolve(model_config, vocab_size=128)
+    model_cls = reg.model(mc.model)
+    try:
+        parts = {}
+        for d in ("float32", "bfloat16"):
+            dt = getattr(torch, d)
+            attention = select(reg, "attention_backends", mc.attention,
+                               attention_request(mc, device, dtype=dt))
+            kernels = select(reg, "layer_kernels", mc.kernels,
+                             KernelRequest(device=device.type, dtype=dt))
+            parts[d] = choose_components(reg, mc, device, attention=attention(),
+                                         kernels=kernels())
+    except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
+        return precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
+
+    def build(dtype: str) -> LanguageModel:
+        with torch.random.fork_rng(devices=[]):  # the run's own init is not disturbed
+            torch.manual_seed(0)
+            return model_cls(mc, parts[dtype]).to(device)
+
+    tag = ", ".join(f"{k}={getattr(mc, k)}" for k in (
+        "model", "n_layer", "n_head", "n_embd", "block", "norm", "mlp", "position", "qk_norm"))
+    tag += "".join(f" | {d}: {p.attention.name if p.attention else '-'}, {p.kernels.name}"
+                   for d, p in parts.items())
+    return precision.choose(build, device, train_config.batch_size, mc.block_size,
+                            mc.vocab_size, tag)
 
 
 def check_names(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,

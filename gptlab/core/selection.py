@@ -56,6 +56,8 @@ class Implementation:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     priority: ClassVar[int] = 0  # auto takes the highest priority that fits
+    #: A former name of the implementation called so: it runs when named, auto never takes it.
+    alias_of: ClassVar[str | None] = None
     devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
     dtypes: ClassVar[frozenset[torch.dtype]] = frozenset({torch.float32})
 
@@ -192,7 +194,7 @@ def select(reg, kind: str, name: str, request: Request, *, prefer: str | None = 
         rows.sort(key=lambda r: r[0].name != prefer)
     ready = []
     for i, (cls, reasons) in enumerate(rows):
-        if reasons:
+        if reasons or cls.alias_of:
             continue
         failure = _prepare(cls, request)
         if failure:  # its kernels failed to build, a plugin's bug: move on

@@ -33,7 +33,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from gptlab.core import distributed
+from gptlab.core import distributed, precision
 from gptlab.core.planning import RunPlan, build_model, plan_run
 from gptlab.core.checkpoint import (Checkpoint, TrainState, check_weights,
                                     non_finite_parameters, restore_tokenizer, save_checkpoint)
@@ -176,7 +176,6 @@ class Trainer:
                  on_event: Callable[[TrainEvent], None] | None = None,
                  resume: Checkpoint | None = None, data_source: str | None = None,
                  log_interval: int = 10, plan: RunPlan | None = None, overwrite: bool = False):
-        self.cfg = train_config
         self.emit = on_event or (lambda event: None)
         self.log_interval = log_interval
         self.plan = plan or plan_run(
@@ -184,9 +183,10 @@ class Trainer:
             prefer_attention=resume.metrics.get("attention") if resume else None,
             prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None,
             new_run=resume is None)
-        if (self.plan.model_config, self.plan.train_config) != (model_config, train_config):
+        if not self.plan.made_for(model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")
+        self.cfg = self.plan.train_config  # as it trains: --dtype auto resolved
         self.world = distributed.current()
         self.device = distributed.device_for(self.plan.device, self.world)
         self.notes: list[str] = list(self.plan.notes)  # what the run adapted, for the caller
@@ -257,7 +257,7 @@ class Trainer:
         self.batch_gens = [torch.Generator().manual_seed(stream_seed(cfg.seed, s))
                            for s in range(self.micro_batches)]
         self.state = TrainState(data_source=data_source, data_sha256=sha)
-        self.autocast = _autocast(self.device, cfg.dtype)
+        self.autocast = precision.autocast(self.device, cfg.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=cfg.dtype == "float16")
         core = self.model
@@ -565,7 +565,9 @@ def _optimizer_state_problem(optimizer, fresh: list[dict]) -> str | None:
                 continue
             got = group.get(key)
             numbers = (int, float)
-            if isinstance(value, numbers) and not isinstance(value, bool):
+            if value is None or isinstance(value, bool):  # torch's flags: None, True, False
+                ok = got is None or isinstance(got, bool)
+            elif isinstance(value, numbers):
                 ok = (isinstance(got, numbers) and not isinstance(got, bool)
                       and math.isfinite(got))
             elif isinstance(value, tuple):
@@ -574,7 +576,9 @@ def _optimizer_state_problem(optimizer, fresh: list[dict]) -> str | None:
             else:
                 ok = type(got) is type(value)
             if not ok:
-                return f"group {i} setting {key!r} is not a {type(value).__name__}"
+                kind = "bool or None" if value is None or isinstance(value, bool) \
+                    else type(value).__name__
+                return f"group {i} setting {key!r} is not a {kind}"
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
@@ -607,13 +611,6 @@ def stream_seed(seed: int, *parts: int) -> int:
         return seed
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _autocast(device: torch.device, dtype: str):
-    """Mixed precision for forward passes (weights, gradients and AdamW state stay float32)."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 @contextlib.contextmanager

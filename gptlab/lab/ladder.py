@@ -235,6 +235,8 @@ def check_folder(rung: Rung, budget: Budget, out_dir: str | Path, *, device: str
         ckpt = load_checkpoint(folder)
         saved = (attrs.evolve(ckpt.model_config, vocab_size=0), ckpt.train_config)
         model_cfg, train_cfg = rung.configs(budget, device=device)
+        if train_cfg.dtype == "auto":  # a checkpoint holds the dtype auto chose
+            train_cfg = attrs.evolve(train_cfg, dtype=saved[1].dtype)
         if saved != (model_cfg, train_cfg):
             raise GptlabError(f"{folder} holds a run of other settings than rung {rung.name} "
                               f"on this budget ({_config_difference(saved, model_cfg, train_cfg)})"

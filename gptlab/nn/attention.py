@@ -90,6 +90,44 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float | None = No
     return F.softmax(att, dim=-1)
 
 
+class SplitHeads(torch.autograd.Function):
+    """``qkv`` (B, T, 3C) -> q, k, v (B, nh, T, hs): views of the projection, with strides
+    (T*3C, hs, 3C, 1), so backends that take strided inputs (flash, sdpa) copy nothing.
+
+    The backward is the concatenation of the three gradients into one (B, T, 3C) gradient (what
+    ``split`` would do), without a copy when they already are that tensor's three parts: the
+    flash backend writes them so."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_head: int):
+        B, T, C3 = qkv.shape
+        heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))  # (B, T, 3, nh, hs)
+        return tuple(heads[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) each
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        B, nh, T, hs = dq.shape
+        C = nh * hs
+        parts = (T * 3 * C, hs, 3 * C, 1)  # the strides of q, k, v in the forward
+        base = dq.untyped_storage().data_ptr()
+        if all(g.stride() == parts and g.untyped_storage().data_ptr() == base
+               and g.storage_offset() == dq.storage_offset() + i * C
+               for i, g in enumerate((dq, dk, dv))):
+            return dq.as_strided((B, T, 3 * C), (T * 3 * C, 3 * C, 1)), None  # no copy
+        return torch.cat([g.transpose(1, 2).reshape(B, T, C) for g in (dq, dk, dv)], 2), None
+
+
+def split_heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, nh, T, hs) as views of the projection ``qkv`` (B, T, 3C): by
+    :class:`SplitHeads` in eager mode; under ``torch.compile``, by plain views (the compiler
+    plans its own memory)."""
+    if torch.compiler.is_compiling():
+        B, T, C3 = qkv.shape
+        heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))
+        return tuple(heads[:, :, i].transpose(1, 2) for i in range(3))
+    return SplitHeads.apply(qkv, n_head)
+
+
 class SingleHeadAttention(nn.Module):
     """One causal attention head: ``(B, T, C) -> (B, T, head_size)``: its own query, key and
     value projections and no output projection (:class:`gptlab.nn.SingleHeadBlock` uses one as
@@ -150,12 +188,7 @@ class MultiHeadAttention(nn.Module):
         """q, k, v of every head for ``x`` (B, T, C), (B, nh, T, hs) each, q and k through the
         position seam at positions ``start .. start + T - 1``."""
         B, T, C = x.shape
-        hs = C // self.n_head
-        # views of the projection, (B, nh, T, hs) each with strides (T*3C, hs, 3C, 1); backends
-        # that take strided inputs (flash, sdpa) copy nothing, and in the backward the three
-        # gradients meet in one cat (split's backward)
-        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # (B, nh, T, hs) each: views
         if self.qk_positions is not None:  # the position seam
             pos = torch.arange(start, start + T, dtype=torch.long, device=x.device)  # (T,)
             q, k = self.qk_positions(q, k, pos)

@@ -36,7 +36,9 @@ class EmulatedFused(Emulated, FusedAttention):
 
 class EmulatedFlash(Emulated, FlashAttention):
     name = "flash-emu"
-    description = "the CUDA flash attention (flash.cu) run on the CPU by the CUDA emulator"
+    description = ("the CUDA flash attention run on the CPU by the CUDA emulator: flash.cu in "
+                   "float32, flash_tc.cu (tensor cores) in bfloat16 and float16")
+    dtypes = FlashAttention.dtypes
 
     @classmethod
     def is_deterministic(cls, device: str) -> bool:
@@ -45,10 +47,10 @@ class EmulatedFlash(Emulated, FlashAttention):
 
 class EmulatedTensorCoreFlash(Emulated, TensorCoreFlash):
     name = "flash-tc-emu"
+    alias_of = "flash-emu"
     description = ("the tensor-core flash attention (flash_tc.cu) run on the CPU by the CUDA "
-                   "emulator")
+                   "emulator (flash-emu in bfloat16 and float16)")
     dtypes = TensorCoreFlash.dtypes
-    min_head_dim, max_head_dim = TensorCoreFlash.min_head_dim, TensorCoreFlash.max_head_dim
 
 
 class EmulatedNativeKernels(NativeKernels):

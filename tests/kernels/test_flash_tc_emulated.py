@@ -151,8 +151,8 @@ def test_tc_errors_and_capabilities():
     ok = AttentionRequest(device="cpu", dtype=torch.bfloat16, head_dim=128, q_len=7, k_len=97,
                           requires_grad=False)
     assert emu.not_supported_reasons(ok) == []
-    assert "head_dim 96 not supported (64 or 128)" in emu.not_supported_reasons(
-        attrs.evolve(ok, head_dim=96))
+    assert "head_dim 96 not supported by the tensor-core kernels (64 or 128)" in \
+        emu.not_supported_reasons(attrs.evolve(ok, head_dim=96))
     assert emu.not_supported_reasons(attrs.evolve(ok, requires_grad=True)) == []
     assert not tc.is_deterministic("cuda")  # dQ by atomics
     assert any("dtype float32 not supported" in r
@@ -162,6 +162,27 @@ def test_tc_errors_and_capabilities():
     assert tc.priority_for(cuda) < 50  # below sdpa until measured on a GPU
     out = emu()(*(torch.randn(1, 2, 7, 64).bfloat16() for _ in range(3)), causal=True)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 7, 64)
+
+
+def test_flash_names_the_algorithm_the_tensor_cores_serve_bf16_and_f16_on_cuda():
+    """``flash`` in bfloat16 or float16 on CUDA runs flash_tc.cu (here: on the emulator, as
+    ``flash-emu``); ``flash-tc`` stays a name for it that auto never takes."""
+    flash, emu = backends.FlashAttention, emulated.EmulatedFlash
+    req = AttentionRequest(device="cuda", dtype=torch.bfloat16, head_dim=64)
+    assert flash.tensor_cores("cuda", torch.bfloat16) and flash.tensor_cores("cuda", torch.float16)
+    assert not flash.tensor_cores("cuda", torch.float32)
+    assert not flash.tensor_cores("cpu", torch.bfloat16)  # the C kernels, widened
+    assert flash.priority_for(req) == flash.TENSOR_CORE_PRIORITY < 50
+    assert flash.priority_for(attrs.evolve(req, dtype=torch.float32)) == flash.CUDA_PRIORITY
+    assert any("by the tensor-core kernels (64 or 128)" in r
+               for r in flash.not_supported_reasons(attrs.evolve(req, head_dim=80)))
+    assert backends.TensorCoreFlash.alias_of == "flash"
+    q, k, v = (torch.randn(1, 2, 33, 64, generator=torch.Generator().manual_seed(i)).bfloat16()
+               for i in range(3))
+    want, _ = ops.flash_attn_tc(q, k, v, 0.125, True, "cuda-emu")
+    assert torch.equal(emu()(q, k, v, causal=True, scale=0.125), want)  # the same kernel
+    assert emu.not_supported_reasons(AttentionRequest(device="cpu", dtype=torch.float16,
+                                                      head_dim=128)) == []
 
 
 def grad_errors(dtype, B, nh, tq, tk, d, causal, seed=0, device="cpu", flavour=None):

@@ -261,8 +261,8 @@ def test_emulated_gpucheck_runs_every_section_end_to_end(registry, tmp_path, mon
     rows = [ln for ln in md.splitlines() if ln.startswith("| `") and "| float32 | 32 |" in ln]
     assert len(rows) == 6 and all("unsupported" not in r for r in rows)  # 3 backends x causal
     assert "| cuda build for | SASS sm_80, sm_90, PTX compute_90 |" in md
-    calls = ["`flash-emu` float32 D=64", "`flash-tc-emu` bfloat16 D=64",
-             "`flash-tc-emu` float16 D=64", "`fused-emu` float32 D=64",
+    calls = ["`flash-emu` float32 D=64", "`flash-emu` bfloat16 D=64",  # tensor cores
+             "`flash-emu` float16 D=64", "`fused-emu` float32 D=64",
              "layer kernels `native-emu` float32"]
     for label in calls:
         assert f"- pass {label}\n" in md  # layouts
@@ -355,10 +355,11 @@ def test_smoke_script_runs_every_emulated_kernel(registry):
     lines = smoke(emulated_target(registry))
     assert "flash-emu float32 D=128 causal=False" in lines
     assert "fused-emu float32 D=32 causal=True" in lines
-    assert "flash-tc-emu bfloat16 D=128 causal=True" in lines
+    assert "flash-emu bfloat16 D=128 causal=True" in lines  # flash.cu's tensor-core twin
     assert "native-emu float32: layer_norm, linear_gelu, cross_entropy" in lines
-    # flash-emu and fused-emu: float32, D = 32, 64, 128; flash-tc-emu: bfloat16 and float16,
-    # D = 64 and 128 only; causal or not; then the layer kernels
+    # flash-emu and fused-emu: float32, D = 32, 64, 128; flash-emu also in bfloat16 and
+    # float16, D = 64 and 128 only (flash-tc-emu, an alias, not again); causal or not; then
+    # the layer kernels
     assert len(lines) == 2 * 3 * 2 + 2 * 2 * 2 + 1
 
 

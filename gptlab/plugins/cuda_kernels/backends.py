@@ -7,9 +7,10 @@ memory-efficient backward that recomputes P from Q, K and the saved logsumexp: e
 O(T), never O(T^2).
 
 Both run CPU tensors on the C kernels and CUDA tensors on the nvcc-built ``.cu`` kernels; each
-library is compiled on first use (see :mod:`.build`). ``flash-tc``: FlashAttention-2 on tensor
-cores (``csrc/cuda/flash_tc.cu``), CUDA only. Their emulated twins, which run the ``.cu`` kernels
-on CPU tensors, are verification tools (:mod:`gptlab.verify.emulated`).
+library is compiled on first use (see :mod:`.build`). ``flash`` names the algorithm: on CUDA in
+bfloat16 and float16 it runs FlashAttention-2 on tensor cores (``csrc/cuda/flash_tc.cu``), and
+``flash-tc``, that path's former name, stays as an alias. Their emulated twins, which run the
+``.cu`` kernels on CPU tensors, are verification tools (:mod:`gptlab.verify.emulated`).
 """
 
 from __future__ import annotations
@@ -145,18 +146,52 @@ class FusedAttention(NativeBackend):
 
 
 class FlashAttention(NativeBackend):
+    """FlashAttention-2 (Dao 2023), the algorithm, whatever kernel serves the request: the C
+    kernels on the CPU (float32; bfloat16 widened to float32 and rounded back); on CUDA the
+    float32 kernels (``flash.cu``) in float32 and the tensor-core kernels (``flash_tc.cu``:
+    ``mma.sync``, sm_80+) in bfloat16 and float16, head dims 64 and 128."""
+
     name = "flash"
     priority = 60  # above sdpa on the CPU: 2x faster at T >= 256 (`gpt bench attention`)
-    description = "FlashAttention-2 kernels (C, CUDA): tiled online softmax, O(T) memory"
+    description = ("FlashAttention-2, O(T) memory: C kernels on the CPU (float32; bfloat16 "
+                   "widened); on CUDA float32 kernels, tensor cores in bfloat16/float16")
+    dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
     stores_scores = False  # O(T) memory
 
-    #: On CUDA: below sdpa (50). The CUDA kernel is scalar float32 (no tensor cores): on paper
-    #: (SASS, issue 13) 4-8x slower than sdpa in float32 on an H100; never measured on a GPU.
-    CUDA_PRIORITY = 40
+    #: On CUDA: below sdpa (50), never measured on a GPU. The float32 kernel is scalar (on
+    #: paper, SASS: 4-8x slower than sdpa on an H100); the tensor-core one was verified on the
+    #: emulator only.
+    CUDA_PRIORITY, TENSOR_CORE_PRIORITY = 40, 45
+
+    @classmethod
+    def tensor_cores(cls, device: str, dtype: torch.dtype) -> bool:
+        """Whether the tensor-core kernels serve ``dtype`` on ``device`` (CUDA's, or the
+        emulated CUDA of an emulated flavour)."""
+        return dtype in ops.TC_DTYPES and (device == "cuda" or cls.flavour != ops.NATIVE)
+
+    @classmethod
+    def not_supported_reasons(cls, request):
+        r = AttentionBackend.not_supported_reasons.__func__(cls, request)  # the constants
+        d = request.head_dim
+        if not cls.min_head_dim <= d <= cls.max_head_dim:
+            return r  # said already
+        if cls.tensor_cores(request.device, request.dtype):
+            if d not in ops.TC_HEAD_DIMS:
+                r.append(f"head_dim {d} not supported by the tensor-core kernels (64 or 128)")
+        elif request.device == "cuda" or cls.flavour != ops.NATIVE:
+            if d > CUDA_MAX_HEAD_DIM:
+                r.append(f"head_dim {d} > {CUDA_MAX_HEAD_DIM} not supported by the CUDA kernels")
+        elif request.dtype == torch.float16:
+            r.append("dtype float16 not supported by the C kernels (float32, bfloat16)")
+        return r
 
     @classmethod
     def priority_for(cls, request):
-        return cls.CUDA_PRIORITY if request.device == "cuda" else cls.priority
+        if request.device != "cuda":
+            return cls.priority
+        if cls.tensor_cores(request.device, request.dtype):
+            return cls.TENSOR_CORE_PRIORITY
+        return cls.CUDA_PRIORITY
 
     @classmethod
     def is_deterministic(cls, device: str) -> bool:
@@ -165,38 +200,22 @@ class FlashAttention(NativeBackend):
     def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
         self._check_dropout(dropout_p)
         scale = default_scale(q.size(-1), scale)
+        if self.tensor_cores(q.device.type, q.dtype):
+            o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.flavour)
+            return o
         return ops.flash_attention(q, k, v, scale, causal, self.flavour)
 
 
-class TensorCoreFlash(NativeBackend):
-    """FlashAttention-2 on tensor cores (csrc/cuda/flash_tc.cu), forward and backward: bfloat16
-    or float16, float32 accumulation, head dims 64 and 128."""
+class TensorCoreFlash(FlashAttention):
+    """``flash-tc``: what ``flash`` in bfloat16 or float16 on CUDA was called before ``flash``
+    named the algorithm; the same kernels, kept as a name."""
 
     name = "flash-tc"
+    alias_of = "flash"
     devices = frozenset({"cuda"})
     dtypes = frozenset(ops.TC_DTYPES)
-    min_head_dim, max_head_dim = min(ops.TC_HEAD_DIMS), max(ops.TC_HEAD_DIMS)
-    #: Below sdpa (50): written and verified on the emulator only, never measured on a GPU.
-    priority = 45
-    description = "FlashAttention-2 on tensor cores (mma.sync bf16/fp16, sm_80+)"
-    stores_scores = False  # O(T) memory
-
-    @classmethod
-    def not_supported_reasons(cls, request):
-        # AttentionBackend's checks (NativeBackend's would call bf16 a CUDA float32-only dtype)
-        r = AttentionBackend.not_supported_reasons.__func__(cls, request)
-        if request.head_dim not in ops.TC_HEAD_DIMS and cls.min_head_dim <= request.head_dim \
-                <= cls.max_head_dim:
-            r.append(f"head_dim {request.head_dim} not supported (64 or 128)")
-        return r
+    description = "alias of flash in bfloat16/float16 on CUDA (the tensor-core kernels)"
 
     @classmethod
     def is_deterministic(cls, device: str) -> bool:
         return False  # dQ is summed with atomics in varying order (the emulator repeats exactly)
-
-    def forward(self, q, k, v, *, causal=True, dropout_p=0.0, scale=None):
-        self._check_dropout(dropout_p)
-        scale = default_scale(q.size(-1), scale)
-        o, _ = torch.ops.gptlab.flash_attn_tc(q, k, v, scale, causal, self.flavour)
-        return o
-

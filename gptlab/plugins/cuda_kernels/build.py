@@ -116,8 +116,18 @@ class Flavour:
         return os.environ.get(self.compiler_env) or self.default_compiler
 
     def all_flags(self) -> tuple[str, ...]:
-        """``flags``, then what ``more_flags`` gives here and now."""
-        return (*self.flags, *(self.more_flags() if self.more_flags else ()))
+        """``flags``, with ``-march=native`` replaced by ``-march=$GPTLAB_CPU_MARCH`` where that
+        is set (e.g. ``haswell`` for AVX2, ``x86-64`` for SSE2 only: a library for another class
+        of CPU than the building one, or this one's speed as such a CPU's), then what
+        ``more_flags`` gives here and now."""
+        march = os.environ.get(MARCH_ENV, "").strip()
+        flags = self.flags if not march else tuple(
+            f"-march={march}" if f == "-march=native" else f for f in self.flags)
+        return (*flags, *(self.more_flags() if self.more_flags else ()))
+
+
+#: Names the CPU the C kernels are built for (``-march``); default: this machine's (native).
+MARCH_ENV = "GPTLAB_CPU_MARCH"
 
 
 CPU = Flavour(
@@ -291,12 +301,13 @@ def build_key(flavour: Flavour) -> str:
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(" ".join(flavour.all_flags()).encode())
+    flags = flavour.all_flags()
+    h.update(" ".join(flags).encode())
     h.update(_compiler_version(flavour).encode())
     h.update(torch.__version__.encode())
     h.update(str(ABI_VERSION).encode())
     h.update(platform.machine().encode())
-    if flavour.native_cpu:
+    if flavour.native_cpu and "-march=native" in flags:
         h.update(_cpu_flags().encode())
     return h.hexdigest()[:16]
 

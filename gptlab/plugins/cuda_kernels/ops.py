@@ -294,19 +294,41 @@ def _flash_backward_fake(do, q, k, v, o, lse, scale, causal, flavour=NATIVE):
 flash_attn.register_fake(_flash_fake)
 
 
-@torch.library.custom_op("gptlab::flash_attn_backward", mutates_args=())
-def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                        flavour: str = NATIVE
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each of its input's shape and dtype (4-D: heads last)."""
+def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether float32 q, k, v (B, nh, T, hs) are the three parts of one (B, T, 3C) projection,
+    as :class:`gptlab.nn.MultiHeadAttention` splits it: one storage, strides (T*3C, hs, 3C, 1),
+    k C elements after q and v C after k."""
+    if q.dim() != 4 or q.dtype != torch.float32 or not q.shape == k.shape == v.shape:
+        return False
+    B, nh, T, hs = q.shape
+    C = nh * hs
+    packed = (T * 3 * C, hs, 3 * C, 1)
+    base = q.untyped_storage().data_ptr()
+    return all(t.dtype == torch.float32 and t.stride() == packed
+               and t.untyped_storage().data_ptr() == base
+               and t.storage_offset() == q.storage_offset() + i * C
+               for i, t in enumerate((q, k, v)))
+
+
+def _flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                         flavour: str = NATIVE, pack: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each of its input's shape and dtype (4-D: heads last). ``pack``: where q, k,
+    v are the parts of one projection (:func:`_packed`), dq, dk, dv are written as the parts of
+    one (B, T, 3C) gradient, so that the projection's backward takes them without a copy (the
+    registered op never packs: its outputs may not alias one another)."""
     lib, stream = _library(flavour, "flash_attn_backward", do, q, k, v, o, lse=lse)
     _check_qkv("flash_attn_backward", q, k, v, o=o, do=do, lse=lse)
     qs, ks, vs, os_, dos = (_strided(t) for t in (q, k, v, o, do))
     lsef = lse.reshape(-1, q.shape[-2]).contiguous()
     b, nh, tq, d = qs.shape
     tk = ks.shape[2]
-    dq, dk, dv = _heads_last(qs), _heads_last(ks), _heads_last(vs)
+    if pack and _packed(q, k, v):
+        dqkv = qs.new_empty(b, tq, 3, nh, d)  # (B, T, 3, nh, hs): the projection's layout
+        dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) each
+    else:
+        dq, dk, dv = _heads_last(qs), _heads_last(ks), _heads_last(vs)
     ws_bytes = lib.lib.gptlab_flash_backward_workspace_size(b * nh, tq, tk, d)
     ws = qs.new_empty(max(1, -(-ws_bytes // 4)))  # allocated by torch, on the tensors' device
     strides = _strides(lib, qs, ks, vs, os_, dos, dq, dk, dv)
@@ -316,6 +338,15 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
              _threads(5 * b * nh * tq * tk * d))
     return (_like(dq.view(q.shape), q.dtype), _like(dk.view(k.shape), k.dtype),
             _like(dv.view(v.shape), v.dtype))
+
+
+@torch.library.custom_op("gptlab::flash_attn_backward", mutates_args=())
+def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                        flavour: str = NATIVE
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each of its input's shape and dtype (4-D: heads last)."""
+    return _flash_attn_backward(do, q, k, v, o, lse, scale, causal, flavour)
 
 
 flash_attn_backward.register_fake(_flash_backward_fake)
@@ -352,10 +383,14 @@ def _no_grad_needed(*tensors: torch.Tensor | None) -> bool:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     causal: bool, flavour: str = NATIVE) -> torch.Tensor:
-    """o of ``gptlab::flash_attn``; without autograd in eager mode, the implementation is
-    called directly."""
+    """o of ``gptlab::flash_attn``. In eager mode the implementation is called directly:
+    without autograd in inference, else through an autograd function whose backward writes
+    the gradients of q, k, v split from one projection as that projection's gradient
+    (:func:`_flash_attn_backward`'s ``pack``); under tracing, the registered op."""
     if _no_grad_needed(q, k, v):
         return _flash_attn(q, k, v, scale, causal, flavour)[0]
+    if _eager(q, k, v):
+        return _FlashFn.apply(q, k, v, scale, causal, flavour)[0]
     return flash_attn(q, k, v, scale, causal, flavour)[0]
 
 
@@ -455,6 +490,16 @@ def flash_attn_tc_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 flash_attn_tc_backward.register_fake(_flash_backward_fake)
 flash_attn_tc.register_autograd(_flash_grads(flash_attn_tc_backward), setup_context=_flash_setup)
+
+
+#: The eager flash backward writes the q, k, v gradients as one projection's gradient where it
+#: can (False: apart, as the registered op does; ``gpt bench train`` measures the difference).
+PACK_QKV_GRADIENTS = True
+
+
+def _packing_backward(do, q, k, v, o, lse, scale, causal, flavour):
+    return _flash_attn_backward(do, q, k, v, o, lse, scale, causal, flavour,
+                                pack=PACK_QKV_GRADIENTS)
 
 
 # ------------------------------------------------------------------------ row-wise kernels
@@ -643,6 +688,7 @@ def _eager_function(impl, setup, backward) -> type[torch.autograd.Function]:
 
 _LayerNormFn = _eager_function(_layer_norm, _layer_norm_setup,
                                _layer_norm_grads(_layer_norm_backward))
+_FlashFn = _eager_function(_flash_attn, _flash_setup, _flash_grads(_packing_backward))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,

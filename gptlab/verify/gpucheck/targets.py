@@ -64,9 +64,10 @@ class Target:
 
 def cuda_target(reg) -> Target:
     """Every attention backend and layer kernel registered from the plugin that declares
-    ``cuda`` (a tensor-core backend added to the plugin is found here)."""
+    ``cuda`` (a backend added to the plugin is found here), aliases (``flash-tc``) once, under
+    the name they stand for."""
     attention = tuple(cls for _, cls in sorted(reg.attention_backends.items())
-                      if _ours(cls) and "cuda" in cls.devices)
+                      if _ours(cls) and "cuda" in cls.devices and not cls.alias_of)
     layer = tuple(cls for _, cls in sorted(reg.layer_kernels.items())
                   if _ours(cls) and "cuda" in cls.devices)
     return Target("cuda", False, attention, layer, reg.attention_backend("sdpa"))
@@ -82,8 +83,8 @@ def emulated_target(reg) -> Target:
         return (_ours(c, EMULATED_PACKAGE) and bool(getattr(c, "name", None))
                 and c.flavour == build.CUDA_EMU.name)
 
-    attention = tuple(sorted((c for c in _subclasses(emulated.Emulated) if chosen(c)),
-                             key=lambda c: c.name))
+    attention = tuple(sorted((c for c in _subclasses(emulated.Emulated)
+                              if chosen(c) and not c.alias_of), key=lambda c: c.name))
     layer = tuple(sorted((c for c in [emulated.EmulatedNativeKernels,
                                       *_subclasses(emulated.EmulatedNativeKernels)]
                           if chosen(c)), key=lambda c: c.name))
