@@ -180,7 +180,8 @@ def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer
                         on_progress=lambda m: click.echo(f"  {m}", err=True))
     base = results[0].median
     peer_speed = next((r.median for r in results if r.variant.name == "peer"), None)
-    table = Table([("variant", "<28"), ("dtype", "<10"), ("attention", "<11"), ("kernels", "<9"),
+    width = max(28, *(len(r.variant.name) + 1 for r in results))
+    table = Table([("variant", f"<{width}"), ("dtype", "<10"), ("attention", "<11"), ("kernels", "<9"),
                    ("tokens/s", ">10,.0f"), ("x base", ">8.2f"),
                    *([("x peer", ">8.2f")] if peer_speed else [])])
     click.echo(table.header())
