@@ -187,3 +187,41 @@ def test_call_time_check_and_kv_cache_survive_raising_reasons(bad_backends):
     model = build_model(bad_backends, config, components=choose_components(
         bad_backends, config, attention=cls()))
     assert type(model.attention_backend) is cls and not model.kv_cache_usable()
+
+
+BROKEN_NORM = """
+    from gptlab import Norm, hookimpl
+    class Broken(Norm):
+        name = "broken"
+        def __init__(self, dim, bias=True):
+            super().__init__()
+            raise TypeError("Broken() needs a 'scale' argument")
+    @hookimpl
+    def register_norms():
+        return [Broken]
+"""
+
+
+def test_a_plugin_part_that_cannot_be_built_is_one_line_naming_it(install, war_and_peace,
+                                                                  tmp_path):
+    install("x-dist", {"x": "x_mod"}, {"x_mod": BROKEN_NORM})
+    reg = load_registry()
+    assert reg.problems == []
+    out = tmp_path / "run"
+    result = CliRunner().invoke(build_cli(reg), [
+        "run", "--preset", "tiny", "--iters", "1", "--norm", "broken", "--dtype", "float32",
+        "--attention", "sdpa", "--data", str(war_and_peace), "--out-dir", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: plugin 'x': norm 'broken' failed while the model was built (TypeError: "
+        "Broken() needs a 'scale' argument); fix the plugin, or choose another part")
+    assert not out.exists() or not any(p.name.endswith(".pt") for p in out.iterdir())
+    # gptlab's own bugs stay tracebacks: no plugin's file is on their way
+    with pytest.raises(ZeroDivisionError):
+        try:
+            1 / 0
+        except ZeroDivisionError as e:
+            from gptlab.core.plugins import plugin_part_in
+            assert plugin_part_in(reg, e) is None
+            raise

@@ -17,10 +17,10 @@ from gptlab.core import autotune, distributed, precision
 from gptlab.core.attention import AttentionBackend, AttentionRequest
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, resolve_device
-from gptlab.core.errors import BackendNotSupportedError, ConfigError
+from gptlab.core.errors import BackendNotSupportedError, ConfigError, GptlabError, PluginError
 from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
 from gptlab.core.layer_kernels import KernelRequest, LayerKernels
-from gptlab.core.plugins import Registry
+from gptlab.core.plugins import Registry, describe, plugin_part_in
 from gptlab.core.selection import candidates, select
 
 
@@ -310,5 +310,14 @@ def build_model(reg: Registry, config: ModelConfig, device: torch.device | str =
     the parts :func:`choose_components` chooses for ``device``."""
     if components is None:
         components = choose_components(reg, config, device, requires_grad=requires_grad)
-    model = reg.model(config.model)(config, components)
+    try:
+        model = reg.model(config.model)(config, components)
+    except GptlabError:
+        raise
+    except Exception as e:  # a plugin's part that cannot be built is one line naming it
+        part = plugin_part_in(reg, e)
+        if part is None:
+            raise
+        raise PluginError(f"{part} failed while the model was built ({describe(e)}); fix the "
+                          f"plugin, or choose another part") from None
     return model.to(device)

@@ -16,6 +16,9 @@ registering the same component name is a :class:`~gptlab.core.errors.PluginError
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
+import os
+import traceback
 from collections.abc import Iterable
 
 import attrs
@@ -130,13 +133,35 @@ class Registry:
         return self.get("layer_kernels", name)
 
 
+def plugin_part_in(reg: Registry, error: BaseException) -> str | None:
+    """Which plugin's part raised ``error`` (``"plugin 'p': norm 'x'"``), found in its
+    traceback: the innermost frame in the file of a class a plugin outside gptlab registered;
+    None if no plugin's code is on the way."""
+    files = {}
+    for (kind, name), plugin in reg.owners.items():
+        cls = getattr(reg, kind).get(name)
+        if cls is None or cls.__module__.split(".")[0] == "gptlab":
+            continue
+        try:
+            path = inspect.getsourcefile(cls)
+        except TypeError:
+            continue
+        if path:
+            files.setdefault(os.path.realpath(path), f"plugin {plugin!r}: "
+                                                    f"{KINDS[kind].label} {name!r}")
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if (part := files.get(os.path.realpath(frame.filename))) is not None:
+            return part
+    return None
+
+
 def new_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     return pm
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     """One line: the exception's type and message (its lines joined)."""
     try:
         text = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
@@ -154,7 +179,7 @@ def _contained(problems: list[str], problem: str, fn):
     except KeyboardInterrupt:
         raise
     except BaseException as e:
-        line = f"{problem} {_describe(e)}"
+        line = f"{problem} {describe(e)}"
         if line not in problems:
             problems.append(line)
         return False, None
