@@ -187,6 +187,7 @@ class RungResult:
     attention: str | None
     kernels: str | None
     sample: str
+    dtype: str | None = None  # of the forward passes, as --dtype auto chose it
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), indent=1, ensure_ascii=False)
@@ -308,7 +309,8 @@ def _score(rung, settings, trainer, fit, folder: Path, sample_chars: int, stage)
         parameters=model.num_parameters(), steps=st.step, train_seconds=st.train_time,
         tokens_per_s=tokens / st.train_time if st.train_time > 0 else 0.0,
         val_loss=val_loss, val_tokens=count, attention=trainer.plan.attention_name,
-        kernels=trainer.plan.kernels_name, sample=sample)
+        kernels=trainer.plan.kernels_name, sample=sample,
+        dtype=trainer.plan.train_config.dtype)
     if not math.isfinite(val_loss):
         raise GptlabError(f"rung {rung.name} scored a val loss of {val_loss}; its run is in "
                           f"{folder}")
@@ -328,15 +330,15 @@ def markdown_table(results: list[RungResult]) -> str:
     by_name = {r.rung: r for r in results}
     adds = {r.name: r.adds for r in RUNGS}
     lines = ["| rung | adds | parameters | steps | val loss | vs the rung before | tokens/s "
-             "| attention | sample |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| dtype | attention | sample |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for r in results:
         rung = next(x for x in RUNGS if x.name == r.rung)
         base = base_of(rung)
         prev = by_name.get(base.name) if base else None
         delta = f"{r.val_loss - prev.val_loss:+.3f}" if prev else ""
         lines.append(f"| {r.rung} | {adds.get(r.rung, r.adds)} | {r.parameters:,} | {r.steps:,} | "
-                     f"{r.val_loss:.4f} | {delta} | {r.tokens_per_s:,.0f} | "
+                     f"{r.val_loss:.4f} | {delta} | {r.tokens_per_s:,.0f} | {r.dtype or '-'} | "
                      f"{r.attention or '-'} | `{one_line(r.sample)}` |")
     return "\n".join(lines) + "\n"
 
