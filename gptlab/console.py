@@ -54,7 +54,8 @@ class TrainingProgress:
     def status(self) -> str:
         if self.loss is None:
             return ""
-        s = f"loss {self.loss:.3f}  {self.tokens_per_s:,.0f} tok/s"
+        speed = f"{self.tokens_per_s:,.0f}" if self.tokens_per_s else "-"  # none measured yet
+        s = f"loss {self.loss:.3f}  {speed} tok/s"
         return s + (f"  val {self.val:.3f}" if self.val is not None else "")
 
     def __call__(self, ev) -> None:

@@ -418,3 +418,12 @@ def test_plugins_lists_the_parts_the_ladder_leaves_out(cli):
     assert "    block: prenorm, postnorm, plain, single-head" in result.output
     assert "    norm: layernorm, rmsnorm, none" in result.output
     assert "    MLP: gelu, relu2, swiglu, none" in result.output
+
+
+def test_the_first_step_shows_no_speed_rather_than_zero(capsys):
+    from gptlab.console import TrainingProgress
+    from gptlab.core.trainer import TrainEvent
+
+    shown = TrainingProgress(20, tty=False)
+    shown(TrainEvent("step", 1, 20, loss=4.758, tokens_per_s=0.0, elapsed=0.2, train_time=0.2))
+    assert capsys.readouterr().err.splitlines() == ["step      1/20  loss 4.758  - tok/s  [0.2s]"]

@@ -44,7 +44,8 @@ def _where(dev) -> str:
               help="dtype of q, k, v (the tensor-core backends take bfloat16 and float16).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw time and peak memory against T, one line per backend, into this "
-                   "PNG (needs matplotlib: pip install 'gptlab[plot]').")
+                   "image (its suffix names the format: .png, .pdf, .svg; needs matplotlib: "
+                   "pip install 'gptlab[plot]').")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the table as markdown, headed by the command and the machine, "
                    "to this file.")

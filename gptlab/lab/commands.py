@@ -137,7 +137,7 @@ class _Stages:
               help="Text whose characters the heads attend over (at most the model's block "
                    "size; every character in its vocabulary).")
 @click.option("--out", "out_path", default="attn.png", show_default=True,
-              type=click.Path(dir_okay=False), help="PNG file to write.")
+              type=click.Path(dir_okay=False), help="Image to write (its suffix names the format: .png, .pdf, .svg).")
 @options.pass_registry
 def attention(reg, checkpoint, prompt, out_path):
     """Draw each layer's and head's attention weights over --prompt from a CHECKPOINT (a run
