@@ -54,6 +54,22 @@ def test_auto_takes_bfloat16_where_it_is_measured_faster_and_remembers(registry,
     assert len(measuring) == 1  # remembered: measured once on this machine
 
 
+def test_a_run_too_big_for_memory_is_refused_before_auto_builds_it_to_measure(
+        registry, measuring, monkeypatch):
+    """--dtype auto builds the model to time it: the memory pre-flight comes first."""
+    from gptlab.core import memory
+    from gptlab.core.errors import OutOfMemory
+
+    monkeypatch.setattr(precision, "bfloat16_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(precision, "time_passes", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)  # 1 GiB free
+    mc, tc = resolve_configs("tiny", {"attention": "naive", "n_layer": 12, "n_embd": 1024,
+                                      "n_head": 8}, {})  # ~151M parameters: ~2.3 GiB of state
+    with pytest.raises(OutOfMemory, match=r"^this run needs about .* but cpu has 1\.0 GiB "
+                                          r"available; lower --batch-size"):
+        plan_run(registry, mc, tc)
+
+
 def test_auto_is_float32_without_measuring_where_bfloat16_cannot_pay(registry, measuring,
                                                                       monkeypatch):
     monkeypatch.setattr(precision, "time_passes", lambda *a, **k: pytest.fail("measured"))

@@ -12,11 +12,13 @@ Korthikanti et al. 2022 count ~34 half-precision values per token and width) plu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from gptlab.core.config import ModelConfig, TrainConfig
+from gptlab.core.errors import OutOfMemory
 
 GIB = 2**30
 
@@ -51,3 +53,24 @@ def count_parameters(build) -> int | None:
     except Exception:  # a plugin model that cannot be built on meta: no estimate
         return None
     return sum(p.numel() for p in model.parameters())
+
+
+def check_fits(build, mc: ModelConfig, tc: TrainConfig, device: torch.device) -> None:
+    """A one-line :class:`OutOfMemory` if training the model ``build()`` constructs (counted on
+    the meta device) with ``tc``'s batch cannot fit in ``device``'s available memory; nothing
+    where either cannot be told. Every caller that allocates a run's model checks this first."""
+    n = count_parameters(build)
+    have = available_bytes(device)
+    if n is None or have is None:
+        return
+    state, acts = training_bytes(n, mc, tc)
+    if device.type == "cpu":  # the processes of this host share its memory
+        replicas = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        state, acts = state * replicas, acts * replicas
+    if state + acts > have:
+        raise OutOfMemory(
+            f"this run needs about {(state + acts) / GIB:.1f} GiB ({n / 1e6:,.1f}M parameters "
+            f"with gradients and AdamW state: {state / GIB:.1f} GiB; activations of "
+            f"{tc.batch_size} x {mc.block_size} tokens: {acts / GIB:.1f} GiB) but "
+            f"{device.type} has {have / GIB:.1f} GiB available; lower --batch-size, "
+            f"--block-size, --n-embd or --n-layer")

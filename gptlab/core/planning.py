@@ -20,6 +20,7 @@ from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, re
 from gptlab.core.errors import BackendNotSupportedError, ConfigError, GptlabError, PluginError
 from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
 from gptlab.core.layer_kernels import KernelRequest, LayerKernels
+from gptlab.core.memory import check_fits
 from gptlab.core.plugins import Registry, describe, plugin_part_in
 from gptlab.core.selection import candidates, select
 
@@ -212,6 +213,9 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
                                          kernels=kernels())
     except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
         return precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
+
+    # the measurement builds the model: a run that cannot fit is refused first, in one line
+    check_fits(lambda: model_cls(mc, parts["float32"]), mc, train_config, device)
 
     def build(dtype: str) -> LanguageModel:
         with torch.random.fork_rng(devices=[]):  # the run's own init is not disturbed

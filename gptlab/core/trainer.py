@@ -42,7 +42,7 @@ from gptlab.core.errors import (CheckpointError, ConfigError, GptlabError, OutOf
                                 TrainingDiverged, command, first_line)
 from gptlab.core.evaluation import EvaluationStopped, estimate_loss
 from gptlab.core.interfaces import LanguageModel, Tokenizer
-from gptlab.core.memory import GIB, available_bytes, count_parameters, training_bytes
+from gptlab.core.memory import check_fits
 from gptlab.core.plugins import Registry
 from gptlab.core.runs import BEST, CHECKPOINT, MetricsLog, RunFolder
 from gptlab.data.batches import draw_starts, encode_splits, windows
@@ -290,21 +290,7 @@ class Trainer:
     def _check_memory(self, reg) -> None:
         """A one-line error before allocating a run that cannot fit (see gptlab.core.memory)."""
         mc, plan = self.model_config, self.plan
-        n = count_parameters(lambda: plan.model_cls(mc, plan.components))
-        have = available_bytes(self.device)
-        if n is None or have is None:
-            return
-        state, acts = training_bytes(n, mc, self.cfg)
-        if self.device.type == "cpu":  # the processes of this host share its memory
-            replicas = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            state, acts = state * replicas, acts * replicas
-        if state + acts > have:
-            raise OutOfMemory(
-                f"this run needs about {(state + acts) / GIB:.1f} GiB ({n / 1e6:,.1f}M parameters "
-                f"with gradients and AdamW state: {state / GIB:.1f} GiB; activations of "
-                f"{self.cfg.batch_size} x {mc.block_size} tokens: {acts / GIB:.1f} GiB) but "
-                f"{self.device.type} has {have / GIB:.1f} GiB available; lower --batch-size, "
-                f"--block-size, --n-embd or --n-layer")
+        check_fits(lambda: plan.model_cls(mc, plan.components), mc, self.cfg, self.device)
 
     def _restore(self, ckpt: Checkpoint, data_source: str | None):
         st = ckpt.train_state
