@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import attrs
 
+from gptlab.core.errors import first_line
 from gptlab.verify.gpucheck.targets import Target, dtype_name, dtypes_of
 
 
@@ -116,6 +117,20 @@ def mismatch(got: list, want: list) -> str | None:
                            if "Greatest absolute difference" in ln), str(e).splitlines()[0])
             return f"output {i} {tuple(g.shape)} differs: {detail}"
     return None
+
+
+def raised(e: BaseException, limit: int = 300) -> str:
+    """What a call raised, on one line: ``(TypeName) message``."""
+    return f"({type(e).__name__}) {first_line(e, limit)}"
+
+
+def call_line(s, label: str, bad: str | None, passed: str = "") -> None:
+    """A section's line for one call: ``- FAIL label: bad`` (failing the section), or
+    ``- pass label`` with what passed."""
+    if bad:
+        s.fail(f"- FAIL {label}: {bad}")
+    else:
+        s.add(f"- pass {label}" + (f": {passed}" if passed else ""))
 
 
 @contextlib.contextmanager

@@ -14,8 +14,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-from gptlab.core.errors import first_line
-from gptlab.verify.gpucheck.calls import calls, mismatch
+from gptlab.verify.gpucheck.calls import call_line, calls, mismatch, raised
 from gptlab.verify.gpucheck.options import Options
 from gptlab.verify.gpucheck.probe import report, run_probe
 from gptlab.verify.gpucheck.report import Progress, Section
@@ -54,14 +53,13 @@ def _emulated(s: Section, t: Target) -> None:
                 machine.configure(("9.0", "9.0"))
                 want = call.run(*call.prepare("cpu"))
             except Exception as e:
-                s.fail(f"- FAIL {call.label}: ({type(e).__name__}) {first_line(e, 300)}")
+                call_line(s, call.label, raised(e))
                 continue
             bad = mismatch(got, want) or (
                 f"its kernels ran on GPU {ran_on}" if ran_on != 1 else
                 "GPU 0's context was created" if context0 else None)
-            (s.fail if bad else s.add)(f"- {'FAIL' if bad else 'pass'} {call.label}"
-                                       + (f": {bad}" if bad else ": ran on GPU 1, no context "
-                                          "on GPU 0, results as on GPU 0"))
+            call_line(s, call.label, bad, "ran on GPU 1, no context on GPU 0, results as on "
+                                          "GPU 0")
     finally:
         machine.configure()
 
@@ -99,7 +97,7 @@ def probe() -> list[str]:
         try:
             results[call.label] = [x.cpu() for x in call.run(*call.prepare("cuda:1"))]
         except Exception as e:
-            lines.append(f"FAIL {call.label} on cuda:1: ({type(e).__name__}) {first_line(e)}")
+            lines.append(f"FAIL {call.label} on cuda:1: {raised(e, 160)}")
     after, current = primary_context(0), torch.cuda.current_device()
     if before:
         lines.append("skip: torch made GPU 0's context before any gptlab kernel ran; whether "
@@ -117,7 +115,7 @@ def probe() -> list[str]:
         try:
             bad = mismatch(results[call.label], call.run(*call.prepare("cuda:0")))
         except Exception as e:
-            bad = f"({type(e).__name__}) {first_line(e)} on cuda:0"
+            bad = f"{raised(e, 160)} on cuda:0"
         lines.append(f"FAIL {call.label}: {bad}" if bad
                      else f"pass {call.label}: results on cuda:1 as on cuda:0")
     return lines

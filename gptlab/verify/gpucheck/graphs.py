@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import sys
 
-from gptlab.core.errors import first_line
-from gptlab.verify.gpucheck.calls import Call, calls, mismatch, synchronised
+from gptlab.verify.gpucheck.calls import (Call, call_line, calls, mismatch, raised,
+                                          synchronised)
 from gptlab.verify.gpucheck.options import Options
 from gptlab.verify.gpucheck.probe import report, run_probe
 from gptlab.verify.gpucheck.report import Progress, Section
@@ -53,11 +53,9 @@ def _emulated(s: Section, t: Target) -> None:
                 finally:
                     machine.capture(0, on=False)
             except Exception as e:
-                s.fail(f"- FAIL {call.label}: ({type(e).__name__}) {first_line(e, 300)}")
+                call_line(s, call.label, raised(e))
                 continue
-            bad = mismatch(got, want)
-            (s.fail if bad else s.add)(f"- {'FAIL' if bad else 'pass'} {call.label}"
-                                       + (f": {bad}" if bad else ": captured, no sync"))
+            call_line(s, call.label, mismatch(got, want), "captured, no sync")
     machine.configure()
 
 
@@ -102,7 +100,7 @@ def capture_and_replay(call: Call) -> str:
             if bad:
                 return f"FAIL {call.label}: replay {k}: {bad}"
     except Exception as e:
-        return f"FAIL {call.label}: ({type(e).__name__}) {first_line(e, 300)}"
+        return f"FAIL {call.label}: {raised(e)}"
     return f"pass {call.label}: first launch inside the capture, 2 replays equal eager runs"
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import math
 
-from gptlab.core.errors import first_line
-from gptlab.verify.gpucheck.calls import calls, mismatch
+from gptlab.verify.gpucheck.calls import call_line, calls, mismatch, raised
 from gptlab.verify.gpucheck.options import Options
 from gptlab.verify.gpucheck.report import Progress, Section
 from gptlab.verify.gpucheck.targets import Target
@@ -38,10 +37,6 @@ def run(s: Section, t: Target, o: Options, progress: Progress) -> None:
             want = call.run(*call.prepare(t.device))
             got = call.run(*call.prepare(t.device, awkward))
         except Exception as e:  # a launch error, a refused view: this call only
-            s.fail(f"- FAIL {call.label}: ({type(e).__name__}) {first_line(e, 300)}")
+            call_line(s, call.label, raised(e))
             continue
-        bad = mismatch(got, want)
-        if bad:
-            s.fail(f"- FAIL {call.label}: {bad}")
-        else:
-            s.add(f"- pass {call.label}")
+        call_line(s, call.label, mismatch(got, want))

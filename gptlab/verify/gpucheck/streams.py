@@ -6,8 +6,7 @@ written (and read NaN): the results must equal the same call's on the default st
 
 from __future__ import annotations
 
-from gptlab.core.errors import first_line
-from gptlab.verify.gpucheck.calls import calls, mismatch
+from gptlab.verify.gpucheck.calls import call_line, calls, mismatch, raised
 from gptlab.verify.gpucheck.options import Options
 from gptlab.verify.gpucheck.report import Progress, Section
 from gptlab.verify.gpucheck.targets import Target
@@ -49,10 +48,6 @@ def run(s: Section, t: Target, o: Options, progress: Progress) -> None:
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
         except Exception as e:
-            s.fail(f"- FAIL {call.label}: ({type(e).__name__}) {first_line(e, 300)}")
+            call_line(s, call.label, raised(e))
             continue
-        bad = mismatch(got, want)
-        if bad:
-            s.fail(f"- FAIL {call.label}: {bad}")
-        else:
-            s.add(f"- pass {call.label}")
+        call_line(s, call.label, mismatch(got, want))
