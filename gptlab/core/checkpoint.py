@@ -43,6 +43,7 @@ import attrs
 import torch
 
 from gptlab import __version__
+from gptlab.core import planning
 from gptlab.core.planning import build_model, choose_components
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.errors import (BackendNotSupportedError, CheckpointError, ConfigError,
@@ -373,20 +374,9 @@ def check_names(reg, ckpt: Checkpoint, config: ModelConfig | None = None) -> Non
     """Every part ``config`` (default: the checkpoint's) and the checkpoint name is installed,
     and the parts fit together (e.g. rotary positions and the head size); else a
     CheckpointError naming the part."""
-    from gptlab.core.devices import AUTO
-    from gptlab.core.planning import chosen_parts
-
-    mc = config or ckpt.model_config
-    try:
-        model_cls = reg.model(mc.model)
-        reg.tokenizer(ckpt.tokenizer_name)
-        reg.get("optimizers", ckpt.train_config.optimizer)
-        if model_cls.uses_attention:
-            chosen_parts(reg, mc)
-            if mc.attention != AUTO:
-                reg.attention_backend(mc.attention)
-        if mc.kernels != AUTO:
-            reg.layer_kernel(mc.kernels)
+    try:  # the tokenizer its train config names is its own (checked when it was read)
+        planning.check_names(reg, config or ckpt.model_config, ckpt.train_config,
+                             new_run=False)
     except UnknownComponentError as e:
         raise CheckpointError(f"checkpoint {ckpt.where} needs a part that is not installed: "
                               f"{e}; install the plugin that provides it") from None
