@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from gptlab.cli import build_cli
 from gptlab.core.attention import AttentionRequest
 from gptlab.core.plugins import load_registry
 from gptlab.data.corpora import resolve_corpus
@@ -15,6 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 # depend on the machine's timings (tests/test_autotune.py covers the measured choice)
 os.environ["GPTLAB_AUTO"] = "priority"
 EXAMPLE_PLUGIN = ROOT / "examples" / "gptlab-example-plugin"
+
+# a small text and a small run of it, for the CLI's fault and trust tests
+TEXT = "Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n" * 60
+SMALL = ["--preset", "tiny", "--block-size", "16", "--n-embd", "32", "--n-head", "2",
+         "--sample-tokens", "0", "--attention", "naive"]
+
+
+def gpt(cli, *args):
+    """``gpt ARGS...`` through click's runner; an exception gptlab did not turn into an error
+    line fails the test."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    """The one `Error: ...` line (click usage errors print usage lines above it)."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
 
 
 def war_and_peace_path() -> Path:
@@ -30,6 +50,11 @@ def war_and_peace_path() -> Path:
 @pytest.fixture(scope="session")
 def registry():
     return load_registry()
+
+
+@pytest.fixture
+def cli(registry):
+    return build_cli(registry)
 
 
 @pytest.fixture(scope="session")

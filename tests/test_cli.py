@@ -3,15 +3,9 @@
 import pytest
 from click.testing import CliRunner
 
-from gptlab.cli import build_cli
 
 SMALL = ("Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n"
          * 60)
-
-
-@pytest.fixture
-def cli(registry):
-    return build_cli(registry)
 
 
 @pytest.fixture

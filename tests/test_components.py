@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gptlab.cli import build_cli
 from gptlab.core.planning import build_model
 from gptlab.core.checkpoint import load_model
 from gptlab.core.config import ModelConfig, TrainConfig
@@ -155,11 +154,6 @@ def test_transformer_parts_named_for_the_bigram_are_an_error_before_anything_is_
     # a model built from a saved config (a checkpoint from before this check) is not refused
     cfg = ModelConfig(model="bigram", vocab_size=5, block_size=4, attention="flash")
     assert build_model(registry, cfg).config.attention == "flash"
-
-
-@pytest.fixture
-def cli(registry):
-    return build_cli(registry)
 
 
 # ------------------------------------------------------------------------ Muon

@@ -16,12 +16,10 @@ from click.testing import CliRunner
 
 from gptlab.cli import build_cli
 from gptlab.core.checkpoint import load_checkpoint, save_checkpoint
+from conftest import SMALL, TEXT
 
-TEXT = "Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n" * 60
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 GPT = ["-m", "gptlab"]
-SMALL = ["--preset", "tiny", "--block-size", "16", "--n-embd", "32", "--n-head", "2",
-         "--sample-tokens", "0", "--attention", "naive"]
 
 # trains 20 steps with dropout 0 and saves rank 0's per-step losses and weights
 TRAIN = textwrap.dedent("""

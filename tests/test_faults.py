@@ -17,38 +17,17 @@ import torch
 from click.testing import CliRunner
 
 import gptlab
-from gptlab.cli import build_cli
 from gptlab.core.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.core.config import ModelConfig, TrainConfig
 from gptlab.core.errors import first_line
 from gptlab.core.trainer import Trainer, TrainingInterrupted
-
-TEXT = "Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n" * 60
-SMALL = ["--preset", "tiny", "--block-size", "16", "--n-embd", "32", "--n-head", "2",
-         "--sample-tokens", "0", "--attention", "naive"]
-
-
-@pytest.fixture
-def cli(registry):
-    return build_cli(registry)
-
+from conftest import SMALL, TEXT, error_line, gpt
 
 @pytest.fixture
 def data(tmp_path):
     p = tmp_path / "small.txt"
     p.write_text(TEXT)
     return p
-
-
-def gpt(cli, *args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    """The one `Error: ...` line (click usage errors print usage lines above it)."""
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:

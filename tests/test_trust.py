@@ -18,32 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_dist, write_module
+from conftest import SMALL, TEXT, error_line, gpt, make_dist, write_module
 from gptlab.cli import build_cli
 from gptlab.core.checkpoint import load_checkpoint, save_checkpoint
 from gptlab.core.errors import printable
 from gptlab.core.plugins import load_registry
 from gptlab.core.runs import RunFolder
-
-TEXT = "Prince Andrew looked at Pierre. The old prince was silent, and Natasha laughed.\n" * 60
-SMALL = ["--preset", "tiny", "--block-size", "16", "--n-embd", "32", "--n-head", "2",
-         "--sample-tokens", "0", "--attention", "naive"]
-
-
-@pytest.fixture
-def cli(registry):
-    return build_cli(registry)
-
-
-def gpt(cli, *args, **kw):
-    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
 
 def snapshot(*folders: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folders`` (the lock file aside), by path."""
