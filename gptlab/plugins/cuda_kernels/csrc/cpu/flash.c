@@ -7,7 +7,9 @@
  * the head dim padded to a multiple of the vector width and K (and V in backward) transposed tile
  * by tile, so that every inner product is a broadcast-FMA over vectors with no bounds checks;
  * masks handle columns >= tk and the causal diagonal (aligned bottom-right: query i sees key
- * j <= i + tk - tq). Tiles entirely above the diagonal are skipped. Scores are kept in base 2: q
+ * j <= i + tk - tq). Tiles entirely above the diagonal are skipped, and so are the vectors of a
+ * diagonal tile that no row of the group sees (a quarter of the work at T = 128, where half the
+ * tiles are diagonal). Scores are kept in base 2: q
  * is pre-multiplied by scale * log2(e) so that exp becomes exp2; lse is stored in natural log.
  *
  * Layouts: q, k, v, o (and do, dq, dk, dv) are strided: element [b][h][i][j] of each is at
@@ -21,6 +23,10 @@
  * and everything else (scores, the running O, dk and dv of a tile) in L1-resident scratch, sized
  * for the 16 vector registers of AVX2 (XS = XA = 2) or the 32 of AVX-512 (XS = XA = 4).
  * Vectors are of the machine's native width (common.h): GCC splits wider vectors badly.
+ *
+ * Memory: the inputs come from the op before (the qkv projection) and have left the cache, so a
+ * work item prefetches the next one's rows as it computes (prefetch_part): at the default
+ * preset's shape, a quarter of the time was stalls in the copies into scratch without it.
  *
  * Forward work items are (slice, 64-query chunk); with fewer than R query rows (decoding with
  * a KV cache) each row instead reads k and v in place, with no scratch (decode_task). Backward
@@ -69,7 +75,7 @@ typedef struct {
     layout lq, lk, lv, lo, ldo, ldq, ldk, ldv;
     int64_t bh, nh, tq, tk, d, dp, tk_pad, tq_pad, off;
     float scale;
-    int causal;
+    int causal, threads;
     float **scratch; /* one block per thread */
     int64_t *cached_slice, *cached_tiles; /* forward: which slice's K^T / V each thread holds */
 } flash_ctx;
@@ -118,33 +124,60 @@ static void transpose_tiles(float *kt, const float *k, int64_t st, int64_t t0, i
     }
 }
 
+/* Prefetch part i of n of rows [r0, r1) of a slice (row stride st, d floats a row). A work item
+ * calls it once per step of its loop for the item a thread is likely to take next (this one
+ * plus the number of threads: items are handed out in order), so that item's inputs, written
+ * by the op before (the qkv projection) and gone from the cache, arrive while this one
+ * computes instead of stalling the copies into scratch. */
+static void prefetch_part(const float *p, int64_t st, int64_t d, int64_t r0, int64_t r1,
+                          int64_t i, int64_t n) {
+    for (int64_t r = r0 + (r1 - r0) * i / n; r < r0 + (r1 - r0) * (i + 1) / n; r++) {
+        for (int64_t j = 0; j < d; j += 16) __builtin_prefetch(p + r * st + j);
+        __builtin_prefetch(p + r * st + d - 1);
+    }
+}
+
 /* s[r][:] = sum_j a[r][j] * bt[j][:]: R rows (stride dp, zero padded) times one key tile.
  * The sum over j is taken in blocks of VL terms, each summed from zero and then added to s. One
  * running float32 sum over all d terms has a rounding error that grows with d; in the backward
  * that error in dP = dO V^T does not cancel against D = rowsum(dO * O) (computed apart), and on
  * rows with a peaked softmax it made dq's error twice that of float32 softmax(QK^T) V in torch.
  * Blocking costs one add per VL multiply-adds. */
-GL_INLINE void tile_scores(const int NV, float s[R][BC], const float *a, int64_t dp,
-                           const float *bt) {
-    for (int x0 = 0; x0 < NX; x0 += XS) {
+GL_INLINE void tile_scores_of(const int NV, const int NXV, float s[R][BC], const float *a,
+                              int64_t dp, const float *bt) {
+    for (int x0 = 0; x0 < NXV; x0 += XS) {
+        const int w = x0 + XS <= NXV ? XS : NXV - x0; /* vectors in this block */
         for (int j0 = 0; j0 < NV * VL; j0 += VL) {
             vf part[R][XS]; /* the block's sum in registers; the running sum is s itself */
             for (int r = 0; r < R; r++)
-                for (int x = 0; x < XS; x++) part[r][x] = vset1(0.f);
+                for (int x = 0; x < w; x++) part[r][x] = vset1(0.f);
             for (int j = j0; j < j0 + VL; j++) {
                 vf b[XS];
-                for (int x = 0; x < XS; x++) b[x] = vload(bt + j * BC + (x0 + x) * VL);
+                for (int x = 0; x < w; x++) b[x] = vload(bt + j * BC + (x0 + x) * VL);
                 for (int r = 0; r < R; r++) {
                     vf ar = vset1(a[r * dp + j]);
-                    for (int x = 0; x < XS; x++) part[r][x] += ar * b[x];
+                    for (int x = 0; x < w; x++) part[r][x] += ar * b[x];
                 }
             }
             for (int r = 0; r < R; r++)
-                for (int x = 0; x < XS; x++) {
+                for (int x = 0; x < w; x++) {
                     float *dst = &s[r][(x0 + x) * VL];
                     vstore(dst, j0 == 0 ? part[r][x] : vload(dst) + part[r][x]);
                 }
         }
+    }
+}
+
+/* tile_scores_of for the first nx vectors of the tile (the columns some row of the group sees;
+ * the rest would be masked for every row, so they are not computed), nx a constant in each
+ * case so that the register block is unrolled. */
+GL_INLINE void tile_scores(const int NV, int nx, float s[R][BC], const float *a, int64_t dp,
+                           const float *bt) {
+    switch (nx) {
+    case 1: tile_scores_of(NV, 1, s, a, dp, bt); break;
+    case 2: tile_scores_of(NV, 2, s, a, dp, bt); break;
+    case 3: tile_scores_of(NV, 3, s, a, dp, bt); break;
+    default: tile_scores_of(NV, NX, s, a, dp, bt); break;
     }
 }
 
@@ -154,47 +187,44 @@ GL_INLINE void tile_scores(const int NV, float s[R][BC], const float *a, int64_t
 GL_INLINE void rows_times_tile(const int NV, float *acc, const float a[R][BC], const float *b,
                                int64_t dp, int ncols, int zero_first) {
     for (int x0 = 0; x0 < NV; x0 += XA) {
+        const int w = x0 + XA <= NV ? XA : NV - x0; /* vectors in this block */
         vf c[R][XA];
         for (int r = 0; r < R; r++)
-            for (int x = 0; x < XA; x++)
-                c[r][x] = zero_first || x0 + x >= NV ? vset1(0.f)
-                                                     : vload(acc + r * dp + (x0 + x) * VL);
+            for (int x = 0; x < w; x++)
+                c[r][x] = zero_first ? vset1(0.f) : vload(acc + r * dp + (x0 + x) * VL);
         for (int col = 0; col < ncols; col++) {
             vf bv[XA];
-            for (int x = 0; x < XA; x++)
-                bv[x] = x0 + x < NV ? vload(b + col * dp + (x0 + x) * VL) : vset1(0.f);
+            for (int x = 0; x < w; x++) bv[x] = vload(b + col * dp + (x0 + x) * VL);
             for (int r = 0; r < R; r++) {
                 vf ar = vset1(a[r][col]);
-                for (int x = 0; x < XA; x++) c[r][x] += ar * bv[x];
+                for (int x = 0; x < w; x++) c[r][x] += ar * bv[x];
             }
         }
         for (int r = 0; r < R; r++)
-            for (int x = 0; x < XA && x0 + x < NV; x++) {
+            for (int x = 0; x < w; x++) {
                 float *dst = acc + r * dp + (x0 + x) * VL;
                 vstore(dst, zero_first ? vload(dst) + c[r][x] : c[r][x]);
             }
     }
 }
 
-/* acc[col][:] (row stride dp) += sum_r a[r][col] * b[r][:] for col < BC: the transposed
+/* acc[col][:] (row stride dp) += sum_r a[r][col] * b[r][:] for col < ncols: the transposed
  * product (dV += P^T dO, dK += dS^T Q), with R rows of b (stride dp) held in registers. */
 GL_INLINE void tile_t_times_rows(const int NV, float *acc, const float a[R][BC], const float *b,
-                                 int64_t dp) {
+                                 int64_t dp, int ncols) {
     for (int x0 = 0; x0 < NV; x0 += XA) {
+        const int w = x0 + XA <= NV ? XA : NV - x0; /* vectors in this block */
         vf br[R][XA];
         for (int r = 0; r < R; r++)
-            for (int x = 0; x < XA; x++)
-                br[r][x] = x0 + x < NV ? vload(b + r * dp + (x0 + x) * VL) : vset1(0.f);
-        for (int col = 0; col < BC; col++) {
+            for (int x = 0; x < w; x++) br[r][x] = vload(b + r * dp + (x0 + x) * VL);
+        for (int col = 0; col < ncols; col++) {
             vf c[XA];
-            for (int x = 0; x < XA; x++)
-                c[x] = x0 + x < NV ? vload(acc + col * dp + (x0 + x) * VL) : vset1(0.f);
+            for (int x = 0; x < w; x++) c[x] = vload(acc + col * dp + (x0 + x) * VL);
             for (int r = 0; r < R; r++) {
                 vf ar = vset1(a[r][col]);
-                for (int x = 0; x < XA; x++) c[x] += ar * br[r][x];
+                for (int x = 0; x < w; x++) c[x] += ar * br[r][x];
             }
-            for (int x = 0; x < XA && x0 + x < NV; x++)
-                vstore(acc + col * dp + (x0 + x) * VL, c[x]);
+            for (int x = 0; x < w; x++) vstore(acc + col * dp + (x0 + x) * VL, c[x]);
         }
     }
 }
@@ -204,8 +234,10 @@ GL_INLINE void add_into(float *acc, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += VL) vstore(acc + i, vload(acc + i) + vload(x + i));
 }
 
-/* Set s[r][col] to -inf where column col0 + col is past tk or above the diagonal. */
-GL_INLINE void mask_tile(float s[R][BC], const flash_ctx *c, int64_t row0, int64_t col0) {
+/* Set s[r][col] to -inf where column col0 + col is past tk or above the diagonal, in the first
+ * nx vectors. */
+GL_INLINE void mask_tile(float s[R][BC], int nx, const flash_ctx *c, int64_t row0,
+                         int64_t col0) {
     static const int32_t iota16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     vi iota;
     memcpy(&iota, iota16, sizeof iota);
@@ -213,7 +245,7 @@ GL_INLINE void mask_tile(float s[R][BC], const flash_ctx *c, int64_t row0, int64
     for (int r = 0; r < R; r++) {
         int64_t lim = c->causal ? row0 + r + c->off : c->tk - 1;
         if (lim > c->tk - 1) lim = c->tk - 1;
-        for (int x = 0; x < NX; x++) {
+        for (int x = 0; x < nx; x++) {
             int64_t base = col0 + x * VL;
             int64_t rel = base - lim; /* keep iff base + lane <= lim */
             if (rel > VL) rel = VL;   /* (clamped so the int32 lanes cannot overflow) */
@@ -228,6 +260,14 @@ GL_INLINE void mask_tile(float s[R][BC], const flash_ctx *c, int64_t row0, int64
 GL_INLINE int tile_needs_mask(const flash_ctx *c, int64_t row0, int64_t col0) {
     if (col0 + BC > c->tk) return 1;
     return c->causal && col0 + BC - 1 > row0 + c->off;
+}
+
+/* Columns of the tile at col0 that some row up to row_last sees (>= 1 where the callers ask):
+ * the products skip the columns after them, which are masked for every row of the group (on
+ * the causal diagonal, about half the tile). */
+GL_INLINE int visible_cols(const flash_ctx *c, int64_t row_last, int64_t col0) {
+    const int64_t n = last_visible(c, row_last) - col0 + 1;
+    return n < BC ? (int)n : BC;
 }
 
 /* ------------------------------------------------------------------------------- forward */
@@ -255,8 +295,18 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
         c->cached_tiles[thread] = ntiles;
     }
 
+    const int64_t next = item + c->threads; /* prefetched: its q rows, the k and v it sees */
+    const int64_t nb = next / nchunk, nq0 = (next % nchunk) * QCHUNK;
+    const int64_t nq1 = nq0 + QCHUNK < tq ? nq0 + QCHUNK : tq, nkv = last_visible(c, nq1 - 1) + 1;
+    const int64_t ngroups = (q1 - q0 + R - 1) / R;
     for (int64_t row0 = q0; row0 < q1; row0 += R) {
         const int nr = (int)(q1 - row0 < R ? q1 - row0 : R);
+        if (next < c->bh * nchunk) {
+            const int64_t g = (row0 - q0) / R;
+            prefetch_part(slice_of(c->q, c->lq, nb, c->nh), c->lq.t, d, nq0, nq1, g, ngroups);
+            prefetch_part(slice_of(c->k, c->lk, nb, c->nh), c->lk.t, d, 0, nkv, g, ngroups);
+            prefetch_part(slice_of(c->v, c->lv, nb, c->nh), c->lv.t, d, 0, nkv, g, ngroups);
+        }
         for (int r = 0; r < R; r++) /* rows past the chunk repeat its last row; not stored */
             copy_rows(qs + r * dp, q + (row0 + (r < nr ? r : nr - 1)) * c->lq.t, 1, 0, d, dp, s2);
         memset(acc, 0, (size_t)(R * dp) * sizeof(float));
@@ -269,15 +319,16 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
         const int64_t gtiles = glast < 0 ? 0 : glast / BC + 1;
         for (int64_t t = 0; t < gtiles; t++) {
             float s[R][BC] __attribute__((aligned(64)));
-            tile_scores(NV, s, qs, dp, kt + t * dp * BC);
-            if (tile_needs_mask(c, row0, t * BC)) mask_tile(s, c, row0, t * BC);
+            const int ncols = visible_cols(c, row0 + nr - 1, t * BC), nx = (ncols + VL - 1) / VL;
+            tile_scores(NV, nx, s, qs, dp, kt + t * dp * BC);
+            if (tile_needs_mask(c, row0, t * BC)) mask_tile(s, nx, c, row0, t * BC);
             for (int r = 0; r < R; r++) { /* s becomes P, in place */
                 vf mv = vload(&s[r][0]);
-                for (int x = 1; x < NX; x++) mv = vmax(mv, vload(&s[r][x * VL]));
+                for (int x = 1; x < nx; x++) mv = vmax(mv, vload(&s[r][x * VL]));
                 float mt = vhmax(mv), mnew = mt > m[r] ? mt : m[r];
                 float shift = mnew == -INFINITY ? 0.f : mnew; /* never -inf - -inf */
                 vf vs = vset1(shift), sum = vset1(0.f);
-                for (int x = 0; x < NX; x++) {
+                for (int x = 0; x < nx; x++) {
                     vf e = vexp2(vload(&s[r][x * VL]) - vs);
                     vstore(&s[r][x * VL], e);
                     sum += e;
@@ -291,7 +342,6 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
                         vstore(acc + r * dp + x * VL, vload(acc + r * dp + x * VL) * va);
                 }
             }
-            const int ncols = (int)(c->tk - t * BC < BC ? c->tk - t * BC : BC);
             rows_times_tile(NV, acc, s, vp + t * BC * dp, dp, ncols, 0); /* acc += P V */
         }
         for (int r = 0; r < nr; r++) {
@@ -394,6 +444,17 @@ static int decode_task(void *vctx, int64_t bh, int thread) {
 }
 
 /* ------------------------------------------------------------------------------- backward */
+/* sum_j a[j] * b[j] in double, in 8 partial sums (vectorised; one running sum is a chain of
+ * dependent additions, 10% of the backward at head dim 32). */
+GL_INLINE double dot_double(const float *a, const float *b, int64_t d) {
+    double part[8] = {0.};
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8)
+        for (int u = 0; u < 8; u++) part[u] += (double)a[j + u] * b[j + u];
+    for (; j < d; j++) part[0] += (double)a[j] * b[j];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
     const int64_t d = c->d, dp = c->dp, tq = c->tq, tk = c->tk, nh = c->nh;
     const int64_t tqp = c->tq_pad, tkp = c->tk_pad;
@@ -431,10 +492,7 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
      * does not cancel in dq (torch's float32 softmax backward takes D = rowsum(P * dP) from the
      * same P and dP; FlashAttention's D = rowsum(dO * O) is computed apart). O(tq * d) work. */
     for (int64_t i = 0; i < tq; i++) {
-        double acc = 0.;
-        for (int64_t j = 0; j < d; j++)
-            acc += (double)dout[i * c->ldo.t + j] * o[i * c->lo.t + j];
-        dvec[i] = (float)acc;
+        dvec[i] = (float)dot_double(dout + i * c->ldo.t, o + i * c->lo.t, d);
         const double l2d = (double)lse[i] * LOG2E_D;
         l2[i] = (float)l2d;
         l2lo[i] = isfinite(l2d) ? (float)(l2d - l2[i]) : 0.f; /* lse = +inf: a row with no key */
@@ -456,28 +514,38 @@ GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
          * and the blocks' sums into dkt, dvt: about QBLOCK + tq / QBLOCK additions per
          * element instead of tq. */
         for (int64_t row0 = first; row0 < tq; row0 += R) {
+            if (t == 0 && b + c->threads < c->bh) { /* the next slice's inputs, prefetched */
+                const int64_t nb = b + c->threads, g = row0 / R, n = (tq + R - 1) / R;
+                prefetch_part(slice_of(c->q, c->lq, nb, nh), c->lq.t, d, 0, tq, g, n);
+                prefetch_part(slice_of(c->k, c->lk, nb, nh), c->lk.t, d, 0, tk, g, n);
+                prefetch_part(slice_of(c->v, c->lv, nb, nh), c->lv.t, d, 0, tk, g, n);
+                prefetch_part(slice_of(c->out, c->lo, nb, nh), c->lo.t, d, 0, tq, g, n);
+                prefetch_part(slice_of(c->dout, c->ldo, nb, nh), c->ldo.t, d, 0, tq, g, n);
+            }
             if ((row0 - first) % QBLOCK == 0) memset(dkb, 0, (size_t)(2 * BC * dp) * sizeof(float));
             float p[R][BC] __attribute__((aligned(64)));
             float ds[R][BC] __attribute__((aligned(64)));
             const float *qg = qs + row0 * dp, *dog = dos + row0 * dp;
-            tile_scores(NV, p, qg, dp, kt + t * dp * BC);
-            if (tile_needs_mask(c, row0, col0)) mask_tile(p, c, row0, col0);
-            tile_scores(NV, ds, dog, dp, vt + t * dp * BC); /* dP = dO V^T */
+            const int ncols = visible_cols(c, row0 + R - 1 < tq ? row0 + R - 1 : tq - 1, col0);
+            const int nx = (ncols + VL - 1) / VL;
+            tile_scores(NV, nx, p, qg, dp, kt + t * dp * BC);
+            if (tile_needs_mask(c, row0, col0)) mask_tile(p, nx, c, row0, col0);
+            tile_scores(NV, nx, ds, dog, dp, vt + t * dp * BC); /* dP = dO V^T */
             for (int r = 0; r < R; r++) {
                 int64_t row = row0 + r < tq ? row0 + r : tq - 1;
                 vf lv = vset1(row0 + r < tq ? l2[row] : INFINITY); /* padded rows: P = 0 */
                 vf llo = vset1(row0 + r < tq ? l2lo[row] : 0.f);
                 vf dv_ = vset1(dvec[row]);
-                for (int x = 0; x < NX; x++) {
+                for (int x = 0; x < nx; x++) {
                     vf pv = vexp2((vload(&p[r][x * VL]) - lv) - llo);
                     vstore(&p[r][x * VL], pv);
                     vstore(&ds[r][x * VL], pv * (vload(&ds[r][x * VL]) - dv_));
                 }
             }
-            tile_t_times_rows(NV, dvb, p, dog, dp);   /* dV += P^T dO */
-            tile_t_times_rows(NV, dkb, ds, qg, dp);   /* dK += dS^T Qs */
+            tile_t_times_rows(NV, dvb, p, dog, dp, ncols);   /* dV += P^T dO */
+            tile_t_times_rows(NV, dkb, ds, qg, dp, ncols);   /* dK += dS^T Qs */
             /* dQ += dS K: this tile's sum from zero, then added (as for dk, dv: two levels) */
-            rows_times_tile(NV, dqs + row0 * dp, ds, kp + col0 * dp, dp, BC, 1);
+            rows_times_tile(NV, dqs + row0 * dp, ds, kp + col0 * dp, dp, ncols, 1);
             if ((row0 + R - first) % QBLOCK == 0 || row0 + R >= tq)
                 add_into(dkt, dkb, 2 * BC * dp); /* the block's dk, dv (dkb, dvb adjacent) */
         }
@@ -571,7 +639,7 @@ int gptlab_flash_forward_f32(float *o, float *lse, const float *q, const float *
     if (tq < R) /* decoding: rows read k and v in place, no scratch */
         return gl_parallel_for(c.bh, clamp_threads(num_threads, c.bh), decode_task, &c);
     const int64_t items = c.bh * ((tq + QCHUNK - 1) / QCHUNK);
-    const int threads = clamp_threads(num_threads, items);
+    const int threads = c.threads = clamp_threads(num_threads, items);
     rc = alloc_scratch(&c, threads, 2 * c.tk_pad * c.dp + 2 * R * c.dp);
     if (rc == GPTLAB_OK) rc = gl_parallel_for(items, threads, fwd_task, &c);
     else rc = gl_fail(rc, "flash_forward: out of memory for scratch");
@@ -602,7 +670,7 @@ int gptlab_flash_backward_f32(float *dq, float *dk, float *dv, void *workspace,
     c.lo = layout_at(strides, 3); c.ldo = layout_at(strides, 4); c.ldq = layout_at(strides, 5);
     c.ldk = layout_at(strides, 6); c.ldv = layout_at(strides, 7);
     set_sizes(&c, b, nh, tq, tk, d, scale, causal);
-    const int threads = clamp_threads(num_threads, c.bh);
+    const int threads = c.threads = clamp_threads(num_threads, c.bh);
     rc = alloc_scratch(&c, threads, (3 * c.tq_pad + 3 * c.tk_pad + 4 * BC) * c.dp);
     if (rc == GPTLAB_OK) rc = gl_parallel_for(c.bh, threads, bwd_task, &c);
     else rc = gl_fail(rc, "flash_backward: out of memory for scratch");
