@@ -46,6 +46,9 @@
  * CUDA twin: ../cuda/flash.cu
  */
 #include <stdlib.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "common.h"
 
@@ -116,11 +119,31 @@ static void transpose_tiles(float *kt, const float *k, int64_t st, int64_t t0, i
                             int64_t tk, int64_t d, int64_t dp) {
     for (int64_t t = t0; t < t1; t++) {
         float *dst = kt + t * dp * BC;
+        const float *src = k + t * BC * st;
+        const int64_t n = tk - t * BC < BC ? tk - t * BC : BC; /* keys in this tile */
         memset(dst, 0, (size_t)(dp * BC) * sizeof(float));
-        for (int64_t c = 0; c < BC && t * BC + c < tk; c++) {
-            const float *row = k + (t * BC + c) * st;
-            for (int64_t j = 0; j < d; j++) dst[j * BC + c] = row[j];
+        int64_t c = 0;
+#if defined(__SSE__)
+        /* 4 keys x 4 of the head dim at a time: 4 loads, a 4 x 4 transpose in registers, 4
+         * stores (one element at a time, this copy was a sixth of the forward at T = 128) */
+        for (; c + 4 <= n; c += 4) {
+            const float *r0 = src + c * st, *r1 = r0 + st, *r2 = r1 + st, *r3 = r2 + st;
+            int64_t j = 0;
+            for (; j + 4 <= d; j += 4) {
+                __m128 a = _mm_loadu_ps(r0 + j), b = _mm_loadu_ps(r1 + j);
+                __m128 e = _mm_loadu_ps(r2 + j), f = _mm_loadu_ps(r3 + j);
+                _MM_TRANSPOSE4_PS(a, b, e, f);
+                _mm_storeu_ps(dst + (j + 0) * BC + c, a);
+                _mm_storeu_ps(dst + (j + 1) * BC + c, b);
+                _mm_storeu_ps(dst + (j + 2) * BC + c, e);
+                _mm_storeu_ps(dst + (j + 3) * BC + c, f);
+            }
+            for (; j < d; j++)
+                for (int u = 0; u < 4; u++) dst[j * BC + c + u] = src[(c + u) * st + j];
         }
+#endif
+        for (; c < n; c++)
+            for (int64_t j = 0; j < d; j++) dst[j * BC + c] = src[c * st + j];
     }
 }
 
@@ -311,9 +334,10 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
             copy_rows(qs + r * dp, q + (row0 + (r < nr ? r : nr - 1)) * c->lq.t, 1, 0, d, dp, s2);
         memset(acc, 0, (size_t)(R * dp) * sizeof(float));
         float m[R], l[R];
+        vf lsum[R]; /* l of each row as a vector: summed across lanes once, at the end */
         for (int r = 0; r < R; r++) {
             m[r] = -INFINITY;
-            l[r] = 0.f;
+            lsum[r] = vset1(0.f);
         }
         const int64_t glast = last_visible(c, row0 + nr - 1);
         const int64_t gtiles = glast < 0 ? 0 : glast / BC + 1;
@@ -334,7 +358,7 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
                     sum += e;
                 }
                 float alpha = m[r] == -INFINITY ? 0.f : exp2f(m[r] - shift);
-                l[r] = alpha * l[r] + vhsum(sum);
+                lsum[r] = vset1(alpha) * lsum[r] + sum;
                 m[r] = mnew;
                 if (alpha != 1.f) {
                     vf va = vset1(alpha);
@@ -344,6 +368,7 @@ GL_INLINE int fwd_item(const int NV, flash_ctx *c, int64_t item, int thread) {
             }
             rows_times_tile(NV, acc, s, vp + t * BC * dp, dp, ncols, 0); /* acc += P V */
         }
+        for (int r = 0; r < nr; r++) l[r] = vhsum(lsum[r]);
         for (int r = 0; r < nr; r++) {
             const int64_t row = row0 + r;
             float *orow = o + row * c->lo.t;
