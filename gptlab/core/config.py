@@ -269,7 +269,7 @@ PRESETS: dict[str, Preset] = {
             "default",
             "a 4-layer transformer sized for a 2-core CPU (about 8 minutes)",
             model=dict(block_size=128, n_layer=4, n_head=6, n_embd=192),
-            train=dict(max_iters=1400, batch_size=32, learning_rate=2e-3, warmup_iters=100,
+            train=dict(max_iters=1600, batch_size=32, learning_rate=2e-3, warmup_iters=100,
                        eval_interval=200, eval_iters=20, final_eval_iters=100),
         ),
         Preset(
