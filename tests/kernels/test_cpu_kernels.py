@@ -1,6 +1,9 @@
 """The C kernels (csrc/cpu/) through their ops and backends: memory behaviour, masked rows,
 typed errors, training, torch.compile."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +131,17 @@ def test_flash_reads_strided_views_and_writes_heads_last(flavour):
     for got, exp in zip(grads, want_grads):
         assert got.transpose(1, 2).is_contiguous()  # heads last: (B, T, nh, hs) in memory
         assert (got.double() - exp).abs().max() < 1e-4
+
+
+def test_flash_ab_benchmark_compares_builds_of_the_kernel():
+    """benchmarks/flash_ab.py builds the kernel of git revisions and of the working tree (".")
+    and times them side by side; two builds of the same sources agree to the bit."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "flash_ab.py"
+    out = subprocess.run([sys.executable, str(script), "HEAD", "HEAD", ".", "--rounds", "2",
+                          "--shape", "1,2,16,8", "--no-evict"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    *_, header, first, second, tree = out.strip().splitlines()
+    assert header.split()[0] == "revision", out
+    assert [first.split()[0], second.split()[0], tree.split()[0]] == ["HEAD", "HEAD", "."]
+    assert second.split()[-1] == "0.0e+00", out  # the same kernel: the same outputs
+    assert all(float(x) > 0 for x in tree.split()[1:5]), out  # times and ratios

@@ -477,7 +477,8 @@ GL_INLINE double dot_double(const float *a, const float *b, int64_t d) {
     for (; j + 8 <= d; j += 8)
         for (int u = 0; u < 8; u++) part[u] += (double)a[j + u] * b[j + u];
     for (; j < d; j++) part[0] += (double)a[j] * b[j];
-    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    return ((part[0] + part[1]) + (part[2] + part[3])) +
+           ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 GL_INLINE int bwd_item(const int NV, flash_ctx *c, int64_t b, int thread) {
