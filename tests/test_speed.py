@@ -54,6 +54,29 @@ def test_auto_takes_bfloat16_where_it_is_measured_faster_and_remembers(registry,
     assert len(measuring) == 1  # remembered: measured once on this machine
 
 
+def test_auto_measures_again_for_another_build_of_the_kernels(registry, measuring,
+                                                              monkeypatch):
+    """The measurement is remembered per build of the kernels the run would use: kernels
+    changed since are timed again, not credited with the old build's speed."""
+    from gptlab.plugins.cuda_kernels.layer_kernels import NativeKernels
+
+    monkeypatch.setattr(precision, "bfloat16_unavailable_reason", lambda device: None)
+
+    def fake_timing(models, idx, device, rounds=precision.ROUNDS):
+        measuring.append(sorted(models))
+        return {"float32": 1.0, "bfloat16": 0.7}
+
+    monkeypatch.setattr(precision, "time_passes", fake_timing)
+    mc, tc = tiny()
+    assert plan_run(registry, mc, tc).kernels_name == "native"
+    plan_run(registry, mc, tc)
+    assert len(measuring) == 1
+    monkeypatch.setattr(NativeKernels, "measure_tag",
+                        classmethod(lambda cls, request: "@another-build"))
+    plan_run(registry, mc, tc)
+    assert len(measuring) == 2
+
+
 def test_a_run_too_big_for_memory_is_refused_before_auto_builds_it_to_measure(
         registry, measuring, monkeypatch):
     """--dtype auto builds the model to time it: the memory pre-flight comes first."""

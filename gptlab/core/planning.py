@@ -202,15 +202,16 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
     mc = model_config if model_config.vocab_size else attrs.evolve(model_config, vocab_size=128)
     model_cls = reg.model(mc.model)
     try:
-        parts = {}
+        parts, builds = {}, {}
         for d in ("float32", "bfloat16"):
             dt = getattr(torch, d)
-            attention = select(reg, "attention_backends", mc.attention,
-                               attention_request(mc, device, dtype=dt))
-            kernels = select(reg, "layer_kernels", mc.kernels,
-                             KernelRequest(device=device.type, dtype=dt))
+            areq = attention_request(mc, device, dtype=dt)
+            kreq = KernelRequest(device=device.type, dtype=dt)
+            attention = select(reg, "attention_backends", mc.attention, areq)
+            kernels = select(reg, "layer_kernels", mc.kernels, kreq)
             parts[d] = choose_components(reg, mc, device, attention=attention(),
                                          kernels=kernels())
+            builds[d] = (attention.measure_tag(areq), kernels.measure_tag(kreq))
     except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
         return precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
 
@@ -224,8 +225,9 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
 
     tag = ", ".join(f"{k}={getattr(mc, k)}" for k in (
         "model", "n_layer", "n_head", "n_embd", "block", "norm", "mlp", "position", "qk_norm"))
-    tag += "".join(f" | {d}: {p.attention.name if p.attention else '-'}, {p.kernels.name}"
-                   for d, p in parts.items())
+    # the parts by name and build: kernels built anew are timed anew
+    tag += "".join(f" | {d}: {p.attention.name if p.attention else '-'}{builds[d][0]}, "
+                   f"{p.kernels.name}{builds[d][1]}" for d, p in parts.items())
     return precision.choose(build, device, train_config.batch_size, mc.block_size,
                             mc.vocab_size, tag)
 

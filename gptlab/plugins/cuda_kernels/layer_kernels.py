@@ -61,8 +61,16 @@ class NativeKernels(TorchKernels):
         return super().not_supported_reasons(request) + cuda_dtype_reasons(request, cls.dtypes)
 
     @classmethod
+    def _build_flavour(cls, device: str) -> str:
+        return ops.native_flavour(device) if cls.flavour == ops.NATIVE else cls.flavour
+
+    @classmethod
     def prepare(cls, request):
-        load(ops.native_flavour(request.device) if cls.flavour == ops.NATIVE else cls.flavour)
+        load(cls._build_flavour(request.device))
+
+    @classmethod
+    def measure_tag(cls, request):
+        return f"@{build.build_key(build.get_flavour(cls._build_flavour(request.device)))[:12]}"
 
     def layer_norm(self, x, weight, bias, eps):
         if x.dtype != weight.dtype:  # autocast activations: normalise as the reference does
