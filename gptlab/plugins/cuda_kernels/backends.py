@@ -79,6 +79,12 @@ def native_unavailable_reasons(device: str) -> list[str]:
     return []
 
 
+def build_tag(flavour: str) -> str:
+    """The ``measure_tag`` of an implementation on the ``flavour`` kernels: the build that was
+    timed (``auto`` remembers a measurement per build, so new kernels are timed anew)."""
+    return f"@{build.build_key(build.get_flavour(flavour))[:12]}"
+
+
 def cuda_dtype_reasons(request, dtypes) -> list[str]:
     """The CUDA kernels take float32 only, though ``dtypes`` (the CPU's) has more."""
     if request.device == "cuda" and request.dtype != torch.float32 and request.dtype in dtypes:
@@ -124,7 +130,7 @@ class NativeBackend(AttentionBackend):
 
     @classmethod
     def measure_tag(cls, request):
-        return f"@{build.build_key(build.get_flavour(cls._build_flavour(request.device)))[:12]}"
+        return build_tag(cls._build_flavour(request.device))
 
     def _check_dropout(self, dropout_p):
         if dropout_p:

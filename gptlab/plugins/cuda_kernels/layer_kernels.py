@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from gptlab.nn import TorchKernels
 from gptlab.plugins.cuda_kernels import build, ops
-from gptlab.plugins.cuda_kernels.backends import cuda_dtype_reasons, native_unavailable_reasons
+from gptlab.plugins.cuda_kernels.backends import (build_tag, cuda_dtype_reasons,
+                                                  native_unavailable_reasons)
 from gptlab.plugins.cuda_kernels.loader import load
 
 
@@ -70,7 +71,7 @@ class NativeKernels(TorchKernels):
 
     @classmethod
     def measure_tag(cls, request):
-        return f"@{build.build_key(build.get_flavour(cls._build_flavour(request.device)))[:12]}"
+        return build_tag(cls._build_flavour(request.device))
 
     def layer_norm(self, x, weight, bias, eps):
         if x.dtype != weight.dtype:  # autocast activations: normalise as the reference does
