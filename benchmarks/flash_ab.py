@@ -48,7 +48,7 @@ def compile_revision(rev: str, into: Path) -> Path:
     lib = into / "libgptlab_cpu.so"
     sources = sorted(str(p) for p in (src / "cpu").glob("*.c"))
     subprocess.run([build.CPU.compiler(), *build.CPU.all_flags(), "-I", str(src), "-o", str(lib),
-                    *sources, "-lm"], check=True)
+                    *sources, "-lm"], check=True, capture_output=True)
     return lib
 
 
@@ -61,14 +61,21 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-evict", action="store_true", help="keep the inputs in the cache")
     args = ap.parse_args()
-    B, H, T, D = (int(x) for x in args.shape.split(","))
+    try:
+        B, H, T, D = (int(x) for x in args.shape.split(","))
+    except ValueError:
+        ap.error(f"--shape {args.shape!r}: expected four integers B,H,T,D, e.g. 32,6,128,32")
     C = H * D
 
     V, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     libs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, rev in enumerate(args.revs):
-            lib = ctypes.CDLL(str(compile_revision(rev, Path(tmp) / str(i))))
+            try:
+                lib = ctypes.CDLL(str(compile_revision(rev, Path(tmp) / str(i))))
+            except subprocess.CalledProcessError as e:
+                why = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+                sys.exit(f"{rev}: {why[-1] if why else e}")
             lib.gptlab_flash_forward_f32.argtypes = [V] * 6 + [I64] * 5 + [F, I, V, I]
             lib.gptlab_flash_backward_f32.argtypes = [V] * 11 + [I64] * 5 + [F, I, V, I]
             libs.append(lib)
