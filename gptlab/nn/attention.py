@@ -90,6 +90,27 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float | None = No
     return F.softmax(att, dim=-1)
 
 
+def _head_views(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, ...]:
+    B, T, C3 = qkv.shape
+    heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))  # (B, T, 3, nh, hs)
+    return tuple(heads[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) each
+
+
+def projection_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v (B, nh, T, hs) are the three parts of one (B, T, 3C) tensor as
+    :func:`split_heads` makes them: one storage, strides (T*3C, hs, 3C, 1), k C elements after
+    q and v C after k."""
+    if q.dim() != 4 or not q.shape == k.shape == v.shape:
+        return False
+    B, nh, T, hs = q.shape
+    C = nh * hs
+    parts = (T * 3 * C, hs, 3 * C, 1)
+    base = q.untyped_storage().data_ptr()
+    return all(t.stride() == parts and t.untyped_storage().data_ptr() == base
+               and t.storage_offset() == q.storage_offset() + i * C
+               for i, t in enumerate((q, k, v)))
+
+
 class SplitHeads(torch.autograd.Function):
     """``qkv`` (B, T, 3C) -> q, k, v (B, nh, T, hs): views of the projection, with strides
     (T*3C, hs, 3C, 1), so backends that take strided inputs (flash, sdpa) copy nothing.
@@ -100,19 +121,13 @@ class SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, n_head: int):
-        B, T, C3 = qkv.shape
-        heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))  # (B, T, 3, nh, hs)
-        return tuple(heads[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) each
+        return _head_views(qkv, n_head)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         B, nh, T, hs = dq.shape
         C = nh * hs
-        parts = (T * 3 * C, hs, 3 * C, 1)  # the strides of q, k, v in the forward
-        base = dq.untyped_storage().data_ptr()
-        if all(g.stride() == parts and g.untyped_storage().data_ptr() == base
-               and g.storage_offset() == dq.storage_offset() + i * C
-               for i, g in enumerate((dq, dk, dv))):
+        if projection_parts(dq, dk, dv):
             return dq.as_strided((B, T, 3 * C), (T * 3 * C, 3 * C, 1)), None  # no copy
         return torch.cat([g.transpose(1, 2).reshape(B, T, C) for g in (dq, dk, dv)], 2), None
 
@@ -122,9 +137,7 @@ def split_heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, ...]:
     :class:`SplitHeads` in eager mode; under ``torch.compile``, by plain views (the compiler
     plans its own memory)."""
     if torch.compiler.is_compiling():
-        B, T, C3 = qkv.shape
-        heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))
-        return tuple(heads[:, :, i].transpose(1, 2) for i in range(3))
+        return _head_views(qkv, n_head)
     return SplitHeads.apply(qkv, n_head)
 
 

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from gptlab.nn.attention import projection_parts
 from gptlab.plugins.cuda_kernels import loader
 from gptlab.plugins.cuda_kernels.build import FLAVOURS, Flavour, get_flavour
 from gptlab.plugins.cuda_kernels.loader import KernelError, NativeLibrary, load
@@ -295,19 +296,9 @@ flash_attn.register_fake(_flash_fake)
 
 
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether float32 q, k, v (B, nh, T, hs) are the three parts of one (B, T, 3C) projection,
-    as :class:`gptlab.nn.MultiHeadAttention` splits it: one storage, strides (T*3C, hs, 3C, 1),
-    k C elements after q and v C after k."""
-    if q.dim() != 4 or q.dtype != torch.float32 or not q.shape == k.shape == v.shape:
-        return False
-    B, nh, T, hs = q.shape
-    C = nh * hs
-    packed = (T * 3 * C, hs, 3 * C, 1)
-    base = q.untyped_storage().data_ptr()
-    return all(t.dtype == torch.float32 and t.stride() == packed
-               and t.untyped_storage().data_ptr() == base
-               and t.storage_offset() == q.storage_offset() + i * C
-               for i, t in enumerate((q, k, v)))
+    """Whether float32 q, k, v are the three parts of one (B, T, 3C) projection, as
+    :class:`gptlab.nn.MultiHeadAttention` splits it (:func:`gptlab.nn.attention.projection_parts`)."""
+    return all(t.dtype == torch.float32 for t in (q, k, v)) and projection_parts(q, k, v)
 
 
 def _flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
