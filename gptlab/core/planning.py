@@ -202,7 +202,8 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
     mc = model_config if model_config.vocab_size else attrs.evolve(model_config, vocab_size=128)
     model_cls = reg.model(mc.model)
     try:
-        parts, builds = {}, {}
+        # used: each dtype's parts by name and build, for the key (new kernels are timed anew)
+        parts, used = {}, ""
         for d in ("float32", "bfloat16"):
             dt = getattr(torch, d)
             areq = attention_request(mc, device, dtype=dt)
@@ -211,7 +212,9 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
             kernels = select(reg, "layer_kernels", mc.kernels, kreq)
             parts[d] = choose_components(reg, mc, device, attention=attention(),
                                          kernels=kernels())
-            builds[d] = (attention.measure_tag(areq), kernels.measure_tag(kreq))
+            att = f"{attention.name}{attention.measure_tag(areq)}" \
+                if parts[d].attention else "-"
+            used += f" | {d}: {att}, {kernels.name}{kernels.measure_tag(kreq)}"
     except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
         return precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
 
@@ -225,11 +228,8 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
 
     tag = ", ".join(f"{k}={getattr(mc, k)}" for k in (
         "model", "n_layer", "n_head", "n_embd", "block", "norm", "mlp", "position", "qk_norm"))
-    # the parts by name and build: kernels built anew are timed anew
-    tag += "".join(f" | {d}: {p.attention.name if p.attention else '-'}{builds[d][0]}, "
-                   f"{p.kernels.name}{builds[d][1]}" for d, p in parts.items())
     return precision.choose(build, device, train_config.batch_size, mc.block_size,
-                            mc.vocab_size, tag)
+                            mc.vocab_size, tag + used)
 
 
 def check_names(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
