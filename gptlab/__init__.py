@@ -39,11 +39,13 @@ _LAZY = {
     "Decoder": "gptlab.core.interfaces",
     "AttentionBackend": "gptlab.core.attention",
     "LayerKernels": "gptlab.core.layer_kernels",
+    "Matmul": "gptlab.core.matmuls",
     "OptimizerRecipe": "gptlab.core.optimizers",
     # what they are built from and asked for
     "Components": "gptlab.core.interfaces",
     "AttentionRequest": "gptlab.core.attention",
     "KernelRequest": "gptlab.core.layer_kernels",
+    "MatmulRequest": "gptlab.core.matmuls",
     "DecodeRequest": "gptlab.core.interfaces",
     "ModelConfig": "gptlab.core.config",
     "TrainConfig": "gptlab.core.config",

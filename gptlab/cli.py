@@ -145,8 +145,9 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
         return
     mc = result.model_config
     attn = f", attention {result.attention}" if result.attention else ""
+    products = f", matmul {result.matmul}" if result.matmul else ""
     click.echo(f"model: {mc.model} ({result.model.num_parameters() / 1e6:.2f}M parameters"
-               f"{attn}), vocab {mc.vocab_size}")
+               f"{attn}{products}), vocab {mc.vocab_size}")
     click.echo(f"train loss {result.train_loss:.4f} | val loss {result.val_loss:.4f} | "
                f"{console.fmt_time(result.elapsed)} | {result.tokens_per_s:,.0f} tok/s")
     click.echo(printable(f"checkpoint: {result.checkpoint}"))
@@ -278,7 +279,8 @@ def plugins(reg):
 @options.device_option(help="Device type to check for.")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float64", "float16", "bfloat16"]),
-              help="dtype of the request's q, k, v (and of the layer kernels' activations).")
+              help="dtype of the request's q, k, v (and of the layer kernels' and matrix "
+                   "products' activations).")
 @click.option("--head-dim", type=click.IntRange(min=1), default=32, show_default=True,
               help="Head dimension of the request.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
@@ -288,12 +290,13 @@ def plugins(reg):
 @click.option("--inference", is_flag=True, help="Forward only (no backward needed).")
 @options.pass_registry
 def backends(reg, device, dtype, head_dim, seq_len, dropout, inference):
-    """List attention backends and layer kernels, best first, with why each can or cannot
-    run."""
+    """List attention backends, layer kernels and matrix products, best first, with why each
+    can or cannot run."""
     import torch
 
     from gptlab.core.attention import AttentionRequest
     from gptlab.core.layer_kernels import KernelRequest
+    from gptlab.core.matmuls import MatmulRequest
     from gptlab.core.devices import device_type, device_unavailable_reason
     from gptlab.core.selection import candidates
 
@@ -312,6 +315,13 @@ def backends(reg, device, dtype, head_dim, seq_len, dropout, inference):
     kernel_request = KernelRequest(device=dev, dtype=getattr(torch, dtype))
     click.echo(f"layer kernels (--kernels; {kernel_request.describe()}):")
     _show_table(candidates(reg, "layer_kernels", kernel_request), kernel_request)
+    matmul_request = MatmulRequest(device=dev, dtype=getattr(torch, dtype))
+    click.echo(f"matrix products of the Linear layers (--matmul; {matmul_request.describe()}):")
+    rows = candidates(reg, "matmuls", matmul_request)
+    _show_table(rows, matmul_request)
+    if sum(not r for _, r in rows) > 1:
+        click.echo("(auto here: the highest priority; `gpt run` times the available ones on "
+                   "its Linear shapes and takes the fastest)")
 
 
 def _show_table(rows, request) -> None:

@@ -217,16 +217,17 @@ def test_bench_attention_on_an_unavailable_device_is_one_line(cli, monkeypatch):
 def test_bench_train_reports_every_variant_against_the_first(cli, small_text, monkeypatch):
     monkeypatch.setenv("GPTLAB_COMPILE_BACKEND", "aot_eager")
     result = invoke(cli, ["bench", "train", "--preset", "tiny", "--variants",
-                          "float32@naive,bfloat16@sdpa/torch,float32+compile@naive", "--steps",
-                          "1", "--rounds", "2", "--warmup", "1", "--data", str(small_text)])
+                          "float32@naive,bfloat16@sdpa/torch,float32+compile@naive:torch",
+                          "--steps", "1", "--rounds", "2", "--warmup", "1", "--data",
+                          str(small_text)])
     assert result.exit_code == 0, result.output
     rows = [ln.split() for ln in result.output.splitlines()
             if ln.split() and ln.split()[0].startswith(("float32", "bfloat16"))]
-    assert [tuple(r[:4]) for r in rows] == [
-        ("float32@naive", "float32", "naive", "native"),
-        ("bfloat16@sdpa/torch", "bfloat16", "sdpa", "torch"),
-        ("float32+compile@naive", "float32", "naive", "native")]
-    assert rows[0][5] == "1.00" and all(float(r[4].replace(",", "")) > 0 for r in rows)
+    assert [tuple(r[:5]) for r in rows] == [
+        ("float32@naive", "float32", "naive", "native", "onednn"),
+        ("bfloat16@sdpa/torch", "bfloat16", "sdpa", "torch", "torch"),
+        ("float32+compile@naive:torch", "float32", "naive", "native", "torch")]
+    assert rows[0][6] == "1.00" and all(float(r[5].replace(",", "")) > 0 for r in rows)
     bad = invoke(cli, ["bench", "train", "--variants", "float32+fast"])
     assert bad.exit_code == 1 and "expected DTYPE[+compile][@BACKEND][/KERNELS]" in bad.output
     bad = invoke(cli, ["bench", "train", "--variants", "float32@nosuch"])
@@ -334,7 +335,7 @@ def test_every_config_flag_is_a_run_option_with_its_help(cli):
     flagged = [f for cls in (ModelConfig, TrainConfig) for f in attrs.fields(cls)
                if f.metadata.get("flag")]
     assert sorted(o for p in run.params for o in [*p.opts, *p.secondary_opts]) == sorted([
-        "--preset", "--data", "--model", "--tokenizer", "--attention", "--kernels", "--block",
+        "--preset", "--data", "--model", "--tokenizer", "--attention", "--kernels", "--matmul", "--block",
         "--norm", "--mlp", "--position", "--qk-norm", "--no-qk-norm", "--untied-head",
         "--tied-head", "--zero-init", "--no-zero-init", "--device", "--seed", "--iters",
         "--batch-size", "--block-size", "--n-layer", "--n-head", "--n-embd", "--dropout", "--lr",

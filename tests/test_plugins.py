@@ -39,7 +39,7 @@ def test_every_hook_has_a_docstring():
     specs = [n for n in dir(hookspecs) if n.startswith("register_")]
     assert set(specs) == {"register_tokenizers", "register_models", "register_blocks",
                           "register_attention_backends", "register_layer_kernels",
-                          "register_decoders", "register_norms", "register_mlps", "register_positions",
+                          "register_matmuls", "register_decoders", "register_norms", "register_mlps", "register_positions",
                           "register_optimizers", "register_commands"}
     for name in specs:
         assert len(getattr(hookspecs, name).__doc__.strip()) > 20

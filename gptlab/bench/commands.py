@@ -140,9 +140,11 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype, plot_pat
 @click.option("--preset", default="default", show_default=True, help="The model and batch.")
 @click.option("--variants", default="float32,float32+compile,bfloat16,bfloat16+compile",
               show_default=True,
-              help="Comma-separated DTYPE[+compile][@BACKEND][/KERNELS][~FEATURE], or "
-                   "peer[+compile] (needs --peer); the first is the baseline. DTYPE auto is "
-                   "gpt run's default; ~fused-adamw or ~packed-grads turns that feature off. "
+              help="Comma-separated DTYPE[+compile][@BACKEND][/KERNELS][:MATMUL][~FEATURE], "
+                   "or peer[+compile] (needs --peer); the first is the baseline. DTYPE auto is "
+                   "gpt run's default; :MATMUL names the Linear layers' products (onednn, "
+                   "torch); ~fused-adamw, ~packed-grads or ~keep-freed-memory turns that "
+                   "feature off. "
                    "Each variant runs in a process of its own.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Optimiser steps per variant per round.")
@@ -172,6 +174,8 @@ def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer
             reg.get("attention_backends", v.attention)
         if v.kernels and v.kernels != "auto":
             reg.get("layer_kernels", v.kernels)
+        if v.matmul and v.matmul != "auto":
+            reg.get("matmuls", v.matmul)
     path = resolve_corpus(data)
     load_text(path)  # likewise a text that cannot be used
     click.echo(f"training steps of --preset {preset}, {torch.get_num_threads()} threads, torch "
@@ -183,12 +187,12 @@ def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer
     peer_speed = next((r.median for r in results if r.variant.name == "peer"), None)
     width = max(28, *(len(r.variant.name) + 1 for r in results))
     table = Table([("variant", f"<{width}"), ("dtype", "<10"), ("attention", "<11"), ("kernels", "<9"),
-                   ("tokens/s", ">10,.0f"), ("x base", ">8.2f"),
+                   ("matmul", "<8"), ("tokens/s", ">10,.0f"), ("x base", ">8.2f"),
                    *([("x peer", ">8.2f")] if peer_speed else [])])
     click.echo(table.header())
     for r in results:
         click.echo(table.row(r.variant.name, r.dtype, r.attention or "-", r.kernels or "-",
-                             r.median, r.median / base,
+                             r.matmul or "-", r.median, r.median / base,
                              *([r.median / peer_speed] if peer_speed else [])))
 
 

@@ -1,7 +1,8 @@
 """Training-speed benchmark (``gpt bench train``): whole optimiser steps of a preset's model, in
 variants measured in the same run.
 
-Each variant (dtype, torch.compile, attention backend, layer kernels, features turned off) is a
+Each variant (dtype, torch.compile, attention backend, layer kernels, matmul, features turned
+off) is a
 :class:`~gptlab.core.trainer.Trainer` on the same text, seed and batches, in a process of its own
 (``python -m gptlab.bench.train``), so that nothing one variant sets up (a compilation, a
 kernel's threads, a cache, a switch) reaches another. After each variant's warm-up (which
@@ -17,8 +18,10 @@ train it as nanoGPT does: its own ``configure_optimizers`` (AdamW, fused on CUDA
 has one, with the same schedule, gradient clipping and batches as gptlab's model.
 
 Features a variant can turn off (``~name``), to measure what each buys in the same run:
-``~fused-adamw`` (AdamW's per-parameter for-loop instead of its fused step) and ``~packed-grads``
-(the q, k, v gradients of the flash backward written apart and concatenated, as ``split`` would).
+``~fused-adamw`` (AdamW's per-parameter for-loop instead of its fused step), ``~packed-grads``
+(the q, k, v gradients of the flash backward written apart and concatenated, as ``split`` would)
+and ``~keep-freed-memory`` (glibc's malloc left as it is, :mod:`gptlab.core.malloc`). A variant
+``DTYPE:MATMUL`` names the Linear layers' products (``float32:torch``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from gptlab.core.errors import ConfigError, GptlabError
 FEATURES = {
     "fused-adamw": ("gptlab.core.optimizers", "AdamWRecipe.fused"),
     "packed-grads": ("gptlab.plugins.cuda_kernels.ops", "PACK_QKV_GRADIENTS"),
+    "keep-freed-memory": ("gptlab.core.malloc", "ENABLED"),
 }
 
 
@@ -54,28 +58,30 @@ class Variant:
     peer: bool = False  # the peer model (--peer PATH) instead of gptlab's
     kernels: str | None = None  # layer kernels; None: the preset's (auto)
     off: tuple[str, ...] = ()  # FEATURES turned off
+    matmul: str | None = None  # the Linear layers' products; None: the preset's (auto)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        """``DTYPE[+compile][@BACKEND][/KERNELS][~FEATURE...]``, e.g.
-        ``bfloat16+compile@flash/native`` or ``float32~fused-adamw``, or ``peer[+compile]`` (the
-        peer model, float32)."""
+        """``DTYPE[+compile][@BACKEND][/KERNELS][:MATMUL][~FEATURE...]``, e.g.
+        ``bfloat16+compile@flash/native``, ``float32:torch`` or ``float32~fused-adamw``, or
+        ``peer[+compile]`` (the peer model, float32)."""
         spec = spec.strip()
         head, *off = spec.split("~")
+        head, _, matmul = head.partition(":")
         rest, _, kernels = head.partition("/")
         body, _, attention = rest.partition("@")
         dtype, _, flag = body.partition("+")
         unknown = [f for f in off if f not in FEATURES]
-        if flag not in ("", "compile") or (dtype == "peer" and (attention or kernels or off)) \
-                or unknown:
+        if flag not in ("", "compile") or unknown or (
+                dtype == "peer" and (attention or kernels or matmul or off)):
             raise ConfigError(f"variant {spec!r}: expected DTYPE[+compile][@BACKEND][/KERNELS]"
-                              f"[~FEATURE] (e.g. bfloat16+compile@flash/native, float32"
-                              f"~fused-adamw; features: {', '.join(FEATURES)}) or "
-                              f"peer[+compile]")
+                              f"[:MATMUL][~FEATURE] (e.g. bfloat16+compile@flash/native, "
+                              f"float32:torch, float32~fused-adamw; features: "
+                              f"{', '.join(FEATURES)}) or peer[+compile]")
         if dtype == "peer":
             return cls(spec, "float32", flag == "compile", None, peer=True)
         return cls(spec, dtype or "auto", flag == "compile", attention or None,
-                   kernels=kernels or None, off=tuple(off))
+                   kernels=kernels or None, off=tuple(off), matmul=matmul or None)
 
 
 def load_peer(path: str | Path):
@@ -143,6 +149,7 @@ class Result:
     variant: Variant
     attention: str | None
     kernels: str | None
+    matmul: str | None
     dtype: str
     tokens_per_s: list[float]  # one per round
 
@@ -174,7 +181,8 @@ def _worker(job: dict, reply: Callable[[dict], None]) -> None:
 
     v = Variant.parse(job["variant"])
     _turn_off(v.off)
-    over = {"attention": "naive" if v.peer else v.attention, "kernels": v.kernels}
+    over = {"attention": "naive" if v.peer else v.attention, "kernels": v.kernels,
+            "matmul": v.matmul}
     mc, tc = resolve_configs(job["preset"], over, {
         "dtype": v.dtype, "compile": v.compile and not v.peer, "device": job["device"],
         "max_iters": job["warmup"] + job["steps"] * job["rounds"] + 1})
@@ -187,6 +195,7 @@ def _worker(job: dict, reply: Callable[[dict], None]) -> None:
     reply({"ready": True, "dtype": "float32" if v.peer else trainer.cfg.dtype,
            "attention": "peer" if v.peer else trainer.plan.attention_name,
            "kernels": None if v.peer else trainer.plan.kernels_name,
+           "matmul": None if v.peer else trainer.plan.matmul_name,
            "tokens": job["steps"] * trainer.cfg.batch_size * trainer.model_config.block_size})
     for _ in sys.stdin:
         start = time.perf_counter()
@@ -251,7 +260,7 @@ def run(text_path: str, variants: list[Variant], *, preset: str = "default", ste
     finally:
         for proc in procs:
             proc.close()
-    return [Result(v, i["attention"], i["kernels"], i["dtype"],
+    return [Result(v, i["attention"], i["kernels"], i["matmul"], i["dtype"],
                    [i["tokens"] / t for t in ts]) for v, i, ts in zip(variants, info, times)]
 
 

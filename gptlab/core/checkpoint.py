@@ -16,7 +16,8 @@ Format version 2 (gptlab 0.2)::
      "tokenizer": {"name": "char", "state": {...}},
      "model": state_dict, "optimizer": state_dict | None,
      "train_state": TrainState.to_dict() | None,
-     "metrics": {"step", "train_loss", "val_loss", "elapsed", "attention", "kernels"}}
+     "metrics": {"step", "train_loss", "val_loss", "elapsed", "attention", "kernels",
+                 "matmul"}}
 
 A checkpoint is untrusted input: a file from elsewhere, damaged or forged, must be one
 ``CheckpointError`` naming it, never a traceback, and must not make gptlab allocate more than it
@@ -288,7 +289,7 @@ class Checkpoint:
                                  f"samplers, not a multiple of grad_accum "
                                  f"{train_config.grad_accum}")
         metrics = _plain("metrics", payload["metrics"])
-        for key in ("attention", "kernels"):
+        for key in ("attention", "kernels", "matmul"):
             if metrics.get(key) is not None:
                 _text(f"metrics.{key}", metrics[key])
         return cls(model_config=model_config, train_config=train_config, tokenizer_name=name,

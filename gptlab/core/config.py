@@ -130,6 +130,11 @@ class ModelConfig:
         "Layer kernels for LayerNorm, bias+GELU and the loss: native (C/CUDA), torch "
         "(hand-written PyTorch) or auto (native where it runs); see `gpt backends`.",
         metavar="NAME")
+    matmul: str = _field(
+        "auto", _name, "--matmul",
+        "Library of the Linear layers' matrix products: onednn (float32 on the CPU), torch "
+        "(F.linear) or auto (the faster on this machine for the run's shapes, measured once, "
+        "remembered); see `gpt backends`.", metavar="NAME")
     # parts of the transformer chosen by name (registered plugins) and switches; the defaults
     # are GPT-2's, and what a checkpoint from before these fields was trained with
     norm: str = _field("layernorm", _name, "--norm",

@@ -48,6 +48,12 @@ def register_layer_kernels():
 
 
 @hookspec
+def register_matmuls():
+    """:class:`gptlab.Matmul` subclasses (the Linear layers' products), chosen with ``--matmul``
+    (``auto``: the fastest measured on the run's shapes; built in: torch, onednn)."""
+
+
+@hookspec
 def register_decoders():
     """:class:`gptlab.Decoder` subclasses: fused steps for cached decoding, the highest
     priority that fits a model taken when it is built (built in: the native kernels' one)."""

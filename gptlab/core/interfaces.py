@@ -6,8 +6,9 @@ and :class:`PositionScheme` (attention backends: :mod:`gptlab.core.attention`; l
 A model is nanoGPT-shaped (Karpathy 2022): ``forward(idx, targets=None) -> (logits, loss)``
 and ``generate(idx, max_new_tokens, ...)``. It is built as ``cls(config, components)``:
 :class:`Components` carries the parts chosen by name (the block class, the attention backend,
-the norm, the MLP, the position scheme, the layer kernels, the fused decoder) and builds the
-norms and MLPs a block asks it for, so a block constructs every module it runs itself.
+the norm, the MLP, the position scheme, the layer kernels, the matrix products, the fused
+decoder) and builds the norms and MLPs a block asks it for, so a block constructs every module
+it runs itself.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gptlab.core.config import ModelConfig
 from gptlab.core.errors import ConfigError
 from gptlab.core.generation import generate as _generate
 from gptlab.core.layer_kernels import LayerKernels
+from gptlab.core.matmuls import Matmul
 from gptlab.core.selection import Implementation, Request
 
 
@@ -80,11 +82,14 @@ class FeedForward(nn.Module):
     ``--mlp`` chooses the one every block uses. Its last Linear writes into the residual stream
     and is named ``c_proj`` (so GPT-2's init scales it, and ``--zero-init`` zeroes it). An MLP
     computed in part by the layer kernels (the GELU MLP's bias + GELU) sets
-    ``uses_layer_kernels`` and is also given the model's: ``cls(config, kernels=...)``."""
+    ``uses_layer_kernels`` and is also given the model's: ``cls(config, kernels=...)``; one
+    whose Linear layers are :class:`gptlab.nn.Linear` sets ``uses_matmul`` and is given the
+    model's matrix products: ``cls(config, matmul=...)``."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     uses_layer_kernels: ClassVar[bool] = False
+    uses_matmul: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()  # (the config is the subclass's: super().__init__() will do)
@@ -123,6 +128,7 @@ class Components:
     mlp_class: type[FeedForward] | None = None  # --mlp
     position: type[PositionScheme] | None = None  # --position
     kernels: LayerKernels | None = None  # --kernels: LayerNorm, bias + GELU, the loss
+    matmul: Matmul | None = None  # --matmul: the Linear layers' products (None: F.linear)
     decoder: type[Decoder] | None = None  # a fused step for cached decoding, or None
 
     def norm(self, ndim: int, bias: bool = True) -> Norm:
@@ -140,6 +146,8 @@ class Components:
                               f"{what} class")
         if cls.uses_layer_kernels:
             kwargs["kernels"] = self.kernels
+        if getattr(cls, "uses_matmul", False):
+            kwargs["matmul"] = self.matmul
         return cls(*args, **kwargs)
 
 

@@ -1,11 +1,11 @@
 """From names to objects: the pre-flight check of a run, and model construction.
 
 :func:`plan_run` is the one pre-flight: it checks every name (model, tokenizer, block, norm,
-MLP, position scheme, optimizer), the device, and chooses the attention backend and the layer
-kernels (:func:`gptlab.core.selection.select`), so that choosing and a backend's ``prepare()``
-run once per run; it returns a :class:`RunPlan`. :func:`choose_components` turns a config into
-the :class:`~gptlab.core.interfaces.Components` a model is built from, and :func:`build_model`
-builds the model from them.
+MLP, position scheme, optimizer), the device, and chooses the attention backend, the layer
+kernels and the matrix products (:func:`gptlab.core.selection.select`), so that choosing and a
+backend's ``prepare()`` run once per run; it returns a :class:`RunPlan`.
+:func:`choose_components` turns a config into the :class:`~gptlab.core.interfaces.Components` a
+model is built from, and :func:`build_model` builds the model from them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from gptlab.core.devices import AUTO, device_type, device_unavailable_reason, re
 from gptlab.core.errors import BackendNotSupportedError, ConfigError, GptlabError, PluginError
 from gptlab.core.interfaces import Components, DecodeRequest, LanguageModel
 from gptlab.core.layer_kernels import KernelRequest, LayerKernels
+from gptlab.core.matmuls import Matmul, MatmulRequest, Shapes
+from gptlab.core.matmuls import measured_choice as measured_matmul
 from gptlab.core.memory import check_fits
 from gptlab.core.plugins import Registry, describe, plugin_part_in
 from gptlab.core.selection import candidates, select
@@ -34,7 +36,7 @@ class RunPlan:
     device: torch.device
     model_cls: type[LanguageModel]
     tokenizer_cls: type
-    components: Components  # the parts, the attention backend and layer kernels prepared
+    components: Components  # the parts, attention backend, layer kernels, matmul prepared
     notes: tuple[str, ...] = ()  # what auto could not consider on this machine, and why
     asked: TrainConfig | None = None  # as given (None: train_config)
     dtype_reason: str | None = None  # why --dtype auto chose the dtype
@@ -51,6 +53,14 @@ class RunPlan:
     @property
     def layer_kernels(self) -> LayerKernels | None:
         return self.components.kernels
+
+    @property
+    def matmul(self) -> Matmul | None:
+        return self.components.matmul
+
+    @property
+    def matmul_name(self) -> str | None:
+        return None if self.matmul is None else self.matmul.name
 
     @property
     def attention_name(self) -> str | None:
@@ -91,9 +101,21 @@ def check_no_unused_parts(reg: Registry, config: ModelConfig) -> None:
                           f"{'it' if len(ignored) == 1 else 'them'} or use --model transformer")
 
 
+def resumed_choices(metrics: dict | None) -> dict:
+    """``plan_run``'s ``prefer_*`` arguments for a run resumed from a checkpoint's ``metrics``
+    (None: a new run): what it was trained with. A checkpoint from before layer kernels or
+    matmuls were chosen was trained with torch's."""
+    if metrics is None:
+        return {}
+    return dict(prefer_attention=metrics.get("attention"),
+                prefer_kernels=metrics.get("kernels", "torch"),
+                prefer_matmul=metrics.get("matmul", "torch"))
+
+
 def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig, *,
              requires_grad: bool = True, prefer_attention: str | None = None,
-             prefer_kernels: str | None = None, new_run: bool = True) -> RunPlan:
+             prefer_kernels: str | None = None, prefer_matmul: str | None = None,
+             new_run: bool = True) -> RunPlan:
     """Check names, device and choices once; return the :class:`RunPlan`.
 
     A backend named for a device that is not available here is reported in the backend's own
@@ -101,7 +123,9 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     fastest on the run's shape (measured once per machine, :mod:`gptlab.core.autotune`), or
     ``prefer_attention`` (a resumed run's backend) if it runs; likewise ``prefer_kernels`` for
     ``--kernels auto`` (a checkpoint from before layer kernels resumes on ``torch``, the formulas
-    it was trained with). Under torchrun only rank 0 measures and every rank takes its choice.
+    it was trained with), and ``prefer_matmul`` for ``--matmul auto`` (measured on the run's
+    Linear shapes, :mod:`gptlab.core.matmuls`). Under torchrun only rank 0 measures and every
+    rank takes its choice.
     ``new_run``: also refuse options the model would ignore (:func:`check_no_unused_parts`).
     """
     check_names(reg, model_config, train_config, new_run=new_run)
@@ -134,8 +158,11 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     kernels = named.get("kernels") or select(reg, "layer_kernels", AUTO,
                                              KernelRequest(device=device.type, dtype=dtype),
                                              prefer=prefer_kernels)
+    matmul = named.get("matmul") or _auto_matmul(reg, model_cls, model_config, train_config,
+                                                 device, dtype, prefer_matmul)
     components = choose_components(reg, model_config, device, kernels=kernels(),
-                                   attention=attention() if attention else None)
+                                   attention=attention() if attention else None,
+                                   matmul=matmul())
     autos = []  # what auto chose, to say what it could not consider here
     if model_cls.uses_attention and model_config.attention == AUTO:
         autos.append(("--attention", "attention_backends", attention_request(
@@ -143,6 +170,9 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
     if model_config.kernels == AUTO:
         autos.append(("--kernels", "layer_kernels",
                       KernelRequest(device=device.type, dtype=dtype), kernels.name))
+    if model_config.matmul == AUTO:
+        autos.append(("--matmul", "matmuls", MatmulRequest(device=device.type, dtype=dtype),
+                      matmul.name))
     note = unavailable_note(reg, autos)
     return RunPlan(model_config=model_config, train_config=train_config, device=device,
                    model_cls=model_cls, tokenizer_cls=tokenizer_cls, components=components,
@@ -151,8 +181,8 @@ def plan_run(reg: Registry, model_config: ModelConfig, train_config: TrainConfig
 
 def _named_choices(reg: Registry, model_cls: type, model_config: ModelConfig, dev_type: str,
                    dtype: torch.dtype, requires_grad: bool, fix: str | None = None) -> dict:
-    """The attention backend and layer kernels ``model_config`` names (not ``auto``), checked
-    against the request on ``dev_type`` in ``dtype``: {"attention": cls, "kernels": cls}."""
+    """The attention backend, layer kernels and matmul ``model_config`` names (not ``auto``),
+    checked against the request on ``dev_type`` in ``dtype``: {"attention": cls, ...}."""
     named = {}
     if model_cls.uses_attention and model_config.attention != AUTO:
         named["attention"] = select(reg, "attention_backends", model_config.attention,
@@ -161,6 +191,9 @@ def _named_choices(reg: Registry, model_cls: type, model_config: ModelConfig, de
     if model_config.kernels != AUTO:
         named["kernels"] = select(reg, "layer_kernels", model_config.kernels,
                                   KernelRequest(device=dev_type, dtype=dtype))
+    if model_config.matmul != AUTO:
+        named["matmul"] = select(reg, "matmuls", model_config.matmul,
+                                 MatmulRequest(device=dev_type, dtype=dtype))
     return named
 
 
@@ -181,6 +214,24 @@ def _auto_attention(reg: Registry, model_config: ModelConfig, train_config: Trai
     return attention
 
 
+def _auto_matmul(reg: Registry, model_cls: type, model_config: ModelConfig,
+                 train_config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                 prefer: str | None) -> type[Matmul]:
+    """``--matmul auto``: ``prefer`` if it runs, else the fastest measured on the transformer's
+    Linear shapes (rank 0 measures, every rank takes its choice), else the highest priority."""
+    request = MatmulRequest(device=device.type, dtype=dtype)
+    world = distributed.current()
+    shapes = Shapes.of_transformer(train_config.batch_size, model_config.block_size,
+                                   model_config.n_embd)
+    measure = (lambda ready: measured_matmul(ready, request, shapes)) \
+        if not world.rank and autotune.measuring() and model_cls.uses_attention else None
+    matmul = select(reg, "matmuls", AUTO, request, prefer=prefer, measure=measure)
+    agreed = distributed.rank0_choice(matmul.name, world)
+    if agreed != matmul.name:
+        matmul = select(reg, "matmuls", agreed, request)
+    return matmul
+
+
 def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
                  device: torch.device) -> precision.Choice:
     """``--dtype auto`` (:mod:`gptlab.core.precision`): float32 or bfloat16, as measured on the
@@ -198,7 +249,7 @@ def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainCo
 def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,
                    device: torch.device) -> precision.Choice:
     """Time the run's model in float32 and bfloat16, each with the attention backend and layer
-    kernels it would get (``auto``: the highest priority that runs)."""
+    kernels and matrix products it would get (``auto``: the highest priority that runs)."""
     mc = model_config if model_config.vocab_size else attrs.evolve(model_config, vocab_size=128)
     model_cls = reg.model(mc.model)
     try:
@@ -210,11 +261,14 @@ def _measure_dtype(reg: Registry, model_config: ModelConfig, train_config: Train
             kreq = KernelRequest(device=device.type, dtype=dt)
             attention = select(reg, "attention_backends", mc.attention, areq)
             kernels = select(reg, "layer_kernels", mc.kernels, kreq)
+            mreq = MatmulRequest(device=device.type, dtype=dt)
+            matmul = select(reg, "matmuls", mc.matmul, mreq)
             parts[d] = choose_components(reg, mc, device, attention=attention(),
-                                         kernels=kernels())
+                                         kernels=kernels(), matmul=matmul())
             att = f"{attention.name}{attention.measure_tag(areq)}" \
                 if parts[d].attention else "-"
-            used += f" | {d}: {att}, {kernels.name}{kernels.measure_tag(kreq)}"
+            used += (f" | {d}: {att}, {kernels.name}{kernels.measure_tag(kreq)}, "
+                     f"{matmul.name}{matmul.measure_tag(mreq)}")
     except BackendNotSupportedError as e:  # a named backend or kernels that take float32 only
         return precision.Choice("float32", f"auto: {e.args[0].splitlines()[0]}")
 
@@ -246,6 +300,8 @@ def check_names(reg: Registry, model_config: ModelConfig, train_config: TrainCon
             reg.attention_backend(model_config.attention)
     if model_config.kernels != AUTO:
         reg.layer_kernel(model_config.kernels)
+    if model_config.matmul != AUTO:
+        reg.get("matmuls", model_config.matmul)
     reg.get("optimizers", train_config.optimizer)
 
 
@@ -286,23 +342,26 @@ def chosen_parts(reg: Registry, config: ModelConfig) -> dict:
 
 def choose_components(reg: Registry, config: ModelConfig, device: torch.device | str = "cpu", *,
                       attention: AttentionBackend | None = None,
-                      kernels: LayerKernels | None = None,
+                      kernels: LayerKernels | None = None, matmul: Matmul | None = None,
                       requires_grad: bool = True) -> Components:
     """The parts ``config`` names, looked up in the registry and checked (unknown names and
-    impossible combinations are one-line errors), with the attention backend and layer kernels
-    given or chosen here for ``device`` (``config.attention``, ``config.kernels``), and the fused
-    decoder that fits them (if any)."""
+    impossible combinations are one-line errors), with the attention backend, layer kernels and
+    matmul given or chosen here for ``device`` (``config.attention``, ``config.kernels``,
+    ``config.matmul``), and the fused decoder that fits them (if any)."""
     device = torch.device(device)
     model_cls = reg.model(config.model)
     if kernels is None:
         kernels = select(reg, "layer_kernels", config.kernels,
                          KernelRequest(device=device.type))()
+    if matmul is None:
+        matmul = select(reg, "matmuls", config.matmul, MatmulRequest(device=device.type))()
     if not model_cls.uses_attention:
-        return Components(kernels=kernels)
+        return Components(kernels=kernels, matmul=matmul)
     if attention is None:
         attention = select(reg, "attention_backends", config.attention,
                            attention_request(config, device, requires_grad=requires_grad))()
-    parts = Components(attention=attention, kernels=kernels, **chosen_parts(reg, config))
+    parts = Components(attention=attention, kernels=kernels, matmul=matmul,
+                       **chosen_parts(reg, config))
     request = DecodeRequest(device=device.type, dtype=torch.float32, model=model_cls,
                             config=config, components=parts)
     decoder = select(reg, "decoders", AUTO, request, required=False)

@@ -31,6 +31,7 @@ from gptlab.core.errors import PluginError, UnknownComponentError
 from gptlab.core.interfaces import (Block, Decoder, FeedForward, LanguageModel, Norm,
                                     PositionScheme, Tokenizer)
 from gptlab.core.layer_kernels import LayerKernels
+from gptlab.core.matmuls import Matmul
 from gptlab.core.optimizers import OptimizerRecipe
 
 ENTRY_POINT_GROUP = "gptlab"
@@ -60,6 +61,7 @@ KINDS = {k.table: k for k in [
          "attention backend", "--attention",
          "change the request (device, dropout, head dim) or install a backend that fits"),
     Kind("register_layer_kernels", "layer_kernels", LayerKernels, "layer kernels", "--kernels"),
+    Kind("register_matmuls", "matmuls", Matmul, "matmul", "--matmul"),
     Kind("register_decoders", "decoders", Decoder, "decoder"),
     Kind("register_norms", "norms", Norm, "norm"),
     Kind("register_mlps", "mlps", FeedForward, "MLP"),
@@ -88,6 +90,7 @@ class Registry:
     blocks: dict[str, type] = attrs.Factory(dict)
     attention_backends: dict[str, type] = attrs.Factory(dict)
     layer_kernels: dict[str, type] = attrs.Factory(dict)
+    matmuls: dict[str, type] = attrs.Factory(dict)
     decoders: dict[str, type] = attrs.Factory(dict)
     norms: dict[str, type] = attrs.Factory(dict)
     mlps: dict[str, type] = attrs.Factory(dict)

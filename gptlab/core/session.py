@@ -128,17 +128,15 @@ class Session:
         """The :class:`~gptlab.core.trainer.Trainer` of the run, on ``text``, after the
         pre-flight plan (and, resuming, the checkpoint's weights checked against it)."""
         from gptlab.core.checkpoint import check_model
-        from gptlab.core.planning import plan_run
+        from gptlab.core.planning import plan_run, resumed_choices
         from gptlab.core.trainer import Trainer
 
         s = self.settings
         resume = s.resume
         with self._released_on_error():
-            metrics = resume.metrics if resume else {}
             self.plan = plan_run(self.reg, s.model_config, s.train_config,
-                                 prefer_attention=metrics.get("attention") if resume else None,
-                                 prefer_kernels=metrics.get("kernels", "torch") if resume
-                                 else None, new_run=resume is None)
+                                 new_run=resume is None,
+                                 **resumed_choices(resume.metrics if resume else None))
             if resume is not None:
                 check_model(self.reg, resume, resume.model_config, self.plan.components,
                             self.plan.device)

@@ -33,8 +33,8 @@ from pathlib import Path
 import attrs
 import torch
 
-from gptlab.core import distributed, precision
-from gptlab.core.planning import RunPlan, build_model, plan_run
+from gptlab.core import distributed, malloc, precision
+from gptlab.core.planning import RunPlan, build_model, plan_run, resumed_choices
 from gptlab.core.checkpoint import (Checkpoint, TrainState, check_weights,
                                     non_finite_parameters, restore_tokenizer, save_checkpoint)
 from gptlab.core.config import ModelConfig, TrainConfig
@@ -80,6 +80,7 @@ class TrainResult:
     tokens_per_s: float
     checkpoint: Path | None
     attention: str | None
+    matmul: str | None = None
 
 
 def lr_at(step: int, cfg: TrainConfig, train_time: float = 0.0) -> float:
@@ -179,16 +180,16 @@ class Trainer:
         self.emit = on_event or (lambda event: None)
         self.log_interval = log_interval
         self.plan = plan or plan_run(
-            reg, model_config, train_config,
-            prefer_attention=resume.metrics.get("attention") if resume else None,
-            prefer_kernels=resume.metrics.get("kernels", "torch") if resume else None,
-            new_run=resume is None)
+            reg, model_config, train_config, new_run=resume is None,
+            **resumed_choices(resume.metrics if resume else None))
         if not self.plan.made_for(model_config, train_config):
             raise ConfigError("the RunPlan was made for other configs; make it with "
                               "plan_run(reg, model_config, train_config)")
         self.cfg = self.plan.train_config  # as it trains: --dtype auto resolved
         self.world = distributed.current()
         self.device = distributed.device_for(self.plan.device, self.world)
+        if self.device.type == "cpu":  # each step's activations in the last step's memory
+            malloc.keep_freed_memory()
         self.notes: list[str] = list(self.plan.notes)  # what the run adapted, for the caller
         self.folder = None
         if self.world.is_main:  # only rank 0 writes files
@@ -247,9 +248,9 @@ class Trainer:
             self.model = build_model(reg, self.model_config, self.device,
                                      components=self.plan.components)
             self.optimizer = reg.get("optimizers", cfg.optimizer).build(self.model, cfg)
-        log.info("model %s: %.2fM parameters, attention %s, layer kernels %s",
+        log.info("model %s: %.2fM parameters, attention %s, layer kernels %s, matmul %s",
                  self.model_config.model, self.model.num_parameters() / 1e6,
-                 self.plan.attention_name, self.plan.kernels_name)
+                 self.plan.attention_name, self.plan.kernels_name, self.plan.matmul_name)
         if self.world.rank:  # the same init everywhere (DDP checks), then its own dropout
             torch.manual_seed(stream_seed(cfg.seed, self.world.rank))
         # one sampler per micro-batch slot (rank r, micro-batch k -> stream r * K + k); every
@@ -423,7 +424,7 @@ class Trainer:
                              else None)
         metrics = {"step": st.step, "train_loss": train_loss, "val_loss": val_loss,
                    "elapsed": st.elapsed, "attention": self.plan.attention_name,
-                   "kernels": self.plan.kernels_name}
+                   "kernels": self.plan.kernels_name, "matmul": self.plan.matmul_name}
         return Checkpoint(model_config=self.model_config, train_config=self.cfg,
                           tokenizer_name=self.tokenizer.name,
                           tokenizer_state=self.tokenizer.state_dict(),
@@ -508,7 +509,7 @@ class Trainer:
                            model_config=self.model_config, train_config=cfg,
                            history=st.history, train_loss=tr, val_loss=va, elapsed=st.elapsed,
                            tokens_per_s=mean_tps, checkpoint=path,
-                           attention=self.plan.attention_name)
+                           attention=self.plan.attention_name, matmul=self.plan.matmul_name)
 
     def _interrupted(self, stop: _StopFlag, t_start: float, during: str | None = None):
         self.state.elapsed = time.perf_counter() - t_start

@@ -12,7 +12,8 @@ Everything a plugin needs to assemble its own block or model (none ever imports
             super().__init__(config, components)
             self.ln = components.norm(config.n_embd, bias=config.bias)      # --norm
             self.attn = MultiHeadAttention(config, components.attention,    # --attention
-                                           components.position)             # --position
+                                           components.position,             # --position
+                                           matmul=components.matmul)        # --matmul
             self.mlp = components.mlp(config)                               # --mlp
 
 - norms (:mod:`gptlab.nn.norms`): :class:`LayerNorm`, :class:`RMSNorm`, :class:`QKNorm`,
@@ -28,6 +29,8 @@ Everything a plugin needs to assemble its own block or model (none ever imports
   (Vaswani et al.), :class:`PlainBlock` (no residual connections), :class:`SingleHeadBlock`;
 - :class:`TorchKernels`, the ``torch`` layer kernels: these modules' own formulas
   (:mod:`gptlab.nn.layer_kernels`);
+- :class:`Linear` (``nn.Linear`` computed by the model's matrix products, ``--matmul``) and
+  :class:`TorchMatmul`, the ``torch`` products (:mod:`gptlab.nn.linear`);
 - :func:`init_gpt2`, GPT-2's initialisation with scaled residual projections (:mod:`gptlab.nn.init`);
 - :func:`causal_mask`, :func:`default_scale` (from :mod:`gptlab.core.attention`).
 """
@@ -38,6 +41,7 @@ from gptlab.nn.attention import (LayerKV, MultiHeadAttention, SingleHeadAttentio
 from gptlab.nn.blocks import PlainBlock, PostNormBlock, PreNormBlock, SingleHeadBlock
 from gptlab.nn.init import init_gpt2
 from gptlab.nn.layer_kernels import TorchKernels
+from gptlab.nn.linear import Linear, TorchMatmul
 from gptlab.nn.mlps import MLP, NoMLP, ReLU2MLP, SwiGLUMLP
 from gptlab.nn.norms import LayerNorm, NoNorm, QKNorm, RMSNorm
 from gptlab.nn.positions import (LearnedPositions, NoPositions, QKChain, Rotary,
@@ -45,5 +49,5 @@ from gptlab.nn.positions import (LearnedPositions, NoPositions, QKChain, Rotary,
 
 __all__ = ["LayerNorm", "RMSNorm", "QKNorm", "NoNorm", "MLP", "ReLU2MLP", "SwiGLUMLP", "NoMLP",
            "SingleHeadAttention", "MultiHeadAttention", "LayerKV", "attention_weights",
-           "PreNormBlock", "PostNormBlock", "PlainBlock", "SingleHeadBlock", "init_gpt2", "causal_mask", "default_scale", "Rotary", "QKChain",
+           "Linear", "TorchMatmul", "PreNormBlock", "PostNormBlock", "PlainBlock", "SingleHeadBlock", "init_gpt2", "causal_mask", "default_scale", "Rotary", "QKChain",
            "LearnedPositions", "RotaryPositions", "NoPositions", "TorchKernels"]

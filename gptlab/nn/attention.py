@@ -17,6 +17,8 @@ from torch.nn import functional as F
 
 from gptlab.core.attention import AttentionBackend, causal_mask, default_scale
 from gptlab.core.interfaces import PositionScheme
+from gptlab.core.matmuls import Matmul
+from gptlab.nn.linear import Linear
 from gptlab.nn.positions import qk_seam
 
 
@@ -147,11 +149,11 @@ class SingleHeadAttention(nn.Module):
     wide as the model)."""
 
     def __init__(self, n_embd: int, head_size: int, attention: AttentionBackend,
-                 dropout: float = 0.0, bias: bool = False):
+                 dropout: float = 0.0, bias: bool = False, matmul: Matmul | None = None):
         super().__init__()
-        self.query = nn.Linear(n_embd, head_size, bias=bias)
-        self.key = nn.Linear(n_embd, head_size, bias=bias)
-        self.value = nn.Linear(n_embd, head_size, bias=bias)
+        self.query = Linear(n_embd, head_size, bias, matmul)
+        self.key = Linear(n_embd, head_size, bias, matmul)
+        self.value = Linear(n_embd, head_size, bias, matmul)
         self.attention = attention
         self.dropout = dropout
 
@@ -186,11 +188,11 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, config, attention: AttentionBackend,
-                 position: type[PositionScheme] | None = None):
+                 position: type[PositionScheme] | None = None, matmul: Matmul | None = None):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config.bias, matmul)
+        self.c_proj = Linear(config.n_embd, config.n_embd, config.bias, matmul)
         self.attention = attention
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)

@@ -28,7 +28,8 @@ class PreNormBlock(Block):
     def __init__(self, config, components):
         super().__init__(config, components)
         self.ln_1 = components.norm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(config, components.attention, components.position)
+        self.attn = MultiHeadAttention(config, components.attention, components.position,
+                                       matmul=components.matmul)
         self.ln_2 = components.norm(config.n_embd, bias=config.bias)
         self.mlp = components.mlp(config)
 
@@ -44,7 +45,8 @@ class PostNormBlock(Block):
 
     def __init__(self, config, components):
         super().__init__(config, components)
-        self.attn = MultiHeadAttention(config, components.attention, components.position)
+        self.attn = MultiHeadAttention(config, components.attention, components.position,
+                                       matmul=components.matmul)
         self.ln_1 = components.norm(config.n_embd, bias=config.bias)
         self.mlp = components.mlp(config)
         self.ln_2 = components.norm(config.n_embd, bias=config.bias)
@@ -62,7 +64,8 @@ class PlainBlock(Block):
     def __init__(self, config, components):
         super().__init__(config, components)
         self.ln_1 = components.norm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(config, components.attention, components.position)
+        self.attn = MultiHeadAttention(config, components.attention, components.position,
+                                       matmul=components.matmul)
         self.ln_2 = components.norm(config.n_embd, bias=config.bias)
         self.mlp = components.mlp(config)
 
@@ -84,7 +87,8 @@ class SingleHeadBlock(Block):
                               f"{config.n_head}")
         self.ln_1 = components.norm(config.n_embd, bias=config.bias)
         self.attn = SingleHeadAttention(config.n_embd, config.n_embd, components.attention,
-                                        config.dropout, bias=config.bias)
+                                        config.dropout, bias=config.bias,
+                                        matmul=components.matmul)
         self.ln_2 = components.norm(config.n_embd, bias=config.bias)
         self.mlp = components.mlp(config)
 

@@ -27,9 +27,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gptlab.core.interfaces import FeedForward
+from gptlab.nn.linear import Linear
 
 if TYPE_CHECKING:
     from gptlab.core.layer_kernels import LayerKernels
+    from gptlab.core.matmuls import Matmul
 
 
 class MLP(FeedForward):
@@ -42,11 +44,13 @@ class MLP(FeedForward):
     name = "gelu"
     description = "Linear(C, 4C) -> GELU -> Linear(4C, C)  (GPT-2)"
     uses_layer_kernels = True
+    uses_matmul = True
 
-    def __init__(self, config, kernels: LayerKernels | None = None):
+    def __init__(self, config, kernels: LayerKernels | None = None,
+                 matmul: Matmul | None = None):
         super().__init__(config)
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config.bias, matmul)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.bias, matmul)
         self.dropout = nn.Dropout(config.dropout)
         self.kernels = kernels  # None: F.gelu
 
@@ -59,11 +63,12 @@ class MLP(FeedForward):
 class ReLU2MLP(FeedForward):
     name = "relu2"
     description = "Linear(C, 4C) -> relu(x)^2 -> Linear(4C, C)  (Primer, So et al. 2021)"
+    uses_matmul = True
 
-    def __init__(self, config):
+    def __init__(self, config, matmul: Matmul | None = None):
         super().__init__(config)
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config.bias, matmul)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.bias, matmul)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -80,12 +85,13 @@ def swiglu_hidden(n_embd: int) -> int:
 class SwiGLUMLP(FeedForward):
     name = "swiglu"
     description = "silu(x W1) * (x W3) -> W2, hidden 8C/3  (Shazeer 2020)"
+    uses_matmul = True
 
-    def __init__(self, config):
+    def __init__(self, config, matmul: Matmul | None = None):
         super().__init__(config)
         h = swiglu_hidden(config.n_embd)
-        self.c_fc = nn.Linear(config.n_embd, 2 * h, bias=config.bias)  # W1 and W3 side by side
-        self.c_proj = nn.Linear(h, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 2 * h, config.bias, matmul)  # W1 and W3 side by side
+        self.c_proj = Linear(h, config.n_embd, config.bias, matmul)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):

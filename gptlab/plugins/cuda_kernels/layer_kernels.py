@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.nn import TorchKernels
+from gptlab.nn.linear import product
 from gptlab.plugins.cuda_kernels import build, ops
 from gptlab.plugins.cuda_kernels.backends import (build_tag, cuda_dtype_reasons,
                                                   native_unavailable_reasons)
@@ -81,7 +82,7 @@ class NativeKernels(TorchKernels):
     def linear_gelu(self, x, linear):
         if linear.bias is None:
             return F.gelu(linear(x))
-        h = F.linear(x, linear.weight)  # (..., 4C); the bias is added by the kernel
+        h = product(linear, x)  # (..., 4C); the bias is added by the kernel
         return ops.bias_gelu(h, linear.bias.to(h.dtype), self.flavour)
 
     def cross_entropy(self, logits, targets):

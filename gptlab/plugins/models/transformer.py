@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from gptlab import AttentionRequest, LanguageModel
 from gptlab.core.errors import ConfigError
-from gptlab.nn import LayerKV, MultiHeadAttention, init_gpt2
+from gptlab.nn import LayerKV, Linear, MultiHeadAttention, init_gpt2
 from gptlab.nn.init import RESIDUAL_PROJECTION
 from gptlab.nn.positions import qk_seam
 
@@ -51,7 +51,7 @@ class Transformer(LanguageModel):
         self.blocks = nn.ModuleList(components.block(config, components)
                                     for _ in range(config.n_layer))
         self.ln_f = components.norm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, False, components.matmul)
         if not config.untied_head:
             self.lm_head.weight = self.wte.weight  # weight tying
         if qk_seam(config, components.position) is not None and not any(
