@@ -178,9 +178,10 @@ def _run(ctx, preset, data, out_dir, resume_dir, overwrite, settings):
 @options.device_option()
 @options.attention_override
 @options.kernels_override
+@options.matmul_override
 @options.pass_registry
 def sample(reg, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop,
-           cache, stream, device, attention, kernels):
+           cache, stream, device, attention, kernels, matmul):
     """Generate text from a CHECKPOINT (a run folder or a .pt file; default: out)."""
     from gptlab.core.checkpoint import load_model
     from gptlab.core.devices import resolve_device
@@ -188,7 +189,7 @@ def sample(reg, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
 
     check_sampling(temperature, top_k, top_p, seed)  # before anything is loaded or printed
     model, tokenizer, _ = load_model(reg, checkpoint, resolve_device(device), attention=attention,
-                                     kernels=kernels)
+                                     kernels=kernels, matmul=matmul)
     tokenizer.encode(prompt)  # unknown characters fail before anything is printed
     if stream:
         console.echo_text(prompt, nl=False)
@@ -212,8 +213,9 @@ def sample(reg, checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, s
               help="Windows of block_size tokens per forward pass.")
 @options.device_option()
 @options.kernels_override
+@options.matmul_override
 @options.pass_registry
-def eval_cmd(reg, checkpoint, data, split, batch_size, device, kernels):
+def eval_cmd(reg, checkpoint, data, split, batch_size, device, kernels, matmul):
     """Loss, perplexity and bits per character over the WHOLE split (deterministic)."""
     import math
 
@@ -223,7 +225,8 @@ def eval_cmd(reg, checkpoint, data, split, batch_size, device, kernels):
     from gptlab.data.batches import encode_splits
     from gptlab.data.corpora import check_same_text, load_text, resolve_corpus, text_sha256
 
-    model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device), kernels=kernels)
+    model, tokenizer, ckpt = load_model(reg, checkpoint, resolve_device(device), kernels=kernels,
+                                        matmul=matmul)
     tc, st = ckpt.train_config, ckpt.train_state
     source = data or (st.data_source if st else None)
     path = resolve_corpus(source)
@@ -310,18 +313,15 @@ def backends(reg, device, dtype, head_dim, seq_len, dropout, inference):
         click.echo(f"note: {dev} is not available on this machine: {missing}")
     _show_table(rows, request)
     if sum(not r for _, r in rows) > 1:
-        click.echo("(auto here: the highest priority; `gpt run` times the available ones on "
-                   "its shape and takes the fastest, see GPTLAB_AUTO in the README)")
+        click.echo("(auto here: the highest priority; `gpt run` times the available backends, "
+                   "and matmuls, on its shapes and takes the fastest, see GPTLAB_AUTO in the "
+                   "README)")
     kernel_request = KernelRequest(device=dev, dtype=getattr(torch, dtype))
     click.echo(f"layer kernels (--kernels; {kernel_request.describe()}):")
     _show_table(candidates(reg, "layer_kernels", kernel_request), kernel_request)
     matmul_request = MatmulRequest(device=dev, dtype=getattr(torch, dtype))
     click.echo(f"matrix products of the Linear layers (--matmul; {matmul_request.describe()}):")
-    rows = candidates(reg, "matmuls", matmul_request)
-    _show_table(rows, matmul_request)
-    if sum(not r for _, r in rows) > 1:
-        click.echo("(auto here: the highest priority; `gpt run` times the available ones on "
-                   "its Linear shapes and takes the fastest)")
+    _show_table(candidates(reg, "matmuls", matmul_request), matmul_request)
 
 
 def _show_table(rows, request) -> None:

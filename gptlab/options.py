@@ -82,6 +82,8 @@ attention_override = _override(attrs.fields(ModelConfig).attention,
                                "Override the checkpoint's attention backend.")
 kernels_override = _override(attrs.fields(ModelConfig).kernels,
                              "Override the checkpoint's layer kernels (native, torch, auto).")
+matmul_override = _override(attrs.fields(ModelConfig).matmul,
+                            "Override the checkpoint's matrix products (onednn, torch, auto).")
 
 
 # ---------------------------------------------------------------- gpt run

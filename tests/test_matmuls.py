@@ -204,6 +204,12 @@ def test_cli_lists_and_takes_matmuls(cli, tmp_path):
             "--dtype", "float32", "--sample-tokens", "0", "--out-dir", tmp_path / "ok")
     assert r.exit_code == 0, r.output
     assert "attention flash, matmul onednn), vocab" in r.output
+    for command in ("sample", "eval"):
+        assert "--matmul NAME" in gpt(cli, command, "--help").output
+    r = gpt(cli, "eval", tmp_path / "ok", "--matmul", "torch")
+    assert r.exit_code == 0 and "loss" in r.output, r.output
+    r = gpt(cli, "sample", tmp_path / "ok", "--matmul", "nope", "--tokens", "3")
+    assert "unknown matmul 'nope'; available: auto, onednn, torch" in error_line(r)
     r = gpt(cli, "run", "--preset", "tiny", "--data", data, "--iters", "2", "--block-size", "8",
             "--matmul", "nope", "--out-dir", tmp_path / "o")
     assert r.exit_code != 0

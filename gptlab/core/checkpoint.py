@@ -455,12 +455,12 @@ def check_model(reg, ckpt: Checkpoint, config: ModelConfig, components,
 
 
 def load_model(reg, path, device="cpu", *, attention: str | None = None,
-               kernels: str | None = None):
+               kernels: str | None = None, matmul: str | None = None):
     """Rebuild ``(model, tokenizer, checkpoint)`` from a checkpoint, in eval mode on ``device``,
     after every check of the module docstring.
 
     ``attention`` overrides the backend the checkpoint was trained with (weights do not depend
-    on it); ``kernels`` likewise the layer kernels.
+    on it); ``kernels`` and ``matmul`` likewise the layer kernels and the matrix products.
     """
     ckpt = load_checkpoint(path)
     mc = ckpt.model_config
@@ -468,17 +468,19 @@ def load_model(reg, path, device="cpu", *, attention: str | None = None,
         mc = attrs.evolve(mc, attention=attention)
     if kernels is not None:  # likewise the layer kernels (--kernels)
         mc = attrs.evolve(mc, kernels=kernels)
+    if matmul is not None:  # and the matrix products (--matmul)
+        mc = attrs.evolve(mc, matmul=matmul)
     check_names(reg, ckpt, mc)
     tokenizer = restore_tokenizer(reg, ckpt)
     try:
         components = choose_components(reg, mc, device, requires_grad=False)
     except BackendNotSupportedError as e:
-        if attention is not None or kernels is not None:
+        if attention is not None or kernels is not None or matmul is not None:
             raise  # the user's choice: its own message
         head, *_, reasons = str(e).splitlines()
         raise CheckpointError(f"checkpoint {ckpt.where} was trained with {head.split(';')[0]} "
-                              f"({reasons.strip()}); choose another with --attention or "
-                              f"--kernels (see `gpt backends`)") from None
+                              f"({reasons.strip()}); choose another with --attention, "
+                              f"--kernels or --matmul (see `gpt backends`)") from None
     check_model(reg, ckpt, mc, components, device)
     model = build_model(reg, mc, device, components=components)
     check_weights(model, ckpt)
