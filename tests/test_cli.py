@@ -422,3 +422,12 @@ def test_the_first_step_shows_no_speed_rather_than_zero(capsys):
     shown = TrainingProgress(20, tty=False)
     shown(TrainEvent("step", 1, 20, loss=4.758, tokens_per_s=0.0, elapsed=0.2, train_time=0.2))
     assert capsys.readouterr().err.splitlines() == ["step      1/20  loss 4.758  - tok/s  [0.2s]"]
+
+
+def test_bench_train_ratios_are_medians_of_the_rounds_ratios():
+    from gptlab.bench.train import Result, Variant
+
+    a = Result(Variant("a"), None, None, None, "float32", [10.0, 20.0, 40.0])
+    b = Result(Variant("b"), None, None, None, "float32", [5.0, 40.0, 20.0])
+    assert a.median / b.median == 1.0  # the medians of rounds taken apart hide it
+    assert a.ratio_to(b) == 2.0 and a.ratio_to(a) == 1.0

@@ -149,7 +149,8 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype, plot_pat
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Optimiser steps per variant per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Interleaved rounds (the median is reported).")
+              help="Interleaved rounds (the median is reported, and the median of the rounds' "
+                   "ratios).")
 @click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True,
               help="Untimed steps first (they include compilation).")
 @options.data_option("Text to train on (default: War and Peace).")
@@ -160,7 +161,8 @@ def bench_attention(reg, names, seq_lens, B, H, D, reps, device, dtype, plot_pat
 @options.pass_registry
 def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer):
     """Training tokens/s of whole optimiser steps, per variant, as ratios to the first variant
-    measured in the same run (interleaved rounds, same batches)."""
+    measured in the same run (interleaved rounds, same batches; a ratio is the median of the
+    rounds' ratios, so a machine that drifts between rounds moves both sides alike)."""
     import torch
 
     from gptlab.bench import train
@@ -183,17 +185,17 @@ def bench_train(reg, preset, variants, steps, rounds, warmup, data, device, peer
     results = train.run(str(path), chosen, preset=preset, steps=steps, rounds=rounds,
                         warmup=warmup, device=device, peer=peer,
                         on_progress=lambda m: click.echo(f"  {m}", err=True))
-    base = results[0].median
-    peer_speed = next((r.median for r in results if r.variant.name == "peer"), None)
+    base = results[0]
+    peer = next((r for r in results if r.variant.name == "peer"), None)
     width = max(28, *(len(r.variant.name) + 1 for r in results))
     table = Table([("variant", f"<{width}"), ("dtype", "<10"), ("attention", "<11"), ("kernels", "<9"),
                    ("matmul", "<8"), ("tokens/s", ">10,.0f"), ("x base", ">8.2f"),
-                   *([("x peer", ">8.2f")] if peer_speed else [])])
+                   *([("x peer", ">8.2f")] if peer else [])])
     click.echo(table.header())
     for r in results:
         click.echo(table.row(r.variant.name, r.dtype, r.attention or "-", r.kernels or "-",
-                             r.matmul or "-", r.median, r.median / base,
-                             *([r.median / peer_speed] if peer_speed else [])))
+                             r.matmul or "-", r.median, r.ratio_to(base),
+                             *([r.ratio_to(peer)] if peer else [])))
 
 
 @bench.command("generate")

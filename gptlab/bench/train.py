@@ -2,14 +2,13 @@
 variants measured in the same run.
 
 Each variant (dtype, torch.compile, attention backend, layer kernels, matmul, features turned
-off) is a
-:class:`~gptlab.core.trainer.Trainer` on the same text, seed and batches, in a process of its own
-(``python -m gptlab.bench.train``), so that nothing one variant sets up (a compilation, a
-kernel's threads, a cache, a switch) reaches another. After each variant's warm-up (which
-includes compilation), the variants run in interleaved rounds (round 1 of every variant, then
-round 2, ...; one process runs at a time), so a machine that slows down mid-run slows every
-variant alike; the result is the median tokens/s over the rounds and its ratio to the first
-variant (the baseline).
+off) is a :class:`~gptlab.core.trainer.Trainer` on the same text, seed and batches, in a process
+of its own (``python -m gptlab.bench.train``), so that nothing one variant sets up (a
+compilation, a kernel's threads, a cache, a switch) reaches another. After each variant's
+warm-up (which includes compilation), the variants run in interleaved rounds (round 1 of every
+variant, then round 2, ...; one process runs at a time), so a machine that slows down mid-run
+slows every variant alike; the result is the median tokens/s over the rounds, and its ratio to
+the first variant (the baseline) is the median of the rounds' ratios.
 
 A *peer* is another implementation of the same model given by path: nanoGPT's ``model.py``
 (``GPTConfig``, ``GPT(config)``, ``forward(idx, targets) -> (logits, loss)``; fetch it yourself,
@@ -156,6 +155,10 @@ class Result:
     @property
     def median(self) -> float:
         return statistics.median(self.tokens_per_s)
+
+    def ratio_to(self, other: Result) -> float:
+        """The median over rounds of this variant's speed over ``other``'s in the same round."""
+        return statistics.median(a / b for a, b in zip(self.tokens_per_s, other.tokens_per_s))
 
 
 # --------------------------------------------------------------------------- one variant's process
