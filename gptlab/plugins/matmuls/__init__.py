@@ -3,9 +3,9 @@ and ``onednn``: float32 Linear layers on the CPU through oneDNN, the library ins
 computes its bfloat16 products.
 
 torch's float32 ``F.linear`` on the CPU is MKL's sgemm, which picks its code by the CPU's vendor:
-on an AMD EPYC with AVX-512 (Zen 4) it ran the default model's Linear shapes at 125-165
-GFLOP/s, where oneDNN, which picks its code by instruction set, ran the forward and the input
-gradient at 180-200 (``benchmarks/results/matmul.md``). ``onednn`` computes the forward
+on an AMD EPYC with AVX-512 it ran the default model's forward and input-gradient products
+1.2-1.4x slower than oneDNN, which picks its code by instruction set
+(``benchmarks/results/matmul.md``). ``onednn`` computes the forward
 ``x W^T + b`` (bias in the same call) and the input gradient ``dy W`` with oneDNN, and the
 weight gradient ``dy^T x`` with torch's ``mm`` (oneDNN was slower there: it copies the
 transposed operands). Products of fewer than :data:`MIN_ROWS` rows (decoding one token per
