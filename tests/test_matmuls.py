@@ -209,7 +209,10 @@ def test_cli_lists_and_takes_matmuls(cli, tmp_path):
     r = gpt(cli, "eval", tmp_path / "ok", "--matmul", "torch")
     assert r.exit_code == 0 and "loss" in r.output, r.output
     r = gpt(cli, "sample", tmp_path / "ok", "--matmul", "nope", "--tokens", "3")
-    assert "unknown matmul 'nope'; available: auto, onednn, torch" in error_line(r)
+    assert error_line(r) == "Error: unknown matmul 'nope'; available: auto, onednn, torch"
+    r = gpt(cli, "eval", tmp_path / "ok", "--kernels", "nope")  # the user's name, not the
+    assert error_line(r) == ("Error: unknown layer kernels 'nope'; available: auto, native, "
+                             "torch")  # checkpoint's fault
     r = gpt(cli, "run", "--preset", "tiny", "--data", data, "--iters", "2", "--block-size", "8",
             "--matmul", "nope", "--out-dir", tmp_path / "o")
     assert r.exit_code != 0

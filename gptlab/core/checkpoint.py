@@ -47,6 +47,7 @@ from gptlab import __version__
 from gptlab.core import planning
 from gptlab.core.planning import build_model, choose_components
 from gptlab.core.config import ModelConfig, TrainConfig
+from gptlab.core.devices import AUTO
 from gptlab.core.errors import (BackendNotSupportedError, CheckpointError, ConfigError,
                                 GptlabError, UnknownComponentError, command, first_line,
                                 printable)
@@ -462,6 +463,10 @@ def load_model(reg, path, device="cpu", *, attention: str | None = None,
     ``attention`` overrides the backend the checkpoint was trained with (weights do not depend
     on it); ``kernels`` and ``matmul`` likewise the layer kernels and the matrix products.
     """
+    for kind, name in (("attention_backends", attention), ("layer_kernels", kernels),
+                       ("matmuls", matmul)):
+        if name not in (None, AUTO):
+            reg.get(kind, name)  # the user's own unknown name: its own one-line error
     ckpt = load_checkpoint(path)
     mc = ckpt.model_config
     if attention is not None:
