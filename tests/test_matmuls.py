@@ -39,9 +39,12 @@ def _inputs(shape, n_out, bias=True):
 @pytest.mark.parametrize("shape", [(4, 64, 24), (130, 24), (3, 50, 2, 24)])
 def test_onednn_computes_what_f_linear_does_forward_and_backward(shape, bias):
     x, w, b = _inputs(shape, 40, bias)
-    y = OneDNNMatmul().linear(x, w, b)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    with torch.profiler.profile() as prof:
+        y = OneDNNMatmul().linear(x, w, b)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    calls = [e.name for e in prof.events() if e.name == "mkldnn::_linear_pointwise"]
+    assert len(calls) == 2  # the forward and the input gradient went through oneDNN
     y0 = F.linear(x, w, b)
     grads0 = torch.autograd.grad(y0, [t for t in (x, w, b) if t is not None], dy)
     assert y.shape == y0.shape == (*shape[:-1], 40)
