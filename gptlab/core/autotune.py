@@ -66,13 +66,19 @@ def machine(device: str) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-def cache_key(candidates: Sequence[type[AttentionBackend]], request: AttentionRequest,
-              work: Workload) -> str:
+def key_prefix(device: str) -> str:
+    """What every remembered measurement is keyed by first: the device's model, torch and
+    gptlab (``--attention``, ``--matmul`` and ``--dtype auto`` add their own parts)."""
     from gptlab import __version__
 
+    return f"{machine(device)} | torch {torch.__version__} | gptlab {__version__}"
+
+
+def cache_key(candidates: Sequence[type[AttentionBackend]], request: AttentionRequest,
+              work: Workload) -> str:
     tags = ",".join(f"{c.name}{c.measure_tag(request)}" for c in candidates)
-    return (f"{machine(request.device)} | torch {torch.__version__} | gptlab {__version__} | "
-            f"{tags} | B {work.batch}, heads {work.heads}, {request.describe()}")
+    return (f"{key_prefix(request.device)} | {tags} | B {work.batch}, heads {work.heads}, "
+            f"{request.describe()}")
 
 
 #: Bytes of one (B, nh, T, T) float32 score tensor the measurement may allocate: a backend that
@@ -193,15 +199,23 @@ def measured_choice(candidates: Sequence[type[AttentionBackend]], request: Atten
     """:func:`fastest`, remembered in the kernel cache folder for this machine and request."""
     if len(candidates) < 2:
         return candidates[0]
-    key = cache_key(candidates, request, work)
+    return remembered_fastest(candidates, cache_key(candidates, request, work),
+                              lambda: fastest(candidates, request, work), request.describe())
+
+
+def remembered_fastest(candidates: Sequence[type], key: str,
+                       measure: Callable[[], tuple[type, dict[str, float]]], what: str) -> type:
+    """The choice remembered under ``key`` if it is still one of ``candidates``; else
+    ``measure()``'s (``(choice, median seconds by name)``, as :func:`fastest` returns), which is
+    remembered unless a candidate failed (out of memory, a busy GPU)."""
     by_name = {c.name: c for c in candidates}
     entry = remembered(key)
     if entry is not None and entry["choice"] in by_name:
         return by_name[entry["choice"]]
-    choice, medians = fastest(candidates, request, work)
-    if len(medians) < len(candidates):  # one failed (out of memory, busy GPU): do not remember
+    choice, medians = measure()
+    if len(medians) < len(candidates):  # one failed: do not remember
         return choice
-    log.info("auto measured %s: %s -> %s", request.describe(),
+    log.info("auto measured %s: %s -> %s", what,
              ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in medians.items()), choice.name)
     remember(key, {"choice": choice.name, "ms": {n: round(t * 1e3, 3)
                                                  for n, t in medians.items()}})

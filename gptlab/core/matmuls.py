@@ -17,7 +17,6 @@ by :data:`gptlab.core.autotune.MARGIN`. ``GPTLAB_AUTO=priority``: the highest pr
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,8 +25,6 @@ import torch
 
 from gptlab.core import autotune
 from gptlab.core.selection import Implementation, Request
-
-log = logging.getLogger(__name__)
 
 #: The measurement's rows are the run's tokens per batch, cut to this many.
 MAX_ROWS = 4096
@@ -101,21 +98,10 @@ def measured_choice(candidates: Sequence[type[Matmul]], request: MatmulRequest,
     kernel cache folder for this machine, torch, gptlab and shape."""
     if len(candidates) < 2:
         return candidates[0]
-    from gptlab import __version__
-
     tags = ",".join(f"{c.name}{c.measure_tag(request)}" for c in candidates)
-    key = (f"matmul | {autotune.machine(request.device)} | torch {torch.__version__} | gptlab "
-           f"{__version__} | {tags} | {request.describe()} | rows {shapes.rows}, "
-           f"widths {shapes.widths}")
-    by_name = {c.name: c for c in candidates}
-    entry = autotune.remembered(key)
-    if entry is not None and entry["choice"] in by_name:
-        return by_name[entry["choice"]]
-    choice, medians = autotune.fastest(candidates, request, None,
-                                       timer=lambda c: time_matmul(c, request, shapes))
-    if len(medians) == len(candidates):  # one failed: do not remember
-        log.info("matmul auto measured %s: %s -> %s", key,
-                 ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in medians.items()), choice.name)
-        autotune.remember(key, {"choice": choice.name,
-                                "ms": {n: round(t * 1e3, 3) for n, t in medians.items()}})
-    return choice
+    where = f"{request.describe()} | rows {shapes.rows}, widths {shapes.widths}"
+    return autotune.remembered_fastest(
+        candidates, f"matmul | {autotune.key_prefix(request.device)} | {tags} | {where}",
+        lambda: autotune.fastest(candidates, request, None,
+                                 timer=lambda c: time_matmul(c, request, shapes)),
+        f"matmul {where}")

@@ -203,15 +203,9 @@ def _auto_attention(reg: Registry, model_config: ModelConfig, train_config: Trai
     """``--attention auto``: ``prefer`` if it runs, else the fastest measured on the run's
     shape (rank 0 measures, every rank takes its choice), else the highest priority."""
     request = attention_request(model_config, device, dtype=dtype, requires_grad=requires_grad)
-    world = distributed.current()
     work = autotune.Workload(batch=train_config.batch_size, heads=model_config.n_head)
-    measure = (lambda ready: autotune.measured_choice(ready, request, work)) \
-        if not world.rank and autotune.measuring() else None
-    attention = select(reg, "attention_backends", AUTO, request, prefer=prefer, measure=measure)
-    agreed = distributed.rank0_choice(attention.name, world)
-    if agreed != attention.name:
-        attention = select(reg, "attention_backends", agreed, request)
-    return attention
+    return _rank0_auto(reg, "attention_backends", request, prefer,
+                       lambda ready: autotune.measured_choice(ready, request, work))
 
 
 def _auto_matmul(reg: Registry, model_cls: type, model_config: ModelConfig,
@@ -220,16 +214,23 @@ def _auto_matmul(reg: Registry, model_cls: type, model_config: ModelConfig,
     """``--matmul auto``: ``prefer`` if it runs, else the fastest measured on the transformer's
     Linear shapes (rank 0 measures, every rank takes its choice), else the highest priority."""
     request = MatmulRequest(device=device.type, dtype=dtype)
-    world = distributed.current()
     shapes = Shapes.of_transformer(train_config.batch_size, model_config.block_size,
                                    model_config.n_embd)
-    measure = (lambda ready: measured_matmul(ready, request, shapes)) \
-        if not world.rank and autotune.measuring() and model_cls.uses_attention else None
-    matmul = select(reg, "matmuls", AUTO, request, prefer=prefer, measure=measure)
-    agreed = distributed.rank0_choice(matmul.name, world)
-    if agreed != matmul.name:
-        matmul = select(reg, "matmuls", agreed, request)
-    return matmul
+    return _rank0_auto(reg, "matmuls", request, prefer,
+                       (lambda ready: measured_matmul(ready, request, shapes))
+                       if model_cls.uses_attention else None)
+
+
+def _rank0_auto(reg: Registry, kind: str, request, prefer: str | None, measure) -> type:
+    """``auto`` for ``kind``: ``prefer`` if it runs, else ``measure``'s choice among those that
+    run (on rank 0 only, and unless ``GPTLAB_AUTO=priority``; None: not measured), else the
+    highest priority; every rank takes rank 0's choice."""
+    world = distributed.current()
+    if world.rank or not autotune.measuring():
+        measure = None
+    chosen = select(reg, kind, AUTO, request, prefer=prefer, measure=measure)
+    agreed = distributed.rank0_choice(chosen.name, world)
+    return chosen if agreed == chosen.name else select(reg, kind, agreed, request)
 
 
 def choose_dtype(reg: Registry, model_config: ModelConfig, train_config: TrainConfig,

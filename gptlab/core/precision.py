@@ -108,10 +108,7 @@ def choose(build: Callable[[str], torch.nn.Module], device: torch.device, batch:
     ``batch`` x ``block_size`` tokens. ``tag`` says what else decides the speed (the model's
     shape and parts): the measurement is remembered under the device's model, torch, gptlab
     and it."""
-    from gptlab import __version__
-
-    key = (f"dtype | {autotune.machine(device.type)} | torch {torch.__version__} | gptlab "
-           f"{__version__} | {tag} | batch {batch} x {block_size}")
+    key = f"dtype | {autotune.key_prefix(device.type)} | {tag} | batch {batch} x {block_size}"
     entry = autotune.remembered(key)
     if entry is None:
         gen = torch.Generator().manual_seed(0)
