@@ -23,13 +23,14 @@ GPT = ["-m", "gptlab"]
 
 # trains 20 steps with dropout 0 and saves rank 0's per-step losses and weights
 TRAIN = textwrap.dedent("""
-    import os, signal, sys, torch
+    import os, signal, sys, torch, weakref
     from gptlab.core import distributed
     from gptlab.core.config import ModelConfig, TrainConfig
     from gptlab.core.plugins import load_registry
     from gptlab.core.trainer import Trainer
     out, accum, attention, kill_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     world = distributed.init("cpu")
+    group = weakref.ref(torch.distributed.group.WORLD) if world.active else lambda: None
     text = open(sys.argv[5]).read()
     mc = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                      attention=attention)
@@ -45,10 +46,14 @@ TRAIN = textwrap.dedent("""
 
     trainer = Trainer(load_registry(), mc, tc, text, on_event=on_event)
     result = trainer.fit()
+    if world.active:  # fit() again: the finished run's final evaluation, wrapped in DDP again
+        assert trainer.fit().val_loss == result.val_loss
     if world.is_main:
         torch.save({"losses": losses, "model": trainer.model.state_dict(),
                     "val": result.val_loss}, out)
     distributed.shutdown()
+    # freed now, not while Python exits (trainer still holds what it trained with)
+    assert group() is None, "the process group outlived distributed.shutdown()"
 """)
 
 
@@ -80,6 +85,29 @@ def test_two_processes_equal_one_process_with_gradient_accumulation(files, tmp_p
     for name in a["model"]:
         assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-5), name
     assert a["val"] == pytest.approx(b["val"], rel=1e-5)
+
+
+def test_shutdown_frees_a_group_that_only_garbage_holds(tmp_path):
+    """A DDP wrapper in a reference cycle (as a finished Trainer is) would keep gloo's threads
+    until Python exits, where stopping them can abort the process."""
+    script = tmp_path / "shutdown.py"
+    script.write_text(textwrap.dedent("""
+        import gc, weakref, torch, torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from gptlab.core import distributed
+        import torch.distributed.nn.functional  # before the group, as distributed.init does
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        group = weakref.ref(dist.group.WORLD)
+        gc.disable()
+        cycle = [DDP(torch.nn.Linear(4, 4))]
+        cycle.append(cycle)
+        cycle[0](torch.randn(2, 4)).sum().backward()
+        del cycle
+        distributed.shutdown()
+        assert group() is None, "the process group outlived distributed.shutdown()"
+    """))
+    p = run([sys.executable, str(script)], timeout=120)
+    assert p.returncode == 0, p.stderr
 
 
 def test_a_killed_rank_ends_the_others_without_a_hang(files, tmp_path):
@@ -122,9 +150,20 @@ def test_gpt_run_under_torchrun_then_single_process_sample_eval_and_resume(regis
     assert r.exit_code == 0 and len(r.output) >= 20, r.output
     r = CliRunner().invoke(cli, ["eval", str(out)])
     assert r.exit_code == 0 and "loss " in r.output, r.output
-    # the same torchrun command, resuming: it continues from where it stopped to the end
-    p = run([*TORCHRUN, *GPT, "run", "--resume", str(out)], timeout=240)
+    # the same torchrun command, resuming: it continues from where it stopped to the end, and
+    # each rank's gloo threads have stopped before Python exits (stopped while it exits, they
+    # can abort the rank: `terminate called without an active exception`)
+    gpt_counting_threads = tmp_path / "gpt_threads.py"
+    gpt_counting_threads.write_text(textwrap.dedent("""
+        import atexit, os, sys
+        from gptlab.__main__ import main
+        atexit.register(lambda: sys.stderr.write(
+            f"threads at exit: {len(os.listdir('/proc/self/task'))}\\n"))
+        main()
+    """))
+    p = run([*TORCHRUN, str(gpt_counting_threads), "run", "--resume", str(out)], timeout=240)
     assert p.returncode == 0, p.stderr
+    assert p.stderr.count("threads at exit: 1\n") == 2, p.stderr
     assert p.stderr.count(f"resuming {out} at step {stopped}/400") == 1  # rank 0 only
     assert "64 sequences of 16 tokens per step" in p.stderr  # 32 x 1 x 2 processes
     assert load_checkpoint(out).train_state.step == 400
@@ -227,3 +266,17 @@ def test_compile_works_with_every_builtin_backend(registry, files, tmp_path, mon
     assert "(float32, compiled)" in compiled.output
     val = [float(r.output.split("val loss ")[1].split()[0]) for r in (eager, compiled)]
     assert val[0] == pytest.approx(val[1], abs=1e-4)
+
+
+def test_a_local_rank_without_a_gpu_is_one_line_before_any_group(monkeypatch):
+    """The CUDA path of distributed.init, on a machine mocked to have 2 GPUs for 4 ranks."""
+    from gptlab.core import distributed
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(distributed.DistributedError,
+                       match="local rank 3 has no GPU .*at most that many processes per node"):
+        distributed.init("cuda")
+    assert not torch.distributed.is_initialized()

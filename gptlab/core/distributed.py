@@ -13,6 +13,8 @@ one code path.
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import os
 
 import attrs
@@ -72,6 +74,10 @@ def init(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
             raise DistributedError(f"local rank {local_rank} has no GPU (this machine has "
                                    f"{count}); start at most that many processes per node")
         torch.cuda.set_device(_gpu_index(world_local=local_rank))
+    # before the group exists: this module's functions take ``group=group.WORLD`` as a default
+    # argument, evaluated when it is first imported (by DistributedDataParallel's constructor).
+    # Imported later, they would hold the group, and gloo's threads, until Python exits.
+    importlib.import_module("torch.distributed.nn.functional")
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
@@ -148,5 +154,14 @@ def _collective(fn, *args, **kwargs):
 
 
 def shutdown() -> None:
+    """Leave the process group and free it now, while Python runs.
+
+    ``destroy_process_group`` only forgets the group: whatever still holds it (a DDP wrapper)
+    keeps gloo's worker threads running into Python's exit, where they can abort the process
+    (``terminate called without an active exception``: a rank's SIGABRT after a finished run).
+    So unreachable holders are collected first; :meth:`Trainer.close
+    <gptlab.core.trainer.Trainer.close>` releases its wrapper, and :func:`init` keeps torch's
+    own module from holding the group."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -215,9 +215,14 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the run folder (done by :meth:`fit` when it returns or raises)."""
+        """Release the run folder and, under DDP, the wrapper (done by :meth:`fit` when it returns
+        or raises). The wrapper's reducer holds the process group: released here, the group is
+        freed by :func:`~gptlab.core.distributed.shutdown` while Python runs, not at exit, where
+        gloo's threads stopping can abort the process."""
         if self.folder is not None:
             self.folder.close()
+        if getattr(self, "train_model", None) is not getattr(self, "eval_model", None):
+            self.train_model = None  # a later fit() wraps the model again
 
     @property
     def micro_batches(self) -> int:
@@ -266,12 +271,16 @@ class Trainer:
             core = torch.compile(self.model,
                                  backend=os.environ.get("GPTLAB_COMPILE_BACKEND", "inductor"))
         self.eval_model = core
-        self.train_model = core
-        if self.world.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        self.train_model = self._replica(core)
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(core, device_ids=ids)
+    def _replica(self, core: torch.nn.Module) -> torch.nn.Module:
+        """What trains: ``core`` itself, or under torchrun ``core`` in DistributedDataParallel
+        (built on every rank together: rank 0's weights are broadcast)."""
+        if not self.world.active:
+            return core
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _adapt_accumulation(self, streams: int) -> None:
         """A checkpoint of W x K micro-batches per step continues on this world size with the
@@ -458,6 +467,8 @@ class Trainer:
         released at the end. Ctrl-C or SIGTERM (at any point: a step or an evaluation) saves
         ``ckpt.pt`` first and raises :class:`TrainingInterrupted`. The final losses are
         estimated on ``final_eval_iters`` fixed batches of each split."""
+        if self.train_model is None:  # closed by an earlier fit()
+            self.train_model = self._replica(self.eval_model)
         try:
             with _StopFlag() as stop:
                 return self._fit(stop)
